@@ -1,0 +1,217 @@
+//! Types shared by the kernel programs (`socktrace-ebpf`) and the userspace agent (`socktrace`).
+//!
+//! Everything here is `#[repr(C)]` with explicit padding so both sides agree byte for byte. There is
+//! exactly one definition of an event; the agent decodes it, the eBPF side fills it. Kernel struct
+//! layout is *not* here: offsets arrive at load time in [`KernelOffsets`], read from the running
+//! kernel's BTF.
+#![no_std]
+
+/// Kinds of [`Event`].
+pub mod kind {
+    /// A connection left the accept queue (the application accepted it).
+    pub const ACCEPT: u32 = 1;
+    /// The 3rd ACK of a handshake was dropped because the accept queue was full.
+    pub const LISTEN_OVERFLOW: u32 = 2;
+    /// A SYN was dropped because the accept queue was full.
+    pub const SYN_DROP: u32 = 3;
+    /// A data/control segment was retransmitted.
+    pub const RETRANSMIT: u32 = 4;
+    /// A SYN-ACK was retransmitted by a listener.
+    pub const SYNACK_RETRANSMIT: u32 = 5;
+}
+
+/// Bits of [`Event::flags`]: which optional fields are meaningful.
+pub mod flags {
+    /// `pid`, `tid` and `comm` describe the task that caused the event (syscall context).
+    pub const HAS_TASK: u32 = 1;
+    /// `queue_len` and `queue_max` were read from the listener.
+    pub const HAS_QUEUE: u32 = 2;
+    /// `accept_wait_ns` is known (the enqueue was seen).
+    pub const HAS_WAIT: u32 = 4;
+}
+
+/// Which kernel hook produced an event (also used by `socktrace probes`).
+pub mod hook {
+    pub const TP_BTF: u32 = 1;
+    pub const RAW_TP: u32 = 2;
+    pub const TRACEPOINT: u32 = 3;
+    pub const FENTRY: u32 = 4;
+    pub const FEXIT: u32 = 5;
+    pub const KPROBE: u32 = 6;
+    pub const KRETPROBE: u32 = 7;
+    pub const CGROUP_SKB: u32 = 8;
+}
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+pub const TASK_COMM_LEN: usize = 16;
+
+/// One traced event, written to the `EVENTS` ring buffer.
+///
+/// Addresses are in network byte order (IPv4 in the first 4 bytes); ports in host order. For
+/// `accept`, `listen_overflow`, `syn_drop` and `synack_retransmit` the local side is the listener.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC.
+    pub ts_ns: u64,
+    /// Time the connection spent in the accept queue (ACCEPT with `HAS_WAIT`).
+    pub accept_wait_ns: u64,
+    /// Kernel address of the socket (listener for listener-side events); only an identity.
+    pub sock_id: u64,
+    pub kind: u32,
+    pub flags: u32,
+    /// Inode number of the socket's network namespace.
+    pub netns: u32,
+    /// Thread group id and thread id (with `HAS_TASK`).
+    pub pid: u32,
+    pub tid: u32,
+    /// One of `hook::*`.
+    pub hook: u32,
+    pub queue_len: u32,
+    pub queue_max: u32,
+    /// Segments covered by a retransmit (`tcp_skb_pcount`), 1 otherwise.
+    pub segs: u32,
+    pub family: u16,
+    pub lport: u16,
+    pub rport: u16,
+    pub _pad: [u8; 6],
+    pub laddr: [u8; 16],
+    pub raddr: [u8; 16],
+    pub comm: [u8; TASK_COMM_LEN],
+}
+
+impl Event {
+    pub const ZERO: Event = Event {
+        ts_ns: 0,
+        accept_wait_ns: 0,
+        sock_id: 0,
+        kind: 0,
+        flags: 0,
+        netns: 0,
+        pid: 0,
+        tid: 0,
+        hook: 0,
+        queue_len: 0,
+        queue_max: 0,
+        segs: 1,
+        family: 0,
+        lport: 0,
+        rport: 0,
+        _pad: [0; 6],
+        laddr: [0; 16],
+        raddr: [0; 16],
+        comm: [0; TASK_COMM_LEN],
+    };
+}
+
+/// Byte offsets into kernel structures and kernel constants, resolved from the running kernel's BTF
+/// by the agent and handed to the programs as the load-time global `OFFSETS`.
+///
+/// A field that the kernel does not have is [`KernelOffsets::ABSENT`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelOffsets {
+    // struct sock_common (reached from struct sock and struct request_sock)
+    pub skc_daddr: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_dport: u32,
+    pub skc_num: u32,
+    pub skc_family: u32,
+    pub skc_state: u32,
+    pub skc_net: u32,
+    pub skc_v6_daddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+    // struct sock
+    pub sk_protocol: u32,
+    pub sk_ack_backlog: u32,
+    pub sk_max_ack_backlog: u32,
+    // struct net → ns.inum
+    pub net_ns_inum: u32,
+    // fd → socket: task_struct.files → files_struct.fdt → fdtable.{max_fds,fd} → file.private_data → socket.sk
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdt_max_fds: u32,
+    pub fdt_fd: u32,
+    pub file_private_data: u32,
+    pub socket_sk: u32,
+    // struct sk_buff: packet headers (head + offsets) and cb → struct tcp_skb_cb.tcp_gso_segs (u16)
+    pub skb_head: u32,
+    pub skb_network_header: u32,
+    pub skb_transport_header: u32,
+    pub skb_cb: u32,
+    pub tcb_gso_segs: u32,
+    /// Value of `SKB_DROP_REASON_TCP_LISTEN_OVERFLOW`.
+    pub reason_listen_overflow: u32,
+    /// Argument index of `rx_sk` in the `kfree_skb` tracepoint.
+    pub kfree_skb_rx_sk_arg: u32,
+    /// Argument index of `err` in the `tcp_retransmit_skb` tracepoint.
+    pub retransmit_err_arg: u32,
+    /// Offsets of the fd / return value in the classic `syscalls:sys_{enter,exit}_accept*` records.
+    pub tp_accept_fd: u32,
+    pub tp_accept_ret: u32,
+}
+
+impl KernelOffsets {
+    pub const ABSENT: u32 = u32::MAX;
+    pub const ZERO: KernelOffsets = KernelOffsets {
+        skc_daddr: 0,
+        skc_rcv_saddr: 0,
+        skc_dport: 0,
+        skc_num: 0,
+        skc_family: 0,
+        skc_state: 0,
+        skc_net: 0,
+        skc_v6_daddr: 0,
+        skc_v6_rcv_saddr: 0,
+        sk_protocol: 0,
+        sk_ack_backlog: 0,
+        sk_max_ack_backlog: 0,
+        net_ns_inum: 0,
+        task_files: 0,
+        files_fdt: 0,
+        fdt_max_fds: 0,
+        fdt_fd: 0,
+        file_private_data: 0,
+        socket_sk: 0,
+        skb_head: 0,
+        skb_network_header: 0,
+        skb_transport_header: 0,
+        skb_cb: 0,
+        tcb_gso_segs: 0,
+        reason_listen_overflow: Self::ABSENT,
+        kfree_skb_rx_sk_arg: Self::ABSENT,
+        retransmit_err_arg: Self::ABSENT,
+        tp_accept_fd: 16,
+        tp_accept_ret: 16,
+    };
+}
+
+/// Index of the counters in the per-CPU `STATS` array.
+pub mod stat {
+    /// Events that could not be written because the ring buffer was full.
+    pub const LOST: u32 = 0;
+    /// Kernel reads that failed (a pointer chain broke); the event was skipped.
+    pub const READ_ERRORS: u32 = 1;
+    pub const COUNT: u32 = 4;
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: both are #[repr(C)], contain only integers and byte arrays, and have no implicit padding.
+    unsafe impl aya::Pod for super::Event {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::KernelOffsets {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_has_no_implicit_padding() {
+        assert_eq!(core::mem::size_of::<Event>(), 8 * 3 + 4 * 9 + 2 * 3 + 6 + 16 * 2 + 16);
+        assert_eq!(core::mem::size_of::<Event>() % 8, 0);
+        assert_eq!(core::mem::size_of::<KernelOffsets>(), 4 * 29);
+    }
+}

@@ -1,0 +1,124 @@
+//! Accept completion: a child socket leaves the accept queue. Emits `accept` with the queue wait.
+//!
+//! Hooks, best first: `fexit/inet_csk_accept` (return value through bpf_get_func_ret, so the 4-argument
+//! pre-6.10 and 2-argument later signatures both work), `kprobe`+`kretprobe` on the same function,
+//! and the `syscalls:sys_{enter,exit}_accept{,4}` tracepoints, which resolve the listening and the
+//! returned file descriptors to their sockets.
+
+use aya_ebpf::{
+    helpers::bpf_get_current_pid_tgid,
+    macros::{fexit, kprobe, kretprobe, tracepoint},
+    programs::{FExitContext, ProbeContext, RetProbeContext, TracePointContext},
+};
+use socktrace_common::{Event, flags, hook, kind};
+
+use crate::{
+    kernel::{fill_local, fill_queue, fill_remote, fill_task, is_inet_tcp, now, off, sock_of_fd},
+    maps::{ACCEPTING, ENQUEUED, emit},
+};
+
+#[fexit(function = "inet_csk_accept")]
+pub fn accept_fexit(ctx: FExitContext) -> i32 {
+    let listener: u64 = ctx.arg(0);
+    if let Ok(child) = ctx.ret::<u64>() {
+        let _ = emit_accept(listener, child, hook::FEXIT);
+    }
+    0
+}
+
+#[kprobe(function = "inet_csk_accept")]
+pub fn accept_kprobe(ctx: ProbeContext) -> u32 {
+    if let Some(listener) = ctx.arg::<u64>(0) {
+        let _ = ACCEPTING.insert(bpf_get_current_pid_tgid(), listener, 0);
+    }
+    0
+}
+
+#[kretprobe(function = "inet_csk_accept")]
+pub fn accept_kretprobe(ctx: RetProbeContext) -> u32 {
+    let _ = try_accept_kretprobe(&ctx);
+    0
+}
+
+fn try_accept_kretprobe(ctx: &RetProbeContext) -> Result<u32, i64> {
+    let id = bpf_get_current_pid_tgid();
+    // SAFETY: the value is copied out before the entry is removed.
+    let listener = unsafe { ACCEPTING.get(id) }.copied().ok_or(-1i64)?;
+    let _ = ACCEPTING.remove(id);
+    let child: u64 = ctx.ret();
+    emit_accept(listener, child, hook::KRETPROBE)
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_accept4")]
+pub fn accept4_enter(ctx: TracePointContext) -> u32 {
+    accept_enter(&ctx)
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_accept")]
+pub fn accept_enter_tp(ctx: TracePointContext) -> u32 {
+    accept_enter(&ctx)
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
+pub fn accept4_exit(ctx: TracePointContext) -> u32 {
+    let _ = accept_exit(&ctx);
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_accept")]
+pub fn accept_exit_tp(ctx: TracePointContext) -> u32 {
+    let _ = accept_exit(&ctx);
+    0
+}
+
+#[inline(always)]
+fn accept_enter(ctx: &TracePointContext) -> u32 {
+    let at = off!(tp_accept_fd) as usize;
+    // SAFETY: offset validated against the tracepoint's format file by userspace.
+    if let Ok(fd) = unsafe { ctx.read_at::<i64>(at) } {
+        let _ = ACCEPTING.insert(bpf_get_current_pid_tgid(), fd as u64, 0);
+    }
+    0
+}
+
+#[inline(always)]
+fn accept_exit(ctx: &TracePointContext) -> Result<u32, i64> {
+    let id = bpf_get_current_pid_tgid();
+    // SAFETY: the value is copied out before the entry is removed.
+    let listener_fd = unsafe { ACCEPTING.get(id) }.copied().ok_or(-1i64)?;
+    let _ = ACCEPTING.remove(id);
+    let at = off!(tp_accept_ret) as usize;
+    // SAFETY: as in `accept_enter`.
+    let ret = unsafe { ctx.read_at::<i64>(at) }.map_err(i64::from)?;
+    if ret < 0 {
+        return Ok(0);
+    }
+    let child = sock_of_fd(ret)?;
+    let listener = sock_of_fd(listener_fd as i64)?;
+    emit_accept(listener, child, hook::TRACEPOINT)
+}
+
+/// One `accept` event: listener's address and queue, child's peer, wait since enqueue.
+#[inline(always)]
+fn emit_accept(listener: u64, child: u64, via: u32) -> Result<u32, i64> {
+    if child == 0 || !is_inet_tcp(child)? {
+        return Ok(0);
+    }
+    let mut ev = Event::ZERO;
+    ev.ts_ns = now();
+    ev.kind = kind::ACCEPT;
+    ev.hook = via;
+    ev.sock_id = listener;
+    fill_local(&mut ev, listener)?;
+    fill_remote(&mut ev, child)?;
+    let _ = fill_queue(&mut ev, listener);
+    fill_task(&mut ev);
+    // SAFETY: the value is copied out before the entry is removed.
+    if let Some(start) = unsafe { ENQUEUED.get(child) }.copied() {
+        let _ = ENQUEUED.remove(child);
+        ev.accept_wait_ns = ev.ts_ns.saturating_sub(start);
+        ev.flags |= flags::HAS_WAIT;
+    }
+    emit(&ev);
+    Ok(0)
+}

@@ -1,0 +1,217 @@
+//! Reading kernel structures without CO-RE: every offset comes from `OFFSETS`, which userspace fills
+//! from the running kernel's BTF at load time (rustc emits no field relocations for eBPF).
+
+use aya_ebpf::{
+    Global,
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
+        bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
+    },
+};
+use socktrace_common::{AF_INET, AF_INET6, Event, KernelOffsets, flags, stat};
+
+use crate::maps::count;
+
+#[unsafe(no_mangle)]
+pub(crate) static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets::ZERO);
+
+/// Reads one field of `OFFSETS` (a volatile load, so the verifier sees the frozen constant).
+macro_rules! off {
+    ($field:ident) => {{
+        let base = core::ptr::from_ref(&crate::kernel::OFFSETS).cast::<socktrace_common::KernelOffsets>();
+        // SAFETY: Global<T> is repr(transparent) over an initialised T.
+        unsafe { core::ptr::read_volatile(&raw const (*base).$field) }
+    }};
+}
+pub(crate) use off;
+
+pub const TCP_SYN_RECV: i32 = 3;
+pub const TCP_LISTEN: i32 = 10;
+pub const IPPROTO_TCP: u16 = 6;
+
+/// Reads a `T` at `base + offset`; a failed read is counted.
+#[inline(always)]
+pub fn read<T>(base: u64, offset: u32) -> Result<T, i64> {
+    // SAFETY: bpf_probe_read_kernel copes with any address.
+    match unsafe { bpf_probe_read_kernel((base + u64::from(offset)) as *const T) } {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            count(stat::READ_ERRORS);
+            Err(i64::from(e))
+        }
+    }
+}
+
+#[inline(always)]
+pub fn read_buf(base: u64, offset: u32, dst: &mut [u8]) -> Result<(), i64> {
+    // SAFETY: as in `read`.
+    match unsafe { bpf_probe_read_kernel_buf((base + u64::from(offset)) as *const u8, dst) } {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            count(stat::READ_ERRORS);
+            Err(i64::from(e))
+        }
+    }
+}
+
+#[inline(always)]
+pub fn now() -> u64 {
+    // SAFETY: no preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// Whether `sk` is an IPv4/IPv6 TCP socket.
+#[inline(always)]
+pub fn is_inet_tcp(sk: u64) -> Result<bool, i64> {
+    let family: u16 = read(sk, off!(skc_family))?;
+    if family != AF_INET && family != AF_INET6 {
+        return Ok(false);
+    }
+    let protocol: u16 = read(sk, off!(sk_protocol))?;
+    Ok(protocol == IPPROTO_TCP)
+}
+
+/// Netns inode of a socket (or request socket: both start with `struct sock_common`).
+#[inline(always)]
+pub fn netns_of(sk: u64) -> Result<u32, i64> {
+    let net: u64 = read(sk, off!(skc_net))?;
+    read(net, off!(net_ns_inum))
+}
+
+/// Fills family, netns and the local side (address, port) from `sk`'s `sock_common`.
+#[inline(always)]
+pub fn fill_local(ev: &mut Event, sk: u64) -> Result<(), i64> {
+    ev.family = read(sk, off!(skc_family))?;
+    ev.lport = read(sk, off!(skc_num))?;
+    ev.netns = netns_of(sk)?;
+    if ev.family == AF_INET6 {
+        read_buf(sk, off!(skc_v6_rcv_saddr), &mut ev.laddr)?;
+    } else {
+        read_buf(sk, off!(skc_rcv_saddr), &mut ev.laddr[..4])?;
+    }
+    Ok(())
+}
+
+/// Fills the remote side (address, port) from `sk`'s `sock_common`.
+#[inline(always)]
+pub fn fill_remote(ev: &mut Event, sk: u64) -> Result<(), i64> {
+    let dport: u16 = read(sk, off!(skc_dport))?;
+    ev.rport = u16::from_be(dport);
+    if ev.family == AF_INET6 {
+        read_buf(sk, off!(skc_v6_daddr), &mut ev.raddr)?;
+    } else {
+        read_buf(sk, off!(skc_daddr), &mut ev.raddr[..4])?;
+    }
+    Ok(())
+}
+
+/// Fills the remote side from a received segment (source address and port of the packet).
+#[inline(always)]
+pub fn fill_remote_from_skb(ev: &mut Event, skb: u64) -> Result<(), i64> {
+    let head: u64 = read(skb, off!(skb_head))?;
+    let nh: u16 = read(skb, off!(skb_network_header))?;
+    let th: u16 = read(skb, off!(skb_transport_header))?;
+    let ip = head + u64::from(nh);
+    let version: u8 = read(ip, 0)?;
+    if version >> 4 == 6 {
+        read_buf(ip, 8, &mut ev.raddr)?;
+    } else {
+        read_buf(ip, 12, &mut ev.raddr[..4])?;
+    }
+    let sport: u16 = read(head + u64::from(th), 0)?;
+    ev.rport = u16::from_be(sport);
+    Ok(())
+}
+
+/// IP version (4 or 6) of a received segment.
+#[inline(always)]
+pub fn skb_ip_version(skb: u64) -> Result<u8, i64> {
+    let head: u64 = read(skb, off!(skb_head))?;
+    let nh: u16 = read(skb, off!(skb_network_header))?;
+    let version: u8 = read(head + u64::from(nh), 0)?;
+    Ok(version >> 4)
+}
+
+/// Accept-queue length and limit of a listener.
+#[inline(always)]
+pub fn fill_queue(ev: &mut Event, listener: u64) -> Result<(), i64> {
+    ev.queue_len = read(listener, off!(sk_ack_backlog))?;
+    ev.queue_max = read(listener, off!(sk_max_ack_backlog))?;
+    ev.flags |= flags::HAS_QUEUE;
+    Ok(())
+}
+
+/// `sk_acceptq_is_full`: the kernel drops when `sk_ack_backlog > sk_max_ack_backlog`.
+#[inline(always)]
+pub fn accept_queue_full(listener: u64) -> Result<bool, i64> {
+    let len: u32 = read(listener, off!(sk_ack_backlog))?;
+    let max: u32 = read(listener, off!(sk_max_ack_backlog))?;
+    Ok(len > max)
+}
+
+/// pid, tid and comm of the current task (only meaningful in syscall context).
+#[inline(always)]
+pub fn fill_task(ev: &mut Event) {
+    let id = bpf_get_current_pid_tgid();
+    ev.pid = (id >> 32) as u32;
+    ev.tid = id as u32;
+    if let Ok(comm) = bpf_get_current_comm() {
+        ev.comm = comm;
+    }
+    ev.flags |= flags::HAS_TASK;
+}
+
+/// Socket behind file descriptor `fd` of the current task:
+/// task → files → fdt → fd[fd] → file → private_data (struct socket) → sk.
+#[inline(always)]
+pub fn sock_of_fd(fd: i64) -> Result<u64, i64> {
+    if fd < 0 {
+        return Err(-1);
+    }
+    // SAFETY: no preconditions.
+    let task = unsafe { bpf_get_current_task() };
+    let files: u64 = read(task, off!(task_files))?;
+    let fdt: u64 = read(files, off!(files_fdt))?;
+    let max_fds: u32 = read(fdt, off!(fdt_max_fds))?;
+    if fd as u64 >= u64::from(max_fds) {
+        return Err(-1);
+    }
+    let fd_array: u64 = read(fdt, off!(fdt_fd))?;
+    let file: u64 = read(fd_array, (fd as u32) * 8)?;
+    let socket: u64 = read(file, off!(file_private_data))?;
+    let sk: u64 = read(socket, off!(socket_sk))?;
+    if sk == 0 { Err(-1) } else { Ok(sk) }
+}
+
+/// Arguments of a tracing context (tp_btf, raw_tp, fentry), so one body serves every variant.
+pub trait Args {
+    fn arg_u64(&self, n: usize) -> u64;
+}
+
+impl Args for aya_ebpf::programs::BtfTracePointContext {
+    #[inline(always)]
+    fn arg_u64(&self, n: usize) -> u64 {
+        self.arg(n)
+    }
+}
+
+impl Args for aya_ebpf::programs::RawTracePointContext {
+    #[inline(always)]
+    fn arg_u64(&self, n: usize) -> u64 {
+        self.arg(n)
+    }
+}
+
+impl Args for aya_ebpf::programs::FEntryContext {
+    #[inline(always)]
+    fn arg_u64(&self, n: usize) -> u64 {
+        self.arg(n)
+    }
+}
+
+impl Args for aya_ebpf::programs::ProbeContext {
+    #[inline(always)]
+    fn arg_u64(&self, n: usize) -> u64 {
+        self.arg(n).unwrap_or(0)
+    }
+}

@@ -1,0 +1,26 @@
+//! socktrace kernel programs: one hook per file, each a thin `#[program]` around a `try_x()` body.
+//!
+//! Flow: hooks read sockets through [`kernel`] (offsets from the running kernel's BTF, passed in as
+//! the load-time global `OFFSETS`), build a [`socktrace_common::Event`] and emit it through
+//! [`maps::EVENTS`]. Userspace picks, per signal, the best hook that loads on this kernel.
+#![no_std]
+#![no_main]
+
+mod accept;
+mod enqueue;
+mod kernel;
+mod maps;
+mod overflow;
+mod retransmit;
+mod syn_drop;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+/// GPL-compatible: bpf_probe_read_kernel and the tracing program types require it.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

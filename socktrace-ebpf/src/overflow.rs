@@ -1,0 +1,98 @@
+//! Listen overflow at the 3rd ACK: the handshake completed but the accept queue was full, so the
+//! kernel dropped the ACK (`tcp_v4_syn_recv_sock` → exit_overflow). Emits `listen_overflow`.
+//!
+//! Hooks, best first: `skb:kfree_skb` with reason `TCP_LISTEN_OVERFLOW` (value from BTF; the listener
+//! is the tracepoint's `rx_sk`) as tp_btf or raw_tp; then fentry/kprobe on `tcp_v{4,6}_syn_recv_sock`
+//! evaluating the kernel's own first check, `sk_acceptq_is_full(listener)`.
+
+use aya_ebpf::{
+    macros::{btf_tracepoint, fentry, kprobe, raw_tracepoint},
+    programs::{BtfTracePointContext, FEntryContext, ProbeContext, RawTracePointContext},
+};
+use socktrace_common::{Event, KernelOffsets, hook, kind};
+
+use crate::{
+    kernel::{
+        Args, accept_queue_full, fill_local, fill_queue, fill_remote_from_skb, now, off,
+        skb_ip_version,
+    },
+    maps::emit,
+};
+
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn overflow_btf(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_kfree_skb(&ctx, hook::TP_BTF);
+    0
+}
+
+#[raw_tracepoint(tracepoint = "kfree_skb")]
+pub fn overflow_raw(ctx: RawTracePointContext) -> i32 {
+    let _ = try_kfree_skb(&ctx, hook::RAW_TP);
+    0
+}
+
+#[inline(always)]
+fn try_kfree_skb<C: Args>(ctx: &C, via: u32) -> Result<u32, i64> {
+    let reason = ctx.arg_u64(2) as u32;
+    if reason != off!(reason_listen_overflow) {
+        return Ok(0);
+    }
+    let rx_sk_arg = off!(kfree_skb_rx_sk_arg);
+    let listener = if rx_sk_arg == KernelOffsets::ABSENT { 0 } else { ctx.arg_u64(rx_sk_arg as usize & 7) };
+    emit_overflow(listener, ctx.arg_u64(0), via)
+}
+
+#[fentry(function = "tcp_v4_syn_recv_sock")]
+pub fn overflow4_fentry(ctx: FEntryContext) -> i32 {
+    let _ = try_syn_recv_sock(&ctx, 4, hook::FENTRY);
+    0
+}
+
+#[fentry(function = "tcp_v6_syn_recv_sock")]
+pub fn overflow6_fentry(ctx: FEntryContext) -> i32 {
+    let _ = try_syn_recv_sock(&ctx, 6, hook::FENTRY);
+    0
+}
+
+#[kprobe(function = "tcp_v4_syn_recv_sock")]
+pub fn overflow4_kprobe(ctx: ProbeContext) -> u32 {
+    let _ = try_syn_recv_sock(&ctx, 4, hook::KPROBE);
+    0
+}
+
+#[kprobe(function = "tcp_v6_syn_recv_sock")]
+pub fn overflow6_kprobe(ctx: ProbeContext) -> u32 {
+    let _ = try_syn_recv_sock(&ctx, 6, hook::KPROBE);
+    0
+}
+
+/// `tcp_v{4,6}_syn_recv_sock(sk, skb, …)`: its first check is `sk_acceptq_is_full(sk)`.
+/// A v4 segment on a dual-stack v6 listener passes through both functions; only the v4 one counts it.
+#[inline(always)]
+fn try_syn_recv_sock<C: Args>(ctx: &C, family: u8, via: u32) -> Result<u32, i64> {
+    let listener = ctx.arg_u64(0);
+    let skb = ctx.arg_u64(1);
+    if !accept_queue_full(listener)? {
+        return Ok(0);
+    }
+    if family == 6 && skb_ip_version(skb)? != 6 {
+        return Ok(0);
+    }
+    emit_overflow(listener, skb, via)
+}
+
+#[inline(always)]
+fn emit_overflow(listener: u64, skb: u64, via: u32) -> Result<u32, i64> {
+    let mut ev = Event::ZERO;
+    ev.ts_ns = now();
+    ev.kind = kind::LISTEN_OVERFLOW;
+    ev.hook = via;
+    ev.sock_id = listener;
+    if listener != 0 {
+        let _ = fill_local(&mut ev, listener);
+        let _ = fill_queue(&mut ev, listener);
+    }
+    let _ = fill_remote_from_skb(&mut ev, skb);
+    emit(&ev);
+    Ok(0)
+}

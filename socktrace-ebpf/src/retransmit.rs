@@ -1,0 +1,78 @@
+//! Retransmits: `tcp:tcp_retransmit_skb` (data/control segments, counted by `tcp_skb_pcount`) and
+//! `tcp:tcp_retransmit_synack` (a listener re-sending a SYN-ACK for a request socket).
+//!
+//! Hooks: tp_btf, fallback raw_tp (same arguments). Newer kernels pass `err` to
+//! tcp_retransmit_skb; a failed retransmit is not counted by the kernel's TcpRetransSegs, nor here.
+
+use aya_ebpf::{
+    macros::{btf_tracepoint, raw_tracepoint},
+    programs::{BtfTracePointContext, RawTracePointContext},
+};
+use socktrace_common::{Event, KernelOffsets, hook, kind};
+
+use crate::{
+    kernel::{Args, fill_local, fill_queue, fill_remote, now, off, read},
+    maps::emit,
+};
+
+#[btf_tracepoint(function = "tcp_retransmit_skb")]
+pub fn retransmit_btf(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_retransmit(&ctx, hook::TP_BTF);
+    0
+}
+
+#[raw_tracepoint(tracepoint = "tcp_retransmit_skb")]
+pub fn retransmit_raw(ctx: RawTracePointContext) -> i32 {
+    let _ = try_retransmit(&ctx, hook::RAW_TP);
+    0
+}
+
+#[inline(always)]
+fn try_retransmit<C: Args>(ctx: &C, via: u32) -> Result<u32, i64> {
+    let err_arg = off!(retransmit_err_arg);
+    if err_arg != KernelOffsets::ABSENT && ctx.arg_u64(err_arg as usize & 7) as i32 != 0 {
+        return Ok(0);
+    }
+    let sk = ctx.arg_u64(0);
+    let skb = ctx.arg_u64(1);
+    let mut ev = Event::ZERO;
+    ev.ts_ns = now();
+    ev.kind = kind::RETRANSMIT;
+    ev.hook = via;
+    ev.sock_id = sk;
+    fill_local(&mut ev, sk)?;
+    fill_remote(&mut ev, sk)?;
+    let segs: u16 = read(skb, off!(skb_cb) + off!(tcb_gso_segs))?;
+    ev.segs = u32::from(segs).max(1);
+    emit(&ev);
+    Ok(0)
+}
+
+#[btf_tracepoint(function = "tcp_retransmit_synack")]
+pub fn synack_btf(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_synack(&ctx, hook::TP_BTF);
+    0
+}
+
+#[raw_tracepoint(tracepoint = "tcp_retransmit_synack")]
+pub fn synack_raw(ctx: RawTracePointContext) -> i32 {
+    let _ = try_synack(&ctx, hook::RAW_TP);
+    0
+}
+
+#[inline(always)]
+fn try_synack<C: Args>(ctx: &C, via: u32) -> Result<u32, i64> {
+    let listener = ctx.arg_u64(0);
+    let req = ctx.arg_u64(1);
+    let mut ev = Event::ZERO;
+    ev.ts_ns = now();
+    ev.kind = kind::SYNACK_RETRANSMIT;
+    ev.hook = via;
+    ev.sock_id = listener;
+    fill_local(&mut ev, listener)?;
+    // request_sock starts with struct sock_common: the same offsets name the peer.
+    fill_remote(&mut ev, req)?;
+    let _ = fill_queue(&mut ev, listener);
+    emit(&ev);
+    Ok(0)
+}

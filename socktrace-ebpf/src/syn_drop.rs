@@ -1,0 +1,111 @@
+//! SYN dropped because the accept queue is full (`tcp_conn_request`: sk_acceptq_is_full). The kernel
+//! consumes that skb without a drop reason, so kfree_skb never sees it. Emits `syn_drop`.
+//!
+//! Hooks, best first: fentry/kprobe on `tcp_conn_request(rsk_ops, af_ops, sk, skb)`, then a
+//! pass-through `cgroup_skb/ingress` program that sees the SYN with its listener just before
+//! `tcp_conn_request` runs. The cgroup program ALWAYS returns 1 (pass): returning 0 would drop the
+//! packet for every process in the cgroup.
+
+use aya_ebpf::{
+    helpers::generated::bpf_skc_to_tcp_sock,
+    macros::{cgroup_skb, fentry, kprobe},
+    programs::{FEntryContext, ProbeContext, SkBuffContext},
+};
+use socktrace_common::{AF_INET6, Event, hook, kind};
+
+use crate::{
+    kernel::{Args, TCP_LISTEN, accept_queue_full, fill_local, fill_queue, fill_remote_from_skb, now},
+    maps::emit,
+};
+
+#[fentry(function = "tcp_conn_request")]
+pub fn syn_drop_fentry(ctx: FEntryContext) -> i32 {
+    let _ = try_conn_request(&ctx, hook::FENTRY);
+    0
+}
+
+#[kprobe(function = "tcp_conn_request")]
+pub fn syn_drop_kprobe(ctx: ProbeContext) -> u32 {
+    let _ = try_conn_request(&ctx, hook::KPROBE);
+    0
+}
+
+#[inline(always)]
+fn try_conn_request<C: Args>(ctx: &C, via: u32) -> Result<u32, i64> {
+    let listener = ctx.arg_u64(2);
+    if !accept_queue_full(listener)? {
+        return Ok(0);
+    }
+    let mut ev = new_syn_drop(listener, via);
+    let _ = fill_remote_from_skb(&mut ev, ctx.arg_u64(3));
+    emit(&ev);
+    Ok(0)
+}
+
+#[inline(always)]
+fn new_syn_drop(listener: u64, via: u32) -> Event {
+    let mut ev = Event::ZERO;
+    ev.ts_ns = now();
+    ev.kind = kind::SYN_DROP;
+    ev.hook = via;
+    ev.sock_id = listener;
+    let _ = fill_local(&mut ev, listener);
+    let _ = fill_queue(&mut ev, listener);
+    ev
+}
+
+#[cgroup_skb(ingress)]
+pub fn syn_drop_cgroup(ctx: SkBuffContext) -> i32 {
+    let _ = try_cgroup_skb(&ctx);
+    1
+}
+
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_ACK: u8 = 0x10;
+
+#[inline(always)]
+fn try_cgroup_skb(ctx: &SkBuffContext) -> Result<u32, i64> {
+    // SAFETY: ctx.skb is the program's context pointer.
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return Ok(0);
+    }
+    // SAFETY: non-null bpf_sock from the context; the verifier checks these field loads.
+    let (state, protocol, family) = unsafe { ((*sk).state, (*sk).protocol, (*sk).family) };
+    if state != TCP_LISTEN as u32 || protocol != 6 {
+        return Ok(0);
+    }
+    // The packet starts at the IP header; only a bare SYN (no ACK) is a connection request.
+    let (tcp_off, src_off, src_len) = if family == u32::from(AF_INET6) {
+        let next: u8 = ctx.load(6).map_err(i64::from)?;
+        if next != 6 {
+            return Ok(0);
+        }
+        (40usize, 8usize, 16usize)
+    } else {
+        let vihl: u8 = ctx.load(0).map_err(i64::from)?;
+        if vihl >> 4 != 4 {
+            return Ok(0);
+        }
+        (usize::from(vihl & 0x0f) * 4, 12usize, 4usize)
+    };
+    let tcp_flags: u8 = ctx.load(tcp_off + 13).map_err(i64::from)?;
+    if tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) != TCP_FLAG_SYN {
+        return Ok(0);
+    }
+    // SAFETY: helper takes any sock_common pointer and returns NULL when it is not a TCP socket.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast()) } as u64;
+    if tp == 0 || !accept_queue_full(tp)? {
+        return Ok(0);
+    }
+    let mut ev = new_syn_drop(tp, hook::CGROUP_SKB);
+    let sport: u16 = ctx.load(tcp_off).map_err(i64::from)?;
+    ev.rport = u16::from_be(sport);
+    if src_len == 16 {
+        ctx.load_bytes(src_off, &mut ev.raddr).map_err(i64::from)?;
+    } else {
+        ctx.load_bytes(src_off, &mut ev.raddr[..4]).map_err(i64::from)?;
+    }
+    emit(&ev);
+    Ok(0)
+}
