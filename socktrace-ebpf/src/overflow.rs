@@ -9,7 +9,7 @@ use aya_ebpf::{
     macros::{btf_tracepoint, fentry, kprobe, raw_tracepoint},
     programs::{BtfTracePointContext, FEntryContext, ProbeContext, RawTracePointContext},
 };
-use socktrace_common::{Event, KernelOffsets, hook, kind};
+use socktrace_common::{Event, hook, kind};
 
 use crate::{
     kernel::{
@@ -37,8 +37,8 @@ fn try_kfree_skb<C: Args>(ctx: &C, via: u32) -> Result<u32, i64> {
     if reason != off!(reason_listen_overflow) {
         return Ok(0);
     }
-    let rx_sk_arg = off!(kfree_skb_rx_sk_arg);
-    let listener = if rx_sk_arg == KernelOffsets::ABSENT { 0 } else { ctx.arg_u64(rx_sk_arg as usize & 7) };
+    // The verifier only allows constant context offsets: rx_sk, when present, is argument 3.
+    let listener = if off!(kfree_skb_rx_sk_arg) == 3 { ctx.arg_u64(3) } else { 0 };
     emit_overflow(listener, ctx.arg_u64(0), via)
 }
 

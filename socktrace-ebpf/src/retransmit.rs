@@ -8,7 +8,7 @@ use aya_ebpf::{
     macros::{btf_tracepoint, raw_tracepoint},
     programs::{BtfTracePointContext, RawTracePointContext},
 };
-use socktrace_common::{Event, KernelOffsets, hook, kind};
+use socktrace_common::{Event, hook, kind};
 
 use crate::{
     kernel::{Args, fill_local, fill_queue, fill_remote, now, off, read},
@@ -29,8 +29,8 @@ pub fn retransmit_raw(ctx: RawTracePointContext) -> i32 {
 
 #[inline(always)]
 fn try_retransmit<C: Args>(ctx: &C, via: u32) -> Result<u32, i64> {
-    let err_arg = off!(retransmit_err_arg);
-    if err_arg != KernelOffsets::ABSENT && ctx.arg_u64(err_arg as usize & 7) as i32 != 0 {
+    // Constant context offsets only: `err`, when the kernel passes it, is argument 2.
+    if off!(retransmit_err_arg) == 2 && ctx.arg_u64(2) as i32 != 0 {
         return Ok(0);
     }
     let sk = ctx.arg_u64(0);

@@ -70,24 +70,26 @@ fn try_cgroup_skb(ctx: &SkBuffContext) -> Result<u32, i64> {
     if sk.is_null() {
         return Ok(0);
     }
-    // SAFETY: non-null bpf_sock from the context; the verifier checks these field loads.
-    let (state, protocol, family) = unsafe { ((*sk).state, (*sk).protocol, (*sk).family) };
-    if state != TCP_LISTEN as u32 || protocol != 6 {
+    // SAFETY: non-null sock_common from the context; only state and family are readable there
+    // (the protocol is checked in the packet and by bpf_skc_to_tcp_sock below).
+    let (state, family) = unsafe { ((*sk).state, (*sk).family) };
+    if state != TCP_LISTEN as u32 {
         return Ok(0);
     }
     // The packet starts at the IP header; only a bare SYN (no ACK) is a connection request.
-    let (tcp_off, src_off, src_len) = if family == u32::from(AF_INET6) {
+    let (tcp_off, v6) = if family == u32::from(AF_INET6) {
         let next: u8 = ctx.load(6).map_err(i64::from)?;
         if next != 6 {
             return Ok(0);
         }
-        (40usize, 8usize, 16usize)
+        (40usize, true)
     } else {
         let vihl: u8 = ctx.load(0).map_err(i64::from)?;
-        if vihl >> 4 != 4 {
+        let proto: u8 = ctx.load(9).map_err(i64::from)?;
+        if vihl >> 4 != 4 || proto != 6 {
             return Ok(0);
         }
-        (usize::from(vihl & 0x0f) * 4, 12usize, 4usize)
+        (usize::from(vihl & 0x0f) * 4, false)
     };
     let tcp_flags: u8 = ctx.load(tcp_off + 13).map_err(i64::from)?;
     if tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) != TCP_FLAG_SYN {
@@ -101,10 +103,12 @@ fn try_cgroup_skb(ctx: &SkBuffContext) -> Result<u32, i64> {
     let mut ev = new_syn_drop(tp, hook::CGROUP_SKB);
     let sport: u16 = ctx.load(tcp_off).map_err(i64::from)?;
     ev.rport = u16::from_be(sport);
-    if src_len == 16 {
-        ctx.load_bytes(src_off, &mut ev.raddr).map_err(i64::from)?;
+    // Fixed-size loads: the verifier rejects a length it cannot bound.
+    if v6 {
+        ev.raddr = ctx.load::<[u8; 16]>(8).map_err(i64::from)?;
     } else {
-        ctx.load_bytes(src_off, &mut ev.raddr[..4]).map_err(i64::from)?;
+        let a: [u8; 4] = ctx.load(12).map_err(i64::from)?;
+        ev.raddr[..4].copy_from_slice(&a);
     }
     emit(&ev);
     Ok(0)

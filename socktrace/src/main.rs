@@ -1,1 +1,105 @@
-fn main() {}
+//! socktrace: eBPF TCP listener tracer.
+//!
+//! Flow: kernel hooks (`socktrace-ebpf`) → ring buffer → [`event`] decode → views ([`watch`],
+//! `probes`). Kernel layout comes from BTF at load time ([`offsets`]); each signal's hook is chosen
+//! at run time ([`probes`]).
+//!
+//! Exit status: 0 success (also when stdout is closed early), 1 runtime error, 2 usage error.
+
+mod cli;
+mod event;
+mod offsets;
+mod probes;
+mod system;
+mod watch;
+
+use std::{io::Write as _, process::ExitCode};
+
+use anyhow::Context as _;
+use clap::Parser as _;
+
+use crate::cli::{Cli, Command, TraceArgs};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) {
+                let _ = e.print();
+                return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand { ExitCode::from(2) } else { ExitCode::SUCCESS };
+            }
+            // One line: clap's first line ("error: ...") without the usage block.
+            let rendered = e.to_string();
+            let line = rendered.lines().find(|l| !l.trim().is_empty()).unwrap_or("error: bad arguments");
+            eprintln!("socktrace: {}", line.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if is_broken_pipe(&e) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("socktrace: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Probes { trace, json } => {
+            let tracer = start(&trace)?;
+            print_probes(&tracer, json)
+        }
+        Command::Watch { trace, filter, json, duration } => {
+            let filter = filter.validate()?;
+            let tracer = start(&trace)?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
+            rt.block_on(watch::run(tracer, filter, json, duration))
+        }
+    }
+}
+
+/// Preconditions, BTF layout, load and attach: everything a tracing command needs.
+fn start(args: &TraceArgs) -> anyhow::Result<probes::Tracer> {
+    system::require_root()?;
+    let tracefs = system::ensure_tracefs()?;
+    let layout = offsets::resolve(&args.btf, &tracefs)?;
+    let cgroup = match &args.cgroup {
+        Some(p) => p.clone(),
+        None => system::cgroup2_root()?,
+    };
+    let opts = probes::LoadOptions {
+        btf: args.btf.clone(),
+        allowed: args.hooks.clone(),
+        cgroup,
+        ring_buffer_bytes: args.ring_buffer_kib * 1024,
+    };
+    Ok(probes::load(&layout, &opts)?)
+}
+
+fn print_probes(tracer: &probes::Tracer, json: bool) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &tracer.report)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    for r in &tracer.report {
+        match r.hook {
+            Some(h) => writeln!(out, "{:<18} {:<11} {}", r.signal, h, r.attached.join(" + "))?,
+            None => writeln!(out, "{:<18} {:<11} no hook works on this kernel", r.signal, "UNAVAILABLE")?,
+        }
+        for f in &r.failed {
+            writeln!(out, "{:<18}   tried {:<10} {}: {}", "", f.hook, f.at, f.reason)?;
+        }
+    }
+    Ok(())
+}

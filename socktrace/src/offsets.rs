@@ -1,0 +1,265 @@
+//! Kernel layout from the running kernel's BTF, resolved at load time.
+//!
+//! Rust eBPF gets no CO-RE relocations, so every struct offset and enum value the programs need is
+//! looked up here (btf-rs over /sys/kernel/btf/vmlinux, or `--btf FILE`) and handed to the programs
+//! as the load-time global `OFFSETS`. Nothing about kernel layout is fixed at build time. Tracepoint
+//! record offsets for the classic syscall tracepoints come from their tracefs `format` files.
+
+use std::path::{Path, PathBuf};
+
+use btf_rs::{Btf, BtfType, Type};
+use socktrace_common::KernelOffsets;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OffsetError {
+    #[error("cannot read BTF from {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot parse BTF from {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("kernel BTF has no struct {0}")]
+    NoStruct(String),
+    #[error("kernel BTF: struct {0} has no member {1}")]
+    NoMember(String, String),
+    #[error("kernel BTF: {0}")]
+    Other(String),
+}
+
+/// Offsets plus facts about optional kernel features, for `socktrace probes`.
+#[derive(Clone, Debug)]
+pub struct KernelLayout {
+    pub offsets: KernelOffsets,
+    /// `SKB_DROP_REASON_TCP_LISTEN_OVERFLOW` exists (and kfree_skb passes the receiving socket).
+    pub has_listen_overflow_reason: bool,
+}
+
+/// Resolves every offset the programs use. `tracefs` is where the syscall `format` files live.
+pub fn resolve(btf_path: &Path, tracefs: &Path) -> Result<KernelLayout, OffsetError> {
+    let bytes = std::fs::read(btf_path)
+        .map_err(|source| OffsetError::Read { path: btf_path.to_owned(), source })?;
+    let btf = Btf::from_bytes(&bytes)
+        .map_err(|e| OffsetError::Parse { path: btf_path.to_owned(), message: format!("{e:#}") })?;
+    let l = Layout { btf: &btf };
+    let sk = |path: &[&str]| l.offset("sock", &path_with("__sk_common", path));
+    let mut o = KernelOffsets::ZERO;
+    o.skc_daddr = sk(&["skc_daddr"])?;
+    o.skc_rcv_saddr = sk(&["skc_rcv_saddr"])?;
+    o.skc_dport = sk(&["skc_dport"])?;
+    o.skc_num = sk(&["skc_num"])?;
+    o.skc_family = sk(&["skc_family"])?;
+    o.skc_state = sk(&["skc_state"])?;
+    o.skc_net = sk(&["skc_net", "net"])?;
+    o.skc_v6_daddr = sk(&["skc_v6_daddr"]).unwrap_or(KernelOffsets::ABSENT);
+    o.skc_v6_rcv_saddr = sk(&["skc_v6_rcv_saddr"]).unwrap_or(KernelOffsets::ABSENT);
+    o.sk_protocol = l.offset("sock", &["sk_protocol"])?;
+    o.sk_ack_backlog = l.offset("sock", &["sk_ack_backlog"])?;
+    o.sk_max_ack_backlog = l.offset("sock", &["sk_max_ack_backlog"])?;
+    o.net_ns_inum = l.offset("net", &["ns", "inum"])?;
+    o.task_files = l.offset("task_struct", &["files"])?;
+    o.files_fdt = l.offset("files_struct", &["fdt"])?;
+    o.fdt_max_fds = l.offset("fdtable", &["max_fds"])?;
+    o.fdt_fd = l.offset("fdtable", &["fd"])?;
+    o.file_private_data = l.offset("file", &["private_data"])?;
+    o.socket_sk = l.offset("socket", &["sk"])?;
+    o.skb_head = l.offset("sk_buff", &["head"])?;
+    o.skb_network_header = l.offset("sk_buff", &["network_header"])?;
+    o.skb_transport_header = l.offset("sk_buff", &["transport_header"])?;
+    o.skb_cb = l.offset("sk_buff", &["cb"])?;
+    o.tcb_gso_segs = l.offset("tcp_skb_cb", &["tcp_gso_segs"])?;
+
+    let reason = l.enum_value("skb_drop_reason", "SKB_DROP_REASON_TCP_LISTEN_OVERFLOW");
+    // btf_trace_kfree_skb(void *ctx, skb, location, reason[, rx_sk]): rx_sk is argument 3.
+    let kfree_args = l.tracepoint_arity("kfree_skb")?;
+    let rx_sk = kfree_args >= 4;
+    if let (Some(value), true) = (reason, rx_sk) {
+        o.reason_listen_overflow = value;
+        o.kfree_skb_rx_sk_arg = 3;
+    }
+    // btf_trace_tcp_retransmit_skb(void *ctx, sk, skb[, err]).
+    if l.tracepoint_arity("tcp_retransmit_skb")? >= 3 {
+        o.retransmit_err_arg = 2;
+    }
+    let syscalls = tracefs.join("events/syscalls");
+    o.tp_accept_fd = tracepoint_field(&syscalls.join("sys_enter_accept4/format"), "fd").unwrap_or(16);
+    o.tp_accept_ret = tracepoint_field(&syscalls.join("sys_exit_accept4/format"), "ret").unwrap_or(16);
+    Ok(KernelLayout { offsets: o, has_listen_overflow_reason: reason.is_some() && rx_sk })
+}
+
+fn path_with<'a>(first: &'a str, rest: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec![first];
+    v.extend_from_slice(rest);
+    v
+}
+
+struct Layout<'a> {
+    btf: &'a Btf,
+}
+
+impl Layout<'_> {
+    /// Byte offset of `path` (member names, each possibly inside anonymous structs/unions) in
+    /// `struct name`.
+    fn offset(&self, name: &str, path: &[&str]) -> Result<u32, OffsetError> {
+        let mut ty = self.named_struct(name)?;
+        let mut bits = 0u32;
+        for (i, member) in path.iter().enumerate() {
+            let (off, member_ty) = self
+                .find_member(&ty, member)?
+                .ok_or_else(|| OffsetError::NoMember(name.to_owned(), path[..=i].join(".")))?;
+            bits += off;
+            if i + 1 < path.len() {
+                ty = self.strip(member_ty)?;
+            }
+        }
+        if bits % 8 != 0 {
+            return Err(OffsetError::Other(format!("{name}.{} is a bitfield", path.join("."))));
+        }
+        Ok(bits / 8)
+    }
+
+    fn named_struct(&self, name: &str) -> Result<Type, OffsetError> {
+        self.btf
+            .resolve_types_by_name(name)
+            .unwrap_or_default()
+            .into_iter()
+            .find(|t| matches!(t, Type::Struct(s) if !s.members.is_empty()))
+            .ok_or_else(|| OffsetError::NoStruct(name.to_owned()))
+    }
+
+    /// Looks for `want` among the members of a struct/union, descending into anonymous members.
+    /// Returns the bit offset and the member's type.
+    fn find_member(&self, ty: &Type, want: &str) -> Result<Option<(u32, Type)>, OffsetError> {
+        let members = match ty {
+            Type::Struct(s) | Type::Union(s) => &s.members,
+            _ => return Ok(None),
+        };
+        for m in members {
+            let name = self.btf.resolve_name(m).unwrap_or_default();
+            let member_ty = self.btf.resolve_chained_type(m).map_err(|e| OffsetError::Other(format!("{e:#}")))?;
+            if name == want {
+                return Ok(Some((m.bit_offset(), member_ty)));
+            }
+            if name.is_empty() {
+                let inner = self.strip(member_ty)?;
+                if let Some((off, t)) = self.find_member(&inner, want)? {
+                    return Ok(Some((m.bit_offset() + off, t)));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Follows typedefs and qualifiers to the underlying type.
+    fn strip(&self, mut ty: Type) -> Result<Type, OffsetError> {
+        for _ in 0..16 {
+            let next = match &ty {
+                Type::Typedef(t) => self.btf.resolve_chained_type(t),
+                Type::Const(t) => self.btf.resolve_chained_type(t),
+                Type::Volatile(t) => self.btf.resolve_chained_type(t),
+                Type::Restrict(t) => self.btf.resolve_chained_type(t),
+                Type::TypeTag(t) => self.btf.resolve_chained_type(t),
+                _ => return Ok(ty),
+            };
+            ty = next.map_err(|e| OffsetError::Other(format!("{e:#}")))?;
+        }
+        Ok(ty)
+    }
+
+    fn enum_value(&self, enum_name: &str, member: &str) -> Option<u32> {
+        for ty in self.btf.resolve_types_by_name(enum_name).unwrap_or_default() {
+            match ty {
+                Type::Enum(e) => {
+                    for m in &e.members {
+                        if self.btf.resolve_name(m).ok().as_deref() == Some(member) {
+                            return Some(m.val());
+                        }
+                    }
+                }
+                Type::Enum64(e) => {
+                    for m in &e.members {
+                        if self.btf.resolve_name(m).ok().as_deref() == Some(member) {
+                            return u32::try_from(m.val()).ok();
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+
+    /// Number of tracepoint arguments (excluding the leading `void *ctx`) of `btf_trace_<tp>`.
+    fn tracepoint_arity(&self, tp: &str) -> Result<usize, OffsetError> {
+        let name = format!("btf_trace_{tp}");
+        let ty = self
+            .btf
+            .resolve_types_by_name(&name)
+            .ok()
+            .and_then(|v| v.into_iter().next())
+            .ok_or_else(|| OffsetError::Other(format!("no {name} typedef")))?;
+        let Type::Typedef(td) = ty else {
+            return Err(OffsetError::Other(format!("{name} is not a typedef")));
+        };
+        let ptr = self.btf.resolve_chained_type(&td).map_err(|e| OffsetError::Other(format!("{e:#}")))?;
+        let Type::Ptr(p) = ptr else {
+            return Err(OffsetError::Other(format!("{name} is not a function pointer")));
+        };
+        let proto = self.btf.resolve_chained_type(&p).map_err(|e| OffsetError::Other(format!("{e:#}")))?;
+        let Type::FuncProto(f) = proto else {
+            return Err(OffsetError::Other(format!("{name} is not a function pointer")));
+        };
+        Ok(f.parameters.len().saturating_sub(1))
+    }
+}
+
+/// Offset of `field` in a classic tracepoint record, from its tracefs `format` file.
+pub fn tracepoint_field(format_file: &Path, field: &str) -> Option<u32> {
+    let text = std::fs::read_to_string(format_file).ok()?;
+    text.lines().find_map(|line| {
+        let line = line.trim();
+        let decl = line.strip_prefix("field:")?.split(';').next()?;
+        let name = decl.split_whitespace().last()?;
+        if name != field {
+            return None;
+        }
+        let off = line.split("offset:").nth(1)?.split(';').next()?;
+        off.trim().parse().ok()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_tracepoint_format_offsets() {
+        let dir = std::env::temp_dir().join(format!("socktrace-fmt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("format");
+        std::fs::write(
+            &f,
+            "name: sys_enter_accept4\nformat:\n\tfield:int __syscall_nr;\toffset:8;\tsize:4;\tsigned:1;\n\tfield:int fd;\toffset:16;\tsize:8;\tsigned:0;\n",
+        )
+        .unwrap();
+        assert_eq!(tracepoint_field(&f, "fd"), Some(16));
+        assert_eq!(tracepoint_field(&f, "__syscall_nr"), Some(8));
+        assert_eq!(tracepoint_field(&f, "nope"), None);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Against the running kernel's BTF, when it has one: values must agree with what the kernel
+    /// headers promise on every supported kernel.
+    #[test]
+    fn resolves_running_kernel() {
+        let btf = Path::new("/sys/kernel/btf/vmlinux");
+        if !btf.exists() {
+            eprintln!("skipped: no {}", btf.display());
+            return;
+        }
+        let l = resolve(btf, Path::new("/sys/kernel/tracing")).unwrap();
+        let o = l.offsets;
+        // struct sock starts with struct sock_common, whose first member is the address pair.
+        assert_eq!(o.skc_daddr, 0);
+        assert_eq!(o.skc_rcv_saddr, 4);
+        assert!(o.sk_max_ack_backlog > o.skc_v6_rcv_saddr);
+        assert_ne!(o.net_ns_inum, 0);
+    }
+}

@@ -1,0 +1,458 @@
+//! Loading and attaching the kernel programs, one signal at a time, best hook first.
+//!
+//! Every signal has an ordered list of candidate hooks (a hook may need several programs, e.g. a
+//! kprobe/kretprobe pair). The first candidate that loads *and* attaches wins; each failure is kept
+//! with its reason so `socktrace probes` can show what was tried, and a signal with no working hook
+//! is reported as unavailable — never silently read as zero.
+
+use std::{collections::BTreeSet, fmt, fs::File, path::PathBuf};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{
+        BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, FEntry, FExit, KProbe,
+        ProgramError, RawTracePoint, TracePoint,
+    },
+};
+
+use crate::offsets::KernelLayout;
+
+/// The kinds of kernel hook, in the order the user can name them in `--hooks`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum HookKind {
+    Fentry,
+    Fexit,
+    Kprobe,
+    TpBtf,
+    RawTp,
+    Tracepoint,
+    CgroupSkb,
+}
+
+impl HookKind {
+    pub const ALL: [HookKind; 7] = [
+        HookKind::Fentry,
+        HookKind::Fexit,
+        HookKind::Kprobe,
+        HookKind::TpBtf,
+        HookKind::RawTp,
+        HookKind::Tracepoint,
+        HookKind::CgroupSkb,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            HookKind::Fentry => "fentry",
+            HookKind::Fexit => "fexit",
+            HookKind::Kprobe => "kprobe",
+            HookKind::TpBtf => "tp_btf",
+            HookKind::RawTp => "raw_tp",
+            HookKind::Tracepoint => "tracepoint",
+            HookKind::CgroupSkb => "cgroup_skb",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<HookKind> {
+        Self::ALL.into_iter().find(|k| k.name() == s)
+    }
+
+    /// Name used in events (`socktrace_common::hook::*`).
+    pub fn from_event(id: u32) -> &'static str {
+        use socktrace_common::hook as h;
+        match id {
+            h::TP_BTF => "tp_btf",
+            h::RAW_TP => "raw_tp",
+            h::TRACEPOINT => "tracepoint",
+            h::FENTRY => "fentry",
+            h::FEXIT => "fexit",
+            h::KPROBE => "kprobe",
+            h::KRETPROBE => "kretprobe",
+            h::CGROUP_SKB => "cgroup_skb",
+            _ => "unknown",
+        }
+    }
+}
+
+/// Where one program attaches.
+#[derive(Clone, Copy, Debug)]
+enum Attach {
+    TpBtf(&'static str),
+    RawTp(&'static str),
+    Tracepoint(&'static str, &'static str),
+    FEntry(&'static str),
+    FExit(&'static str),
+    KProbe(&'static str),
+    KRetProbe(&'static str),
+    CgroupSkbIngress,
+}
+
+impl fmt::Display for Attach {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Attach::TpBtf(t) => write!(f, "tp_btf/{t}"),
+            Attach::RawTp(t) => write!(f, "raw_tp/{t}"),
+            Attach::Tracepoint(c, n) => write!(f, "tracepoint/{c}/{n}"),
+            Attach::FEntry(t) => write!(f, "fentry/{t}"),
+            Attach::FExit(t) => write!(f, "fexit/{t}"),
+            Attach::KProbe(t) => write!(f, "kprobe/{t}"),
+            Attach::KRetProbe(t) => write!(f, "kretprobe/{t}"),
+            Attach::CgroupSkbIngress => write!(f, "cgroup_skb/ingress"),
+        }
+    }
+}
+
+struct Prog {
+    name: &'static str,
+    attach: Attach,
+}
+
+struct Candidate {
+    kind: HookKind,
+    progs: &'static [Prog],
+    /// A kernel fact this hook needs, checked before trying to load it.
+    needs: Need,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Need {
+    Nothing,
+    ListenOverflowReason,
+}
+
+/// The signals socktrace traces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Signal {
+    /// Start of the accept-queue wait (needed for accept latency).
+    Enqueue,
+    Accept,
+    ListenOverflow,
+    SynDrop,
+    Retransmit,
+    SynackRetransmit,
+}
+
+impl Signal {
+    pub const ALL: [Signal; 6] = [
+        Signal::Accept,
+        Signal::Enqueue,
+        Signal::ListenOverflow,
+        Signal::SynDrop,
+        Signal::Retransmit,
+        Signal::SynackRetransmit,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Signal::Enqueue => "accept_wait",
+            Signal::Accept => "accept",
+            Signal::ListenOverflow => "listen_overflow",
+            Signal::SynDrop => "syn_drop",
+            Signal::Retransmit => "retransmit",
+            Signal::SynackRetransmit => "synack_retransmit",
+        }
+    }
+
+    fn candidates(self) -> &'static [Candidate] {
+        match self {
+            Signal::Enqueue => &[
+                Candidate { kind: HookKind::TpBtf, progs: &[Prog { name: "enqueue_btf", attach: Attach::TpBtf("inet_sock_set_state") }], needs: Need::Nothing },
+                Candidate { kind: HookKind::RawTp, progs: &[Prog { name: "enqueue_raw", attach: Attach::RawTp("inet_sock_set_state") }], needs: Need::Nothing },
+            ],
+            Signal::Accept => &[
+                Candidate { kind: HookKind::Fexit, progs: &[Prog { name: "accept_fexit", attach: Attach::FExit("inet_csk_accept") }], needs: Need::Nothing },
+                Candidate {
+                    kind: HookKind::Kprobe,
+                    progs: &[
+                        Prog { name: "accept_kprobe", attach: Attach::KProbe("inet_csk_accept") },
+                        Prog { name: "accept_kretprobe", attach: Attach::KRetProbe("inet_csk_accept") },
+                    ],
+                    needs: Need::Nothing,
+                },
+                Candidate {
+                    kind: HookKind::Tracepoint,
+                    progs: &[
+                        Prog { name: "accept4_enter", attach: Attach::Tracepoint("syscalls", "sys_enter_accept4") },
+                        Prog { name: "accept4_exit", attach: Attach::Tracepoint("syscalls", "sys_exit_accept4") },
+                        Prog { name: "accept_enter_tp", attach: Attach::Tracepoint("syscalls", "sys_enter_accept") },
+                        Prog { name: "accept_exit_tp", attach: Attach::Tracepoint("syscalls", "sys_exit_accept") },
+                    ],
+                    needs: Need::Nothing,
+                },
+            ],
+            Signal::ListenOverflow => &[
+                Candidate { kind: HookKind::TpBtf, progs: &[Prog { name: "overflow_btf", attach: Attach::TpBtf("kfree_skb") }], needs: Need::ListenOverflowReason },
+                Candidate { kind: HookKind::RawTp, progs: &[Prog { name: "overflow_raw", attach: Attach::RawTp("kfree_skb") }], needs: Need::ListenOverflowReason },
+                Candidate {
+                    kind: HookKind::Fentry,
+                    progs: &[
+                        Prog { name: "overflow4_fentry", attach: Attach::FEntry("tcp_v4_syn_recv_sock") },
+                        Prog { name: "overflow6_fentry", attach: Attach::FEntry("tcp_v6_syn_recv_sock") },
+                    ],
+                    needs: Need::Nothing,
+                },
+                Candidate {
+                    kind: HookKind::Kprobe,
+                    progs: &[
+                        Prog { name: "overflow4_kprobe", attach: Attach::KProbe("tcp_v4_syn_recv_sock") },
+                        Prog { name: "overflow6_kprobe", attach: Attach::KProbe("tcp_v6_syn_recv_sock") },
+                    ],
+                    needs: Need::Nothing,
+                },
+            ],
+            Signal::SynDrop => &[
+                Candidate { kind: HookKind::Fentry, progs: &[Prog { name: "syn_drop_fentry", attach: Attach::FEntry("tcp_conn_request") }], needs: Need::Nothing },
+                Candidate { kind: HookKind::Kprobe, progs: &[Prog { name: "syn_drop_kprobe", attach: Attach::KProbe("tcp_conn_request") }], needs: Need::Nothing },
+                Candidate { kind: HookKind::CgroupSkb, progs: &[Prog { name: "syn_drop_cgroup", attach: Attach::CgroupSkbIngress }], needs: Need::Nothing },
+            ],
+            Signal::Retransmit => &[
+                Candidate { kind: HookKind::TpBtf, progs: &[Prog { name: "retransmit_btf", attach: Attach::TpBtf("tcp_retransmit_skb") }], needs: Need::Nothing },
+                Candidate { kind: HookKind::RawTp, progs: &[Prog { name: "retransmit_raw", attach: Attach::RawTp("tcp_retransmit_skb") }], needs: Need::Nothing },
+            ],
+            Signal::SynackRetransmit => &[
+                Candidate { kind: HookKind::TpBtf, progs: &[Prog { name: "synack_btf", attach: Attach::TpBtf("tcp_retransmit_synack") }], needs: Need::Nothing },
+                Candidate { kind: HookKind::RawTp, progs: &[Prog { name: "synack_raw", attach: Attach::RawTp("tcp_retransmit_synack") }], needs: Need::Nothing },
+            ],
+        }
+    }
+}
+
+/// What happened for one signal.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SignalReport {
+    pub signal: &'static str,
+    /// The hook in use (`None`: the signal is unavailable).
+    pub hook: Option<&'static str>,
+    /// Attach points of the hook in use.
+    pub attached: Vec<String>,
+    /// Hooks tried before (or instead of) it, with the reason each failed or was skipped.
+    pub failed: Vec<HookFailure>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct HookFailure {
+    pub hook: &'static str,
+    pub at: String,
+    pub reason: String,
+}
+
+/// Options that decide how the programs are loaded.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub btf: PathBuf,
+    pub allowed: BTreeSet<HookKind>,
+    /// cgroup-v2 directory the cgroup_skb hook attaches to.
+    pub cgroup: PathBuf,
+    pub ring_buffer_bytes: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("this binary was built without its eBPF object (AYA_BUILD_SKIP was set); rebuild normally")]
+    NoObject,
+    #[error("cannot parse kernel BTF {path}: {message}")]
+    Btf { path: PathBuf, message: String },
+    #[error("loading the eBPF object failed: {0}")]
+    Object(String),
+}
+
+/// The loaded programs and what each signal ended up using.
+pub struct Tracer {
+    pub ebpf: Ebpf,
+    pub report: Vec<SignalReport>,
+}
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/socktrace"));
+
+/// Loads the object with `layout` as its globals and attaches every signal's best hook.
+pub fn load(layout: &KernelLayout, opts: &LoadOptions) -> Result<Tracer, LoadError> {
+    if OBJECT.is_empty() {
+        return Err(LoadError::NoObject);
+    }
+    let btf = aya::Btf::parse_file(&opts.btf, aya::Endianness::default())
+        .map_err(|e| LoadError::Btf { path: opts.btf.clone(), message: e.to_string() })?;
+    let mut ebpf = EbpfLoader::new()
+        .btf(Some(&btf))
+        .override_global("OFFSETS", &layout.offsets, true)
+        .map_max_entries("EVENTS", opts.ring_buffer_bytes)
+        .load(OBJECT)
+        .map_err(|e| LoadError::Object(format!("{e:#}")))?;
+    let cgroup = File::open(&opts.cgroup);
+    let mut report = Vec::new();
+    for signal in Signal::ALL {
+        let mut rep = SignalReport { signal: signal.name(), hook: None, attached: Vec::new(), failed: Vec::new() };
+        for cand in signal.candidates() {
+            let at = cand.progs.iter().map(|p| p.attach.to_string()).collect::<Vec<_>>().join(" + ");
+            let skip = if !opts.allowed.contains(&cand.kind) {
+                Some("disabled by --hooks".to_owned())
+            } else if cand.needs == Need::ListenOverflowReason && !layout.has_listen_overflow_reason {
+                Some("kernel has no SKB_DROP_REASON_TCP_LISTEN_OVERFLOW with rx_sk in kfree_skb".to_owned())
+            } else {
+                None
+            };
+            let result = match skip {
+                Some(reason) => Err(reason),
+                None => attach_all(&mut ebpf, cand.progs, &btf, cgroup.as_ref(), opts),
+            };
+            match result {
+                Ok(()) => {
+                    rep.hook = Some(cand.kind.name());
+                    rep.attached = cand.progs.iter().map(|p| p.attach.to_string()).collect();
+                    break;
+                }
+                Err(reason) => rep.failed.push(HookFailure { hook: cand.kind.name(), at, reason }),
+            }
+        }
+        report.push(rep);
+    }
+    Ok(Tracer { ebpf, report })
+}
+
+/// Loads and attaches every program of a candidate; on any failure unloads the ones done.
+fn attach_all(
+    ebpf: &mut Ebpf,
+    progs: &[Prog],
+    btf: &aya::Btf,
+    cgroup: Result<&File, &std::io::Error>,
+    opts: &LoadOptions,
+) -> Result<(), String> {
+    for (i, p) in progs.iter().enumerate() {
+        if let Err(e) = attach_one(ebpf, p, btf, cgroup, opts) {
+            for done in &progs[..=i] {
+                unload(ebpf, done);
+            }
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+fn attach_one(
+    ebpf: &mut Ebpf,
+    p: &Prog,
+    btf: &aya::Btf,
+    cgroup: Result<&File, &std::io::Error>,
+    opts: &LoadOptions,
+) -> Result<(), String> {
+    let prog = ebpf.program_mut(p.name).ok_or_else(|| format!("program {} missing from object", p.name))?;
+    match p.attach {
+        Attach::TpBtf(tp) => {
+            let prog: &mut BtfTracePoint = prog.try_into().map_err(short)?;
+            prog.load(tp, btf).map_err(short)?;
+            prog.attach().map_err(short)?;
+        }
+        Attach::RawTp(tp) => {
+            let prog: &mut RawTracePoint = prog.try_into().map_err(short)?;
+            prog.load().map_err(short)?;
+            prog.attach(tp).map_err(short)?;
+        }
+        Attach::Tracepoint(cat, name) => {
+            let prog: &mut TracePoint = prog.try_into().map_err(short)?;
+            prog.load().map_err(short)?;
+            prog.attach(cat, name).map_err(short)?;
+        }
+        Attach::FEntry(f) => {
+            let prog: &mut FEntry = prog.try_into().map_err(short)?;
+            prog.load(f, btf).map_err(short)?;
+            prog.attach().map_err(short)?;
+        }
+        Attach::FExit(f) => {
+            let prog: &mut FExit = prog.try_into().map_err(short)?;
+            prog.load(f, btf).map_err(short)?;
+            prog.attach().map_err(short)?;
+        }
+        Attach::KProbe(f) | Attach::KRetProbe(f) => {
+            let prog: &mut KProbe = prog.try_into().map_err(short)?;
+            prog.load().map_err(short)?;
+            prog.attach(f, 0).map_err(short)?;
+        }
+        Attach::CgroupSkbIngress => {
+            let cg = cgroup.map_err(|e| format!("cannot open cgroup {}: {e}", opts.cgroup.display()))?;
+            let prog: &mut CgroupSkb = prog.try_into().map_err(short)?;
+            prog.load().map_err(short)?;
+            // bpf_link_create takes no ALLOW_MULTI flag: links coexist with other programs anyway.
+            prog.attach(cg, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
+                .map_err(short)?;
+        }
+    }
+    Ok(())
+}
+
+fn unload(ebpf: &mut Ebpf, p: &Prog) {
+    let Some(prog) = ebpf.program_mut(p.name) else { return };
+    // Unloading also detaches; errors (not loaded) are irrelevant here.
+    let _ = match p.attach {
+        Attach::TpBtf(_) => <&mut BtfTracePoint>::try_from(prog).map(BtfTracePoint::unload),
+        Attach::RawTp(_) => <&mut RawTracePoint>::try_from(prog).map(RawTracePoint::unload),
+        Attach::Tracepoint(..) => <&mut TracePoint>::try_from(prog).map(TracePoint::unload),
+        Attach::FEntry(_) => <&mut FEntry>::try_from(prog).map(FEntry::unload),
+        Attach::FExit(_) => <&mut FExit>::try_from(prog).map(FExit::unload),
+        Attach::KProbe(_) | Attach::KRetProbe(_) => <&mut KProbe>::try_from(prog).map(KProbe::unload),
+        Attach::CgroupSkbIngress => <&mut CgroupSkb>::try_from(prog).map(CgroupSkb::unload),
+    };
+}
+
+/// One line for a program error: the syscall error plus the verifier's last words, if any.
+fn short(e: ProgramError) -> String {
+    match e {
+        ProgramError::LoadError { io_error, verifier_log } => {
+            let log = verifier_log.to_string();
+            if std::env::var_os("SOCKTRACE_VERIFIER_LOG").is_some() {
+                eprintln!("{log}");
+            }
+            // The verifier ends with statistics; the reason is the line before them.
+            let last = log
+                .lines()
+                .rev()
+                .map(str::trim)
+                .find(|l| !l.is_empty() && !l.starts_with("processed ") && !l.starts_with("verification time") && !l.starts_with("stack depth"))
+                .unwrap_or("")
+                .to_owned();
+            if last.is_empty() {
+                format!("BPF_PROG_LOAD refused: {io_error} (empty verifier log)")
+            } else {
+                format!("BPF_PROG_LOAD refused: {io_error}: verifier: {last}")
+            }
+        }
+        other => {
+            let mut s = other.to_string();
+            let mut src = std::error::Error::source(&other);
+            while let Some(e) = src {
+                s.push_str(": ");
+                s.push_str(&e.to_string());
+                src = e.source();
+            }
+            s
+        }
+    }
+}
+
+impl Tracer {
+    pub fn hook_of(&self, signal: Signal) -> Option<&'static str> {
+        self.report.iter().find(|r| r.signal == signal.name()).and_then(|r| r.hook)
+    }
+
+    /// One line for stderr once everything is attached.
+    pub fn summary(&self) -> String {
+        let parts: Vec<String> = self
+            .report
+            .iter()
+            .map(|r| format!("{}={}", r.signal, r.hook.unwrap_or("UNAVAILABLE")))
+            .collect();
+        format!("socktrace: tracing started ({})", parts.join(", "))
+    }
+}
+
+/// Parses `--hooks fentry,tp_btf,...` (or `all`).
+pub fn parse_hooks(s: &str) -> Result<BTreeSet<HookKind>, String> {
+    if s == "all" {
+        return Ok(HookKind::ALL.into_iter().collect());
+    }
+    s.split(',')
+        .map(|h| {
+            HookKind::parse(h.trim()).ok_or_else(|| {
+                let names: Vec<_> = HookKind::ALL.iter().map(|k| k.name()).collect();
+                format!("unknown hook kind {h:?} (expected {} or all)", names.join(", "))
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,166 @@
+//! `socktrace watch`: the event stream, as a table or NDJSON, until Ctrl-C/SIGTERM or `--duration`.
+//!
+//! Events lost in the ring buffer are counted in the kernel (`STATS[LOST]`); `watch` reports new
+//! losses as `{"kind":"lost",…}` records (JSON) or a stderr line (table), and always on exit.
+
+use std::{
+    io::{BufWriter, Write},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use aya::maps::{MapData, PerCpuArray, RingBuf};
+use socktrace_common::stat;
+use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
+
+use crate::{
+    cli::Filter,
+    event::{self, Record},
+    probes::Tracer,
+    system,
+};
+
+/// Kernel-side counters (summed over CPUs).
+pub struct Stats {
+    map: PerCpuArray<MapData, u64>,
+}
+
+impl Stats {
+    pub fn new(tracer: &mut Tracer) -> anyhow::Result<Stats> {
+        let map = tracer.ebpf.take_map("STATS").context("STATS map missing")?;
+        Ok(Stats { map: PerCpuArray::try_from(map)? })
+    }
+
+    pub fn get(&self, index: u32) -> u64 {
+        self.map.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0)
+    }
+}
+
+pub fn ring(tracer: &mut Tracer) -> anyhow::Result<AsyncFd<RingBuf<MapData>>> {
+    let map = tracer.ebpf.take_map("EVENTS").context("EVENTS map missing")?;
+    Ok(AsyncFd::new(RingBuf::try_from(map)?)?)
+}
+
+impl Filter {
+    pub fn matches(&self, r: &Record) -> bool {
+        self.port.is_none_or(|p| r.lport == p || r.rport == p)
+            && self.pid.is_none_or(|p| r.pid == Some(p))
+            && self.netns.is_none_or(|n| r.netns == n)
+    }
+}
+
+pub async fn run(mut tracer: Tracer, filter: Filter, json: bool, duration: Option<Duration>) -> anyhow::Result<()> {
+    let stats = Stats::new(&mut tracer)?;
+    let mut ring = ring(&mut tracer)?;
+    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    let stop = async move {
+        match duration {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(stop);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let start_ns = system::monotonic_ns();
+    let mut out = BufWriter::new(std::io::stdout().lock());
+    if !json {
+        writeln!(out, "{:>12} {:<17} {:>10} {:>7} {:<15} {:<40} {:<40} {:>9} {:>12}", "TIME(s)", "KIND", "NETNS", "PID", "COMM", "LOCAL", "REMOTE", "QUEUE", "WAIT")?;
+        out.flush()?;
+    }
+    eprintln!("{}", tracer.summary());
+    let mut seen: u64 = 0;
+    let mut reported_lost: u64 = 0;
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                let rb = guard.get_inner_mut();
+                while let Some(item) = rb.next() {
+                    let ev = event::parse(&item)?;
+                    let rec = Record::from_event(&ev);
+                    if !filter.matches(&rec) {
+                        continue;
+                    }
+                    seen += 1;
+                    write_record(&mut out, &rec, json, start_ns)?;
+                }
+                guard.clear_ready();
+                out.flush()?;
+            }
+            _ = tick.tick() => {
+                reported_lost = report_lost(&mut out, &stats, reported_lost, json, false)?;
+            }
+            () = &mut stop => break,
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+    // Drain what is already in the buffer, then the final loss report.
+    {
+        let rb = ring.get_mut();
+        while let Some(item) = rb.next() {
+            let rec = Record::from_event(&event::parse(&item)?);
+            if filter.matches(&rec) {
+                seen += 1;
+                write_record(&mut out, &rec, json, start_ns)?;
+            }
+        }
+    }
+    report_lost(&mut out, &stats, reported_lost, json, true)?;
+    out.flush()?;
+    eprintln!(
+        "socktrace: {seen} events shown, {} lost in the ring buffer, {} kernel read errors",
+        stats.get(stat::LOST),
+        stats.get(stat::READ_ERRORS)
+    );
+    Ok(())
+}
+
+fn report_lost(out: &mut impl Write, stats: &Stats, reported: u64, json: bool, last: bool) -> anyhow::Result<u64> {
+    let lost = stats.get(stat::LOST);
+    if lost > reported || (last && json) {
+        if json {
+            let rec = serde_json::json!({
+                "kind": "lost",
+                "ts_ns": system::monotonic_ns(),
+                "count": lost - reported,
+                "total": lost,
+            });
+            writeln!(out, "{rec}")?;
+        } else if lost > reported {
+            eprintln!("socktrace: {} events lost (ring buffer full; total {lost})", lost - reported);
+        }
+    }
+    Ok(lost)
+}
+
+fn write_record(out: &mut impl Write, r: &Record, json: bool, start_ns: u64) -> anyhow::Result<()> {
+    if json {
+        serde_json::to_writer(&mut *out, r)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    let t = r.ts_ns.saturating_sub(start_ns) as f64 / 1e9;
+    let ep = |a: Option<std::net::IpAddr>, p: u16| match a {
+        Some(std::net::IpAddr::V6(v6)) => format!("[{v6}]:{p}"),
+        Some(v4) => format!("{v4}:{p}"),
+        None => format!("?:{p}"),
+    };
+    let queue = match (r.queue_len, r.queue_max) {
+        (Some(l), Some(m)) => format!("{l}/{m}"),
+        _ => "-".into(),
+    };
+    let wait = r.accept_wait_ns.map_or_else(|| "-".into(), |w| format!("{:.3}ms", w as f64 / 1e6));
+    writeln!(
+        out,
+        "{t:>12.6} {:<17} {:>10} {:>7} {:<15} {:<40} {:<40} {queue:>9} {wait:>12}",
+        r.kind,
+        r.netns,
+        r.pid.map_or_else(|| "-".into(), |p| p.to_string()),
+        r.comm.as_deref().unwrap_or("-"),
+        ep(r.laddr, r.lport),
+        ep(r.raddr, r.rport),
+    )?;
+    Ok(())
+}
