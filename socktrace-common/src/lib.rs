@@ -141,8 +141,13 @@ pub struct KernelOffsets {
     pub skb_transport_header: u32,
     pub skb_cb: u32,
     pub tcb_gso_segs: u32,
+    // struct sk_buff.dev → struct net_device.nd_net.net (netns of a packet without a socket)
+    pub skb_dev: u32,
+    pub netdev_nd_net: u32,
     /// Value of `SKB_DROP_REASON_TCP_LISTEN_OVERFLOW`.
     pub reason_listen_overflow: u32,
+    /// Value of `SKB_DROP_REASON_NO_SOCKET` (a SYN-cookie ACK whose child could not be created).
+    pub reason_no_socket: u32,
     /// Argument index of `rx_sk` in the `kfree_skb` tracepoint.
     pub kfree_skb_rx_sk_arg: u32,
     /// Argument index of `err` in the `tcp_retransmit_skb` tracepoint.
@@ -150,6 +155,12 @@ pub struct KernelOffsets {
     /// Offsets of the fd / return value in the classic `syscalls:sys_{enter,exit}_accept*` records.
     pub tp_accept_fd: u32,
     pub tp_accept_ret: u32,
+    pub _pad: u32,
+    /// `[start, end)` of `cookie_v4_check` and `cookie_v6_check` in kernel text (from kallsyms; 0 when
+    /// unknown): kfree_skb's `location` inside them with reason NO_SOCKET is a listen overflow on
+    /// the SYN-cookie path, which the kernel drops without TCP_LISTEN_OVERFLOW or rx_sk.
+    pub cookie_v4_check: [u64; 2],
+    pub cookie_v6_check: [u64; 2],
 }
 
 impl KernelOffsets {
@@ -179,11 +190,17 @@ impl KernelOffsets {
         skb_transport_header: 0,
         skb_cb: 0,
         tcb_gso_segs: 0,
+        skb_dev: 0,
+        netdev_nd_net: 0,
         reason_listen_overflow: Self::ABSENT,
+        reason_no_socket: Self::ABSENT,
         kfree_skb_rx_sk_arg: Self::ABSENT,
         retransmit_err_arg: Self::ABSENT,
         tp_accept_fd: 16,
         tp_accept_ret: 16,
+        _pad: 0,
+        cookie_v4_check: [0; 2],
+        cookie_v6_check: [0; 2],
     };
 }
 
@@ -212,6 +229,6 @@ mod tests {
     fn layout_has_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<Event>(), 8 * 3 + 4 * 9 + 2 * 3 + 6 + 16 * 2 + 16);
         assert_eq!(core::mem::size_of::<Event>() % 8, 0);
-        assert_eq!(core::mem::size_of::<KernelOffsets>(), 4 * 29);
+        assert_eq!(core::mem::size_of::<KernelOffsets>(), 4 * 32 + 8 * 4);
     }
 }

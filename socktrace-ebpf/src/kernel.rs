@@ -123,6 +123,34 @@ pub fn fill_remote_from_skb(ev: &mut Event, skb: u64) -> Result<(), i64> {
     Ok(())
 }
 
+/// Both sides and the netns from a received segment alone (no socket): local = destination.
+#[inline(always)]
+pub fn fill_from_packet(ev: &mut Event, skb: u64) -> Result<(), i64> {
+    let dev: u64 = read(skb, off!(skb_dev))?;
+    if dev != 0 {
+        let net: u64 = read(dev, off!(netdev_nd_net))?;
+        ev.netns = read(net, off!(net_ns_inum))?;
+    }
+    let head: u64 = read(skb, off!(skb_head))?;
+    let nh: u16 = read(skb, off!(skb_network_header))?;
+    let th: u16 = read(skb, off!(skb_transport_header))?;
+    let ip = head + u64::from(nh);
+    let version: u8 = read(ip, 0)?;
+    if version >> 4 == 6 {
+        ev.family = AF_INET6;
+        read_buf(ip, 8, &mut ev.raddr)?;
+        read_buf(ip, 24, &mut ev.laddr)?;
+    } else {
+        ev.family = AF_INET;
+        read_buf(ip, 12, &mut ev.raddr[..4])?;
+        read_buf(ip, 16, &mut ev.laddr[..4])?;
+    }
+    let ports: [u8; 4] = read(head + u64::from(th), 0)?;
+    ev.rport = u16::from_be_bytes([ports[0], ports[1]]);
+    ev.lport = u16::from_be_bytes([ports[2], ports[3]]);
+    Ok(())
+}
+
 /// IP version (4 or 6) of a received segment.
 #[inline(always)]
 pub fn skb_ip_version(skb: u64) -> Result<u8, i64> {

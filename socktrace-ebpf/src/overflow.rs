@@ -13,8 +13,8 @@ use socktrace_common::{Event, hook, kind};
 
 use crate::{
     kernel::{
-        Args, accept_queue_full, fill_local, fill_queue, fill_remote_from_skb, now, off,
-        skb_ip_version,
+        Args, accept_queue_full, fill_from_packet, fill_local, fill_queue, fill_remote_from_skb,
+        now, off, skb_ip_version,
     },
     maps::emit,
 };
@@ -34,12 +34,36 @@ pub fn overflow_raw(ctx: RawTracePointContext) -> i32 {
 #[inline(always)]
 fn try_kfree_skb<C: Args>(ctx: &C, via: u32) -> Result<u32, i64> {
     let reason = ctx.arg_u64(2) as u32;
+    if reason == off!(reason_no_socket) {
+        return try_cookie_overflow(ctx.arg_u64(0), ctx.arg_u64(1), via);
+    }
     if reason != off!(reason_listen_overflow) {
         return Ok(0);
     }
     // The verifier only allows constant context offsets: rx_sk, when present, is argument 3.
     let listener = if off!(kfree_skb_rx_sk_arg) == 3 { ctx.arg_u64(3) } else { 0 };
     emit_overflow(listener, ctx.arg_u64(0), via)
+}
+
+/// SYN-cookie path: `cookie_v{4,6}_check` drops the ACK with NO_SOCKET (and no rx_sk) when
+/// `tcp_get_cookie_sock` could not create the child — the accept queue was full. The listener is
+/// not passed, so the local side and netns come from the packet.
+#[inline(always)]
+fn try_cookie_overflow(skb: u64, location: u64, via: u32) -> Result<u32, i64> {
+    let v4 = off!(cookie_v4_check);
+    let v6 = off!(cookie_v6_check);
+    let in_v4 = v4[0] != 0 && location >= v4[0] && location < v4[1];
+    let in_v6 = v6[0] != 0 && location >= v6[0] && location < v6[1];
+    if !in_v4 && !in_v6 {
+        return Ok(0);
+    }
+    let mut ev = Event::ZERO;
+    ev.ts_ns = now();
+    ev.kind = kind::LISTEN_OVERFLOW;
+    ev.hook = via;
+    let _ = fill_from_packet(&mut ev, skb);
+    emit(&ev);
+    Ok(0)
 }
 
 #[fentry(function = "tcp_v4_syn_recv_sock")]

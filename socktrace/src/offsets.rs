@@ -30,6 +30,8 @@ pub struct KernelLayout {
     pub offsets: KernelOffsets,
     /// `SKB_DROP_REASON_TCP_LISTEN_OVERFLOW` exists (and kfree_skb passes the receiving socket).
     pub has_listen_overflow_reason: bool,
+    /// Overflows on the SYN-cookie path can be recognised (kfree_skb NO_SOCKET in cookie_v*_check).
+    pub cookie_overflows: bool,
 }
 
 /// Resolves every offset the programs use. `tracefs` is where the syscall `format` files live.
@@ -64,6 +66,8 @@ pub fn resolve(btf_path: &Path, tracefs: &Path) -> Result<KernelLayout, OffsetEr
     o.skb_network_header = l.offset("sk_buff", &["network_header"])?;
     o.skb_transport_header = l.offset("sk_buff", &["transport_header"])?;
     o.skb_cb = l.offset("sk_buff", &["cb"])?;
+    o.skb_dev = l.offset("sk_buff", &["dev"])?;
+    o.netdev_nd_net = l.offset("net_device", &["nd_net", "net"])?;
     o.tcb_gso_segs = l.offset("tcp_skb_cb", &["tcp_gso_segs"])?;
 
     let reason = l.enum_value("skb_drop_reason", "SKB_DROP_REASON_TCP_LISTEN_OVERFLOW");
@@ -74,6 +78,13 @@ pub fn resolve(btf_path: &Path, tracefs: &Path) -> Result<KernelLayout, OffsetEr
         o.reason_listen_overflow = value;
         o.kfree_skb_rx_sk_arg = 3;
     }
+    if let Some(no_socket) = l.enum_value("skb_drop_reason", "SKB_DROP_REASON_NO_SOCKET") {
+        if let Some(syms) = kallsyms_ranges(&["cookie_v4_check", "cookie_v6_check"]) {
+            o.reason_no_socket = no_socket;
+            o.cookie_v4_check = syms[0];
+            o.cookie_v6_check = syms[1];
+        }
+    }
     // btf_trace_tcp_retransmit_skb(void *ctx, sk, skb[, err]).
     if l.tracepoint_arity("tcp_retransmit_skb")? >= 3 {
         o.retransmit_err_arg = 2;
@@ -81,7 +92,32 @@ pub fn resolve(btf_path: &Path, tracefs: &Path) -> Result<KernelLayout, OffsetEr
     let syscalls = tracefs.join("events/syscalls");
     o.tp_accept_fd = tracepoint_field(&syscalls.join("sys_enter_accept4/format"), "fd").unwrap_or(16);
     o.tp_accept_ret = tracepoint_field(&syscalls.join("sys_exit_accept4/format"), "ret").unwrap_or(16);
-    Ok(KernelLayout { offsets: o, has_listen_overflow_reason: reason.is_some() && rx_sk })
+    let cookie_overflows = o.reason_no_socket != KernelOffsets::ABSENT;
+    Ok(KernelLayout { offsets: o, has_listen_overflow_reason: reason.is_some() && rx_sk, cookie_overflows })
+}
+
+/// `[start, end)` in kernel text of each named function, from /proc/kallsyms (end = next symbol).
+/// `None` when kallsyms hides addresses (kptr_restrict) or a name is missing.
+fn kallsyms_ranges(names: &[&str]) -> Option<Vec<[u64; 2]>> {
+    let text = std::fs::read_to_string("/proc/kallsyms").ok()?;
+    let syms: Vec<(u64, &str)> = text
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let addr = u64::from_str_radix(it.next()?, 16).ok()?;
+            let ty = it.next()?;
+            let name = it.next()?;
+            matches!(ty, "T" | "t").then_some((addr, name))
+        })
+        .collect();
+    names
+        .iter()
+        .map(|want| {
+            let start = syms.iter().find(|(_, n)| n == want)?.0;
+            let end = syms.iter().map(|(a, _)| *a).filter(|a| *a > start).min()?;
+            (start != 0).then_some([start, end])
+        })
+        .collect()
 }
 
 fn path_with<'a>(first: &'a str, rest: &[&'a str]) -> Vec<&'a str> {
