@@ -144,6 +144,9 @@ pub struct KernelOffsets {
     // struct sk_buff.dev → struct net_device.nd_net.net (netns of a packet without a socket)
     pub skb_dev: u32,
     pub netdev_nd_net: u32,
+    // struct sk_buff._skb_refdst → struct dst_entry.dev (skb->dev is NULL by the time TCP drops)
+    pub skb_refdst: u32,
+    pub dst_dev: u32,
     /// Value of `SKB_DROP_REASON_TCP_LISTEN_OVERFLOW`.
     pub reason_listen_overflow: u32,
     /// Value of `SKB_DROP_REASON_NO_SOCKET` (a SYN-cookie ACK whose child could not be created).
@@ -192,6 +195,8 @@ impl KernelOffsets {
         tcb_gso_segs: 0,
         skb_dev: 0,
         netdev_nd_net: 0,
+        skb_refdst: 0,
+        dst_dev: 0,
         reason_listen_overflow: Self::ABSENT,
         reason_no_socket: Self::ABSENT,
         kfree_skb_rx_sk_arg: Self::ABSENT,
@@ -229,6 +234,6 @@ mod tests {
     fn layout_has_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<Event>(), 8 * 3 + 4 * 9 + 2 * 3 + 6 + 16 * 2 + 16);
         assert_eq!(core::mem::size_of::<Event>() % 8, 0);
-        assert_eq!(core::mem::size_of::<KernelOffsets>(), 4 * 32 + 8 * 4);
+        assert_eq!(core::mem::size_of::<KernelOffsets>(), 4 * 34 + 8 * 4);
     }
 }

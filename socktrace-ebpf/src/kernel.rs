@@ -126,7 +126,15 @@ pub fn fill_remote_from_skb(ev: &mut Event, skb: u64) -> Result<(), i64> {
 /// Both sides and the netns from a received segment alone (no socket): local = destination.
 #[inline(always)]
 pub fn fill_from_packet(ev: &mut Event, skb: u64) -> Result<(), i64> {
-    let dev: u64 = read(skb, off!(skb_dev))?;
+    let mut dev: u64 = read(skb, off!(skb_dev))?;
+    if dev == 0 {
+        // TCP has cleared skb->dev by now; the input route still names the device.
+        let refdst: u64 = read(skb, off!(skb_refdst))?;
+        let dst = refdst & !1;
+        if dst != 0 {
+            dev = read(dst, off!(dst_dev))?;
+        }
+    }
     if dev != 0 {
         let net: u64 = read(dev, off!(netdev_nd_net))?;
         ev.netns = read(net, off!(net_ns_inum))?;

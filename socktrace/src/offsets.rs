@@ -68,6 +68,8 @@ pub fn resolve(btf_path: &Path, tracefs: &Path) -> Result<KernelLayout, OffsetEr
     o.skb_cb = l.offset("sk_buff", &["cb"])?;
     o.skb_dev = l.offset("sk_buff", &["dev"])?;
     o.netdev_nd_net = l.offset("net_device", &["nd_net", "net"])?;
+    o.skb_refdst = l.offset("sk_buff", &["_skb_refdst"])?;
+    o.dst_dev = l.offset("dst_entry", &["dev"])?;
     o.tcb_gso_segs = l.offset("tcp_skb_cb", &["tcp_gso_segs"])?;
 
     let reason = l.enum_value("skb_drop_reason", "SKB_DROP_REASON_TCP_LISTEN_OVERFLOW");

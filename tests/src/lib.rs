@@ -1,1 +1,324 @@
+//! Harness for socktrace's privileged integration tests: network-namespace and cgroup guards that
+//! clean up even when a test panics, the netns's own kernel counters (TcpExt, Tcp) as ground truth,
+//! and drivers for the real `socktrace` binary and the `st-scenario` traffic generator.
 
+use std::{
+    collections::HashMap,
+    fs,
+    io::{BufRead as _, BufReader},
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::Value;
+
+/// Whether privileged tests may run. Without root they skip with a printed reason, unless
+/// `SOCKTRACE_REQUIRE_BPF=1`, where a skip is a failure.
+pub fn privileged() -> bool {
+    // SAFETY: no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        return true;
+    }
+    assert!(
+        std::env::var("SOCKTRACE_REQUIRE_BPF").as_deref() != Ok("1"),
+        "SOCKTRACE_REQUIRE_BPF=1 but not running as root: the eBPF tests cannot run"
+    );
+    eprintln!("skipped: needs root (CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN) to load eBPF");
+    false
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("spawning {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A network namespace created for one scenario, deleted on drop.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    pub fn new(tag: &str) -> anyhow::Result<NetNs> {
+        let name = format!("st-{tag}-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).stderr(Stdio::null()).status();
+        run(Command::new("ip").args(["netns", "add", &name]))?;
+        let ns = NetNs { name };
+        run(Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]))?;
+        Ok(ns)
+    }
+
+    pub fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+
+    /// Inode number: the `netns` field of socktrace events.
+    pub fn inode(&self) -> u32 {
+        u32::try_from(fs::metadata(self.path()).map(|m| m.ino()).unwrap_or(0)).unwrap_or(0)
+    }
+
+    /// Runs `f` on a thread that has entered this namespace.
+    pub fn within<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
+        let file = fs::File::open(self.path())?;
+        std::thread::spawn(move || {
+            // SAFETY: a valid netns fd; affects only this thread.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in netns panicked"))
+    }
+
+    /// The namespace's own SNMP counters: `TcpExt*` from /proc/net/netstat and `Tcp*` from
+    /// /proc/net/snmp, read from inside it (`/proc/thread-self/net` follows the thread's netns).
+    pub fn counters(&self) -> anyhow::Result<Counters> {
+        self.within(|| {
+            let mut c = HashMap::new();
+            for f in ["/proc/thread-self/net/netstat", "/proc/thread-self/net/snmp"] {
+                let text = fs::read_to_string(f).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                for pair in lines.chunks(2) {
+                    let [head, vals] = pair else { continue };
+                    let mut h = head.split_whitespace();
+                    let prefix = h.next().unwrap_or("").trim_end_matches(':');
+                    for (k, v) in h.zip(vals.split_whitespace().skip(1)) {
+                        if let Ok(v) = v.parse::<i64>() {
+                            c.insert(format!("{prefix}{k}"), v);
+                        }
+                    }
+                }
+            }
+            Counters(c)
+        })
+    }
+
+    pub fn exec(&self, args: &[&str]) -> anyhow::Result<String> {
+        run(Command::new("ip").args(["netns", "exec", &self.name]).args(args))
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Counters(pub HashMap<String, i64>);
+
+impl Counters {
+    pub fn get(&self, key: &str) -> i64 {
+        self.0.get(key).copied().unwrap_or(0)
+    }
+
+    pub fn delta(&self, before: &Counters, key: &str) -> i64 {
+        self.get(key) - before.get(key)
+    }
+}
+
+/// A cgroup-v2 directory created for one scenario (the cgroup_skb hook is scoped to it), removed on
+/// drop after moving any leftover processes back to the root.
+pub struct Cgroup {
+    pub path: PathBuf,
+    root: PathBuf,
+}
+
+impl Cgroup {
+    pub fn new(tag: &str) -> anyhow::Result<Cgroup> {
+        let mounts = fs::read_to_string("/proc/self/mountinfo")?;
+        let root = mounts
+            .lines()
+            .find_map(|l| {
+                let (pre, post) = l.split_once(" - ")?;
+                (post.split_whitespace().next()? == "cgroup2").then(|| pre.split_whitespace().nth(4).map(PathBuf::from))?
+            })
+            .context("no cgroup2 mount")?;
+        let path = root.join(format!("socktrace-test-{tag}-{}", std::process::id()));
+        let _ = fs::create_dir(&path);
+        Ok(Cgroup { path, root })
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        if let Ok(procs) = fs::read_to_string(self.path.join("cgroup.procs")) {
+            for pid in procs.lines() {
+                let _ = fs::write(self.root.join("cgroup.procs"), pid);
+            }
+        }
+        let _ = fs::remove_dir(&self.path);
+    }
+}
+
+/// CLOCK_MONOTONIC in ns (the clock of socktrace's `ts_ns`).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+/// The socktrace binary under test: `SOCKTRACE_BIN`, else the workspace's release build.
+pub fn socktrace_bin() -> PathBuf {
+    std::env::var_os("SOCKTRACE_BIN").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/socktrace"),
+        PathBuf::from,
+    )
+}
+
+/// Lines of a child's stream, collected on a thread.
+type Lines = Arc<Mutex<Vec<String>>>;
+
+fn collect(stream: impl std::io::Read + Send + 'static, notify: Option<(mpsc::Sender<()>, &'static str)>) -> Lines {
+    let lines: Lines = Arc::default();
+    let sink = Arc::clone(&lines);
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            if let Some((tx, needle)) = &notify {
+                if line.contains(needle) {
+                    let _ = tx.send(());
+                }
+            }
+            sink.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(line);
+        }
+    });
+    lines
+}
+
+/// A running `socktrace watch --json`, started and waited for until it says tracing began.
+pub struct Watch {
+    child: Child,
+    stdout: Lines,
+    pub stderr: Lines,
+}
+
+impl Watch {
+    pub fn start(args: &[&str]) -> anyhow::Result<Watch> {
+        let mut child = Command::new(socktrace_bin())
+            .arg("watch")
+            .arg("--json")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("spawning {}", socktrace_bin().display()))?;
+        let (tx, rx) = mpsc::channel();
+        let stdout = collect(child.stdout.take().context("stdout")?, None);
+        let stderr = collect(child.stderr.take().context("stderr")?, Some((tx, "tracing started")));
+        if rx.recv_timeout(Duration::from_secs(60)).is_err() {
+            let _ = child.kill();
+            bail!("socktrace did not start tracing: {:?}", stderr.lock().map(|l| l.clone()));
+        }
+        Ok(Watch { child, stdout, stderr })
+    }
+
+    /// Stops with SIGINT (as Ctrl-C) and returns every JSON record it printed.
+    pub fn finish(mut self) -> anyhow::Result<Vec<Value>> {
+        // Let in-flight events reach the ring buffer reader.
+        std::thread::sleep(Duration::from_millis(300));
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(i32::try_from(self.child.id())?, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(s) = self.child.try_wait()? {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                bail!("socktrace did not exit after SIGINT");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        if !status.success() {
+            bail!("socktrace exited with {status}: {:?}", self.stderr.lock().map(|l| l.clone()));
+        }
+        let lines = self.stdout.lock().map(|l| l.clone()).unwrap_or_default();
+        lines.iter().map(|l| serde_json::from_str(l).with_context(|| format!("bad JSON line {l:?}"))).collect()
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Events of one kind from a watch.
+pub fn of_kind<'a>(records: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    records.iter().filter(|r| r["kind"] == kind).collect()
+}
+
+/// `socktrace probes --json`: signal name → hook in use (None: unavailable).
+pub fn probes(extra: &[&str]) -> anyhow::Result<HashMap<String, Option<String>>> {
+    let out = run(Command::new(socktrace_bin()).arg("probes").arg("--json").args(extra))?;
+    let v: Value = serde_json::from_str(&out)?;
+    Ok(v.as_array()
+        .context("probes --json is not an array")?
+        .iter()
+        .map(|s| (s["signal"].as_str().unwrap_or("").to_owned(), s["hook"].as_str().map(str::to_owned)))
+        .collect())
+}
+
+/// A running `st-scenario` process; its stdout is JSON lines.
+pub struct Scenario {
+    child: Child,
+    stdout: Lines,
+    stderr: Lines,
+}
+
+impl Scenario {
+    /// Starts `st-scenario ARGS` and waits for its `{"ready":…}` line.
+    pub fn start(bin: &Path, args: &[String]) -> anyhow::Result<Scenario> {
+        let mut child = Command::new(bin).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+        let (tx, rx) = mpsc::channel();
+        let stdout = collect(child.stdout.take().context("stdout")?, Some((tx, "\"ready\"")));
+        let stderr = collect(child.stderr.take().context("stderr")?, None);
+        if rx.recv_timeout(Duration::from_secs(20)).is_err() {
+            let _ = child.kill();
+            bail!("scenario {args:?} not ready: {:?}", stderr.lock().map(|l| l.clone()));
+        }
+        Ok(Scenario { child, stdout, stderr })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for exit (bounded) and returns its JSON lines.
+    pub fn wait(mut self, limit: Duration) -> anyhow::Result<Vec<Value>> {
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(s) = self.child.try_wait()? {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                bail!("scenario did not finish within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        if !status.success() {
+            bail!("scenario failed ({status}): {:?}", self.stderr.lock().map(|l| l.clone()));
+        }
+        let lines = self.stdout.lock().map(|l| l.clone()).unwrap_or_default();
+        lines.iter().map(|l| serde_json::from_str(l).with_context(|| format!("bad JSON {l:?}"))).collect()
+    }
+}
+
+impl Drop for Scenario {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
