@@ -97,6 +97,9 @@ fn print_probes(tracer: &probes::Tracer, json: bool) -> anyhow::Result<()> {
             Some(h) => writeln!(out, "{:<18} {:<11} {}", r.signal, h, r.attached.join(" + "))?,
             None => writeln!(out, "{:<18} {:<11} no hook works on this kernel", r.signal, "UNAVAILABLE")?,
         }
+        for n in &r.notes {
+            writeln!(out, "{:<18}   note: {n}", "")?;
+        }
         for f in &r.failed {
             writeln!(out, "{:<18}   tried {:<10} {}: {}", "", f.hook, f.at, f.reason)?;
         }

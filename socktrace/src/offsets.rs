@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use btf_rs::{Btf, BtfType, Type};
+use btf_rs::{Btf, Type};
 use socktrace_common::KernelOffsets;
 
 #[derive(Debug, thiserror::Error)]

@@ -226,6 +226,8 @@ pub struct SignalReport {
     pub attached: Vec<String>,
     /// Hooks tried before (or instead of) it, with the reason each failed or was skipped.
     pub failed: Vec<HookFailure>,
+    /// Caveats of the hook in use.
+    pub notes: Vec<String>,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -279,7 +281,13 @@ pub fn load(layout: &KernelLayout, opts: &LoadOptions) -> Result<Tracer, LoadErr
     let cgroup = File::open(&opts.cgroup);
     let mut report = Vec::new();
     for signal in Signal::ALL {
-        let mut rep = SignalReport { signal: signal.name(), hook: None, attached: Vec::new(), failed: Vec::new() };
+        let mut rep = SignalReport {
+            signal: signal.name(),
+            hook: None,
+            attached: Vec::new(),
+            failed: Vec::new(),
+            notes: Vec::new(),
+        };
         for cand in signal.candidates() {
             let at = cand.progs.iter().map(|p| p.attach.to_string()).collect::<Vec<_>>().join(" + ");
             let skip = if !opts.allowed.contains(&cand.kind) {
@@ -297,6 +305,7 @@ pub fn load(layout: &KernelLayout, opts: &LoadOptions) -> Result<Tracer, LoadErr
                 Ok(()) => {
                     rep.hook = Some(cand.kind.name());
                     rep.attached = cand.progs.iter().map(|p| p.attach.to_string()).collect();
+                    rep.notes = notes(signal, cand.kind, layout);
                     break;
                 }
                 Err(reason) => rep.failed.push(HookFailure { hook: cand.kind.name(), at, reason }),
@@ -305,6 +314,24 @@ pub fn load(layout: &KernelLayout, opts: &LoadOptions) -> Result<Tracer, LoadErr
         report.push(rep);
     }
     Ok(Tracer { ebpf, report })
+}
+
+fn notes(signal: Signal, kind: HookKind, layout: &KernelLayout) -> Vec<String> {
+    match (signal, kind) {
+        (Signal::ListenOverflow, HookKind::TpBtf | HookKind::RawTp) if layout.cookie_overflows => vec![
+            "SYN-cookie ACK overflows: kfree_skb NO_SOCKET inside cookie_v4_check/cookie_v6_check (kallsyms)".into(),
+        ],
+        (Signal::ListenOverflow, HookKind::TpBtf | HookKind::RawTp) => vec![
+            "SYN-cookie ACK overflows UNAVAILABLE: kallsyms hides addresses (kptr_restrict)".into(),
+        ],
+        (Signal::SynDrop, HookKind::CgroupSkb) => vec![
+            "sees SYNs only for listeners owned by processes in the attached cgroup; checks the queue just before the kernel does".into(),
+        ],
+        (Signal::Accept, HookKind::Tracepoint) => {
+            vec!["accept(2)/accept4(2) syscalls only (io_uring accepts are not seen)".into()]
+        }
+        _ => Vec::new(),
+    }
 }
 
 /// Loads and attaches every program of a candidate; on any failure unloads the ones done.
@@ -427,10 +454,6 @@ fn short(e: ProgramError) -> String {
 }
 
 impl Tracer {
-    pub fn hook_of(&self, signal: Signal) -> Option<&'static str> {
-        self.report.iter().find(|r| r.signal == signal.name()).and_then(|r| r.hook)
-    }
-
     /// One line for stderr once everything is attached.
     pub fn summary(&self) -> String {
         let parts: Vec<String> = self

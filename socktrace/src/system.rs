@@ -72,11 +72,6 @@ pub fn netns_inode(arg: &str) -> Result<u32, SystemError> {
         .map_err(|_| SystemError::Netns { arg: arg.to_owned(), message: "inode out of range".into() })
 }
 
-/// Inode of the caller's network namespace.
-pub fn own_netns() -> Option<u32> {
-    std::fs::metadata("/proc/self/ns/net").ok().and_then(|m| u32::try_from(m.ino()).ok())
-}
-
 /// Monotonic clock (the clock of `bpf_ktime_get_ns`), in ns.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };

@@ -38,7 +38,9 @@ impl Stats {
 
 pub fn ring(tracer: &mut Tracer) -> anyhow::Result<AsyncFd<RingBuf<MapData>>> {
     let map = tracer.ebpf.take_map("EVENTS").context("EVENTS map missing")?;
-    Ok(AsyncFd::new(RingBuf::try_from(map)?)?)
+    let ring = RingBuf::try_from(map)?;
+    // SAFETY: the ring buffer owns its fd for as long as the AsyncFd holds it; nothing else closes it.
+    Ok(unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }?)
 }
 
 impl Filter {
@@ -65,7 +67,7 @@ pub async fn run(mut tracer: Tracer, filter: Filter, json: bool, duration: Optio
     let start_ns = system::monotonic_ns();
     let mut out = BufWriter::new(std::io::stdout().lock());
     if !json {
-        writeln!(out, "{:>12} {:<17} {:>10} {:>7} {:<15} {:<40} {:<40} {:>9} {:>12}", "TIME(s)", "KIND", "NETNS", "PID", "COMM", "LOCAL", "REMOTE", "QUEUE", "WAIT")?;
+        writeln!(out, "{:>12} {:<17} {:>10} {:>7} {:<15} {:<24} {:<24} {:>9} {:>12}", "TIME(s)", "KIND", "NETNS", "PID", "COMM", "LOCAL", "REMOTE", "QUEUE", "WAIT")?;
         out.flush()?;
     }
     eprintln!("{}", tracer.summary());
@@ -154,7 +156,7 @@ fn write_record(out: &mut impl Write, r: &Record, json: bool, start_ns: u64) -> 
     let wait = r.accept_wait_ns.map_or_else(|| "-".into(), |w| format!("{:.3}ms", w as f64 / 1e6));
     writeln!(
         out,
-        "{t:>12.6} {:<17} {:>10} {:>7} {:<15} {:<40} {:<40} {queue:>9} {wait:>12}",
+        "{t:>12.6} {:<17} {:>10} {:>7} {:<15} {:<24} {:<24} {queue:>9} {wait:>12}",
         r.kind,
         r.netns,
         r.pid.map_or_else(|| "-".into(), |p| p.to_string()),

@@ -1,1 +1,104 @@
-fn main() {}
+//! Project tasks, run as `cargo xtask <task>`:
+//!
+//! - `setup`: installs what is missing for building and testing (nightly rust-src, LLVM 22 +
+//!   bpf-linker, iproute2/nftables/bpftool/… for tests) and says what it installs;
+//! - `build`: setup + release build of the agent (the eBPF object is built by socktrace/build.rs);
+//! - `run -- ARGS`: build, then run `socktrace ARGS`;
+//! - `test`: setup + every test: unit tests, then the privileged integration tests (one netns per
+//!   scenario, `--test-threads=1`); with `SOCKTRACE_REQUIRE_BPF=1` an eBPF test that would skip fails.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "socktrace project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install missing toolchain pieces and test packages.
+    Setup,
+    /// Build the agent (and its eBPF object) in release mode.
+    Build,
+    /// Build, then run socktrace with the given arguments (e.g. `cargo xtask run -- watch`).
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run every test: unit tests and the privileged eBPF integration tests.
+    Test {
+        /// Extra arguments for the integration test binary (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Setup => setup::all(),
+        Task::Build => setup::build_deps().and_then(|()| build()),
+        Task::Run { args } => setup::build_deps().and_then(|()| build()).and_then(|()| run(&args)),
+        Task::Test { args } => setup::all().and_then(|()| test(&args)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(workspace());
+    c
+}
+
+pub fn status(cmd: &mut Command) -> anyhow::Result<()> {
+    let st = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed with {st}");
+    }
+    Ok(())
+}
+
+fn build() -> anyhow::Result<()> {
+    status(cargo().args(["build", "--release", "-p", "socktrace", "-p", "socktrace-tests", "--bins"]))
+}
+
+fn run(args: &[String]) -> anyhow::Result<()> {
+    let bin = workspace().join("target/release/socktrace");
+    let st = Command::new(&bin).args(args).status().with_context(|| format!("running {}", bin.display()))?;
+    if !st.success() {
+        bail!("socktrace exited with {st}");
+    }
+    Ok(())
+}
+
+fn test(args: &[String]) -> anyhow::Result<()> {
+    build()?;
+    // Unit tests of every crate (release profile: shares the build above).
+    status(cargo().args(["test", "--release", "--workspace", "--lib", "--bins"]))?;
+    // Privileged integration tests, one at a time (kernel state is shared).
+    let bin = workspace().join("target/release/socktrace");
+    let mut cmd = cargo();
+    cmd.args(["test", "--release", "-p", "socktrace-tests", "--tests", "--", "--test-threads=1"]).args(args);
+    cmd.env("SOCKTRACE_BIN", &bin);
+    status(&mut cmd)
+}

@@ -1,0 +1,95 @@
+//! Fresh-machine setup: detects what is missing and installs it, saying what and why.
+//! Everything a developer or CI needs is installed from here, never by hand.
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context as _, bail};
+
+use crate::status;
+
+/// Debian packages the tests use: `ip netns` (iproute2), loss injection (nftables), program
+/// listings (bpftool), `ss`/`nstat` ground truth (iproute2), `netstat` (net-tools), `setpriv`
+/// (util-linux, for the not-root test).
+const TEST_PACKAGES: &[(&str, &str)] = &[
+    ("iproute2", "/usr/sbin/ip"),
+    ("nftables", "/usr/sbin/nft"),
+    ("bpftool", "/usr/sbin/bpftool"),
+    ("net-tools", "/usr/bin/netstat"),
+    ("util-linux", "/usr/bin/setpriv"),
+];
+
+pub fn all() -> anyhow::Result<()> {
+    build_deps()?;
+    let missing: Vec<&str> = TEST_PACKAGES
+        .iter()
+        .filter(|(_, bin)| !std::path::Path::new(bin).exists())
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if !missing.is_empty() {
+        apt_install(&missing, "test tools")?;
+    }
+    Ok(())
+}
+
+/// Nightly rust-src (eBPF is built with -Z build-std=core) and bpf-linker on LLVM 22.
+pub fn build_deps() -> anyhow::Result<()> {
+    let installed = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", "nightly"])
+        .output()
+        .context("rustup is needed (the eBPF crate builds on the nightly toolchain)")?;
+    if !String::from_utf8_lossy(&installed.stdout).lines().any(|l| l.starts_with("rust-src")) {
+        eprintln!("xtask: installing rust-src for the nightly toolchain (eBPF builds core from source)");
+        status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    if bpf_linker().is_none() {
+        if !std::path::Path::new("/usr/lib/llvm-22/lib").exists() {
+            apt_install(&["llvm-22-dev"], "bpf-linker links against LLVM 22, the nightly's LLVM")?;
+        }
+        eprintln!("xtask: installing bpf-linker 0.13 built against LLVM 22 (about a minute)");
+        status(
+            Command::new("cargo")
+                .args(["install", "bpf-linker", "--version", "^0.13", "--no-default-features", "--features", "llvm-22"])
+                .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
+        )?;
+    }
+    Ok(())
+}
+
+fn bpf_linker() -> Option<PathBuf> {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))?;
+    let p = home.join("bin/bpf-linker");
+    if p.exists() {
+        return Some(p);
+    }
+    let out = Command::new("which").arg("bpf-linker").output().ok()?;
+    out.status.success().then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+fn apt_install(pkgs: &[&str], why: &str) -> anyhow::Result<()> {
+    eprintln!("xtask: installing Debian packages {} ({why})", pkgs.join(" "));
+    let apt = |args: &[&str]| {
+        let mut c = Command::new("apt-get");
+        c.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        // SAFETY: geteuid has no preconditions. Non-root users go through sudo.
+        if unsafe { libc_geteuid() } != 0 {
+            let mut s = Command::new("sudo");
+            s.arg("-E").arg("apt-get").args(args).env("DEBIAN_FRONTEND", "noninteractive");
+            return s;
+        }
+        c
+    };
+    status(&mut apt(&["update", "-q"]))?;
+    let mut install = apt(&["install", "-y", "-q"]);
+    install.args(pkgs);
+    if let Err(e) = status(&mut install) {
+        bail!("could not install {}: {e:#}", pkgs.join(" "));
+    }
+    Ok(())
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
