@@ -93,8 +93,11 @@ fn run(args: &[String]) -> anyhow::Result<()> {
 
 fn test(args: &[String]) -> anyhow::Result<()> {
     build()?;
-    // Unit tests of every crate (release profile: shares the build above).
-    status(cargo().args(["test", "--release", "--workspace", "--lib", "--bins"]))?;
+    // Unit tests of every host crate (release profile: shares the build above). Not --workspace:
+    // socktrace-ebpf only builds for the bpf target.
+    status(cargo().args([
+        "test", "--release", "-p", "socktrace-common", "-p", "socktrace", "-p", "xtask", "-p", "socktrace-tests", "--lib", "--bins",
+    ]))?;
     // Privileged integration tests, one at a time (kernel state is shared).
     let bin = workspace().join("target/release/socktrace");
     let mut cmd = cargo();
