@@ -158,7 +158,6 @@ pub struct KernelOffsets {
     /// Offsets of the fd / return value in the classic `syscalls:sys_{enter,exit}_accept*` records.
     pub tp_accept_fd: u32,
     pub tp_accept_ret: u32,
-    pub _pad: u32,
     /// `[start, end)` of `cookie_v4_check` and `cookie_v6_check` in kernel text (from kallsyms; 0 when
     /// unknown): kfree_skb's `location` inside them with reason NO_SOCKET is a listen overflow on
     /// the SYN-cookie path, which the kernel drops without TCP_LISTEN_OVERFLOW or rx_sk.
@@ -203,10 +202,71 @@ impl KernelOffsets {
         retransmit_err_arg: Self::ABSENT,
         tp_accept_fd: 16,
         tp_accept_ret: 16,
-        _pad: 0,
         cookie_v4_check: [0; 2],
         cookie_v6_check: [0; 2],
     };
+}
+
+/// Per-listener aggregates kept in the kernel (`LISTENERS` map), so `top`/`serve` do not depend on
+/// the event rate. Keyed by [`listener_key`]: a listener is a TCP port in a network namespace
+/// (sockets sharing it — v4 and v6, SO_REUSEPORT groups — are aggregated together).
+/// Counters are monotonic since the programs were loaded; the agent computes deltas.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenerStats {
+    pub accepts: u64,
+    pub overflows: u64,
+    pub syn_drops: u64,
+    pub synack_retransmits: u64,
+    /// Retransmitted segments on connections accepted from this listener.
+    pub retransmits: u64,
+    pub wait_sum_ns: u64,
+    pub wait_count: u64,
+    /// Accept-queue high-water mark per epoch slot: slot `e & 1` holds the peak seen while
+    /// `CONTROL.epoch == e` (`peak_epoch[e & 1] == e`). The agent bumps the epoch, then reads the
+    /// previous slot: a burst shorter than the read interval is still seen.
+    pub peak_epoch: [u32; 2],
+    pub peak: [u32; 2],
+    /// Backlog (`sk_max_ack_backlog`) last seen.
+    pub queue_max: u32,
+    pub netns: u32,
+    pub lport: u16,
+    pub family: u16,
+    pub _pad: u32,
+}
+
+impl ListenerStats {
+    pub const ZERO: ListenerStats = ListenerStats {
+        accepts: 0,
+        overflows: 0,
+        syn_drops: 0,
+        synack_retransmits: 0,
+        retransmits: 0,
+        wait_sum_ns: 0,
+        wait_count: 0,
+        peak_epoch: [0; 2],
+        peak: [0; 2],
+        queue_max: 0,
+        netns: 0,
+        lport: 0,
+        family: 0,
+        _pad: 0,
+    };
+}
+
+/// Key of the `LISTENERS` map: netns inode and local port.
+pub const fn listener_key(netns: u32, lport: u16) -> u64 {
+    ((netns as u64) << 16) | lport as u64
+}
+
+/// Settings the agent changes while running (single-entry `CONTROL` array).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Control {
+    /// Peak epoch, see [`ListenerStats::peak`].
+    pub epoch: u32,
+    /// Bit `1 << kind` set: do not emit events of that kind (aggregates are still kept).
+    pub mute: u32,
 }
 
 /// Index of the counters in the per-CPU `STATS` array.
@@ -224,6 +284,10 @@ mod pod {
     unsafe impl aya::Pod for super::Event {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::KernelOffsets {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ListenerStats {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Control {}
 }
 
 #[cfg(test)]
@@ -235,5 +299,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<Event>(), 8 * 3 + 4 * 9 + 2 * 3 + 6 + 16 * 2 + 16);
         assert_eq!(core::mem::size_of::<Event>() % 8, 0);
         assert_eq!(core::mem::size_of::<KernelOffsets>(), 4 * 34 + 8 * 4);
+        assert_eq!(core::mem::size_of::<ListenerStats>(), 8 * 7 + 4 * 6 + 2 * 2 + 4);
+        assert_eq!(listener_key(1, 80), (1 << 16) | 80);
     }
 }

@@ -5,8 +5,11 @@
 //! [`maps::EVENTS`]. Userspace picks, per signal, the best hook that loads on this kernel.
 #![no_std]
 #![no_main]
+#![feature(core_intrinsics)]
+#![expect(internal_features, reason = "atomic_xadd: the bpf target has no AtomicU64::fetch_add")]
 
 mod accept;
+mod aggregate;
 mod enqueue;
 mod kernel;
 mod maps;

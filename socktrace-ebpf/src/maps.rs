@@ -3,9 +3,9 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
 };
-use socktrace_common::{Event, stat};
+use socktrace_common::{Control, Event, ListenerStats, stat};
 
 /// Events for userspace. Its size is set at load time (`--ring-buffer-kib`).
 #[map]
@@ -25,6 +25,19 @@ pub static ENQUEUED: LruHashMap<u64, u64> = LruHashMap::with_max_entries(65536, 
 #[map]
 pub static ACCEPTING: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, 0);
 
+/// Per-listener aggregates, keyed by `listener_key(netns, lport)`. LRU: listeners come and go.
+#[map]
+pub static LISTENERS: LruHashMap<u64, ListenerStats> = LruHashMap::with_max_entries(16384, 0);
+
+/// Accepted connection (socket address) → its listener's key, so retransmits on it are counted
+/// for the listener. LRU: closed connections are never removed explicitly.
+#[map]
+pub static CHILD_OWNER: LruHashMap<u64, u64> = LruHashMap::with_max_entries(65536, 0);
+
+/// Settings the agent changes at run time.
+#[map]
+pub static CONTROL: Array<Control> = Array::with_max_entries(1, 0);
+
 #[inline(always)]
 pub fn count(index: u32) {
     if let Some(p) = STATS.get_ptr_mut(index) {
@@ -33,9 +46,15 @@ pub fn count(index: u32) {
     }
 }
 
-/// Sends an event; a full ring buffer is counted, never silent.
+/// Aggregates an event for its listener, then sends it unless its kind is muted; a full ring
+/// buffer is counted, never silent.
 #[inline(always)]
 pub fn emit(ev: &Event) {
+    crate::aggregate::record(ev);
+    let mute = CONTROL.get(0).map_or(0, |c| c.mute);
+    if mute & (1 << (ev.kind & 31)) != 0 {
+        return;
+    }
     if EVENTS.output::<Event>(ev, 0).is_err() {
         count(stat::LOST);
     }

@@ -1,0 +1,101 @@
+//! In-kernel per-listener aggregation (`LISTENERS`): counters and the accept-queue high-water mark
+//! per epoch, updated on every event whether or not the event itself is sent to userspace.
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use socktrace_common::{Event, ListenerStats, flags, kind, listener_key};
+
+use crate::maps::{CHILD_OWNER, CONTROL, LISTENERS};
+
+#[inline(always)]
+fn add(field: *mut u64, n: u64) {
+    // SAFETY: `field` points into a map value that stays valid during the program. A BPF atomic
+    // add (core's AtomicU64 has no fetch_add on the bpf target) keeps CPUs from losing increments.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(field, n) };
+}
+
+#[inline(always)]
+fn entry(key: u64, ev: &Event) -> Option<*mut ListenerStats> {
+    if let Some(p) = LISTENERS.get_ptr_mut(key) {
+        return Some(p);
+    }
+    let mut init = ListenerStats::ZERO;
+    init.netns = ev.netns;
+    init.lport = ev.lport;
+    init.family = ev.family;
+    // BPF_NOEXIST: another CPU may have created it meanwhile; either way it exists now.
+    let _ = LISTENERS.insert(key, init, 1);
+    LISTENERS.get_ptr_mut(key)
+}
+
+/// Raises this epoch's high-water mark to `len`.
+#[inline(always)]
+fn peak(s: *mut ListenerStats, len: u32, max: u32) {
+    let epoch = CONTROL.get(0).map_or(0, |c| c.epoch);
+    let slot = (epoch & 1) as usize;
+    // SAFETY: map value pointer; a lost race only loses one peak update.
+    unsafe {
+        (*s).queue_max = max;
+        if (*s).peak_epoch[slot] != epoch {
+            (*s).peak_epoch[slot] = epoch;
+            (*s).peak[slot] = len;
+        } else if len > (*s).peak[slot] {
+            (*s).peak[slot] = len;
+        }
+    }
+}
+
+/// Remembers which listener an accepted connection came from.
+#[inline(always)]
+pub fn adopt(child: u64, ev: &Event) {
+    let _ = CHILD_OWNER.insert(child, listener_key(ev.netns, ev.lport), 0);
+}
+
+#[inline(always)]
+pub fn record(ev: &Event) {
+    let key = if ev.kind == kind::RETRANSMIT {
+        // SAFETY: value copied out.
+        match unsafe { CHILD_OWNER.get(ev.sock_id) } {
+            Some(k) => *k,
+            None => return,
+        }
+    } else {
+        listener_key(ev.netns, ev.lport)
+    };
+    let Some(s) = entry(key, ev) else { return };
+    let has_queue = ev.flags & flags::HAS_QUEUE != 0;
+    // SAFETY: `s` is a live map value; fields are addressed without creating references.
+    unsafe {
+        match ev.kind {
+            kind::ACCEPT => {
+                add(&raw mut (*s).accepts, 1);
+                if ev.flags & flags::HAS_WAIT != 0 {
+                    add(&raw mut (*s).wait_sum_ns, ev.accept_wait_ns);
+                    add(&raw mut (*s).wait_count, 1);
+                }
+                // The queue was read after this connection left it.
+                if has_queue {
+                    peak(s, ev.queue_len + 1, ev.queue_max);
+                }
+            }
+            kind::LISTEN_OVERFLOW | kind::SYN_DROP => {
+                if ev.kind == kind::SYN_DROP {
+                    add(&raw mut (*s).syn_drops, 1);
+                } else {
+                    add(&raw mut (*s).overflows, 1);
+                }
+                if has_queue {
+                    peak(s, ev.queue_len, ev.queue_max);
+                }
+            }
+            kind::SYNACK_RETRANSMIT => {
+                add(&raw mut (*s).synack_retransmits, 1);
+                if has_queue {
+                    peak(s, ev.queue_len, ev.queue_max);
+                }
+            }
+            kind::RETRANSMIT => add(&raw mut (*s).retransmits, u64::from(ev.segs)),
+            _ => {}
+        }
+    }
+}
