@@ -37,6 +37,28 @@ pub enum Command {
         #[arg(long, value_parser = parse_duration)]
         duration: Option<Duration>,
     },
+    /// Live per-listener view: queue now/peak/backlog, accepts, accept waits, drops, retransmits.
+    Top {
+        #[command(flatten)]
+        trace: TraceArgs,
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Interval between rows (e.g. 1s, 500ms).
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        interval: Duration,
+        /// Print one interval as plain text and exit.
+        #[arg(long)]
+        once: bool,
+        /// One JSON object per interval.
+        #[arg(long)]
+        json: bool,
+        /// Stop after N intervals.
+        #[arg(long, value_name = "N")]
+        iterations: Option<u64>,
+        /// Sort order.
+        #[arg(long, value_enum, default_value = "drops")]
+        sort: crate::top::SortKey,
+    },
 }
 
 /// How the tracer is loaded (shared by every tracing command).

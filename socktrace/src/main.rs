@@ -6,11 +6,15 @@
 //!
 //! Exit status: 0 success (also when stdout is closed early), 1 runtime error, 2 usage error.
 
+mod agent;
 mod cli;
 mod event;
+mod model;
 mod offsets;
 mod probes;
 mod system;
+mod top;
+mod tui;
 mod watch;
 
 use std::{io::Write as _, process::ExitCode};
@@ -64,7 +68,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
             rt.block_on(watch::run(tracer, filter, json, duration))
         }
+        Command::Top { trace, filter, interval, once, json, iterations, sort } => {
+            let filter = filter.validate()?;
+            let tracer = start(&trace)?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
+            rt.block_on(async move {
+                let agent = agent::Agent::new(tracer, filter, diag_source())?;
+                top::run(agent, top::TopOptions { interval, iterations, json, once, sort }).await
+            })
+        }
     }
+}
+
+/// LISTEN sockets of every netns from sock_diag. Not wired yet: reported as unavailable.
+fn diag_source() -> agent::DiagSource {
+    Box::new(|| None)
 }
 
 /// Preconditions, BTF layout, load and attach: everything a tracing command needs.

@@ -221,7 +221,12 @@ impl Watch {
     }
 
     /// Stops with SIGINT (as Ctrl-C) and returns every JSON record it printed.
-    pub fn finish(mut self) -> anyhow::Result<Vec<Value>> {
+    pub fn finish(self) -> anyhow::Result<Vec<Value>> {
+        self.finish_with_stderr().map(|(r, _)| r)
+    }
+
+    /// Like [`Watch::finish`], also returning socktrace's stderr lines (its exit summary).
+    pub fn finish_with_stderr(mut self) -> anyhow::Result<(Vec<Value>, Vec<String>)> {
         // Let in-flight events reach the ring buffer reader.
         std::thread::sleep(Duration::from_millis(300));
         // SAFETY: signalling our own child.
@@ -242,7 +247,12 @@ impl Watch {
             bail!("socktrace exited with {status}: {:?}", self.stderr.lock().map(|l| l.clone()));
         }
         let lines = self.stdout.lock().map(|l| l.clone()).unwrap_or_default();
-        lines.iter().map(|l| serde_json::from_str(l).with_context(|| format!("bad JSON line {l:?}"))).collect()
+        let records = lines
+            .iter()
+            .map(|l| serde_json::from_str(l).with_context(|| format!("bad JSON line {l:?}")))
+            .collect::<anyhow::Result<Vec<Value>>>()?;
+        let stderr = self.stderr.lock().map(|l| l.clone()).unwrap_or_default();
+        Ok((records, stderr))
     }
 }
 

@@ -95,7 +95,7 @@ fn accept_wait_matches_server_measurement() {
 
 /// Runs the slow-listener scenario (backlog 4, 50 clients, accepts start late and slowly) and
 /// returns (events, TcpExtListenOverflows delta, server summary).
-fn overflow_scenario(tag: &str, hook_args: &[&str]) -> (Vec<Value>, i64, Value, HashMap<String, Option<String>>) {
+fn overflow_scenario(tag: &str, hook_args: &[&str]) -> (Vec<Value>, i64, Value, HashMap<String, Option<String>>, String) {
     let ns = NetNs::new(tag).unwrap();
     let cg = Cgroup::new(tag).unwrap();
     let cg_path = cg.path.to_string_lossy().into_owned();
@@ -120,24 +120,32 @@ fn overflow_scenario(tag: &str, hook_args: &[&str]) -> (Vec<Value>, i64, Value, 
     let server_lines = server.wait(Duration::from_secs(60)).unwrap();
     let after = ns.counters().unwrap();
     drop(clients);
-    let records = watch.finish().unwrap();
+    let (records, stderr) = watch.finish_with_stderr().unwrap();
     let delta = after.delta(&before, "TcpExtListenOverflows");
-    (records, delta, done(&server_lines).clone(), hooks)
+    let diag = format!(
+        "cookies recv {}, SYN retrans {}, ListenDrops {}; socktrace: {}",
+        after.delta(&before, "TcpExtSyncookiesRecv"),
+        after.delta(&before, "TcpExtTCPSynRetrans"),
+        after.delta(&before, "TcpExtListenDrops"),
+        stderr.last().cloned().unwrap_or_default()
+    );
+    (records, delta, done(&server_lines).clone(), hooks, diag)
 }
 
 /// listen_overflow + syn_drop events against the netns's TcpExtListenOverflows delta, and one
 /// accept event per connection the server accepted.
 fn check_overflow(tag: &str, hook_args: &[&str], expect_overflow_hook: &str) {
-    let (records, delta, summary, hooks) = overflow_scenario(tag, hook_args);
+    let (records, delta, summary, hooks, diag) = overflow_scenario(tag, hook_args);
     assert_hooks(&records, &hooks);
     assert_eq!(hooks["listen_overflow"].as_deref(), Some(expect_overflow_hook));
     let overflows = of_kind(&records, "listen_overflow").len() as i64;
     let syn_drops = of_kind(&records, "syn_drop").len() as i64;
     let accepts = of_kind(&records, "accept").len() as u64;
     eprintln!(
-        "{tag}: TcpExtListenOverflows delta {delta}; events: listen_overflow {overflows} ({}), syn_drop {syn_drops} ({}); accepts {accepts}",
+        "{tag}: TcpExtListenOverflows delta {delta}; events: listen_overflow {overflows} ({}), syn_drop {syn_drops} ({}); accepts {accepts}; {diag}; lost records {}",
         hooks["listen_overflow"].as_deref().unwrap_or("-"),
         hooks["syn_drop"].as_deref().unwrap_or("-"),
+        of_kind(&records, "lost").len(),
     );
     assert!(delta >= 10, "the scenario must overflow the queue (delta {delta})");
     assert!(syn_drops > 0 && overflows > 0, "both drop points must be exercised");

@@ -1,0 +1,115 @@
+//! The long-running agent behind `top` (and every interval-based view): it owns the loaded
+//! programs, feeds ring-buffer events into the [`Model`], and closes an interval on demand by
+//! bumping the kernel's peak epoch, reading the `LISTENERS` aggregates and a sock_diag listing.
+
+use anyhow::Context as _;
+use aya::maps::{Array, HashMap, MapData, RingBuf};
+use socktrace_common::{Control, ListenerStats, kind, stat};
+use tokio::io::unix::AsyncFd;
+
+use crate::{
+    cli::Filter,
+    event::{self, Record},
+    model::{DiagListener, ListenerKey, Model},
+    probes::Tracer,
+    watch::{Stats, ring},
+};
+
+/// Where LISTEN sockets come from (sock_diag); `None` from it means "unavailable this time".
+pub type DiagSource = Box<dyn FnMut() -> Option<Vec<DiagListener>>>;
+
+pub struct Agent {
+    pub tracer: Tracer,
+    ring: AsyncFd<RingBuf<MapData>>,
+    pub stats: Stats,
+    listeners: HashMap<MapData, u64, ListenerStats>,
+    control: Array<MapData, Control>,
+    epoch: u32,
+    mute: u32,
+    pub model: Model,
+    pub filter: Filter,
+    diag: DiagSource,
+    /// Whether the last interval had a sock_diag listing.
+    pub diag_ok: bool,
+}
+
+impl Agent {
+    /// Interval views only need accept events (wait histograms, who accepted); everything else is
+    /// aggregated in the kernel, so those events are muted.
+    pub fn new(mut tracer: Tracer, filter: Filter, diag: DiagSource) -> anyhow::Result<Agent> {
+        let stats = Stats::new(&mut tracer)?;
+        let ring = ring(&mut tracer)?;
+        let listeners = HashMap::try_from(tracer.ebpf.take_map("LISTENERS").context("LISTENERS map missing")?)?;
+        let control = Array::try_from(tracer.ebpf.take_map("CONTROL").context("CONTROL map missing")?)?;
+        let mute = [kind::LISTEN_OVERFLOW, kind::SYN_DROP, kind::RETRANSMIT, kind::SYNACK_RETRANSMIT]
+            .iter()
+            .fold(0u32, |m, k| m | (1 << k));
+        let mut agent = Agent {
+            tracer,
+            ring,
+            stats,
+            listeners,
+            control,
+            epoch: 1,
+            mute,
+            model: Model::default(),
+            filter,
+            diag,
+            diag_ok: false,
+        };
+        agent.write_control()?;
+        Ok(agent)
+    }
+
+    fn write_control(&mut self) -> anyhow::Result<()> {
+        self.control.set(0, Control { epoch: self.epoch, mute: self.mute }, 0).context("writing CONTROL")
+    }
+
+    /// Waits for ring-buffer data and feeds it to the model (cancel-safe: use in `select!`).
+    pub async fn pump(&mut self) -> anyhow::Result<()> {
+        let mut guard = self.ring.readable_mut().await?;
+        let rb = guard.get_inner_mut();
+        while let Some(item) = rb.next() {
+            let rec = Record::from_event(&event::parse(&item)?);
+            if self.filter.matches_listener(rec.netns, rec.lport) {
+                self.model.on_event(&rec);
+            }
+        }
+        guard.clear_ready();
+        Ok(())
+    }
+
+    /// Ends the current interval.
+    pub fn close_interval(&mut self) -> anyhow::Result<()> {
+        let ended = self.epoch;
+        self.epoch = ended.wrapping_add(1).max(1);
+        self.write_control()?;
+        let slot = (ended & 1) as usize;
+        let mut kernel = Vec::new();
+        for item in self.listeners.iter() {
+            let (_, s) = item.context("reading LISTENERS")?;
+            if !self.filter.matches_listener(s.netns, s.lport) {
+                continue;
+            }
+            let peak = (s.peak_epoch[slot] == ended).then_some(s.peak[slot]);
+            kernel.push((ListenerKey { netns: s.netns, lport: s.lport }, s, peak));
+        }
+        let diag = (self.diag)().map(|v| {
+            v.into_iter().filter(|d| self.filter.matches_listener(d.netns, d.lport)).collect::<Vec<_>>()
+        });
+        self.diag_ok = diag.is_some();
+        self.model.close_interval(&kernel, diag.as_deref());
+        Ok(())
+    }
+
+    pub fn lost(&self) -> u64 {
+        self.stats.get(stat::LOST)
+    }
+}
+
+impl Filter {
+    /// Listener-level filter (interval views have no per-event pid).
+    pub fn matches_listener(&self, netns: u32, lport: u16) -> bool {
+        self.port.is_none_or(|p| p == lport) && self.netns.is_none_or(|n| n == netns)
+    }
+}

@@ -1,0 +1,338 @@
+//! The per-listener model every view reads (`top`, and the views built on it): a table keyed by
+//! (netns, port) merging the kernel's aggregates (`LISTENERS` map: counters, queue high-water
+//! mark per interval), accept events (wait histograms, who accepted) and sock_diag listings
+//! (queue now, backlog, owners, addresses).
+//!
+//! Counters are monotonic across intervals and across listener churn: a new listener on the same
+//! port continues the same row. Rows for ports that no longer listen and saw no events are
+//! dropped after a grace period.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use hdrhistogram::Histogram;
+use socktrace_common::ListenerStats;
+
+use crate::event::Record;
+
+/// Identity of a listener: a TCP port in a network namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ListenerKey {
+    pub netns: u32,
+    pub lport: u16,
+}
+
+/// A LISTEN socket as sock_diag reports it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DiagListener {
+    pub netns: u32,
+    pub laddr: IpAddr,
+    pub lport: u16,
+    /// Accept queue now (Recv-Q of a listener).
+    pub queue_len: u32,
+    /// Backlog (Send-Q of a listener).
+    pub backlog: u32,
+    pub owners: Vec<(u32, String)>,
+    /// `sk_drops` (SK_MEMINFO_DROPS), when the kernel reported it.
+    pub drops: Option<u64>,
+}
+
+/// Kernel counters of one listener, monotonic.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub accepts: u64,
+    pub overflows: u64,
+    pub syn_drops: u64,
+    pub synack_retransmits: u64,
+    pub retransmits: u64,
+}
+
+impl Counts {
+    fn of(s: &ListenerStats) -> Counts {
+        Counts {
+            accepts: s.accepts,
+            overflows: s.overflows,
+            syn_drops: s.syn_drops,
+            synack_retransmits: s.synack_retransmits,
+            retransmits: s.retransmits,
+        }
+    }
+
+    /// `self - earlier`; a counter that went backwards (the kernel entry was evicted and
+    /// recreated) counts from zero again.
+    fn since(&self, earlier: &Counts) -> Counts {
+        let d = |now: u64, then: u64| if now >= then { now - then } else { now };
+        Counts {
+            accepts: d(self.accepts, earlier.accepts),
+            overflows: d(self.overflows, earlier.overflows),
+            syn_drops: d(self.syn_drops, earlier.syn_drops),
+            synack_retransmits: d(self.synack_retransmits, earlier.synack_retransmits),
+            retransmits: d(self.retransmits, earlier.retransmits),
+        }
+    }
+
+    fn add(&mut self, o: &Counts) {
+        self.accepts += o.accepts;
+        self.overflows += o.overflows;
+        self.syn_drops += o.syn_drops;
+        self.synack_retransmits += o.synack_retransmits;
+        self.retransmits += o.retransmits;
+    }
+}
+
+/// Who last accepted from a listener.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Acceptor {
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    pub ts_ns: u64,
+}
+
+/// One listener's state.
+pub struct Listener {
+    pub key: ListenerKey,
+    pub laddrs: BTreeSet<IpAddr>,
+    pub owners: Vec<(u32, String)>,
+    /// Listening now according to the last sock_diag listing.
+    pub listening: bool,
+    pub queue_len: Option<u32>,
+    pub backlog: Option<u32>,
+    pub drops: Option<u64>,
+    /// Counters since the agent started (monotonic).
+    pub total: Counts,
+    /// Counters in the last closed interval.
+    pub interval: Counts,
+    /// Accept-queue high-water mark in the last closed interval (kernel peak and diag sample).
+    pub queue_peak: Option<u32>,
+    /// Accept-queue waits in the current (open) interval, ns.
+    waits_open: Histogram<u64>,
+    /// Accept-queue waits of the last closed interval, ns.
+    pub waits: Histogram<u64>,
+    /// Every accept-queue wait since start, ns.
+    pub waits_total: Histogram<u64>,
+    pub last_acceptor: Option<Acceptor>,
+    /// Queue high-water per interval, newest last (for sparklines).
+    pub history: Vec<u32>,
+    /// Interval number in which this row last had activity or was listening.
+    seen: u64,
+}
+
+fn histogram() -> Histogram<u64> {
+    // 1 µs .. 1 h at 3 significant digits: accept waits span microseconds to minutes.
+    Histogram::new_with_bounds(1_000, 3_600_000_000_000, 3).unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
+}
+
+impl Listener {
+    fn new(key: ListenerKey) -> Listener {
+        Listener {
+            key,
+            laddrs: BTreeSet::new(),
+            owners: Vec::new(),
+            listening: false,
+            queue_len: None,
+            backlog: None,
+            drops: None,
+            total: Counts::default(),
+            interval: Counts::default(),
+            queue_peak: None,
+            waits_open: histogram(),
+            waits: histogram(),
+            waits_total: histogram(),
+            last_acceptor: None,
+            history: Vec::new(),
+            seen: 0,
+        }
+    }
+
+    /// p50, p99 and max of the last interval's accept waits (ns); None without accepts.
+    pub fn wait_quantiles(&self) -> Option<(u64, u64, u64)> {
+        (!self.waits.is_empty()).then(|| {
+            (self.waits.value_at_quantile(0.5), self.waits.value_at_quantile(0.99), self.waits.max())
+        })
+    }
+
+    /// The queue hit its backlog (the kernel drops at `len > backlog`).
+    pub fn saturated(&self) -> bool {
+        match (self.queue_peak, self.backlog) {
+            (Some(p), Some(b)) => p > b,
+            _ => self.interval.overflows + self.interval.syn_drops > 0,
+        }
+    }
+}
+
+/// How long (in intervals) a row with no listener and no activity is kept.
+pub const GRACE_INTERVALS: u64 = 30;
+
+#[derive(Default)]
+pub struct Model {
+    pub listeners: BTreeMap<ListenerKey, Listener>,
+    /// Kernel counters at the last read, per key (kept even for rows that were dropped).
+    kernel_last: BTreeMap<ListenerKey, Counts>,
+    interval: u64,
+}
+
+impl Model {
+    fn row(&mut self, key: ListenerKey) -> &mut Listener {
+        let n = self.interval;
+        self.listeners.entry(key).or_insert_with(|| {
+            let mut l = Listener::new(key);
+            l.seen = n;
+            l
+        })
+    }
+
+    /// An event from the ring buffer (only accepts carry what the kernel map lacks).
+    pub fn on_event(&mut self, r: &Record) {
+        if r.kind != "accept" {
+            return;
+        }
+        let row = self.row(ListenerKey { netns: r.netns, lport: r.lport });
+        if let Some(w) = r.accept_wait_ns {
+            row.waits_open.saturating_record(w.max(1_000));
+            row.waits_total.saturating_record(w.max(1_000));
+        }
+        if let (Some(pid), Some(tid), Some(comm)) = (r.pid, r.tid, r.comm.clone()) {
+            row.last_acceptor = Some(Acceptor { pid, tid, comm, ts_ns: r.ts_ns });
+        }
+        if let Some(a) = r.laddr {
+            row.laddrs.insert(a);
+        }
+    }
+
+    /// Closes an interval: `kernel` is every `LISTENERS` entry with the high-water mark of the
+    /// epoch that just ended, `diag` the current LISTEN sockets (None: sock_diag unavailable).
+    pub fn close_interval(&mut self, kernel: &[(ListenerKey, ListenerStats, Option<u32>)], diag: Option<&[DiagListener]>) {
+        self.interval += 1;
+        let now = self.interval;
+        for l in self.listeners.values_mut() {
+            l.interval = Counts::default();
+            l.queue_peak = None;
+        }
+        for (key, stats, peak) in kernel {
+            let counts = Counts::of(stats);
+            let delta = counts.since(&self.kernel_last.insert(*key, counts).unwrap_or_default());
+            if delta == Counts::default() && peak.is_none() && !self.listeners.contains_key(key) {
+                continue;
+            }
+            let row = self.row(*key);
+            row.total.add(&delta);
+            row.interval = delta;
+            row.queue_peak = *peak;
+            if stats.queue_max != 0 && row.backlog.is_none() {
+                row.backlog = Some(stats.queue_max);
+            }
+            if delta != Counts::default() {
+                row.seen = now;
+            }
+        }
+        if let Some(diag) = diag {
+            for l in self.listeners.values_mut() {
+                l.listening = false;
+            }
+            // Several sockets can share a port (v4 + v6, SO_REUSEPORT): sum queues, keep all owners.
+            let mut fresh: BTreeMap<ListenerKey, (u32, u32, Vec<(u32, String)>, BTreeSet<IpAddr>, Option<u64>)> = BTreeMap::new();
+            for d in diag {
+                let e = fresh.entry(ListenerKey { netns: d.netns, lport: d.lport }).or_default();
+                e.0 += d.queue_len;
+                e.1 += d.backlog;
+                for o in &d.owners {
+                    if !e.2.contains(o) {
+                        e.2.push(o.clone());
+                    }
+                }
+                e.3.insert(d.laddr);
+                if let Some(x) = d.drops {
+                    e.4 = Some(e.4.unwrap_or(0) + x);
+                }
+            }
+            for (key, (q, b, owners, addrs, drops)) in fresh {
+                let row = self.row(key);
+                row.listening = true;
+                row.seen = now;
+                row.queue_len = Some(q);
+                row.backlog = Some(b);
+                row.owners = owners;
+                row.laddrs = addrs;
+                row.drops = drops;
+                row.queue_peak = Some(row.queue_peak.map_or(q, |p| p.max(q)));
+            }
+        }
+        for l in self.listeners.values_mut() {
+            l.waits = std::mem::replace(&mut l.waits_open, histogram());
+            if l.wait_quantiles().is_some() {
+                l.seen = now;
+            }
+            l.history.push(l.queue_peak.unwrap_or(0));
+            if l.history.len() > 120 {
+                l.history.remove(0);
+            }
+        }
+        self.listeners.retain(|_, l| l.listening || now - l.seen <= GRACE_INTERVALS);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats(accepts: u64, overflows: u64) -> ListenerStats {
+        let mut s = ListenerStats::ZERO;
+        s.accepts = accepts;
+        s.overflows = overflows;
+        s.queue_max = 8;
+        s
+    }
+
+    #[test]
+    fn interval_deltas_and_monotonic_totals() {
+        let key = ListenerKey { netns: 1, lport: 80 };
+        let mut m = Model::default();
+        m.close_interval(&[(key, stats(5, 1), Some(9))], None);
+        assert_eq!(m.listeners[&key].interval.accepts, 5);
+        assert_eq!(m.listeners[&key].queue_peak, Some(9));
+        m.close_interval(&[(key, stats(7, 1), None)], None);
+        let l = &m.listeners[&key];
+        assert_eq!((l.interval.accepts, l.interval.overflows, l.total.accepts), (2, 0, 7));
+        assert_eq!(l.queue_peak, None, "no event in the interval: no kernel peak");
+        // The kernel entry was evicted and recreated: counting restarts, totals stay monotonic.
+        m.close_interval(&[(key, stats(3, 0), None)], None);
+        assert_eq!(m.listeners[&key].total.accepts, 10);
+    }
+
+    #[test]
+    fn diag_merges_sockets_sharing_a_port_and_peak_includes_queue_now() {
+        let key = ListenerKey { netns: 1, lport: 80 };
+        let d = |a: &str, q| DiagListener {
+            netns: 1,
+            laddr: a.parse().unwrap(),
+            lport: 80,
+            queue_len: q,
+            backlog: 128,
+            owners: vec![(10, "nginx".into())],
+            drops: Some(1),
+        };
+        let mut m = Model::default();
+        m.close_interval(&[(key, stats(0, 0), Some(3))], Some(&[d("0.0.0.0", 2), d("::", 4)]));
+        let l = &m.listeners[&key];
+        assert_eq!((l.queue_len, l.backlog, l.drops), (Some(6), Some(256), Some(2)));
+        assert_eq!(l.queue_peak, Some(6));
+        assert_eq!(l.owners.len(), 1);
+        assert_eq!(l.laddrs.len(), 2);
+    }
+
+    #[test]
+    fn vanished_listener_dropped_after_grace() {
+        let key = ListenerKey { netns: 1, lport: 80 };
+        let mut m = Model::default();
+        m.close_interval(&[(key, stats(1, 0), None)], Some(&[]));
+        for _ in 0..GRACE_INTERVALS {
+            m.close_interval(&[(key, stats(1, 0), None)], Some(&[]));
+        }
+        assert!(m.listeners.contains_key(&key));
+        m.close_interval(&[(key, stats(1, 0), None)], Some(&[]));
+        assert!(!m.listeners.contains_key(&key));
+    }
+}

@@ -1,0 +1,232 @@
+//! `socktrace top`: one row per listening port every interval — queue now / peak / backlog,
+//! accepts, accept-queue wait p50/p99/max, overflows and SYN drops (interval and total), SYN-ACK
+//! retransmits, retransmits on accepted connections, and who owns / accepts.
+//!
+//! On a terminal it is a TUI (sortable, rows highlighted where the queue hit its backlog, a
+//! sparkline of the selected listener's queue peaks); with `--once` or when stdout is not a
+//! terminal, plain text; with `--json`, one JSON object per interval.
+
+use std::{
+    io::{IsTerminal as _, Write},
+    time::Duration,
+};
+
+use serde::Serialize;
+use tokio::signal::unix::SignalKind;
+
+use crate::{
+    agent::Agent,
+    model::Listener,
+    system,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SortKey {
+    /// Drops (overflows + SYN drops) in the interval.
+    Drops,
+    /// Queue peak relative to backlog.
+    Queue,
+    /// Accept-queue wait p99.
+    Wait,
+    /// Accepts in the interval.
+    Accepts,
+    /// Port.
+    Port,
+}
+
+pub struct TopOptions {
+    pub interval: Duration,
+    pub iterations: Option<u64>,
+    pub json: bool,
+    pub once: bool,
+    pub sort: SortKey,
+}
+
+/// One listener in one interval: the `--json` schema.
+#[derive(Serialize, Debug)]
+pub struct Row {
+    pub netns: u32,
+    pub laddr: Option<String>,
+    pub laddrs: Vec<String>,
+    pub lport: u16,
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    pub listening: bool,
+    pub queue_len: Option<u32>,
+    pub queue_peak: Option<u32>,
+    pub queue_max: Option<u32>,
+    pub accepts: u64,
+    pub accept_wait_p50_ns: Option<u64>,
+    pub accept_wait_p99_ns: Option<u64>,
+    pub accept_wait_max_ns: Option<u64>,
+    pub overflows: u64,
+    pub syn_drops: u64,
+    pub synack_retransmits: u64,
+    pub retransmits: u64,
+    pub overflows_total: u64,
+    pub syn_drops_total: u64,
+    pub sk_drops: Option<u64>,
+    pub last_acceptor: Option<(u32, u32, String)>,
+}
+
+impl Row {
+    pub fn of(l: &Listener) -> Row {
+        let q = l.wait_quantiles();
+        let owner = l.owners.first().cloned().or_else(|| l.last_acceptor.as_ref().map(|a| (a.pid, a.comm.clone())));
+        let laddrs: Vec<String> = l.laddrs.iter().map(ToString::to_string).collect();
+        Row {
+            netns: l.key.netns,
+            laddr: laddrs.first().cloned(),
+            laddrs,
+            lport: l.key.lport,
+            pid: owner.as_ref().map(|o| o.0),
+            comm: owner.map(|o| o.1),
+            listening: l.listening,
+            queue_len: l.queue_len,
+            queue_peak: l.queue_peak,
+            queue_max: l.backlog,
+            accepts: l.interval.accepts,
+            accept_wait_p50_ns: q.map(|q| q.0),
+            accept_wait_p99_ns: q.map(|q| q.1),
+            accept_wait_max_ns: q.map(|q| q.2),
+            overflows: l.interval.overflows,
+            syn_drops: l.interval.syn_drops,
+            synack_retransmits: l.interval.synack_retransmits,
+            retransmits: l.interval.retransmits,
+            overflows_total: l.total.overflows,
+            syn_drops_total: l.total.syn_drops,
+            sk_drops: l.drops,
+            last_acceptor: l.last_acceptor.as_ref().map(|a| (a.pid, a.tid, a.comm.clone())),
+        }
+    }
+}
+
+pub fn sorted_rows(agent: &Agent, sort: SortKey) -> Vec<(Row, bool, Vec<u32>)> {
+    let mut rows: Vec<_> = agent.model.listeners.values().map(|l| (Row::of(l), l.saturated(), l.history.clone())).collect();
+    let fill = |r: &Row| match (r.queue_peak, r.queue_max) {
+        (Some(p), Some(m)) if m > 0 => f64::from(p) / f64::from(m),
+        _ => 0.0,
+    };
+    match sort {
+        SortKey::Drops => rows.sort_by_key(|(r, _, _)| std::cmp::Reverse((r.overflows + r.syn_drops, r.overflows_total + r.syn_drops_total))),
+        SortKey::Queue => rows.sort_by(|a, b| fill(&b.0).total_cmp(&fill(&a.0))),
+        SortKey::Wait => rows.sort_by_key(|(r, _, _)| std::cmp::Reverse(r.accept_wait_p99_ns.unwrap_or(0))),
+        SortKey::Accepts => rows.sort_by_key(|(r, _, _)| std::cmp::Reverse(r.accepts)),
+        SortKey::Port => rows.sort_by_key(|(r, _, _)| (r.lport, r.netns)),
+    }
+    rows
+}
+
+pub fn ms(ns: Option<u64>) -> String {
+    ns.map_or_else(|| "-".into(), |v| {
+        let ms = v as f64 / 1e6;
+        if ms >= 1000.0 { format!("{:.2}s", ms / 1000.0) } else { format!("{ms:.2}ms") }
+    })
+}
+
+fn opt<T: ToString>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".into(), |x| x.to_string())
+}
+
+pub const HEADER: [&str; 13] =
+    ["NETNS", "LISTEN", "PROCESS", "Q-NOW", "PEAK", "BACKLOG", "ACC/s", "WAIT-P50", "WAIT-P99", "WAIT-MAX", "OVF (TOT)", "SYNDROP (TOT)", "SYNACK/RTX"];
+
+pub fn cells(r: &Row, secs: f64) -> [String; 13] {
+    let listen = match &r.laddr {
+        Some(a) if r.laddrs.len() > 1 => format!("*:{} ({} addrs)", r.lport, r.laddrs.len()),
+        Some(a) if a.contains(':') => format!("[{a}]:{}", r.lport),
+        Some(a) => format!("{a}:{}", r.lport),
+        None => format!("*:{}", r.lport),
+    };
+    [
+        r.netns.to_string(),
+        listen,
+        match (&r.comm, r.pid) {
+            (Some(c), Some(p)) => format!("{c}/{p}"),
+            _ => "-".into(),
+        },
+        opt(r.queue_len),
+        opt(r.queue_peak),
+        opt(r.queue_max),
+        format!("{:.0}", r.accepts as f64 / secs),
+        ms(r.accept_wait_p50_ns),
+        ms(r.accept_wait_p99_ns),
+        ms(r.accept_wait_max_ns),
+        format!("{} ({})", r.overflows, r.overflows_total),
+        format!("{} ({})", r.syn_drops, r.syn_drops_total),
+        format!("{}/{}", r.synack_retransmits, r.retransmits),
+    ]
+}
+
+pub async fn run(mut agent: Agent, opts: TopOptions) -> anyhow::Result<()> {
+    let tui = !opts.json && !opts.once && std::io::stdout().is_terminal();
+    eprintln!("{}", agent.tracer.summary());
+    if tui {
+        return crate::tui::run(agent, opts).await;
+    }
+    let iterations = if opts.once { Some(1) } else { opts.iterations };
+    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let mut ticker = tokio::time::interval(opts.interval);
+    ticker.tick().await;
+    let mut out = std::io::stdout().lock();
+    let mut done = 0u64;
+    loop {
+        tokio::select! {
+            r = agent.pump() => r?,
+            _ = ticker.tick() => {
+                agent.close_interval()?;
+                done += 1;
+                print_interval(&mut out, &agent, &opts)?;
+                if iterations.is_some_and(|n| done >= n) {
+                    break;
+                }
+            }
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+    Ok(())
+}
+
+fn print_interval(out: &mut impl Write, agent: &Agent, opts: &TopOptions) -> anyhow::Result<()> {
+    let rows = sorted_rows(agent, opts.sort);
+    let secs = opts.interval.as_secs_f64();
+    if opts.json {
+        let listeners: Vec<&Row> = rows.iter().map(|(r, _, _)| r).collect();
+        let v = serde_json::json!({
+            "ts_ns": system::monotonic_ns(),
+            "interval_ns": u64::try_from(opts.interval.as_nanos()).unwrap_or(u64::MAX),
+            "lost": agent.lost(),
+            "sock_diag": agent.diag_ok,
+            "listeners": listeners,
+        });
+        writeln!(out, "{v}")?;
+        out.flush()?;
+        return Ok(());
+    }
+    let mut table: Vec<[String; 13]> = vec![HEADER.map(str::to_owned)];
+    table.extend(rows.iter().map(|(r, _, _)| cells(r, secs)));
+    let mut widths = [0usize; 13];
+    for row in &table {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(c.len());
+        }
+    }
+    writeln!(
+        out,
+        "socktrace top: {} listeners, interval {:.1}s, events lost {}{}",
+        rows.len(),
+        secs,
+        agent.lost(),
+        if agent.diag_ok { "" } else { " (sock_diag unavailable: queue now/backlog/owner unknown)" }
+    )?;
+    for (i, row) in table.iter().enumerate() {
+        let mark = if i > 0 && rows[i - 1].1 { "!" } else { " " };
+        let line: Vec<String> = row.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        writeln!(out, "{mark}{}", line.join("  ").trim_end())?;
+    }
+    writeln!(out)?;
+    out.flush()?;
+    Ok(())
+}
