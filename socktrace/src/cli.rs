@@ -59,6 +59,22 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "drops")]
         sort: crate::top::SortKey,
     },
+    /// Run continuously as a Prometheus exporter (/metrics, /healthz).
+    Serve {
+        #[command(flatten)]
+        trace: TraceArgs,
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Address to serve on. Loopback by default; another address needs --allow-remote.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        listen: std::net::SocketAddr,
+        /// Allow a non-loopback --listen address (the metrics reveal ports and process names).
+        #[arg(long)]
+        allow_remote: bool,
+        /// Most listeners exported (series per listener are bounded by this).
+        #[arg(long, default_value_t = 1000)]
+        max_listeners: usize,
+    },
 }
 
 /// How the tracer is loaded (shared by every tracing command).

@@ -12,6 +12,7 @@ mod event;
 mod model;
 mod offsets;
 mod probes;
+mod serve;
 mod system;
 mod top;
 mod tui;
@@ -68,6 +69,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
             rt.block_on(watch::run(tracer, filter, json, duration))
         }
+        Command::Serve { trace, filter, listen, allow_remote, max_listeners } => {
+            if !listen.ip().is_loopback() && !allow_remote {
+                return Err(RemoteRefused(listen).into());
+            }
+            let filter = filter.validate()?;
+            let tracer = start(&trace)?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
+            rt.block_on(async move {
+                let agent = agent::Agent::new(tracer, filter, diag_source())?;
+                serve::run(agent, serve::ServeOptions { listen, max_listeners }).await
+            })
+        }
         Command::Top { trace, filter, interval, once, json, iterations, sort } => {
             let filter = filter.validate()?;
             let tracer = start(&trace)?;
@@ -79,6 +92,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
 }
+
+#[derive(Debug, thiserror::Error)]
+#[error("refusing to serve on non-loopback address {0} without --allow-remote")]
+struct RemoteRefused(std::net::SocketAddr);
 
 /// LISTEN sockets of every netns from sock_diag. Not wired yet: reported as unavailable.
 fn diag_source() -> agent::DiagSource {

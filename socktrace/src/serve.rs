@@ -1,0 +1,308 @@
+//! `socktrace serve`: the agent as a Prometheus exporter for fleets. `/metrics` (Prometheus text
+//! format) and `/healthz` over HTTP/1, loopback by default.
+//!
+//! Each scrape closes an interval of the [`Model`](crate::model::Model): counters are the
+//! kernel's per-listener aggregates (monotonic across scrapes and listener churn, exact — no
+//! sampling), `socktrace_accept_queue_peak` is the high-water mark since the previous scrape.
+//! Cardinality: one series set per listening port and netns, capped by `--max-listeners`
+//! (default 1000); listeners that vanish are dropped after the model's grace period (30 scrapes).
+//! The HTTP side is hardened against slow or malformed clients: header read timeout, request size
+//! limit, a cap on concurrent connections and on each connection's lifetime.
+
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use tokio::{
+    net::TcpListener,
+    signal::unix::SignalKind,
+    sync::{Semaphore, mpsc, oneshot},
+};
+
+use crate::{agent::Agent, model::ListenerKey};
+
+pub struct ServeOptions {
+    pub listen: SocketAddr,
+    pub max_listeners: usize,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Labels {
+    netns: String,
+    laddr: String,
+    lport: String,
+    comm: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProbeLabels {
+    signal: String,
+    hook: String,
+}
+
+fn wait_histogram() -> Histogram {
+    // 100 µs … ~105 s, ×4 per bucket.
+    Histogram::new(exponential_buckets(0.000_1, 4.0, 11))
+}
+
+struct Metrics {
+    registry: Registry,
+    queue_len: Family<Labels, Gauge>,
+    queue_max: Family<Labels, Gauge>,
+    queue_peak: Family<Labels, Gauge>,
+    wait: Family<Labels, Histogram, fn() -> Histogram>,
+    accepts: Family<Labels, Counter>,
+    overflows: Family<Labels, Counter>,
+    syn_drops: Family<Labels, Counter>,
+    synack: Family<Labels, Counter>,
+    retrans: Family<Labels, Counter>,
+    lost: Counter,
+    lost_seen: u64,
+    skipped: Gauge,
+    exported: BTreeMap<ListenerKey, Labels>,
+}
+
+impl Metrics {
+    fn new(agent: &Agent) -> Metrics {
+        let mut registry = Registry::with_prefix("socktrace");
+        let m = Metrics {
+            registry: Registry::default(),
+            queue_len: Family::default(),
+            queue_max: Family::default(),
+            queue_peak: Family::default(),
+            wait: Family::new_with_constructor(wait_histogram as fn() -> Histogram),
+            accepts: Family::default(),
+            overflows: Family::default(),
+            syn_drops: Family::default(),
+            synack: Family::default(),
+            retrans: Family::default(),
+            lost: Counter::default(),
+            lost_seen: 0,
+            skipped: Gauge::default(),
+            exported: BTreeMap::new(),
+        };
+        registry.register("accept_queue_length", "Connections in the accept queue now (sock_diag)", m.queue_len.clone());
+        registry.register("accept_queue_max", "Accept queue limit (listen backlog)", m.queue_max.clone());
+        registry.register("accept_queue_peak", "Accept queue high-water mark since the previous scrape (eBPF)", m.queue_peak.clone());
+        registry.register("accept_wait_seconds", "Time connections waited in the accept queue", m.wait.clone());
+        registry.register("accepts", "Connections accepted", m.accepts.clone());
+        registry.register(
+            "listen_overflows",
+            "Connections dropped because the accept queue was full (3rd ACK and SYN), as TcpExtListenOverflows counts them",
+            m.overflows.clone(),
+        );
+        registry.register("syn_drops", "SYNs dropped because the accept queue was full (part of listen_overflows)", m.syn_drops.clone());
+        registry.register("synack_retransmits", "SYN-ACKs retransmitted by the listener", m.synack.clone());
+        registry.register("retransmits", "Segments retransmitted on connections accepted from the listener", m.retrans.clone());
+        registry.register("events_lost", "Events lost because the ring buffer was full", m.lost.clone());
+        registry.register("listeners_not_exported", "Listeners beyond --max-listeners, not exported", m.skipped.clone());
+        let probes: Family<ProbeLabels, Gauge> = Family::default();
+        for r in &agent.tracer.report {
+            probes
+                .get_or_create(&ProbeLabels { signal: r.signal.into(), hook: r.hook.unwrap_or("unavailable").into() })
+                .set(i64::from(r.hook.is_some()));
+        }
+        registry.register("probe_info", "Kernel hook in use per signal (1), or unavailable (0)", probes);
+        Metrics { registry, ..m }
+    }
+
+    fn families(&self) -> [&Family<Labels, Counter>; 5] {
+        [&self.accepts, &self.overflows, &self.syn_drops, &self.synack, &self.retrans]
+    }
+
+    fn remove(&self, labels: &Labels) {
+        for g in [&self.queue_len, &self.queue_max, &self.queue_peak] {
+            g.remove(labels);
+        }
+        for c in self.families() {
+            c.remove(labels);
+        }
+        self.wait.remove(labels);
+    }
+
+    /// Closes an interval and brings every series up to date.
+    fn update(&mut self, agent: &mut Agent, max_listeners: usize) -> anyhow::Result<()> {
+        agent.close_interval()?;
+        let lost = agent.lost();
+        self.lost.inc_by(lost.saturating_sub(self.lost_seen));
+        self.lost_seen = lost;
+        let mut current = BTreeMap::new();
+        let mut skipped = 0i64;
+        for (key, l) in &agent.model.listeners {
+            if current.len() >= max_listeners {
+                skipped += 1;
+                continue;
+            }
+            let comm = l.owners.first().map(|o| o.1.clone()).or_else(|| l.last_acceptor.as_ref().map(|a| a.comm.clone()));
+            let labels = Labels {
+                netns: key.netns.to_string(),
+                laddr: match l.laddrs.len() {
+                    0 => "*".into(),
+                    1 => l.laddrs.iter().next().map(ToString::to_string).unwrap_or_default(),
+                    _ => l.laddrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+                },
+                lport: key.lport.to_string(),
+                comm: comm.unwrap_or_else(|| "unknown".into()),
+            };
+            if let Some(old) = self.exported.get(key).filter(|old| **old != labels) {
+                // Same listener, new owner or address: carry the counters over to the new series.
+                for c in self.families() {
+                    let v = c.get_or_create(old).get();
+                    c.get_or_create(&labels).inc_by(v);
+                }
+                self.remove(old);
+            }
+            let set = |g: &Family<Labels, Gauge>, v: Option<u32>| match v {
+                Some(v) => {
+                    g.get_or_create(&labels).set(i64::from(v));
+                }
+                None => {
+                    // Unavailable is not zero: no sample this time.
+                    g.remove(&labels);
+                }
+            };
+            set(&self.queue_len, l.queue_len);
+            set(&self.queue_max, l.backlog);
+            set(&self.queue_peak, l.queue_peak);
+            self.accepts.get_or_create(&labels).inc_by(l.interval.accepts);
+            self.overflows.get_or_create(&labels).inc_by(l.interval.overflows + l.interval.syn_drops);
+            self.syn_drops.get_or_create(&labels).inc_by(l.interval.syn_drops);
+            self.synack.get_or_create(&labels).inc_by(l.interval.synack_retransmits);
+            self.retrans.get_or_create(&labels).inc_by(l.interval.retransmits);
+            let h = self.wait.get_or_create(&labels);
+            for v in l.waits.iter_recorded() {
+                let secs = v.value_iterated_to() as f64 / 1e9;
+                for _ in 0..v.count_at_value() {
+                    h.observe(secs);
+                }
+            }
+            current.insert(*key, labels);
+        }
+        for (key, labels) in &self.exported {
+            if !current.contains_key(key) {
+                self.remove(labels);
+            }
+        }
+        self.exported = current;
+        self.skipped.set(skipped);
+        Ok(())
+    }
+
+    fn encode(&self) -> anyhow::Result<String> {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).context("encoding metrics")?;
+        Ok(out)
+    }
+}
+
+type Scrape = oneshot::Sender<Result<String, String>>;
+
+/// Concurrent HTTP connections; further ones are closed at once.
+const MAX_CONNECTIONS: usize = 256;
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
+
+pub async fn run(mut agent: Agent, opts: ServeOptions) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(opts.listen).await.with_context(|| format!("cannot listen on {}", opts.listen))?;
+    let (tx, mut rx) = mpsc::channel::<Scrape>(64);
+    let served = Arc::new(AtomicU64::new(0));
+    tokio::spawn(http(listener, tx, Arc::clone(&served)));
+    let mut metrics = Metrics::new(&agent);
+    eprintln!("{}", agent.tracer.summary());
+    eprintln!("socktrace: serving http://{}/metrics", opts.listen);
+    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            r = agent.pump() => r?,
+            Some(reply) = rx.recv() => {
+                let body = metrics.update(&mut agent, opts.max_listeners).and_then(|()| metrics.encode());
+                let _ = reply.send(body.map_err(|e| format!("{e:#}")));
+            }
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+    eprintln!("socktrace: served {} scrapes", served.load(Ordering::Relaxed));
+    Ok(())
+}
+
+async fn http(listener: TcpListener, tx: mpsc::Sender<Scrape>, served: Arc<AtomicU64>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
+        let tx = tx.clone();
+        let served = Arc::clone(&served);
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| handle(req, tx.clone(), Arc::clone(&served)));
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(16 * 1024)
+                .serve_connection(TokioIo::new(stream), svc);
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
+            drop(permit);
+        });
+    }
+}
+
+fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    if let Ok(v) = content_type.parse() {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+async fn handle(req: Request<Incoming>, tx: mpsc::Sender<Scrape>, served: Arc<AtomicU64>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let text = "text/plain; charset=utf-8";
+    Ok(match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => {
+            let (otx, orx) = oneshot::channel();
+            if tx.send(otx).await.is_err() {
+                return Ok(reply(StatusCode::SERVICE_UNAVAILABLE, text, "agent stopped\n".into()));
+            }
+            match orx.await {
+                Ok(Ok(body)) => {
+                    served.fetch_add(1, Ordering::Relaxed);
+                    reply(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", body)
+                }
+                Ok(Err(e)) => reply(StatusCode::INTERNAL_SERVER_ERROR, text, format!("{e}\n")),
+                Err(_) => reply(StatusCode::SERVICE_UNAVAILABLE, text, "agent stopped\n".into()),
+            }
+        }
+        (&Method::GET, "/healthz") => reply(StatusCode::OK, text, "ok\n".into()),
+        (_, "/metrics" | "/healthz") => reply(StatusCode::METHOD_NOT_ALLOWED, text, "only GET\n".into()),
+        _ => reply(StatusCode::NOT_FOUND, text, "not found: try /metrics or /healthz\n".into()),
+    })
+}
