@@ -332,3 +332,60 @@ impl Drop for Scenario {
         let _ = self.child.wait();
     }
 }
+
+/// Minimal HTTP/1.1 GET over loopback (tests must not depend on an HTTP client crate's behaviour):
+/// returns (status, body). Fails after `timeout`.
+pub fn http_get(addr: &str, path: &str, timeout: Duration) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let sock: std::net::SocketAddr = addr.parse()?;
+    let mut s = std::net::TcpStream::connect_timeout(&sock, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("no HTTP status in {text:?}"))?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// A running `socktrace serve`, stopped on drop.
+pub struct Serve {
+    child: Child,
+    pub addr: String,
+    pub stderr: Lines,
+}
+
+impl Serve {
+    pub fn start(port: u16, args: &[&str]) -> anyhow::Result<Serve> {
+        let addr = format!("127.0.0.1:{port}");
+        let mut child = Command::new(socktrace_bin())
+            .args(["serve", "--listen", &addr])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let (tx, rx) = mpsc::channel();
+        let stderr = collect(child.stderr.take().context("stderr")?, Some((tx, "serving http://")));
+        if rx.recv_timeout(Duration::from_secs(60)).is_err() {
+            let _ = child.kill();
+            bail!("socktrace serve did not start: {:?}", stderr.lock().map(|l| l.clone()));
+        }
+        Ok(Serve { child, addr, stderr })
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(i32::try_from(self.child.id()).unwrap_or(0), libc::SIGINT) };
+        std::thread::sleep(Duration::from_millis(200));
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -9,13 +9,14 @@ use crate::status;
 
 /// Debian packages the tests use: `ip netns` (iproute2), loss injection (nftables), program
 /// listings (bpftool), `ss`/`nstat` ground truth (iproute2), `netstat` (net-tools), `setpriv`
-/// (util-linux, for the not-root test).
+/// (util-linux, for the not-root test), a real Prometheus server scraping `socktrace serve`.
 const TEST_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "/usr/sbin/ip"),
     ("nftables", "/usr/sbin/nft"),
     ("bpftool", "/usr/sbin/bpftool"),
     ("net-tools", "/usr/bin/netstat"),
     ("util-linux", "/usr/bin/setpriv"),
+    ("prometheus", "/usr/bin/prometheus"),
 ];
 
 pub fn all() -> anyhow::Result<()> {

@@ -1,0 +1,168 @@
+//! `socktrace serve` against a real Prometheus server (Debian's `prometheus`, started here with a
+//! temporary config on loopback): the scraped overflow counter must equal the test netns's
+//! TcpExtListenOverflows delta. And the exporter must keep serving under slow and bad clients.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use socktrace_tests::{Cgroup, NetNs, Scenario, Serve, http_get, privileged, probes};
+
+const SCENARIO: &str = env!("CARGO_BIN_EXE_st-scenario");
+
+struct Prometheus {
+    child: Child,
+    dir: std::path::PathBuf,
+    addr: String,
+}
+
+impl Prometheus {
+    fn start(target: &str, port: u16) -> Prometheus {
+        let dir = std::env::temp_dir().join(format!("socktrace-prom-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("data")).unwrap();
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: socktrace\n    static_configs:\n      - targets: ['{target}']\n"
+        );
+        std::fs::write(dir.join("prometheus.yml"), config).unwrap();
+        let addr = format!("127.0.0.1:{port}");
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus (Debian package `prometheus`) must be installed");
+        Prometheus { child, dir, addr }
+    }
+
+    /// Value of an instant query returning one series (None: no result yet).
+    fn query(&self, q: &str) -> Option<f64> {
+        let enc: String = q
+            .bytes()
+            .map(|b| if b.is_ascii_alphanumeric() || b"_.-".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+            .collect();
+        let (status, body) = http_get(&self.addr, &format!("/api/v1/query?query={enc}"), Duration::from_secs(5)).ok()?;
+        if status != 200 {
+            return None;
+        }
+        // Chunked or not, the JSON object is the part between the first '{' and the last '}'.
+        let json = &body[body.find('{')?..=body.rfind('}')?];
+        let v: serde_json::Value = serde_json::from_str(json).ok()?;
+        v["data"]["result"].get(0)?["value"][1].as_str()?.parse().ok()
+    }
+
+    fn wait_for(&self, q: &str, pred: impl Fn(f64) -> bool, limit: Duration) -> Option<f64> {
+        let deadline = Instant::now() + limit;
+        let mut last = None;
+        while Instant::now() < deadline {
+            last = self.query(q);
+            if last.is_some_and(&pred) {
+                return last;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        last
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn prometheus_scrape_matches_kernel_overflow_counter() {
+    if !privileged() {
+        return;
+    }
+    let ns = NetNs::new("prom").unwrap();
+    let cg = Cgroup::new("prom").unwrap();
+    let cg_path = cg.path.to_string_lossy().into_owned();
+    let inode = ns.inode().to_string();
+    let hooks = probes(&["--cgroup", &cg_path]).unwrap();
+    let serve = Serve::start(19464, &["--netns", &inode, "--cgroup", &cg_path]).unwrap();
+    let prom = Prometheus::start(&serve.addr, 19090);
+    assert_eq!(prom.wait_for("up{job=\"socktrace\"}", |v| v == 1.0, Duration::from_secs(60)), Some(1.0), "Prometheus never scraped socktrace");
+    let before = ns.counters().unwrap();
+    let server = Scenario::start(
+        Path::new(SCENARIO),
+        &["server", "--netns", &ns.name, "--cgroup", &cg_path, "--addr", "127.0.0.1:9200", "--backlog", "4", "--accept-after-ms", "500", "--accept-delay-ms", "20", "--max-accepts", "40", "--run-ms", "12000"]
+            .map(str::to_owned),
+    )
+    .unwrap();
+    let clients = Scenario::start(
+        Path::new(SCENARIO),
+        &["clients", "--netns", &ns.name, "--addr", "127.0.0.1:9200", "--count", "40", "--hold-ms", "9000"].map(str::to_owned),
+    )
+    .unwrap();
+    server.wait(Duration::from_secs(60)).unwrap();
+    let after = ns.counters().unwrap();
+    drop(clients);
+    let delta = after.delta(&before, "TcpExtListenOverflows");
+    assert!(delta > 0, "the scenario must overflow");
+    let q = format!("sum(socktrace_listen_overflows_total{{lport=\"9200\",netns=\"{inode}\"}})");
+    let bound = if hooks["syn_drop"].as_deref() == Some("cgroup_skb") { (delta * 8 / 100).max(3) } else { 0 };
+    let got = prom.wait_for(&q, |v| (v - delta as f64).abs() <= bound as f64, Duration::from_secs(20));
+    eprintln!("TcpExtListenOverflows delta {delta}; Prometheus {q} = {got:?} (bound {bound})");
+    let got = got.expect("no socktrace_listen_overflows_total series in Prometheus");
+    assert!((got - delta as f64).abs() <= bound as f64, "Prometheus says {got}, kernel says {delta}");
+    let accepts = prom.query(&format!("sum(socktrace_accepts_total{{lport=\"9200\",netns=\"{inode}\"}})"));
+    assert!(accepts.is_some_and(|a| a > 0.0), "accepts exported: {accepts:?}");
+}
+
+#[test]
+fn exporter_survives_slow_and_bad_clients() {
+    if !privileged() {
+        return;
+    }
+    let serve = Serve::start(19465, &["--netns", "1"]).unwrap();
+    let addr: std::net::SocketAddr = serve.addr.parse().unwrap();
+    // Slowloris: many connections that never finish their headers.
+    let mut slow = Vec::new();
+    for _ in 0..100 {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: ").unwrap();
+        slow.push(s);
+    }
+    for path in ["/healthz", "/metrics"] {
+        let t = Instant::now();
+        let (status, body) = http_get(&serve.addr, path, Duration::from_secs(5)).unwrap();
+        assert_eq!(status, 200, "{path} under slowloris");
+        assert!(t.elapsed() < Duration::from_secs(3), "{path} took {:?}", t.elapsed());
+        if path == "/metrics" {
+            assert!(body.contains("socktrace_probe_info"), "{body}");
+        }
+    }
+    // Malformed and oversized requests get an error status or a closed connection, never a hang.
+    for bad in [b"BLAH\r\n\r\n".to_vec(), b"GET / HTTP/9.9\r\n\r\n".to_vec(), [b"GET /metrics HTTP/1.1\r\nX: ".as_slice(), &[b'a'; 40_000], b"\r\n\r\n"].concat()] {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.write_all(&bad);
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        let text = String::from_utf8_lossy(&buf);
+        assert!(text.is_empty() || text.starts_with("HTTP/1.1 4") || text.starts_with("HTTP/1.0 4"), "bad request answered {text:?}");
+    }
+    assert_eq!(http_get(&serve.addr, "/nope", Duration::from_secs(5)).unwrap().0, 404);
+    // The slow connections are cut by the header timeout.
+    std::thread::sleep(Duration::from_secs(6));
+    let mut cut = 0;
+    for s in &mut slow {
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut b = [0u8; 256];
+        if matches!(s.read(&mut b), Ok(_)) {
+            cut += 1;
+        }
+    }
+    assert_eq!(cut, slow.len(), "slow clients must be disconnected by the header timeout");
+    assert_eq!(http_get(&serve.addr, "/healthz", Duration::from_secs(5)).unwrap().0, 200);
+}
