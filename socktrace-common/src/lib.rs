@@ -18,6 +18,9 @@ pub mod kind {
     pub const RETRANSMIT: u32 = 4;
     /// A SYN-ACK was retransmitted by a listener.
     pub const SYNACK_RETRANSMIT: u32 = 5;
+    /// A process called listen(2): `queue_max` is the backlog it asked for (the kernel caps it at
+    /// net.core.somaxconn).
+    pub const LISTEN: u32 = 6;
 }
 
 /// Bits of [`Event::flags`]: which optional fields are meaningful.
@@ -158,6 +161,9 @@ pub struct KernelOffsets {
     /// Offsets of the fd / return value in the classic `syscalls:sys_{enter,exit}_accept*` records.
     pub tp_accept_fd: u32,
     pub tp_accept_ret: u32,
+    /// Offsets of `fd` and `backlog` in the `syscalls:sys_enter_listen` record.
+    pub tp_listen_fd: u32,
+    pub tp_listen_backlog: u32,
     /// `[start, end)` of `cookie_v4_check` and `cookie_v6_check` in kernel text (from kallsyms; 0 when
     /// unknown): kfree_skb's `location` inside them with reason NO_SOCKET is a listen overflow on
     /// the SYN-cookie path, which the kernel drops without TCP_LISTEN_OVERFLOW or rx_sk.
@@ -202,6 +208,8 @@ impl KernelOffsets {
         retransmit_err_arg: Self::ABSENT,
         tp_accept_fd: 16,
         tp_accept_ret: 16,
+        tp_listen_fd: 16,
+        tp_listen_backlog: 24,
         cookie_v4_check: [0; 2],
         cookie_v6_check: [0; 2],
     };
@@ -298,7 +306,7 @@ mod tests {
     fn layout_has_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<Event>(), 8 * 3 + 4 * 9 + 2 * 3 + 6 + 16 * 2 + 16);
         assert_eq!(core::mem::size_of::<Event>() % 8, 0);
-        assert_eq!(core::mem::size_of::<KernelOffsets>(), 4 * 34 + 8 * 4);
+        assert_eq!(core::mem::size_of::<KernelOffsets>(), 4 * 36 + 8 * 4);
         assert_eq!(core::mem::size_of::<ListenerStats>(), 8 * 7 + 4 * 6 + 2 * 2 + 4);
         assert_eq!(listener_key(1, 80), (1 << 16) | 80);
     }

@@ -98,6 +98,38 @@ fn accept_exit(ctx: &TracePointContext) -> Result<u32, i64> {
     emit_accept(listener, child, hook::TRACEPOINT)
 }
 
+/// listen(2): the backlog the application asked for, before the kernel caps it at somaxconn.
+#[tracepoint(category = "syscalls", name = "sys_enter_listen")]
+pub fn listen_enter(ctx: TracePointContext) -> u32 {
+    let _ = try_listen(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_listen(ctx: &TracePointContext) -> Result<u32, i64> {
+    let fd_at = off!(tp_listen_fd) as usize;
+    let backlog_at = off!(tp_listen_backlog) as usize;
+    // SAFETY: offsets validated against the tracepoint's format file by userspace.
+    let fd = unsafe { ctx.read_at::<i64>(fd_at) }.map_err(i64::from)?;
+    // SAFETY: as above.
+    let backlog = unsafe { ctx.read_at::<i64>(backlog_at) }.map_err(i64::from)?;
+    let sk = sock_of_fd(fd)?;
+    if !is_inet_tcp(sk)? {
+        return Ok(0);
+    }
+    let mut ev = Event::ZERO;
+    ev.ts_ns = now();
+    ev.kind = kind::LISTEN;
+    ev.hook = hook::TRACEPOINT;
+    ev.sock_id = sk;
+    fill_local(&mut ev, sk)?;
+    ev.queue_max = backlog.clamp(0, i64::from(u32::MAX)) as u32;
+    ev.flags |= flags::HAS_QUEUE;
+    fill_task(&mut ev);
+    emit(&ev);
+    Ok(0)
+}
+
 /// One `accept` event: listener's address and queue, child's peer, wait since enqueue.
 #[inline(always)]
 fn emit_accept(listener: u64, child: u64, via: u32) -> Result<u32, i64> {

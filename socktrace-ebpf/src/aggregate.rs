@@ -53,6 +53,9 @@ pub fn adopt(child: u64, ev: &Event) {
 
 #[inline(always)]
 pub fn record(ev: &Event) {
+    if ev.kind == kind::LISTEN {
+        return;
+    }
     let key = if ev.kind == kind::RETRANSMIT {
         // SAFETY: value copied out.
         match unsafe { CHILD_OWNER.get(ev.sock_id) } {

@@ -40,6 +40,7 @@ pub fn kind_name(k: u32) -> &'static str {
         kind::SYN_DROP => "syn_drop",
         kind::RETRANSMIT => "retransmit",
         kind::SYNACK_RETRANSMIT => "synack_retransmit",
+        kind::LISTEN => "listen",
         _ => "unknown",
     }
 }

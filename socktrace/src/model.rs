@@ -114,6 +114,8 @@ pub struct Listener {
     /// Every accept-queue wait since start, ns.
     pub waits_total: Histogram<u64>,
     pub last_acceptor: Option<Acceptor>,
+    /// Backlog passed to listen(2), when that call was traced.
+    pub requested_backlog: Option<u32>,
     /// Queue high-water per interval, newest last (for sparklines).
     pub history: Vec<u32>,
     /// Interval number in which this row last had activity or was listening.
@@ -142,6 +144,7 @@ impl Listener {
             waits: histogram(),
             waits_total: histogram(),
             last_acceptor: None,
+            requested_backlog: None,
             history: Vec::new(),
             seen: 0,
         }
@@ -184,8 +187,14 @@ impl Model {
         })
     }
 
-    /// An event from the ring buffer (only accepts carry what the kernel map lacks).
+    /// An event from the ring buffer (only accepts and listen() calls carry what the kernel map
+    /// lacks).
     pub fn on_event(&mut self, r: &Record) {
+        if r.kind == "listen" {
+            let row = self.row(ListenerKey { netns: r.netns, lport: r.lport });
+            row.requested_backlog = r.queue_max;
+            return;
+        }
         if r.kind != "accept" {
             return;
         }

@@ -94,6 +94,8 @@ pub fn resolve(btf_path: &Path, tracefs: &Path) -> Result<KernelLayout, OffsetEr
     let syscalls = tracefs.join("events/syscalls");
     o.tp_accept_fd = tracepoint_field(&syscalls.join("sys_enter_accept4/format"), "fd").unwrap_or(16);
     o.tp_accept_ret = tracepoint_field(&syscalls.join("sys_exit_accept4/format"), "ret").unwrap_or(16);
+    o.tp_listen_fd = tracepoint_field(&syscalls.join("sys_enter_listen/format"), "fd").unwrap_or(16);
+    o.tp_listen_backlog = tracepoint_field(&syscalls.join("sys_enter_listen/format"), "backlog").unwrap_or(24);
     let cookie_overflows = o.reason_no_socket != KernelOffsets::ABSENT;
     Ok(KernelLayout { offsets: o, has_listen_overflow_reason: reason.is_some() && rx_sk, cookie_overflows })
 }

@@ -129,16 +129,19 @@ pub enum Signal {
     SynDrop,
     Retransmit,
     SynackRetransmit,
+    /// listen(2) calls (the backlog asked for).
+    Listen,
 }
 
 impl Signal {
-    pub const ALL: [Signal; 6] = [
+    pub const ALL: [Signal; 7] = [
         Signal::Accept,
         Signal::Enqueue,
         Signal::ListenOverflow,
         Signal::SynDrop,
         Signal::Retransmit,
         Signal::SynackRetransmit,
+        Signal::Listen,
     ];
 
     pub fn name(self) -> &'static str {
@@ -149,6 +152,7 @@ impl Signal {
             Signal::SynDrop => "syn_drop",
             Signal::Retransmit => "retransmit",
             Signal::SynackRetransmit => "synack_retransmit",
+            Signal::Listen => "listen",
         }
     }
 
@@ -208,6 +212,11 @@ impl Signal {
                 Candidate { kind: HookKind::TpBtf, progs: &[Prog { name: "retransmit_btf", attach: Attach::TpBtf("tcp_retransmit_skb") }], needs: Need::Nothing },
                 Candidate { kind: HookKind::RawTp, progs: &[Prog { name: "retransmit_raw", attach: Attach::RawTp("tcp_retransmit_skb") }], needs: Need::Nothing },
             ],
+            Signal::Listen => &[Candidate {
+                kind: HookKind::Tracepoint,
+                progs: &[Prog { name: "listen_enter", attach: Attach::Tracepoint("syscalls", "sys_enter_listen") }],
+                needs: Need::Nothing,
+            }],
             Signal::SynackRetransmit => &[
                 Candidate { kind: HookKind::TpBtf, progs: &[Prog { name: "synack_btf", attach: Attach::TpBtf("tcp_retransmit_synack") }], needs: Need::Nothing },
                 Candidate { kind: HookKind::RawTp, progs: &[Prog { name: "synack_raw", attach: Attach::RawTp("tcp_retransmit_synack") }], needs: Need::Nothing },
