@@ -10,13 +10,13 @@ use tokio::io::unix::AsyncFd;
 use crate::{
     cli::Filter,
     event::{self, Record},
-    model::{DiagListener, ListenerKey, Model},
+    model::{DiagSample, ListenerKey, Model},
     probes::Tracer,
     watch::{Stats, ring},
 };
 
 /// Where LISTEN sockets come from (sock_diag); `None` from it means "unavailable this time".
-pub type DiagSource = Box<dyn FnMut() -> Option<Vec<DiagListener>>>;
+pub type DiagSource = Box<dyn FnMut() -> Option<DiagSample>>;
 
 pub struct Agent {
     pub tracer: Tracer,
@@ -94,11 +94,12 @@ impl Agent {
             let peak = (s.peak_epoch[slot] == ended).then_some(s.peak[slot]);
             kernel.push((ListenerKey { netns: s.netns, lport: s.lport }, s, peak));
         }
-        let diag = (self.diag)().map(|v| {
-            v.into_iter().filter(|d| self.filter.matches_listener(d.netns, d.lport)).collect::<Vec<_>>()
+        let diag = (self.diag)().map(|mut sample| {
+            sample.listeners.retain(|d| self.filter.matches_listener(d.netns, d.lport));
+            sample
         });
         self.diag_ok = diag.is_some();
-        self.model.close_interval(&kernel, diag.as_deref());
+        self.model.close_interval(&kernel, diag.as_ref());
         Ok(())
     }
 

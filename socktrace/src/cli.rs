@@ -59,6 +59,22 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "drops")]
         sort: crate::top::SortKey,
     },
+    /// Observe listeners for a while, then give a verdict per listener with evidence, fix, check.
+    Diagnose {
+        #[command(flatten)]
+        trace: TraceArgs,
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// How long to observe.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        duration: Duration,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "text")]
+        format: crate::diagnose::Format,
+        /// Same as --format json.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run continuously as a Prometheus exporter (/metrics, /healthz).
     Serve {
         #[command(flatten)]

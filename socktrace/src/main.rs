@@ -8,6 +8,7 @@
 
 mod agent;
 mod cli;
+mod diagnose;
 mod event;
 mod model;
 mod offsets;
@@ -79,6 +80,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             rt.block_on(async move {
                 let agent = agent::Agent::new(tracer, filter, diag_source())?;
                 serve::run(agent, serve::ServeOptions { listen, max_listeners }).await
+            })
+        }
+        Command::Diagnose { trace, filter, duration, format, json } => {
+            let filter = filter.validate()?;
+            let tracer = start(&trace)?;
+            let format = if json { diagnose::Format::Json } else { format };
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
+            rt.block_on(async move {
+                let agent = agent::Agent::new(tracer, filter, diag_source())?;
+                diagnose::run(agent, duration, format).await
             })
         }
         Command::Top { trace, filter, interval, once, json, iterations, sort } => {

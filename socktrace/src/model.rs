@@ -39,6 +39,14 @@ pub struct DiagListener {
     pub drops: Option<u64>,
 }
 
+/// One sock_diag sample: LISTEN sockets, and per port the request sockets (SYN_RECV) waiting for
+/// the handshake's final ACK.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DiagSample {
+    pub listeners: Vec<DiagListener>,
+    pub syn_recv: BTreeMap<ListenerKey, u32>,
+}
+
 /// Kernel counters of one listener, monotonic.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counts {
@@ -101,6 +109,8 @@ pub struct Listener {
     pub queue_len: Option<u32>,
     pub backlog: Option<u32>,
     pub drops: Option<u64>,
+    /// Half-open connections (SYN_RECV request sockets) in the last sample.
+    pub syn_recv: Option<u32>,
     /// Counters since the agent started (monotonic).
     pub total: Counts,
     /// Counters in the last closed interval.
@@ -137,6 +147,7 @@ impl Listener {
             queue_len: None,
             backlog: None,
             drops: None,
+            syn_recv: None,
             total: Counts::default(),
             interval: Counts::default(),
             queue_peak: None,
@@ -213,7 +224,7 @@ impl Model {
 
     /// Closes an interval: `kernel` is every `LISTENERS` entry with the high-water mark of the
     /// epoch that just ended, `diag` the current LISTEN sockets (None: sock_diag unavailable).
-    pub fn close_interval(&mut self, kernel: &[(ListenerKey, ListenerStats, Option<u32>)], diag: Option<&[DiagListener]>) {
+    pub fn close_interval(&mut self, kernel: &[(ListenerKey, ListenerStats, Option<u32>)], diag: Option<&DiagSample>) {
         self.interval += 1;
         let now = self.interval;
         for l in self.listeners.values_mut() {
@@ -237,9 +248,11 @@ impl Model {
                 row.seen = now;
             }
         }
-        if let Some(diag) = diag {
+        if let Some(sample) = diag {
+            let diag = &sample.listeners;
             for l in self.listeners.values_mut() {
                 l.listening = false;
+                l.syn_recv = Some(sample.syn_recv.get(&l.key).copied().unwrap_or(0));
             }
             // Several sockets can share a port (v4 + v6, SO_REUSEPORT): sum queues, keep all owners.
             let mut fresh: BTreeMap<ListenerKey, (u32, u32, Vec<(u32, String)>, BTreeSet<IpAddr>, Option<u64>)> = BTreeMap::new();
@@ -267,6 +280,7 @@ impl Model {
                 row.laddrs = addrs;
                 row.drops = drops;
                 row.queue_peak = Some(row.queue_peak.map_or(q, |p| p.max(q)));
+                row.syn_recv = Some(sample.syn_recv.get(&key).copied().unwrap_or(0));
             }
         }
         for l in self.listeners.values_mut() {
@@ -324,24 +338,27 @@ mod tests {
             drops: Some(1),
         };
         let mut m = Model::default();
-        m.close_interval(&[(key, stats(0, 0), Some(3))], Some(&[d("0.0.0.0", 2), d("::", 4)]));
+        let sample = DiagSample { listeners: vec![d("0.0.0.0", 2), d("::", 4)], syn_recv: BTreeMap::from([(key, 5)]) };
+        m.close_interval(&[(key, stats(0, 0), Some(3))], Some(&sample));
         let l = &m.listeners[&key];
         assert_eq!((l.queue_len, l.backlog, l.drops), (Some(6), Some(256), Some(2)));
         assert_eq!(l.queue_peak, Some(6));
         assert_eq!(l.owners.len(), 1);
         assert_eq!(l.laddrs.len(), 2);
+        assert_eq!(l.syn_recv, Some(5));
     }
 
     #[test]
     fn vanished_listener_dropped_after_grace() {
         let key = ListenerKey { netns: 1, lport: 80 };
         let mut m = Model::default();
-        m.close_interval(&[(key, stats(1, 0), None)], Some(&[]));
+        let none = DiagSample::default();
+        m.close_interval(&[(key, stats(1, 0), None)], Some(&none));
         for _ in 0..GRACE_INTERVALS {
-            m.close_interval(&[(key, stats(1, 0), None)], Some(&[]));
+            m.close_interval(&[(key, stats(1, 0), None)], Some(&none));
         }
         assert!(m.listeners.contains_key(&key));
-        m.close_interval(&[(key, stats(1, 0), None)], Some(&[]));
+        m.close_interval(&[(key, stats(1, 0), None)], Some(&none));
         assert!(!m.listeners.contains_key(&key));
     }
 }
