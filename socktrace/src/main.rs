@@ -10,6 +10,7 @@ mod cli;
 mod event;
 mod offsets;
 mod probes;
+mod snapshot;
 mod system;
 mod watch;
 
@@ -42,6 +43,10 @@ fn main() -> ExitCode {
             if is_broken_pipe(&e) {
                 return ExitCode::SUCCESS;
             }
+            if let Some(usage) = e.downcast_ref::<snapshot::UsageError>() {
+                eprintln!("socktrace: {usage}");
+                return ExitCode::from(2);
+            }
             eprintln!("socktrace: error: {e:#}");
             ExitCode::from(1)
         }
@@ -64,6 +69,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
             rt.block_on(watch::run(tracer, filter, json, duration))
         }
+        Command::Snapshot(args) => snapshot::run(&args),
     }
 }
 
