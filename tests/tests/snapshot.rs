@@ -376,9 +376,9 @@ fn tcp_info_matches_ss() {
     let mut want: BTreeMap<Key, (u64, f64)> = BTreeMap::new();
     let ss_lines: Vec<&str> = text.lines().skip(1).collect();
     for pair in ss_lines.chunks(2) {
-        let [head, details] = pair else { continue };
+        let [sock_line, details] = pair else { continue };
         // With a state filter ss leaves out the State column.
-        let t: Vec<&str> = head.split_whitespace().collect();
+        let t: Vec<&str> = sock_line.split_whitespace().collect();
         let (lip, lport) = ss_addr(t[2]);
         let (rip, rport) = ss_addr(t[3]);
         let field = |name: &str| details.split_whitespace().find_map(|f| f.strip_prefix(name)).map(str::to_owned);
