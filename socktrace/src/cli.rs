@@ -91,6 +91,9 @@ pub enum Command {
         #[arg(long, default_value_t = 1000)]
         max_listeners: usize,
     },
+    /// List TCP sockets in every network namespace (like `ss -tanpe` in each), from
+    /// NETLINK_SOCK_DIAG: queues, backlog, drops, owning processes. Needs no eBPF and no root.
+    Snapshot(crate::snapshot::SnapshotArgs),
 }
 
 /// How the tracer is loaded (shared by every tracing command).

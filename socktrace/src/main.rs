@@ -14,6 +14,7 @@ mod model;
 mod offsets;
 mod probes;
 mod serve;
+mod snapshot;
 mod system;
 mod top;
 mod tui;
@@ -47,6 +48,10 @@ fn main() -> ExitCode {
         Err(e) => {
             if is_broken_pipe(&e) {
                 return ExitCode::SUCCESS;
+            }
+            if let Some(usage) = e.downcast_ref::<snapshot::UsageError>() {
+                eprintln!("socktrace: {usage}");
+                return ExitCode::from(2);
             }
             eprintln!("socktrace: error: {e:#}");
             ExitCode::from(1)
@@ -101,6 +106,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 top::run(agent, top::TopOptions { interval, iterations, json, once, sort }).await
             })
         }
+        Command::Snapshot(args) => snapshot::run(&args),
     }
 }
 

@@ -113,3 +113,8 @@ pub fn within_netns<T: Send + 'static>(path: &Path, f: impl FnOnce() -> T + Send
     .ok()
     .flatten()
 }
+
+/// Inode of the caller's network namespace.
+pub fn own_netns() -> Option<u32> {
+    std::fs::metadata("/proc/self/ns/net").ok().and_then(|m| u32::try_from(m.ino()).ok())
+}

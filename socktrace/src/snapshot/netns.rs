@@ -1,0 +1,125 @@
+//! The host's network namespaces, found from /proc/*/ns/net and /run/netns and deduplicated by
+//! inode, and running a closure inside one on a dedicated thread (`setns` there, then the thread
+//! exits), so the calling thread never leaves its own namespace. Namespaces that no process is
+//! in and that are not mounted under /run/netns cannot be found this way.
+
+use std::{
+    collections::HashSet,
+    fs, io,
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
+    path::{Path, PathBuf},
+};
+
+/// One network namespace and a path that refers to it.
+#[derive(Clone, Debug)]
+pub struct Netns {
+    pub inode: u32,
+    pub path: PathBuf,
+    /// Its name under /run/netns, if it has one.
+    pub name: Option<String>,
+}
+
+/// Every namespace found, the caller's first, then named ones (by name), then by pid.
+#[derive(Debug, Default)]
+pub struct Discovery {
+    pub namespaces: Vec<Netns>,
+    /// /proc/PID/ns/net links this user may not read (their namespace is unknown).
+    pub unreadable: usize,
+}
+
+fn inode_of(path: &Path) -> io::Result<u32> {
+    let ino = fs::metadata(path)?.ino();
+    u32::try_from(ino).map_err(|_| io::Error::other("namespace inode out of range"))
+}
+
+pub fn discover() -> Discovery {
+    let mut d = Discovery::default();
+    let mut seen = HashSet::new();
+    let mut add = |d: &mut Discovery, path: PathBuf, name: Option<String>| match inode_of(&path) {
+        Ok(inode) if seen.insert(inode) => d.namespaces.push(Netns { inode, path, name }),
+        Ok(inode) => {
+            // Already found (e.g. the caller's own namespace): keep its /run/netns name.
+            if let (Some(n), Some(name)) = (d.namespaces.iter_mut().find(|n| n.inode == inode), name) {
+                n.name.get_or_insert(name);
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => d.unreadable += 1,
+        Err(_) => {}
+    };
+    add(&mut d, PathBuf::from("/proc/self/ns/net"), None);
+    let mut named: Vec<(String, PathBuf)> = fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| Some((e.file_name().into_string().ok()?, e.path())))
+        .collect();
+    named.sort();
+    for (name, path) in named {
+        add(&mut d, path, Some(name));
+    }
+    let mut pids: Vec<u32> = fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    pids.sort_unstable();
+    for pid in pids {
+        add(&mut d, PathBuf::from(format!("/proc/{pid}/ns/net")), None);
+    }
+    d
+}
+
+/// Why a namespace could not be entered.
+#[derive(Debug, thiserror::Error)]
+pub enum EnterError {
+    #[error("opening {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("setns into {path}: {source}")]
+    Setns { path: PathBuf, source: io::Error },
+}
+
+impl EnterError {
+    /// Lack of privilege (as opposed to the namespace disappearing meanwhile).
+    pub fn is_permission(&self) -> bool {
+        let (EnterError::Open { source, .. } | EnterError::Setns { source, .. }) = self;
+        matches!(source.kind(), io::ErrorKind::PermissionDenied) || source.raw_os_error() == Some(libc::EPERM)
+    }
+}
+
+/// Runs `f` with the calling thread's network namespace being `ns`: directly when it already is
+/// (`own` is the caller's namespace inode), otherwise on a new thread that enters it and then exits.
+pub fn within<T: Send>(ns: &Netns, own: Option<u32>, f: impl FnOnce() -> T + Send) -> Result<T, EnterError> {
+    if own == Some(ns.inode) {
+        return Ok(f());
+    }
+    let file = fs::File::open(&ns.path).map_err(|source| EnterError::Open { path: ns.path.clone(), source })?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: a valid namespace fd; setns only changes this (short-lived) thread.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(EnterError::Setns { path: ns.path.clone(), source: io::Error::last_os_error() });
+            }
+            Ok(f())
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_namespace_comes_first_and_once() {
+        let d = discover();
+        let own = crate::system::own_netns().unwrap();
+        assert_eq!(d.namespaces[0].inode, own);
+        let mut inodes: Vec<u32> = d.namespaces.iter().map(|n| n.inode).collect();
+        inodes.sort_unstable();
+        inodes.dedup();
+        assert_eq!(inodes.len(), d.namespaces.len());
+        assert_eq!(within(&d.namespaces[0], Some(own), || 7).unwrap(), 7);
+    }
+}
