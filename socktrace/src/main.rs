@@ -10,6 +10,7 @@ mod agent;
 mod cli;
 mod diagnose;
 mod event;
+mod listeners;
 mod model;
 mod offsets;
 mod probes;
@@ -83,7 +84,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let tracer = start(&trace)?;
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
             rt.block_on(async move {
-                let agent = agent::Agent::new(tracer, filter, diag_source())?;
+                let agent = agent::Agent::new(tracer, filter.clone(), diag_source(filter.netns))?;
                 serve::run(agent, serve::ServeOptions { listen, max_listeners }).await
             })
         }
@@ -93,7 +94,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let format = if json { diagnose::Format::Json } else { format };
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
             rt.block_on(async move {
-                let agent = agent::Agent::new(tracer, filter, diag_source())?;
+                let agent = agent::Agent::new(tracer, filter.clone(), diag_source(filter.netns))?;
                 diagnose::run(agent, duration, format).await
             })
         }
@@ -102,7 +103,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let tracer = start(&trace)?;
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
             rt.block_on(async move {
-                let agent = agent::Agent::new(tracer, filter, diag_source())?;
+                let agent = agent::Agent::new(tracer, filter.clone(), diag_source(filter.netns))?;
                 top::run(agent, top::TopOptions { interval, iterations, json, once, sort }).await
             })
         }
@@ -114,9 +115,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 #[error("refusing to serve on non-loopback address {0} without --allow-remote")]
 struct RemoteRefused(std::net::SocketAddr);
 
-/// LISTEN sockets of every netns from sock_diag. Not wired yet: reported as unavailable.
-fn diag_source() -> agent::DiagSource {
-    Box::new(|| None)
+/// LISTEN sockets (and half-open counts) of the netns in scope, from sock_diag.
+fn diag_source(scope: Option<u32>) -> agent::DiagSource {
+    let mut live = listeners::LiveListeners::new(scope);
+    Box::new(move || live.sample())
 }
 
 /// Preconditions, BTF layout, load and attach: everything a tracing command needs.

@@ -10,10 +10,10 @@
 //! Layout: [`netns`] finds and enters namespaces, [`diag`] speaks `inet_diag`, [`procs`] maps socket
 //! inodes to processes, [`filter`] is the ss-style expression language, [`render`] prints.
 
-mod diag;
+pub(crate) mod diag;
 mod filter;
-mod netns;
-mod procs;
+pub(crate) mod netns;
+pub(crate) mod procs;
 mod render;
 
 use std::io::Write as _;
