@@ -389,3 +389,66 @@ impl Drop for Serve {
         let _ = self.child.wait();
     }
 }
+
+/// Any socktrace command, started and waited for until `ready` appears on its stderr.
+pub struct Socktrace {
+    child: Child,
+    stdout: Lines,
+    pub stderr: Lines,
+}
+
+impl Socktrace {
+    pub fn start(args: &[&str], ready: &'static str) -> anyhow::Result<Socktrace> {
+        let mut child = Command::new(socktrace_bin()).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+        let (tx, rx) = mpsc::channel();
+        let stdout = collect(child.stdout.take().context("stdout")?, None);
+        let stderr = collect(child.stderr.take().context("stderr")?, Some((tx, ready)));
+        if rx.recv_timeout(Duration::from_secs(60)).is_err() {
+            let _ = child.kill();
+            bail!("socktrace {args:?} not ready: {:?}", stderr.lock().map(|l| l.clone()));
+        }
+        Ok(Socktrace { child, stdout, stderr })
+    }
+
+    /// Waits for it to exit by itself; returns stdout lines.
+    pub fn wait(mut self, limit: Duration) -> anyhow::Result<Vec<String>> {
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(s) = self.child.try_wait()? {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                bail!("socktrace did not finish within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        if !status.success() {
+            bail!("socktrace failed ({status}): {:?}", self.stderr.lock().map(|l| l.clone()));
+        }
+        Ok(self.stdout.lock().map(|l| l.clone()).unwrap_or_default())
+    }
+}
+
+impl Drop for Socktrace {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Two namespaces joined by a veth pair: `a` at 10.77.0.1/24, `b` at 10.77.0.2/24, with `b`'s
+/// default route through `a`. Both are removed on drop.
+pub fn veth_pair(tag: &str) -> anyhow::Result<(NetNs, NetNs)> {
+    let a = NetNs::new(&format!("{tag}a"))?;
+    let b = NetNs::new(&format!("{tag}b"))?;
+    let (va, vb) = (format!("va{}", std::process::id() % 100_000), format!("vb{}", std::process::id() % 100_000));
+    run(Command::new("ip").args(["-n", &b.name, "link", "add", &vb, "type", "veth", "peer", "name", &va, "netns", &a.name]))?;
+    run(Command::new("ip").args(["-n", &a.name, "addr", "add", "10.77.0.1/24", "dev", &va]))?;
+    run(Command::new("ip").args(["-n", &b.name, "addr", "add", "10.77.0.2/24", "dev", &vb]))?;
+    run(Command::new("ip").args(["-n", &a.name, "link", "set", &va, "up"]))?;
+    run(Command::new("ip").args(["-n", &b.name, "link", "set", &vb, "up"]))?;
+    run(Command::new("ip").args(["-n", &b.name, "route", "add", "default", "via", "10.77.0.1"]))?;
+    Ok((a, b))
+}

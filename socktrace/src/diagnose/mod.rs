@@ -176,7 +176,9 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
         let total_waits = &l.waits_total;
         let e = Evidence {
             window_secs: window,
-            listening: a.listening || !agent.diag_ok,
+            // Seen in a sock_diag sample, or it accepted during the window (a short-lived listener can
+            // fall between samples).
+            listening: a.listening || a.accepts > 0 || !agent.diag_ok,
             backlog: a.backlog,
             requested_backlog: l.requested_backlog,
             somaxconn: facts.and_then(|f| f.somaxconn),

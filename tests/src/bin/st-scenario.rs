@@ -4,8 +4,11 @@
 //!
 //! `st-scenario server --netns NAME [--cgroup DIR] --addr IP:PORT --backlog N [--accept-after-ms A]
 //!                     [--accept-delay-ms D] [--run-ms T] [--max-accepts N] [--drain]`
+//!                     [--reply-chunks K --chunk-bytes B]
 //! `st-scenario clients --netns NAME --addr IP:PORT --count N [--hold-ms H] [--send-chunks K]
-//!                      [--chunk-bytes B] [--connect-timeout-ms T]`
+//!                      [--chunk-bytes B] [--connect-timeout-ms T] [--bursts K --burst-gap-ms G]`
+//! `st-scenario synflood --netns NAME --addr IP:PORT --src-net A.B --rate PPS --duration-ms D`:
+//!   raw SYNs from spoofed sources A.B.x.y (routed nowhere, so nobody answers the SYN-ACKs).
 
 use std::{
     collections::HashMap,
@@ -63,6 +66,13 @@ fn real_main() -> anyhow::Result<()> {
             Duration::from_millis(num("run-ms", 5000)?),
             num("max-accepts", u64::MAX)?,
             flags.iter().any(|f| f == "drain"),
+            (num("reply-chunks", 0)?, usize::try_from(num("chunk-bytes", 200)?)?),
+        ),
+        "synflood" => synflood(
+            addr,
+            opts.get("src-net").map_or("10.78", String::as_str),
+            num("rate", 1000)?,
+            Duration::from_millis(num("duration-ms", 3000)?),
         ),
         "clients" => clients(
             addr,
@@ -71,6 +81,7 @@ fn real_main() -> anyhow::Result<()> {
             num("send-chunks", 0)?,
             usize::try_from(num("chunk-bytes", 100)?)?,
             Duration::from_millis(num("connect-timeout-ms", 15000)?),
+            (num("bursts", 1)?, Duration::from_millis(num("burst-gap-ms", 1000)?)),
         ),
         other => anyhow::bail!("unknown mode {other:?} (server|clients)"),
     }
@@ -125,6 +136,7 @@ fn server(
     run: Duration,
     max_accepts: u64,
     drain: bool,
+    (reply_chunks, reply_bytes): (u64, usize),
 ) -> anyhow::Result<()> {
     let listener = listen(addr, backlog)?;
     let start = Instant::now();
@@ -146,6 +158,14 @@ fn server(
                     stream.set_nonblocking(false)?;
                     drains.push(std::thread::spawn(move || {
                         let mut s = stream;
+                        let _ = s.set_nodelay(true);
+                        let chunk = vec![0xa5u8; reply_bytes];
+                        for _ in 0..reply_chunks {
+                            if s.write_all(&chunk).is_err() {
+                                break;
+                            }
+                            std::thread::sleep(Duration::from_millis(2));
+                        }
                         let mut buf = [0u8; 65536];
                         let mut total = 0u64;
                         while let Ok(n) = s.read(&mut buf) {
@@ -177,10 +197,15 @@ fn clients(
     chunks: u64,
     chunk_bytes: usize,
     timeout: Duration,
+    (bursts, gap): (u64, Duration),
 ) -> anyhow::Result<()> {
     emit(&json!({"ready": true, "pid": std::process::id()}));
-    let handles: Vec<_> = (0..count)
-        .map(|_| {
+    let mut handles = Vec::new();
+    for b in 0..bursts {
+        if b > 0 {
+            std::thread::sleep(gap);
+        }
+        handles.extend((0..count).map(|_| {
             std::thread::spawn(move || {
                 let started = monotonic_ns();
                 match TcpStream::connect_timeout(&addr, timeout) {
@@ -197,14 +222,25 @@ fn clients(
                             sent += buf.len() as u64;
                             std::thread::sleep(Duration::from_millis(2));
                         }
-                        std::thread::sleep(hold);
-                        json!({"event": "connect", "ok": true, "lport": lport, "started_ns": started, "connected_ns": connected, "sent_bytes": sent})
+                        // Read whatever the server sends while holding the connection.
+                        let _ = s.set_read_timeout(Some(Duration::from_millis(50)));
+                        let until = Instant::now() + hold;
+                        let mut received = 0u64;
+                        let mut rbuf = [0u8; 65536];
+                        while Instant::now() < until {
+                            match s.read(&mut rbuf) {
+                                Ok(0) => std::thread::sleep(Duration::from_millis(10)),
+                                Ok(n) => received += n as u64,
+                                Err(_) => {}
+                            }
+                        }
+                        json!({"event": "connect", "ok": true, "lport": lport, "started_ns": started, "connected_ns": connected, "sent_bytes": sent, "received_bytes": received})
                     }
                     Err(e) => json!({"event": "connect", "ok": false, "error": e.to_string()}),
                 }
             })
-        })
-        .collect();
+        }));
+    }
     let mut ok = 0u64;
     for h in handles {
         let v = h.join().map_err(|_| anyhow::anyhow!("client thread panicked"))?;
@@ -214,5 +250,85 @@ fn clients(
         emit(&v);
     }
     emit(&json!({"event": "done", "connected": ok}));
+    Ok(())
+}
+
+/// Internet checksum over `data` (ones' complement of the ones' complement sum).
+fn checksum(data: &[u8], mut sum: u32) -> u16 {
+    for pair in data.chunks(2) {
+        let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
+        sum += u32::from(word);
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Sends bare SYNs with spoofed sources `src_net.x.y` to `dst` at `rate` per second.
+fn synflood(dst: SocketAddr, src_net: &str, rate: u64, duration: Duration) -> anyhow::Result<()> {
+    let SocketAddr::V4(dst) = dst else { anyhow::bail!("synflood is IPv4 only") };
+    let prefix: Vec<u8> = src_net.split('.').map(str::parse).collect::<Result<_, _>>()?;
+    anyhow::ensure!(prefix.len() == 2, "--src-net takes two octets, e.g. 10.78");
+    // SAFETY: raw socket creation; the fd is owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    anyhow::ensure!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+    // SAFETY: fd is a fresh socket we own; closing it at the end.
+    let _guard = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    emit(&json!({"ready": true, "pid": std::process::id()}));
+    let start = Instant::now();
+    let mut sent = 0u64;
+    let mut seed: u32 = 0x9e37_79b9 ^ std::process::id();
+    let mut rnd = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 17;
+        seed ^= seed << 5;
+        seed
+    };
+    while start.elapsed() < duration {
+        let due = start.elapsed().as_secs_f64() * rate as f64;
+        if (sent as f64) >= due {
+            std::thread::sleep(Duration::from_micros(200));
+            continue;
+        }
+        let r = rnd();
+        let src = [prefix[0], prefix[1], (r >> 8) as u8, (r as u8).max(1)];
+        let sport = 1024 + (rnd() % 60000) as u16;
+        let mut pkt = [0u8; 40];
+        pkt[0] = 0x45;
+        pkt[2..4].copy_from_slice(&40u16.to_be_bytes());
+        pkt[4..6].copy_from_slice(&(rnd() as u16).to_be_bytes());
+        pkt[8] = 64;
+        pkt[9] = 6;
+        pkt[12..16].copy_from_slice(&src);
+        pkt[16..20].copy_from_slice(&dst.ip().octets());
+        let ipsum = checksum(&pkt[..20], 0);
+        pkt[10..12].copy_from_slice(&ipsum.to_be_bytes());
+        let tcp = &mut pkt[20..];
+        tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+        tcp[2..4].copy_from_slice(&dst.port().to_be_bytes());
+        tcp[4..8].copy_from_slice(&rnd().to_be_bytes());
+        tcp[12] = 5 << 4;
+        tcp[13] = 0x02;
+        tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+        let mut pseudo = 0u32;
+        for w in [&src[..], &dst.ip().octets()[..]] {
+            pseudo += u32::from(u16::from_be_bytes([w[0], w[1]])) + u32::from(u16::from_be_bytes([w[2], w[3]]));
+        }
+        pseudo += 6 + 20;
+        let tsum = checksum(tcp, pseudo);
+        tcp[16..18].copy_from_slice(&tsum.to_be_bytes());
+        let sa = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: 0,
+            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(dst.ip().octets()) },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: valid buffer and sockaddr.
+        let n = unsafe { libc::sendto(fd, pkt.as_ptr().cast(), pkt.len(), 0, (&raw const sa).cast(), std::mem::size_of_val(&sa) as u32) };
+        anyhow::ensure!(n == 40, "sendto: {}", std::io::Error::last_os_error());
+        sent += 1;
+    }
+    emit(&json!({"event": "done", "sent": sent}));
     Ok(())
 }
