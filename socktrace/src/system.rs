@@ -80,40 +80,6 @@ pub fn monotonic_ns() -> u64 {
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
-/// Path of the network namespace with inode `inode`: a bind mount under /run/netns, or a
-/// process's /proc/PID/ns/net.
-pub fn netns_path(inode: u32) -> Option<PathBuf> {
-    let candidates = std::fs::read_dir("/run/netns")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .chain(std::fs::read_dir("/proc").into_iter().flatten().flatten().filter_map(|e| {
-            let name = e.file_name();
-            name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())).map(|_| e.path().join("ns/net"))
-        }));
-    for p in candidates {
-        if std::fs::metadata(&p).ok().and_then(|m| u32::try_from(m.ino()).ok()) == Some(inode) {
-            return Some(p);
-        }
-    }
-    None
-}
-
-/// Runs `f` on a thread that entered the network namespace at `path` (setns affects only that
-/// thread). `None` when it cannot be entered.
-pub fn within_netns<T: Send + 'static>(path: &Path, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
-    use std::os::fd::AsRawFd as _;
-    let file = std::fs::File::open(path).ok()?;
-    std::thread::spawn(move || {
-        // SAFETY: a valid namespace fd; affects only this thread.
-        (unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } == 0).then(f)
-    })
-    .join()
-    .ok()
-    .flatten()
-}
-
 /// Inode of the caller's network namespace.
 pub fn own_netns() -> Option<u32> {
     std::fs::metadata("/proc/self/ns/net").ok().and_then(|m| u32::try_from(m.ino()).ok())

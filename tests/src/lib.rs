@@ -193,31 +193,99 @@ fn collect(stream: impl std::io::Read + Send + 'static, notify: Option<(mpsc::Se
     lines
 }
 
-/// A running `socktrace watch --json`, started and waited for until it says tracing began.
-pub struct Watch {
+fn snapshot(lines: &Lines) -> Vec<String> {
+    lines.lock().map(|l| l.clone()).unwrap_or_default()
+}
+
+/// Which stream announces readiness.
+#[derive(Clone, Copy)]
+pub enum ReadyOn {
+    Stdout,
+    Stderr,
+}
+
+/// A child process with its stdout and stderr collected line by line, started and waited for
+/// until a readiness line appears; killed on drop.
+pub struct Proc {
     child: Child,
     stdout: Lines,
-    pub stderr: Lines,
+    stderr: Lines,
 }
+
+impl Proc {
+    pub fn start(cmd: &mut Command, ready: &'static str, on: ReadyOn) -> anyhow::Result<Proc> {
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().with_context(|| format!("spawning {cmd:?}"))?;
+        let (tx, rx) = mpsc::channel();
+        let (out_note, err_note) = match on {
+            ReadyOn::Stdout => (Some((tx, ready)), None),
+            ReadyOn::Stderr => (None, Some((tx, ready))),
+        };
+        let stdout = collect(child.stdout.take().context("stdout")?, out_note);
+        let stderr = collect(child.stderr.take().context("stderr")?, err_note);
+        let proc = Proc { child, stdout, stderr };
+        if rx.recv_timeout(Duration::from_secs(60)).is_err() {
+            bail!("{cmd:?} never printed {ready:?}: {:?}", proc.stderr_lines());
+        }
+        Ok(proc)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(i32::try_from(self.child.id()).unwrap_or(0), sig) };
+    }
+
+    pub fn stdout_lines(&self) -> Vec<String> {
+        snapshot(&self.stdout)
+    }
+
+    pub fn stderr_lines(&self) -> Vec<String> {
+        snapshot(&self.stderr)
+    }
+
+    /// Waits (bounded) for a successful exit; the output readers get a moment to finish.
+    pub fn wait(&mut self, limit: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(s) = self.child.try_wait()? {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                bail!("process did not finish within {limit:?}: {:?}", self.stderr_lines());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        if !status.success() {
+            bail!("process exited with {status}: {:?}", self.stderr_lines());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn json_lines(lines: &[String]) -> anyhow::Result<Vec<Value>> {
+    lines.iter().map(|l| serde_json::from_str(l).with_context(|| format!("bad JSON line {l:?}"))).collect()
+}
+
+/// A running `socktrace watch --json`, started and waited for until it says tracing began.
+pub struct Watch(Proc);
 
 impl Watch {
     pub fn start(args: &[&str]) -> anyhow::Result<Watch> {
-        let mut child = Command::new(socktrace_bin())
-            .arg("watch")
-            .arg("--json")
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("spawning {}", socktrace_bin().display()))?;
-        let (tx, rx) = mpsc::channel();
-        let stdout = collect(child.stdout.take().context("stdout")?, None);
-        let stderr = collect(child.stderr.take().context("stderr")?, Some((tx, "tracing started")));
-        if rx.recv_timeout(Duration::from_secs(60)).is_err() {
-            let _ = child.kill();
-            bail!("socktrace did not start tracing: {:?}", stderr.lock().map(|l| l.clone()));
-        }
-        Ok(Watch { child, stdout, stderr })
+        let mut cmd = Command::new(socktrace_bin());
+        cmd.args(["watch", "--json"]).args(args);
+        Proc::start(&mut cmd, "tracing started", ReadyOn::Stderr).map(Watch)
     }
 
     /// Stops with SIGINT (as Ctrl-C) and returns every JSON record it printed.
@@ -229,37 +297,9 @@ impl Watch {
     pub fn finish_with_stderr(mut self) -> anyhow::Result<(Vec<Value>, Vec<String>)> {
         // Let in-flight events reach the ring buffer reader.
         std::thread::sleep(Duration::from_millis(300));
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(i32::try_from(self.child.id())?, libc::SIGINT) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let status = loop {
-            if let Some(s) = self.child.try_wait()? {
-                break s;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                bail!("socktrace did not exit after SIGINT");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        std::thread::sleep(Duration::from_millis(100));
-        if !status.success() {
-            bail!("socktrace exited with {status}: {:?}", self.stderr.lock().map(|l| l.clone()));
-        }
-        let lines = self.stdout.lock().map(|l| l.clone()).unwrap_or_default();
-        let records = lines
-            .iter()
-            .map(|l| serde_json::from_str(l).with_context(|| format!("bad JSON line {l:?}")))
-            .collect::<anyhow::Result<Vec<Value>>>()?;
-        let stderr = self.stderr.lock().map(|l| l.clone()).unwrap_or_default();
-        Ok((records, stderr))
-    }
-}
-
-impl Drop for Watch {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.0.signal(libc::SIGINT);
+        self.0.wait(Duration::from_secs(20))?;
+        Ok((json_lines(&self.0.stdout_lines())?, self.0.stderr_lines()))
     }
 }
 
@@ -280,56 +320,22 @@ pub fn probes(extra: &[&str]) -> anyhow::Result<HashMap<String, Option<String>>>
 }
 
 /// A running `st-scenario` process; its stdout is JSON lines.
-pub struct Scenario {
-    child: Child,
-    stdout: Lines,
-    stderr: Lines,
-}
+pub struct Scenario(Proc);
 
 impl Scenario {
     /// Starts `st-scenario ARGS` and waits for its `{"ready":…}` line.
     pub fn start(bin: &Path, args: &[String]) -> anyhow::Result<Scenario> {
-        let mut child = Command::new(bin).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
-        let (tx, rx) = mpsc::channel();
-        let stdout = collect(child.stdout.take().context("stdout")?, Some((tx, "\"ready\"")));
-        let stderr = collect(child.stderr.take().context("stderr")?, None);
-        if rx.recv_timeout(Duration::from_secs(20)).is_err() {
-            let _ = child.kill();
-            bail!("scenario {args:?} not ready: {:?}", stderr.lock().map(|l| l.clone()));
-        }
-        Ok(Scenario { child, stdout, stderr })
+        Proc::start(Command::new(bin).args(args), "\"ready\"", ReadyOn::Stdout).map(Scenario)
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.0.pid()
     }
 
     /// Waits for exit (bounded) and returns its JSON lines.
     pub fn wait(mut self, limit: Duration) -> anyhow::Result<Vec<Value>> {
-        let deadline = Instant::now() + limit;
-        let status = loop {
-            if let Some(s) = self.child.try_wait()? {
-                break s;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                bail!("scenario did not finish within {limit:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        std::thread::sleep(Duration::from_millis(50));
-        if !status.success() {
-            bail!("scenario failed ({status}): {:?}", self.stderr.lock().map(|l| l.clone()));
-        }
-        let lines = self.stdout.lock().map(|l| l.clone()).unwrap_or_default();
-        lines.iter().map(|l| serde_json::from_str(l).with_context(|| format!("bad JSON {l:?}"))).collect()
-    }
-}
-
-impl Drop for Scenario {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.0.wait(limit)?;
+        json_lines(&self.0.stdout_lines())
     }
 }
 
@@ -354,87 +360,40 @@ pub fn http_get(addr: &str, path: &str, timeout: Duration) -> anyhow::Result<(u1
     Ok((status, body))
 }
 
-/// A running `socktrace serve`, stopped on drop.
+/// A running `socktrace serve`, stopped (SIGINT, then kill) on drop.
 pub struct Serve {
-    child: Child,
+    proc: Proc,
     pub addr: String,
-    pub stderr: Lines,
 }
 
 impl Serve {
     pub fn start(port: u16, args: &[&str]) -> anyhow::Result<Serve> {
         let addr = format!("127.0.0.1:{port}");
-        let mut child = Command::new(socktrace_bin())
-            .args(["serve", "--listen", &addr])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        let (tx, rx) = mpsc::channel();
-        let stderr = collect(child.stderr.take().context("stderr")?, Some((tx, "serving http://")));
-        if rx.recv_timeout(Duration::from_secs(60)).is_err() {
-            let _ = child.kill();
-            bail!("socktrace serve did not start: {:?}", stderr.lock().map(|l| l.clone()));
-        }
-        Ok(Serve { child, addr, stderr })
+        let mut cmd = Command::new(socktrace_bin());
+        cmd.args(["serve", "--listen", &addr]).args(args);
+        Ok(Serve { proc: Proc::start(&mut cmd, "serving http://", ReadyOn::Stderr)?, addr })
     }
 }
 
 impl Drop for Serve {
     fn drop(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(i32::try_from(self.child.id()).unwrap_or(0), libc::SIGINT) };
+        self.proc.signal(libc::SIGINT);
         std::thread::sleep(Duration::from_millis(200));
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
 /// Any socktrace command, started and waited for until `ready` appears on its stderr.
-pub struct Socktrace {
-    child: Child,
-    stdout: Lines,
-    pub stderr: Lines,
-}
+pub struct Socktrace(Proc);
 
 impl Socktrace {
     pub fn start(args: &[&str], ready: &'static str) -> anyhow::Result<Socktrace> {
-        let mut child = Command::new(socktrace_bin()).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
-        let (tx, rx) = mpsc::channel();
-        let stdout = collect(child.stdout.take().context("stdout")?, None);
-        let stderr = collect(child.stderr.take().context("stderr")?, Some((tx, ready)));
-        if rx.recv_timeout(Duration::from_secs(60)).is_err() {
-            let _ = child.kill();
-            bail!("socktrace {args:?} not ready: {:?}", stderr.lock().map(|l| l.clone()));
-        }
-        Ok(Socktrace { child, stdout, stderr })
+        Proc::start(Command::new(socktrace_bin()).args(args), ready, ReadyOn::Stderr).map(Socktrace)
     }
 
     /// Waits for it to exit by itself; returns stdout lines.
     pub fn wait(mut self, limit: Duration) -> anyhow::Result<Vec<String>> {
-        let deadline = Instant::now() + limit;
-        let status = loop {
-            if let Some(s) = self.child.try_wait()? {
-                break s;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                bail!("socktrace did not finish within {limit:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        std::thread::sleep(Duration::from_millis(100));
-        if !status.success() {
-            bail!("socktrace failed ({status}): {:?}", self.stderr.lock().map(|l| l.clone()));
-        }
-        Ok(self.stdout.lock().map(|l| l.clone()).unwrap_or_default())
-    }
-}
-
-impl Drop for Socktrace {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.0.wait(limit)?;
+        Ok(self.0.stdout_lines())
     }
 }
 

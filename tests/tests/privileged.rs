@@ -59,10 +59,12 @@ fn accept_wait_matches_server_measurement() {
     let records = watch.finish().unwrap();
     assert_hooks(&records, &hooks);
 
-    let connected: HashMap<u64, u64> = client_lines
+    // Per client port: when connect() was called and when it returned. The connection entered the
+    // accept queue in between (on loopback the handshake completes inside connect()).
+    let connected: HashMap<u64, (u64, u64)> = client_lines
         .iter()
         .filter(|l| l["event"] == "connect" && l["ok"] == true)
-        .map(|l| (l["lport"].as_u64().unwrap(), l["connected_ns"].as_u64().unwrap()))
+        .map(|l| (l["lport"].as_u64().unwrap(), (l["started_ns"].as_u64().unwrap(), l["connected_ns"].as_u64().unwrap())))
         .collect();
     let accepted: HashMap<u64, u64> = server_lines
         .iter()
@@ -75,12 +77,18 @@ fn accept_wait_matches_server_measurement() {
     let mut worst = 0i64;
     for ev in &accepts {
         let rport = ev["rport"].as_u64().unwrap();
-        let server_ts = accepted[&rport];
-        let client_ts = connected[&rport];
-        let measured = i64::try_from(server_ts - client_ts).unwrap();
+        let server_ts = i64::try_from(accepted[&rport]).unwrap();
+        let (started, connected) = connected[&rport];
+        // What the scenario measured: accept() return minus connect() return. A client thread
+        // preempted right after its handshake makes that an underestimate by the preemption, so
+        // the bound is widened by exactly the time connect() itself took (microseconds unless the
+        // machine is loaded).
+        let measured = server_ts - i64::try_from(connected).unwrap();
+        let slack = i64::try_from(connected - started).unwrap();
         let traced = i64::try_from(ev["accept_wait_ns"].as_u64().expect("accept_wait_ns known")).unwrap();
-        worst = worst.max((traced - measured).abs());
-        assert!((traced - measured).abs() < 2_000_000, "port {rport}: traced wait {traced} ns vs measured {measured} ns");
+        let off = if traced < measured { measured - traced } else { (traced - measured - slack).max(0) };
+        worst = worst.max(off);
+        assert!(off < 2_000_000, "port {rport}: traced wait {traced} ns vs measured {measured} ns (connect took {slack} ns)");
         assert_eq!(ev["pid"].as_u64(), Some(u64::from(server_pid)));
         assert_eq!(ev["comm"], "st-scenario");
         assert_eq!(ev["queue_max"], 128);

@@ -10,14 +10,13 @@ pub mod rules;
 use std::{
     collections::{BTreeMap, BTreeSet},
     io::Write,
-    path::PathBuf,
     time::Duration,
 };
 
 use serde::Serialize;
 use tokio::signal::unix::SignalKind;
 
-use crate::{agent::Agent, model::ListenerKey, system};
+use crate::{agent::Agent, model::ListenerKey, snapshot::netns, system};
 use rules::{Evidence, Finding, THRESHOLDS, Target};
 
 /// sock_diag / interval sampling period.
@@ -62,9 +61,12 @@ fn read_facts() -> NetnsFacts {
     }
 }
 
-fn facts_of(netns: u32, paths: &mut BTreeMap<u32, Option<PathBuf>>) -> Option<NetnsFacts> {
-    let path = paths.entry(netns).or_insert_with(|| system::netns_path(netns)).clone()?;
-    system::within_netns(&path, read_facts)
+fn facts_of(netns: u32, known: &mut BTreeMap<u32, Option<netns::Netns>>) -> Option<NetnsFacts> {
+    let ns = known
+        .entry(netns)
+        .or_insert_with(|| netns::discover().namespaces.into_iter().find(|n| n.inode == netns))
+        .clone()?;
+    netns::within(&ns, None, read_facts).ok()
 }
 
 /// Accumulated over the window for one listener.
@@ -101,7 +103,7 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
     eprintln!("socktrace: observing for {:.1} s", duration.as_secs_f64());
     let mut paths = BTreeMap::new();
     let mut before: BTreeMap<u32, NetnsFacts> = BTreeMap::new();
-    let scope_netns = agent.filter.netns.or_else(|| system::netns_inode("/proc/self/ns/net").ok());
+    let scope_netns = agent.filter.netns.or_else(system::own_netns);
     if let Some(n) = scope_netns {
         if let Some(f) = facts_of(n, &mut paths) {
             before.insert(n, f);
