@@ -41,6 +41,16 @@ impl Prometheus {
         Prometheus { child, dir, addr }
     }
 
+    /// The raw API answer of an instant query.
+    fn api(&self, q: &str) -> Option<serde_json::Value> {
+        let enc: String = q
+            .bytes()
+            .map(|b| if b.is_ascii_alphanumeric() || b"_.-".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+            .collect();
+        let (_, body) = http_get(&self.addr, &format!("/api/v1/query?query={enc}"), Duration::from_secs(5)).ok()?;
+        serde_json::from_str(&body[body.find('{')?..=body.rfind('}')?]).ok()
+    }
+
     /// Value of an instant query returning one series (None: no result yet).
     fn query(&self, q: &str) -> Option<f64> {
         let enc: String = q
@@ -117,6 +127,20 @@ fn prometheus_scrape_matches_kernel_overflow_counter() {
     assert!((got - delta as f64).abs() <= bound as f64, "Prometheus says {got}, kernel says {delta}");
     let accepts = prom.query(&format!("sum(socktrace_accepts_total{{lport=\"9200\",netns=\"{inode}\"}})"));
     assert!(accepts.is_some_and(|a| a > 0.0), "accepts exported: {accepts:?}");
+
+    // Every query of the shipped Grafana dashboard is valid PromQL against these series.
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana-dashboard.json")).unwrap()).unwrap();
+    let mut checked = 0;
+    for panel in dash["panels"].as_array().unwrap() {
+        for t in panel["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap().replace("$netns", ".*").replace("$lport", ".*").replace("$__rate_interval", "1m");
+            let answer = prom.api(&expr).unwrap_or_default();
+            assert_eq!(answer["status"], "success", "dashboard query {expr}: {answer}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 8, "dashboard queries checked: {checked}");
 }
 
 #[test]
