@@ -61,3 +61,37 @@ fn short_burst_is_seen_by_top_but_not_by_snapshots() {
     let bound = if hooks["syn_drop"].as_deref() == Some("cgroup_skb") { (delta * 8 / 100).max(3) } else { 0 };
     assert!((drops - delta).abs() <= bound, "top counted {drops} drops, kernel {delta} (bound {bound})");
 }
+
+/// On a terminal `top` is a TUI: run it in tmux, read the screen.
+#[test]
+fn tui_shows_the_listener_on_a_terminal() {
+    if !privileged() {
+        return;
+    }
+    let ns = NetNs::new("toptui").unwrap();
+    let inode = ns.inode().to_string();
+    let session = format!("socktrace-tui-{}", std::process::id());
+    let bin = socktrace_tests::socktrace_bin();
+    let cmd = format!("{} top --netns {inode} --iterations 6", bin.display());
+    let tmux = |args: &[&str]| std::process::Command::new("tmux").args(args).output().expect("tmux (Debian package tmux) is installed by xtask setup");
+    assert!(tmux(&["new-session", "-d", "-s", &session, "-x", "180", "-y", "30", &cmd]).status.success());
+    std::thread::sleep(Duration::from_millis(2500));
+    let server = Scenario::start(
+        Path::new(SCENARIO),
+        &["server", "--netns", &ns.name, "--addr", "127.0.0.1:9610", "--backlog", "16", "--run-ms", "4000"].map(str::to_owned),
+    )
+    .unwrap();
+    Scenario::start(Path::new(SCENARIO), &["clients", "--netns", &ns.name, "--addr", "127.0.0.1:9610", "--count", "5", "--hold-ms", "100"].map(str::to_owned))
+        .unwrap()
+        .wait(Duration::from_secs(20))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let screen = String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-t", &session]).stdout).into_owned();
+    let _ = tmux(&["kill-session", "-t", &session]);
+    drop(server);
+    eprintln!("{screen}");
+    assert!(screen.contains("socktrace top"), "title missing:\n{screen}");
+    assert!(screen.contains("WAIT-P99") && screen.contains("BACKLOG"), "header missing:\n{screen}");
+    let row = screen.lines().find(|l| l.contains("127.0.0.1:9610")).unwrap_or_else(|| panic!("no row for the listener:\n{screen}"));
+    assert!(row.contains("st-scenario") && row.contains(&inode), "{row}");
+}

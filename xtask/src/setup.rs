@@ -9,7 +9,8 @@ use crate::status;
 
 /// Debian packages the tests use: `ip netns` (iproute2), loss injection (nftables), program
 /// listings (bpftool), `ss`/`nstat` ground truth (iproute2), `netstat` (net-tools), `setpriv`
-/// (util-linux, for the not-root test), a real Prometheus server scraping `socktrace serve`.
+/// (util-linux, for the not-root test), a real Prometheus server scraping `socktrace serve`, tmux to
+/// drive the `top` TUI on a real terminal.
 const TEST_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "/usr/sbin/ip"),
     ("nftables", "/usr/sbin/nft"),
@@ -17,6 +18,7 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("net-tools", "/usr/bin/netstat"),
     ("util-linux", "/usr/bin/setpriv"),
     ("prometheus", "/usr/bin/prometheus"),
+    ("tmux", "/usr/bin/tmux"),
 ];
 
 pub fn all() -> anyhow::Result<()> {
