@@ -49,6 +49,10 @@ pub struct SnapshotArgs {
     /// Print a JSON array of objects instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Do not look up owning processes (skips the /proc/*/fd scan, the slowest part on hosts
+    /// with many open files; JSON `processes` is then null).
+    #[arg(long)]
+    pub no_processes: bool,
     /// Filter expression, a subset of ss's: `sport`/`dport` with `= == != eq neq < > <= >=` and a
     /// port (`:8080`), `src`/`dst` with an address (`10.0.0.0/8`, `[::1]:80`, `:8080`), combined
     /// with `and`, `or`, `not`/`!` and parentheses. Example: `sport = :8080 and not dst 10.0.0.0/8`.
@@ -110,6 +114,7 @@ pub struct Config {
     netns: Option<String>,
     info: bool,
     json: bool,
+    processes: bool,
     families: Vec<u8>,
     filter: Option<filter::Expr>,
 }
@@ -133,16 +138,76 @@ impl SnapshotArgs {
             netns: self.netns.clone(),
             info: self.info,
             json: self.json,
+            processes: !self.no_processes,
             families,
             filter: filter::parse(&self.filter)?,
         })
     }
 }
 
-/// The sockets of one namespace.
+/// The sockets of one namespace (JSON output).
 pub struct NsSockets {
     pub ns: netns::Netns,
     pub records: Vec<Record>,
+}
+
+/// Where dumped sockets go: straight into table rows as they arrive (so formatting overlaps the
+/// kernel's dump), or kept as records for JSON.
+enum Rows {
+    Table(Box<render::Table>),
+    Records(Vec<Record>),
+}
+
+impl Rows {
+    fn new(cfg: &Config) -> Rows {
+        if cfg.json { Rows::Records(Vec::new()) } else { Rows::Table(Box::new(render::Table::new(cfg.info))) }
+    }
+
+    fn push(&mut self, ns: &netns::Netns, r: Record) {
+        match self {
+            Rows::Table(t) => t.push(ns, &r),
+            Rows::Records(v) => v.push(r),
+        }
+    }
+}
+
+/// Dumps one namespace: one socket and one concurrent thread per address family (each dump walks
+/// the kernel's whole socket table, so they overlap rather than add up). Results in family order.
+fn dump_netns(ns: &netns::Netns, socks: Vec<DiagSocket>, cfg: &Config) -> anyhow::Result<Vec<Rows>> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = socks
+            .into_iter()
+            .zip(&cfg.families)
+            .map(|(mut sock, &family)| {
+                s.spawn(move || {
+                    let mut rows = Rows::new(cfg);
+                    // Listeners (with their drop counters) from the listening hash, then the
+                    // rest from the established hash without them: cheaper for the kernel.
+                    let listen = TcpState::Listen.bit();
+                    for (states, meminfo) in [(cfg.states & listen, true), (cfg.states & !listen, false)] {
+                        if states == 0 {
+                            continue;
+                        }
+                        let req = Request { family, states, info: cfg.info, meminfo };
+                        sock.dump(req, |r| {
+                            if cfg.filter.as_ref().is_none_or(|f| f.matches(r.local, r.peer)) {
+                                rows.push(ns, r);
+                            }
+                        })?;
+                    }
+                    Ok::<_, diag::DiagError>(rows)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p))
+                    .with_context(|| format!("network namespace {}", ns.path.display()))
+            })
+            .collect()
+    })
 }
 
 pub fn run(args: &SnapshotArgs) -> anyhow::Result<()> {
@@ -151,14 +216,16 @@ pub fn run(args: &SnapshotArgs) -> anyhow::Result<()> {
     let (targets, unreadable) = targets(cfg.netns.as_deref())?;
     let explicit = cfg.netns.is_some();
 
-    let (found, skipped, owners) = std::thread::scope(|s| -> anyhow::Result<_> {
+    let (table, found, skipped, owners) = std::thread::scope(|s| -> anyhow::Result<_> {
         // The /proc scan runs beside the dumps (it is the other half of the work).
-        let scan = s.spawn(procs::Owners::scan);
-        let mut found = Vec::with_capacity(targets.len());
+        let scan = cfg.processes.then(|| s.spawn(procs::Owners::scan));
+        let mut table = render::Table::new(cfg.info);
+        let mut found = Vec::new();
         let mut skipped = Vec::new();
         for ns in targets {
-            let sock = match netns::within(&ns, own, DiagSocket::open) {
-                Ok(sock) => sock.with_context(|| format!("network namespace {}", ns.path.display()))?,
+            let open = || cfg.families.iter().map(|_| DiagSocket::open()).collect::<Result<Vec<_>, _>>();
+            let socks = match netns::within(&ns, own, open) {
+                Ok(socks) => socks.with_context(|| format!("network namespace {}", ns.path.display()))?,
                 Err(e) if explicit => {
                     let hint = if e.is_permission() { " (entering another network namespace needs root)" } else { "" };
                     bail!("{e}{hint}");
@@ -168,19 +235,17 @@ pub fn run(args: &SnapshotArgs) -> anyhow::Result<()> {
                     continue;
                 }
             };
-            let mut sock = sock;
             let mut records = Vec::new();
-            for &family in &cfg.families {
-                let req = Request { family, states: cfg.states, info: cfg.info };
-                sock.dump(req, &mut records).with_context(|| format!("network namespace {}", ns.path.display()))?;
-            }
-            if let Some(f) = &cfg.filter {
-                records.retain(|r| f.matches(r.local, r.peer));
+            for rows in dump_netns(&ns, socks, &cfg)? {
+                match rows {
+                    Rows::Table(t) => table.append(*t),
+                    Rows::Records(r) => records.extend(r),
+                }
             }
             found.push(NsSockets { ns, records });
         }
-        let owners = scan.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
-        Ok((found, skipped, owners))
+        let owners = scan.map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+        Ok((table, found, skipped, owners))
     })?;
 
     if !explicit && (!skipped.is_empty() || unreadable > 0) {
@@ -188,9 +253,9 @@ pub fn run(args: &SnapshotArgs) -> anyhow::Result<()> {
     }
     let mut out = std::io::stdout().lock();
     if cfg.json {
-        render::json(&mut out, &found, &owners, cfg.info)?;
+        render::json(&mut out, &found, owners.as_ref(), cfg.info)?;
     } else {
-        render::table(&mut out, &found, &owners, cfg.info)?;
+        table.write(&mut out, owners.as_ref())?;
     }
     out.flush()?;
     Ok(())
