@@ -10,7 +10,7 @@ use std::{
 };
 
 use netlink_packet_core::{
-    NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NlasIterator,
+    DefaultNla, Emitable as _, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NlasIterator,
     Parseable as _,
 };
 use netlink_packet_sock_diag::{
@@ -169,6 +169,59 @@ pub struct Request {
     pub info: bool,
     /// Also socket memory counters (`INET_DIAG_SKMEMINFO`), for `sk_drops`.
     pub meminfo: bool,
+    /// Only one half of the sockets (see [`Split`]).
+    pub split: Option<Split>,
+}
+
+/// One half of a socket table cut by ports, so two dumps can fill it on two cores at once (the
+/// kernel fills one dump on one core; with 100k sockets that is most of the run time).
+///
+/// With `a = sport < port` and `b = dport < port`, one half is `a == b`, the other `a != b`.
+/// With `port` in the middle of the ephemeral range, every connection has one end whose port is
+/// spread across that range: a server's accepted sockets split on their peer's port, a client's
+/// on their own, a loopback pair falls wholly in one half chosen by its ephemeral port. Listeners
+/// are dumped separately and never split.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Split {
+    pub port: u16,
+    pub same: bool,
+}
+
+impl Split {
+    /// The filter as `inet_diag` bytecode (`INET_DIAG_REQ_BYTECODE`; netlink-packet-sock-diag does
+    /// not model it). Ops are `struct inet_diag_bc_op { u8 code; u8 yes; u16 no; }`; a port test
+    /// is followed by an op whose `no` holds the port. Falling off the end accepts, landing 4 bytes
+    /// past it rejects; the kernel's audit follows the `yes` chain, which must end exactly at the end.
+    fn bytecode(self) -> Vec<u8> {
+        const JMP: u8 = 1;
+        const D_GE: u8 = 4;
+        const D_LE: u8 = 5;
+        const S_LE: u8 = 3;
+        const LEN: u16 = 28;
+        const REJECT: u16 = LEN + 4;
+        let below = self.port.saturating_sub(1);
+        // a true: accept iff (dport < port) == same; a false: accept iff (dport < port) != same.
+        let (a_true, a_false) = if self.same { ((D_LE, below), (D_GE, self.port)) } else { ((D_GE, self.port), (D_LE, below)) };
+        let mut bc = Vec::with_capacity(usize::from(LEN));
+        let mut op = |at: u16, code: u8, yes: u16, no: u16, port: Option<u16>| {
+            debug_assert_eq!(usize::from(at), bc.len());
+            bc.extend([code, u8::try_from(yes).unwrap_or(0)]);
+            bc.extend(no.saturating_sub(at).to_ne_bytes());
+            if let Some(p) = port {
+                bc.extend([0, 0]);
+                bc.extend(p.to_ne_bytes());
+            }
+        };
+        // @0: sport <= port-1 ? @8 : @20
+        op(0, S_LE, 8, 20, Some(below));
+        // @8 (a): the dport test; pass → @16, fail → reject
+        op(8, a_true.0, 8, REJECT, Some(a_true.1));
+        // @16: unconditional jump (taken through `no`) to the end: accept. `yes` only feeds the audit.
+        op(16, JMP, 4, LEN, None);
+        // @20 (not a): the dport test; pass → end (accept), fail → reject
+        op(20, a_false.0, 8, REJECT, Some(a_false.1));
+        bc
+    }
 }
 
 pub const FAMILIES: [u8; 2] = [AF_INET, AF_INET6];
@@ -260,6 +313,17 @@ impl DiagSocket {
         msg.finalize();
         let mut wire = vec![0; msg.buffer_len()];
         msg.serialize(&mut wire);
+        if let Some(split) = req.split {
+            // The request message's attribute: appended after the serialized request, with the
+            // header's length field grown to match.
+            const INET_DIAG_REQ_BYTECODE: u16 = 1;
+            let nla = DefaultNla::new(INET_DIAG_REQ_BYTECODE, split.bytecode());
+            let at = wire.len();
+            wire.resize(at + nla.buffer_len(), 0);
+            nla.emit(&mut wire[at..]);
+            let len = u32::try_from(wire.len()).unwrap_or(u32::MAX);
+            NetlinkBuffer::new(&mut wire[..]).set_length(len);
+        }
         self.socket.send(&wire, 0).map_err(DiagError::Send)?;
         Ok(())
     }
@@ -424,6 +488,59 @@ mod tests {
             s.clear();
             push_addr(&mut s, ip.parse().unwrap(), ifindex);
             assert_eq!(s, want);
+        }
+    }
+
+    /// Runs bytecode the way the kernel's `inet_diag_bc_run` does (port ops and JMP only).
+    fn run(bc: &[u8], sport: u16, dport: u16) -> bool {
+        let mut at = 0usize;
+        let mut len = isize::try_from(bc.len()).unwrap();
+        while len > 0 {
+            let (code, yes, no) = (bc[at], bc[at + 1], u16::from_ne_bytes([bc[at + 2], bc[at + 3]]));
+            let port = || u16::from_ne_bytes([bc[at + 6], bc[at + 7]]);
+            let hit = match code {
+                1 => false,
+                3 => sport <= port(),
+                4 => dport >= port(),
+                5 => dport <= port(),
+                other => panic!("op {other}"),
+            };
+            let step = if hit { usize::from(yes) } else { usize::from(no) };
+            at += step;
+            len -= isize::try_from(step).unwrap();
+        }
+        len == 0
+    }
+
+    /// The kernel's audit: the `yes` chain must end exactly at the end; jumps stay in bounds.
+    fn audit(bc: &[u8]) -> bool {
+        let mut at = 0usize;
+        let mut chain = vec![];
+        while at < bc.len() {
+            chain.push(at);
+            let (code, yes, no) = (bc[at], usize::from(bc[at + 1]), usize::from(u16::from_ne_bytes([bc[at + 2], bc[at + 3]])));
+            let min = if code == 1 { 4 } else { 8 };
+            let len = bc.len() - at;
+            if yes < min || yes > len + 4 || no < min || no > len + 4 || yes % 4 != 0 || no % 4 != 0 {
+                return false;
+            }
+            at += yes;
+        }
+        at == bc.len()
+    }
+
+    #[test]
+    fn split_halves_partition_every_port_pair() {
+        let port = 46884;
+        let same = Split { port, same: true }.bytecode();
+        let differ = Split { port, same: false }.bytecode();
+        assert!(audit(&same) && audit(&differ));
+        for sport in [0, 1, 443, port - 1, port, port + 1, 60999, 65535] {
+            for dport in [0, 22, 8080, port - 1, port, 50000, 65535] {
+                let (a, b) = (run(&same, sport, dport), run(&differ, sport, dport));
+                assert!(a != b, "{sport}->{dport} must be in exactly one half");
+                assert_eq!(a, (sport < port) == (dport < port), "{sport}->{dport}");
+            }
         }
     }
 

@@ -171,24 +171,58 @@ impl Rows {
     }
 }
 
-/// Dumps one namespace: one socket and one concurrent thread per address family (each dump walks
-/// the kernel's whole socket table, so they overlap rather than add up). Results in family order.
-fn dump_netns(ns: &netns::Netns, socks: Vec<DiagSocket>, cfg: &Config) -> anyhow::Result<Vec<Rows>> {
+/// One thread of a namespace's dump, with its own diag socket: an address family, or half of
+/// one when the namespace holds many sockets ([`diag::Split`]). The first lane of a family also
+/// dumps its listeners.
+#[derive(Clone, Copy, Debug)]
+struct Lane {
+    family: u8,
+    split: Option<diag::Split>,
+}
+
+/// Below this many sockets of a family in a namespace, one dump is fast enough; above, a second
+/// core halves the kernel's share (each extra dump costs one more walk of the socket hash).
+const SPLIT_MIN: u64 = 5_000;
+
+/// Lanes for the namespace the calling thread is in (reads its own /proc/thread-self/net and
+/// /proc/sys/net views).
+fn lanes(cfg: &Config) -> Vec<Lane> {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let counts = netns::tcp_socket_counts();
+    let port = netns::ephemeral_middle();
+    let others = cfg.states & !TcpState::Listen.bit() != 0;
+    let mut lanes = Vec::new();
+    for &family in &cfg.families {
+        let n = if family == diag::FAMILIES[0] { counts.0 } else { counts.1 };
+        if cores > 1 && others && n >= SPLIT_MIN {
+            lanes.push(Lane { family, split: Some(diag::Split { port, same: true }) });
+            lanes.push(Lane { family, split: Some(diag::Split { port, same: false }) });
+        } else {
+            lanes.push(Lane { family, split: None });
+        }
+    }
+    lanes
+}
+
+/// Dumps one namespace, every lane on its own thread at once (each dump walks the kernel's whole
+/// socket hash, so they overlap rather than add up). Results in lane order.
+fn dump_netns(ns: &netns::Netns, socks: Vec<(Lane, DiagSocket)>, cfg: &Config) -> anyhow::Result<Vec<Rows>> {
     std::thread::scope(|s| {
         let handles: Vec<_> = socks
             .into_iter()
-            .zip(&cfg.families)
-            .map(|(mut sock, &family)| {
+            .map(|(lane, mut sock)| {
                 s.spawn(move || {
                     let mut rows = Rows::new(cfg);
+                    let listen = TcpState::Listen.bit();
                     // Listeners (with their drop counters) from the listening hash, then the
                     // rest from the established hash without them: cheaper for the kernel.
-                    let listen = TcpState::Listen.bit();
-                    for (states, meminfo) in [(cfg.states & listen, true), (cfg.states & !listen, false)] {
-                        if states == 0 {
+                    let first = lane.split.is_none_or(|sp| sp.same);
+                    let jobs = [(cfg.states & listen, true, None), (cfg.states & !listen, false, lane.split)];
+                    for (states, meminfo, split) in jobs {
+                        if states == 0 || (meminfo && !first) {
                             continue;
                         }
-                        let req = Request { family, states, info: cfg.info, meminfo };
+                        let req = Request { family: lane.family, states, info: cfg.info, meminfo, split };
                         sock.dump(req, |r| {
                             if cfg.filter.as_ref().is_none_or(|f| f.matches(r.local, r.peer)) {
                                 rows.push(ns, r);
@@ -223,7 +257,7 @@ pub fn run(args: &SnapshotArgs) -> anyhow::Result<()> {
         let mut found = Vec::new();
         let mut skipped = Vec::new();
         for ns in targets {
-            let open = || cfg.families.iter().map(|_| DiagSocket::open()).collect::<Result<Vec<_>, _>>();
+            let open = || lanes(&cfg).into_iter().map(|lane| Ok((lane, DiagSocket::open()?))).collect::<Result<Vec<_>, diag::DiagError>>();
             let socks = match netns::within(&ns, own, open) {
                 Ok(socks) => socks.with_context(|| format!("network namespace {}", ns.path.display()))?,
                 Err(e) if explicit => {
