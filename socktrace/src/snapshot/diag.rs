@@ -149,7 +149,7 @@ pub struct Record {
     pub uid: u32,
     /// 0 for sockets without a file (TIME-WAIT, SYN-RECV request sockets).
     pub inode: u32,
-    /// `sk_drops` (`SK_MEMINFO_DROPS`), when asked for ([`Request::meminfo`]).
+    /// `sk_drops` (`SK_MEMINFO_DROPS`), when asked for ([`DumpOptions::meminfo`]).
     pub drops: Option<u32>,
     /// A full socket (the kernel attached `INET_DIAG_SHUTDOWN`). TIME-WAIT and request (SYN-RECV)
     /// sockets are minisocks without an owner uid or counters.
@@ -167,7 +167,13 @@ pub struct Request {
     pub states: u32,
     /// Also `tcp_info` and the congestion-control name (`-i`).
     pub info: bool,
-    /// Also socket memory counters (`INET_DIAG_SKMEMINFO`), for `sk_drops`.
+}
+
+/// How a dump is made beyond what it selects ([`DiagSocket::dump_with`]).
+#[derive(Clone, Copy, Debug)]
+pub struct DumpOptions {
+    /// Also socket memory counters (`INET_DIAG_SKMEMINFO`), for `sk_drops`. They cost the kernel
+    /// an attribute per socket, so `snapshot` asks for them in the listener dump only.
     pub meminfo: bool,
     /// Only one half of the sockets (see [`Split`]).
     pub split: Option<Split>,
@@ -243,13 +249,19 @@ impl DiagSocket {
         Ok(DiagSocket { socket, seq: 0 })
     }
 
+    /// Dumps every TCP socket of `req.family` in `req.states`, with memory counters (`drops`),
+    /// appending to `out`.
+    pub fn dump(&mut self, req: Request, out: &mut Vec<Record>) -> Result<(), DiagError> {
+        self.dump_with(req, DumpOptions { meminfo: true, split: None }, |r| out.push(r))
+    }
+
     /// Dumps every TCP socket of `req.family` in `req.states`, calling `each` for each one.
     ///
     /// The kernel does its share of the work (walking the socket tables, filling the next
     /// datagram) inside `recv`, so a reader thread receives while the calling thread decodes:
     /// on a large dump the two overlap instead of adding up.
-    pub fn dump(&mut self, req: Request, mut each: impl FnMut(Record)) -> Result<(), DiagError> {
-        self.send(req)?;
+    pub fn dump_with(&mut self, req: Request, opts: DumpOptions, mut each: impl FnMut(Record)) -> Result<(), DiagError> {
+        self.send(req, opts)?;
         let seq = self.seq;
         let socket = &self.socket;
         let (full_tx, full_rx) = mpsc::sync_channel::<Vec<u8>>(64);
@@ -286,10 +298,10 @@ impl DiagSocket {
         })
     }
 
-    fn send(&mut self, req: Request) -> Result<(), DiagError> {
+    fn send(&mut self, req: Request, opts: DumpOptions) -> Result<(), DiagError> {
         self.seq = self.seq.wrapping_add(1);
         let mut extensions = ExtensionFlags::empty();
-        if req.meminfo {
+        if opts.meminfo {
             extensions |= ExtensionFlags::SKMEMINFO;
         }
         if req.info {
@@ -313,7 +325,7 @@ impl DiagSocket {
         msg.finalize();
         let mut wire = vec![0; msg.buffer_len()];
         msg.serialize(&mut wire);
-        if let Some(split) = req.split {
+        if let Some(split) = opts.split {
             // The request message's attribute: appended after the serialized request, with the
             // header's length field grown to match.
             const INET_DIAG_REQ_BYTECODE: u16 = 1;

@@ -213,18 +213,21 @@ fn dump_netns(ns: &netns::Netns, socks: Vec<(Lane, DiagSocket)>, cfg: &Config) -
             .map(|(lane, mut sock)| {
                 s.spawn(move || {
                     let mut rows = Rows::new(cfg);
+                    let keep = |r: &Record| cfg.filter.as_ref().is_none_or(|f| f.matches(r.local, r.peer));
+                    // Listeners (with their drop counters) from the listening hash, once per family;
+                    // then the rest from the established hash without counters: cheaper for the kernel.
                     let listen = TcpState::Listen.bit();
-                    // Listeners (with their drop counters) from the listening hash, then the
-                    // rest from the established hash without them: cheaper for the kernel.
-                    let first = lane.split.is_none_or(|sp| sp.same);
-                    let jobs = [(cfg.states & listen, true, None), (cfg.states & !listen, false, lane.split)];
-                    for (states, meminfo, split) in jobs {
-                        if states == 0 || (meminfo && !first) {
-                            continue;
+                    if cfg.states & listen != 0 && lane.split.is_none_or(|sp| sp.same) {
+                        let mut listeners = Vec::new();
+                        sock.dump(Request { family: lane.family, states: listen, info: cfg.info }, &mut listeners)?;
+                        for r in listeners.into_iter().filter(|r| keep(r)) {
+                            rows.push(ns, r);
                         }
-                        let req = Request { family: lane.family, states, info: cfg.info, meminfo, split };
-                        sock.dump(req, |r| {
-                            if cfg.filter.as_ref().is_none_or(|f| f.matches(r.local, r.peer)) {
+                    }
+                    if cfg.states & !listen != 0 {
+                        let req = Request { family: lane.family, states: cfg.states & !listen, info: cfg.info };
+                        sock.dump_with(req, diag::DumpOptions { meminfo: false, split: lane.split }, |r| {
+                            if keep(&r) {
                                 rows.push(ns, r);
                             }
                         })?;
