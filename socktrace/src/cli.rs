@@ -37,10 +37,8 @@ pub enum Command {
         #[arg(long, value_parser = parse_duration)]
         duration: Option<Duration>,
     },
-    /// List TCP sockets in every network namespace, like `ss -tanpe` in each (no eBPF needed).
-    ///
-    /// From `NETLINK_SOCK_DIAG`: listeners with accept queue, backlog and drops; every socket's
-    /// queues, owning processes and namespace. Without root: only the namespaces it can enter.
+    /// List TCP sockets in every network namespace (like `ss -tanpe` in each), from
+    /// NETLINK_SOCK_DIAG: queues, backlog, drops, owning processes. Needs no eBPF and no root.
     Snapshot(crate::snapshot::SnapshotArgs),
 }
 
