@@ -484,3 +484,48 @@ fn unprivileged_lists_its_own_namespace_and_says_what_it_skipped() {
     }
     drop(held);
 }
+
+/// Enough sockets that each family's dump is split in two concurrent halves (5000 or more):
+/// still exactly what ss lists, each socket once, with its owner.
+#[test]
+fn large_namespace_split_dump_matches_ss() {
+    if !privileged() {
+        return;
+    }
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: valid pointers; raising the soft limit up to the hard limit is always allowed.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim);
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim);
+    }
+    assert!(lim.rlim_cur >= 8000, "RLIMIT_NOFILE hard limit {} is too low for this test", lim.rlim_max);
+    let ns = NetNs::new("snapbig").unwrap();
+    let held = ns
+        .within(|| {
+            let mut h = Held::default();
+            let ls: Vec<TcpListener> = (0..4).map(|i| listen(SocketAddr::from((Ipv4Addr::LOCALHOST, 41000 + i)), 1024)).collect();
+            for i in 0..3000 {
+                let l = &ls[i % ls.len()];
+                let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+                let (s, _) = l.accept().unwrap();
+                h.streams.extend([c, s]);
+            }
+            h.listeners = ls;
+            h
+        })
+        .unwrap();
+    let ss = parse_ss(&ns.exec(&["ss", "-tanp"]).unwrap(), None);
+    let rows = snapshot_json(&["--netns", &ns.name]);
+    let ours = parse_json(&rows);
+    assert_eq!(ss.len(), 6004);
+    assert_eq!(rows.len(), ours.len(), "no socket listed twice");
+    assert_eq!(ours.keys().collect::<Vec<_>>(), ss.keys().collect::<Vec<_>>());
+    let me = u64::from(std::process::id());
+    for (k, want) in &ss {
+        let got = &ours[k];
+        assert_eq!((got.recv_q, got.send_q, &got.owners), (want.recv_q, want.send_q, &want.owners), "{k:?}");
+        assert!(got.owners.iter().all(|(pid, _)| *pid == me));
+    }
+    drop(held);
+}

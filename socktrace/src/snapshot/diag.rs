@@ -6,14 +6,19 @@
 use std::{
     io,
     net::{IpAddr, SocketAddr},
+    sync::mpsc,
 };
 
-use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
+use netlink_packet_core::{
+    DefaultNla, Emitable as _, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NlasIterator,
+    Parseable as _,
+};
 use netlink_packet_sock_diag::{
     SockDiagMessage,
-    constants::{AF_INET, AF_INET6, IPPROTO_TCP},
+    SOCK_DIAG_BY_FAMILY,
+    constants::{AF_INET, AF_INET6, INET_DIAG_CONG, INET_DIAG_INFO, INET_DIAG_SHUTDOWN, INET_DIAG_SKMEMINFO, IPPROTO_TCP},
     inet::{
-        ExtensionFlags, InetRequest, InetResponse, SocketId, StateFlags,
+        ExtensionFlags, InetRequest, InetResponseBuffer, InetResponseHeader, SocketId, StateFlags,
         nlas::{Nla, TcpInfo},
     },
 };
@@ -144,9 +149,12 @@ pub struct Record {
     pub uid: u32,
     /// 0 for sockets without a file (TIME-WAIT, SYN-RECV request sockets).
     pub inode: u32,
-    /// `sk_drops` (`SK_MEMINFO_DROPS`); `None` for sockets without a full `struct sock`.
+    /// `sk_drops` (`SK_MEMINFO_DROPS`), when asked for ([`DumpOptions::meminfo`]).
     pub drops: Option<u32>,
-    pub tcp: Option<TcpStats>,
+    /// A full socket (the kernel attached `INET_DIAG_SHUTDOWN`). TIME-WAIT and request (SYN-RECV)
+    /// sockets are minisocks without an owner uid or counters.
+    pub full: bool,
+    pub tcp: Option<Box<TcpStats>>,
     pub congestion: Option<String>,
 }
 
@@ -161,13 +169,73 @@ pub struct Request {
     pub info: bool,
 }
 
+/// How a dump is made beyond what it selects ([`DiagSocket::dump_with`]).
+#[derive(Clone, Copy, Debug)]
+pub struct DumpOptions {
+    /// Also socket memory counters (`INET_DIAG_SKMEMINFO`), for `sk_drops`. They cost the kernel
+    /// an attribute per socket, so `snapshot` asks for them in the listener dump only.
+    pub meminfo: bool,
+    /// Only one half of the sockets (see [`Split`]).
+    pub split: Option<Split>,
+}
+
+/// One half of a socket table cut by ports, so two dumps can fill it on two cores at once (the
+/// kernel fills one dump on one core; with 100k sockets that is most of the run time).
+///
+/// With `a = sport < port` and `b = dport < port`, one half is `a == b`, the other `a != b`.
+/// With `port` in the middle of the ephemeral range, every connection has one end whose port is
+/// spread across that range: a server's accepted sockets split on their peer's port, a client's
+/// on their own, a loopback pair falls wholly in one half chosen by its ephemeral port. Listeners
+/// are dumped separately and never split.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Split {
+    pub port: u16,
+    pub same: bool,
+}
+
+impl Split {
+    /// The filter as `inet_diag` bytecode (`INET_DIAG_REQ_BYTECODE`; netlink-packet-sock-diag does
+    /// not model it). Ops are `struct inet_diag_bc_op { u8 code; u8 yes; u16 no; }`; a port test
+    /// is followed by an op whose `no` holds the port. Falling off the end accepts, landing 4 bytes
+    /// past it rejects; the kernel's audit follows the `yes` chain, which must end exactly at the end.
+    fn bytecode(self) -> Vec<u8> {
+        const JMP: u8 = 1;
+        const D_GE: u8 = 4;
+        const D_LE: u8 = 5;
+        const S_LE: u8 = 3;
+        const LEN: u16 = 28;
+        const REJECT: u16 = LEN + 4;
+        let below = self.port.saturating_sub(1);
+        // a true: accept iff (dport < port) == same; a false: accept iff (dport < port) != same.
+        let (a_true, a_false) = if self.same { ((D_LE, below), (D_GE, self.port)) } else { ((D_GE, self.port), (D_LE, below)) };
+        let mut bc = Vec::with_capacity(usize::from(LEN));
+        let mut op = |at: u16, code: u8, yes: u16, no: u16, port: Option<u16>| {
+            debug_assert_eq!(usize::from(at), bc.len());
+            bc.extend([code, u8::try_from(yes).unwrap_or(0)]);
+            bc.extend(no.saturating_sub(at).to_ne_bytes());
+            if let Some(p) = port {
+                bc.extend([0, 0]);
+                bc.extend(p.to_ne_bytes());
+            }
+        };
+        // @0: sport <= port-1 ? @8 : @20
+        op(0, S_LE, 8, 20, Some(below));
+        // @8 (a): the dport test; pass → @16, fail → reject
+        op(8, a_true.0, 8, REJECT, Some(a_true.1));
+        // @16: unconditional jump (taken through `no`) to the end: accept. `yes` only feeds the audit.
+        op(16, JMP, 4, LEN, None);
+        // @20 (not a): the dport test; pass → end (accept), fail → reject
+        op(20, a_false.0, 8, REJECT, Some(a_false.1));
+        bc
+    }
+}
+
 pub const FAMILIES: [u8; 2] = [AF_INET, AF_INET6];
 
 /// A `NETLINK_SOCK_DIAG` socket, bound to the network namespace of the thread that opened it.
 pub struct DiagSocket {
     socket: Socket,
     seq: u32,
-    buf: Vec<u8>,
 }
 
 /// The kernel sends at most ~32 KiB per dump datagram; twice that leaves room for any future change.
@@ -178,13 +246,64 @@ impl DiagSocket {
         let mut socket = Socket::new(NETLINK_SOCK_DIAG).map_err(DiagError::Open)?;
         socket.bind_auto().map_err(DiagError::Open)?;
         socket.connect(&netlink_sys::SocketAddr::new(0, 0)).map_err(DiagError::Open)?;
-        Ok(DiagSocket { socket, seq: 0, buf: Vec::with_capacity(RECV_BUF) })
+        Ok(DiagSocket { socket, seq: 0 })
     }
 
-    /// Dumps every TCP socket of `req.family` in `req.states`, appending to `out`.
+    /// Dumps every TCP socket of `req.family` in `req.states`, with memory counters (`drops`),
+    /// appending to `out`.
     pub fn dump(&mut self, req: Request, out: &mut Vec<Record>) -> Result<(), DiagError> {
+        self.dump_with(req, DumpOptions { meminfo: true, split: None }, |r| out.push(r))
+    }
+
+    /// Dumps every TCP socket of `req.family` in `req.states`, calling `each` for each one.
+    ///
+    /// The kernel does its share of the work (walking the socket tables, filling the next
+    /// datagram) inside `recv`, so a reader thread receives while the calling thread decodes:
+    /// on a large dump the two overlap instead of adding up.
+    pub fn dump_with(&mut self, req: Request, opts: DumpOptions, mut each: impl FnMut(Record)) -> Result<(), DiagError> {
+        self.send(req, opts)?;
+        let seq = self.seq;
+        let socket = &self.socket;
+        let (full_tx, full_rx) = mpsc::sync_channel::<Vec<u8>>(64);
+        let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
+        std::thread::scope(|s| {
+            let reader = s.spawn(move || -> Result<(), DiagError> {
+                loop {
+                    let mut buf = free_rx.try_recv().unwrap_or_else(|_| Vec::with_capacity(RECV_BUF));
+                    buf.clear();
+                    let n = socket.recv(&mut buf, 0).map_err(DiagError::Recv)?;
+                    if n > buf.len() {
+                        return Err(DiagError::Decode(format!("datagram of {n} bytes truncated to {}", buf.len())));
+                    }
+                    let last = ends_dump(&buf, seq);
+                    if full_tx.send(buf).is_err() || last {
+                        return Ok(());
+                    }
+                }
+            });
+            // Keep draining after an error so the reader never blocks on a full channel.
+            let mut decoded: Result<bool, DiagError> = Ok(false);
+            for buf in &full_rx {
+                if matches!(decoded, Ok(false)) {
+                    decoded = decode(&buf, seq, &mut each);
+                }
+                let _ = free_tx.send(buf);
+            }
+            let read = reader.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+            match (decoded, read) {
+                (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+                (Ok(true), Ok(())) => Ok(()),
+                (Ok(false), Ok(())) => Err(DiagError::Decode("dump ended without NLMSG_DONE".into())),
+            }
+        })
+    }
+
+    fn send(&mut self, req: Request, opts: DumpOptions) -> Result<(), DiagError> {
         self.seq = self.seq.wrapping_add(1);
-        let mut extensions = ExtensionFlags::SKMEMINFO;
+        let mut extensions = ExtensionFlags::empty();
+        if opts.meminfo {
+            extensions |= ExtensionFlags::SKMEMINFO;
+        }
         if req.info {
             extensions |= ExtensionFlags::INFO | ExtensionFlags::CONG;
         }
@@ -206,52 +325,79 @@ impl DiagSocket {
         msg.finalize();
         let mut wire = vec![0; msg.buffer_len()];
         msg.serialize(&mut wire);
-        self.socket.send(&wire, 0).map_err(DiagError::Send)?;
-
-        loop {
-            self.buf.clear();
-            let n = self.socket.recv(&mut self.buf, 0).map_err(DiagError::Recv)?;
-            if n > self.buf.len() {
-                return Err(DiagError::Decode(format!("datagram of {n} bytes truncated to {}", self.buf.len())));
-            }
-            let mut off = 0;
-            while off < self.buf.len() {
-                let msg = NetlinkMessage::<SockDiagMessage>::deserialize(&self.buf[off..])
-                    .map_err(|e| DiagError::Decode(e.to_string()))?;
-                let len = msg.header.length as usize;
-                if len == 0 {
-                    break;
-                }
-                // NLMSG_ALIGN
-                off += (len + 3) & !3;
-                if msg.header.sequence_number != self.seq {
-                    continue;
-                }
-                match msg.payload {
-                    NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
-                        if let Some(rec) = record(&r) {
-                            out.push(rec);
-                        }
-                    }
-                    NetlinkPayload::Done(done) => {
-                        return if done.code < 0 {
-                            Err(DiagError::Kernel(io::Error::from_raw_os_error(-done.code)))
-                        } else {
-                            Ok(())
-                        };
-                    }
-                    NetlinkPayload::Error(e) => return Err(DiagError::Kernel(e.to_io())),
-                    NetlinkPayload::Overrun(_) => return Err(DiagError::Decode("netlink overrun".into())),
-                    _ => {}
-                }
-            }
+        if let Some(split) = opts.split {
+            // The request message's attribute: appended after the serialized request, with the
+            // header's length field grown to match.
+            const INET_DIAG_REQ_BYTECODE: u16 = 1;
+            let nla = DefaultNla::new(INET_DIAG_REQ_BYTECODE, split.bytecode());
+            let at = wire.len();
+            wire.resize(at + nla.buffer_len(), 0);
+            nla.emit(&mut wire[at..]);
+            let len = u32::try_from(wire.len()).unwrap_or(u32::MAX);
+            NetlinkBuffer::new(&mut wire[..]).set_length(len);
         }
+        self.socket.send(&wire, 0).map_err(DiagError::Send)?;
+        Ok(())
     }
 }
 
-fn record(r: &InetResponse) -> Option<Record> {
-    let h = &r.header;
-    let state = TcpState::from_kernel(h.state)?;
+/// Whether a datagram carries the end of dump `seq` (`NLMSG_DONE` or `NLMSG_ERROR`), or cannot be
+/// framed at all (the decoder then reports why).
+fn ends_dump(buf: &[u8], seq: u32) -> bool {
+    let mut off = 0;
+    while off < buf.len() {
+        let Ok(msg) = NetlinkBuffer::new_checked(&buf[off..]) else { return true };
+        if msg.sequence_number() == seq && matches!(msg.message_type(), NLMSG_DONE | NLMSG_ERROR) {
+            return true;
+        }
+        off += (msg.length() as usize + 3) & !3;
+    }
+    false
+}
+
+/// Decodes one datagram; `Ok(true)` once the dump's `NLMSG_DONE` is seen.
+///
+/// Socket messages are decoded with the crate's header and per-attribute parsers rather than as a
+/// whole `InetResponse`: that type carries its attributes inline (about 2 KiB with `rich_nlas`)
+/// and boxes it, which with 100k sockets costs more than the kernel's dump. Attributes this
+/// command does not use are skipped unparsed. Control messages go through `NetlinkMessage`.
+fn decode(buf: &[u8], seq: u32, each: &mut impl FnMut(Record)) -> Result<bool, DiagError> {
+    let bad = |e: netlink_packet_core::DecodeError| DiagError::Decode(e.to_string());
+    let mut off = 0;
+    while off < buf.len() {
+        let msg = NetlinkBuffer::new_checked(&buf[off..]).map_err(bad)?;
+        let len = msg.length() as usize;
+        if len == 0 {
+            break;
+        }
+        // NLMSG_ALIGN
+        off += (len + 3) & !3;
+        if msg.sequence_number() != seq {
+            continue;
+        }
+        if msg.message_type() == SOCK_DIAG_BY_FAMILY {
+            if let Some(rec) = record(msg.payload()).map_err(bad)? {
+                each(rec);
+            }
+            continue;
+        }
+        match NetlinkMessage::<SockDiagMessage>::deserialize(msg.into_inner()).map_err(bad)?.payload {
+            NetlinkPayload::Done(done) => {
+                return if done.code < 0 { Err(DiagError::Kernel(io::Error::from_raw_os_error(-done.code))) } else { Ok(true) };
+            }
+            NetlinkPayload::Error(e) => return Err(DiagError::Kernel(e.to_io())),
+            NetlinkPayload::Overrun(_) => return Err(DiagError::Decode("netlink overrun".into())),
+            _ => {}
+        }
+    }
+    Ok(false)
+}
+
+/// One `inet_diag_msg` and the attributes this command uses.
+fn record(payload: &[u8]) -> Result<Option<Record>, netlink_packet_core::DecodeError> {
+    const HEADER_LEN: usize = std::mem::size_of::<InetResponseBuffer>();
+    let h = InetResponseHeader::parse(payload)?;
+    let Some(state) = TcpState::from_kernel(h.state) else { return Ok(None) };
     let id = &h.socket_id;
     let mut rec = Record {
         state,
@@ -263,18 +409,25 @@ fn record(r: &InetResponse) -> Option<Record> {
         uid: h.uid,
         inode: h.inode,
         drops: None,
+        full: false,
         tcp: None,
         congestion: None,
     };
-    for nla in &r.nlas {
-        match nla {
+    for nla in NlasIterator::new(payload.get(HEADER_LEN..).unwrap_or_default()) {
+        let nla = nla?;
+        // Full sockets always carry INET_DIAG_SHUTDOWN; minisocks at most INET_DIAG_MARK.
+        rec.full |= nla.kind() == INET_DIAG_SHUTDOWN;
+        if !matches!(nla.kind(), INET_DIAG_SKMEMINFO | INET_DIAG_INFO | INET_DIAG_CONG) {
+            continue;
+        }
+        match Nla::parse(&nla)? {
             Nla::MemInfo(m) => rec.drops = Some(m.drops),
-            Nla::TcpInfo(t) if state != TcpState::Listen => rec.tcp = Some(stats(t)),
-            Nla::Congestion(c) => rec.congestion = Some(c.clone()),
+            Nla::TcpInfo(t) if state != TcpState::Listen => rec.tcp = Some(Box::new(stats(&t))),
+            Nla::Congestion(c) => rec.congestion = Some(c),
             _ => {}
         }
     }
-    Some(rec)
+    Ok(Some(rec))
 }
 
 fn nonzero<T: Default + PartialEq>(v: T) -> Option<T> {
@@ -303,13 +456,112 @@ fn stats(t: &TcpInfo) -> TcpStats {
 }
 
 /// Appends an address as ss prints it: `a.b.c.d` or `[v6]`, with `%ifindex` when bound to a device.
+/// IPv4 is written by hand: `Ipv4Addr`'s `Display` was a tenth of the run time at 100k sockets.
 pub fn push_addr(s: &mut String, ip: IpAddr, ifindex: u32) {
     use std::fmt::Write as _;
-    let _ = match ip {
-        IpAddr::V4(a) => write!(s, "{a}"),
-        IpAddr::V6(a) => write!(s, "[{a}]"),
-    };
+    match ip {
+        IpAddr::V4(a) => {
+            for (i, o) in a.octets().into_iter().enumerate() {
+                if i > 0 {
+                    s.push('.');
+                }
+                if o >= 100 {
+                    s.push(char::from(b'0' + o / 100));
+                }
+                if o >= 10 {
+                    s.push(char::from(b'0' + o / 10 % 10));
+                }
+                s.push(char::from(b'0' + o % 10));
+            }
+        }
+        IpAddr::V6(a) => {
+            let _ = write!(s, "[{a}]");
+        }
+    }
     if ifindex != 0 {
         let _ = write!(s, "%{ifindex}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_print_like_ss() {
+        let mut s = String::new();
+        for (ip, ifindex, want) in [
+            ("0.0.0.0", 0, "0.0.0.0"),
+            ("10.20.255.1", 0, "10.20.255.1"),
+            ("127.0.0.1", 3, "127.0.0.1%3"),
+            ("::1", 0, "[::1]"),
+            ("::ffff:127.0.0.1", 0, "[::ffff:127.0.0.1]"),
+        ] {
+            s.clear();
+            push_addr(&mut s, ip.parse().unwrap(), ifindex);
+            assert_eq!(s, want);
+        }
+    }
+
+    /// Runs bytecode the way the kernel's `inet_diag_bc_run` does (port ops and JMP only).
+    fn run(bc: &[u8], sport: u16, dport: u16) -> bool {
+        let mut at = 0usize;
+        let mut len = isize::try_from(bc.len()).unwrap();
+        while len > 0 {
+            let (code, yes, no) = (bc[at], bc[at + 1], u16::from_ne_bytes([bc[at + 2], bc[at + 3]]));
+            let port = || u16::from_ne_bytes([bc[at + 6], bc[at + 7]]);
+            let hit = match code {
+                1 => false,
+                3 => sport <= port(),
+                4 => dport >= port(),
+                5 => dport <= port(),
+                other => panic!("op {other}"),
+            };
+            let step = if hit { usize::from(yes) } else { usize::from(no) };
+            at += step;
+            len -= isize::try_from(step).unwrap();
+        }
+        len == 0
+    }
+
+    /// The kernel's audit: the `yes` chain must end exactly at the end; jumps stay in bounds.
+    fn audit(bc: &[u8]) -> bool {
+        let mut at = 0usize;
+        let mut chain = vec![];
+        while at < bc.len() {
+            chain.push(at);
+            let (code, yes, no) = (bc[at], usize::from(bc[at + 1]), usize::from(u16::from_ne_bytes([bc[at + 2], bc[at + 3]])));
+            let min = if code == 1 { 4 } else { 8 };
+            let len = bc.len() - at;
+            if yes < min || yes > len + 4 || no < min || no > len + 4 || yes % 4 != 0 || no % 4 != 0 {
+                return false;
+            }
+            at += yes;
+        }
+        at == bc.len()
+    }
+
+    #[test]
+    fn split_halves_partition_every_port_pair() {
+        let port = 46884;
+        let same = Split { port, same: true }.bytecode();
+        let differ = Split { port, same: false }.bytecode();
+        assert!(audit(&same) && audit(&differ));
+        for sport in [0, 1, 443, port - 1, port, port + 1, 60999, 65535] {
+            for dport in [0, 22, 8080, port - 1, port, 50000, 65535] {
+                let (a, b) = (run(&same, sport, dport), run(&differ, sport, dport));
+                assert!(a != b, "{sport}->{dport} must be in exactly one half");
+                assert_eq!(a, (sport < port) == (dport < port), "{sport}->{dport}");
+            }
+        }
+    }
+
+    #[test]
+    fn state_masks() {
+        assert_eq!(state_mask([TcpState::Listen]), 1 << 10);
+        assert_eq!(state_mask([TcpState::SynRecv]), (1 << 3) | (1 << 12), "SYN-RECV includes request sockets");
+        assert_eq!(TcpState::from_kernel(1), Some(TcpState::Established));
+        assert_eq!(TcpState::from_kernel(12), None);
+        assert_eq!(TcpState::FinWait1.name(), "fin-wait-1");
     }
 }

@@ -49,6 +49,10 @@ pub struct SnapshotArgs {
     /// Print a JSON array of objects instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Do not look up owning processes (skips the /proc/*/fd scan, the slowest part on hosts
+    /// with many open files; JSON `processes` is then null).
+    #[arg(long)]
+    pub no_processes: bool,
     /// Filter expression, a subset of ss's: `sport`/`dport` with `= == != eq neq < > <= >=` and a
     /// port (`:8080`), `src`/`dst` with an address (`10.0.0.0/8`, `[::1]:80`, `:8080`), combined
     /// with `and`, `or`, `not`/`!` and parentheses. Example: `sport = :8080 and not dst 10.0.0.0/8`.
@@ -110,6 +114,7 @@ pub struct Config {
     netns: Option<String>,
     info: bool,
     json: bool,
+    processes: bool,
     families: Vec<u8>,
     filter: Option<filter::Expr>,
 }
@@ -133,16 +138,113 @@ impl SnapshotArgs {
             netns: self.netns.clone(),
             info: self.info,
             json: self.json,
+            processes: !self.no_processes,
             families,
             filter: filter::parse(&self.filter)?,
         })
     }
 }
 
-/// The sockets of one namespace.
+/// The sockets of one namespace (JSON output).
 pub struct NsSockets {
     pub ns: netns::Netns,
     pub records: Vec<Record>,
+}
+
+/// Where dumped sockets go: straight into table rows as they arrive (so formatting overlaps the
+/// kernel's dump), or kept as records for JSON.
+enum Rows {
+    Table(Box<render::Table>),
+    Records(Vec<Record>),
+}
+
+impl Rows {
+    fn new(cfg: &Config) -> Rows {
+        if cfg.json { Rows::Records(Vec::new()) } else { Rows::Table(Box::new(render::Table::new(cfg.info))) }
+    }
+
+    fn push(&mut self, ns: &netns::Netns, r: Record) {
+        match self {
+            Rows::Table(t) => t.push(ns, &r),
+            Rows::Records(v) => v.push(r),
+        }
+    }
+}
+
+/// One thread of a namespace's dump, with its own diag socket: an address family, or half of
+/// one when the namespace holds many sockets ([`diag::Split`]). The first lane of a family also
+/// dumps its listeners.
+#[derive(Clone, Copy, Debug)]
+struct Lane {
+    family: u8,
+    split: Option<diag::Split>,
+}
+
+/// Below this many sockets of a family in a namespace, one dump is fast enough; above, a second
+/// core halves the kernel's share (each extra dump costs one more walk of the socket hash).
+const SPLIT_MIN: u64 = 5_000;
+
+/// Lanes for the namespace the calling thread is in (reads its own /proc/thread-self/net and
+/// /proc/sys/net views).
+fn lanes(cfg: &Config) -> Vec<Lane> {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let counts = netns::tcp_socket_counts();
+    let port = netns::ephemeral_middle();
+    let others = cfg.states & !TcpState::Listen.bit() != 0;
+    let mut lanes = Vec::new();
+    for &family in &cfg.families {
+        let n = if family == diag::FAMILIES[0] { counts.0 } else { counts.1 };
+        if cores > 1 && others && n >= SPLIT_MIN {
+            lanes.push(Lane { family, split: Some(diag::Split { port, same: true }) });
+            lanes.push(Lane { family, split: Some(diag::Split { port, same: false }) });
+        } else {
+            lanes.push(Lane { family, split: None });
+        }
+    }
+    lanes
+}
+
+/// Dumps one namespace, every lane on its own thread at once (each dump walks the kernel's whole
+/// socket hash, so they overlap rather than add up). Results in lane order.
+fn dump_netns(ns: &netns::Netns, socks: Vec<(Lane, DiagSocket)>, cfg: &Config) -> anyhow::Result<Vec<Rows>> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = socks
+            .into_iter()
+            .map(|(lane, mut sock)| {
+                s.spawn(move || {
+                    let mut rows = Rows::new(cfg);
+                    let keep = |r: &Record| cfg.filter.as_ref().is_none_or(|f| f.matches(r.local, r.peer));
+                    // Listeners (with their drop counters) from the listening hash, once per family;
+                    // then the rest from the established hash without counters: cheaper for the kernel.
+                    let listen = TcpState::Listen.bit();
+                    if cfg.states & listen != 0 && lane.split.is_none_or(|sp| sp.same) {
+                        let mut listeners = Vec::new();
+                        sock.dump(Request { family: lane.family, states: listen, info: cfg.info }, &mut listeners)?;
+                        for r in listeners.into_iter().filter(|r| keep(r)) {
+                            rows.push(ns, r);
+                        }
+                    }
+                    if cfg.states & !listen != 0 {
+                        let req = Request { family: lane.family, states: cfg.states & !listen, info: cfg.info };
+                        sock.dump_with(req, diag::DumpOptions { meminfo: false, split: lane.split }, |r| {
+                            if keep(&r) {
+                                rows.push(ns, r);
+                            }
+                        })?;
+                    }
+                    Ok::<_, diag::DiagError>(rows)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p))
+                    .with_context(|| format!("network namespace {}", ns.path.display()))
+            })
+            .collect()
+    })
 }
 
 pub fn run(args: &SnapshotArgs) -> anyhow::Result<()> {
@@ -151,14 +253,16 @@ pub fn run(args: &SnapshotArgs) -> anyhow::Result<()> {
     let (targets, unreadable) = targets(cfg.netns.as_deref())?;
     let explicit = cfg.netns.is_some();
 
-    let (found, skipped, owners) = std::thread::scope(|s| -> anyhow::Result<_> {
+    let (table, found, skipped, owners) = std::thread::scope(|s| -> anyhow::Result<_> {
         // The /proc scan runs beside the dumps (it is the other half of the work).
-        let scan = s.spawn(procs::Owners::scan);
-        let mut found = Vec::with_capacity(targets.len());
+        let scan = cfg.processes.then(|| s.spawn(procs::Owners::scan));
+        let mut table = render::Table::new(cfg.info);
+        let mut found = Vec::new();
         let mut skipped = Vec::new();
         for ns in targets {
-            let sock = match netns::within(&ns, own, DiagSocket::open) {
-                Ok(sock) => sock.with_context(|| format!("network namespace {}", ns.path.display()))?,
+            let open = || lanes(&cfg).into_iter().map(|lane| Ok((lane, DiagSocket::open()?))).collect::<Result<Vec<_>, diag::DiagError>>();
+            let socks = match netns::within(&ns, own, open) {
+                Ok(socks) => socks.with_context(|| format!("network namespace {}", ns.path.display()))?,
                 Err(e) if explicit => {
                     let hint = if e.is_permission() { " (entering another network namespace needs root)" } else { "" };
                     bail!("{e}{hint}");
@@ -168,19 +272,17 @@ pub fn run(args: &SnapshotArgs) -> anyhow::Result<()> {
                     continue;
                 }
             };
-            let mut sock = sock;
             let mut records = Vec::new();
-            for &family in &cfg.families {
-                let req = Request { family, states: cfg.states, info: cfg.info };
-                sock.dump(req, &mut records).with_context(|| format!("network namespace {}", ns.path.display()))?;
-            }
-            if let Some(f) = &cfg.filter {
-                records.retain(|r| f.matches(r.local, r.peer));
+            for rows in dump_netns(&ns, socks, &cfg)? {
+                match rows {
+                    Rows::Table(t) => table.append(*t),
+                    Rows::Records(r) => records.extend(r),
+                }
             }
             found.push(NsSockets { ns, records });
         }
-        let owners = scan.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
-        Ok((found, skipped, owners))
+        let owners = scan.map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+        Ok((table, found, skipped, owners))
     })?;
 
     if !explicit && (!skipped.is_empty() || unreadable > 0) {
@@ -188,9 +290,9 @@ pub fn run(args: &SnapshotArgs) -> anyhow::Result<()> {
     }
     let mut out = std::io::stdout().lock();
     if cfg.json {
-        render::json(&mut out, &found, &owners, cfg.info)?;
+        render::json(&mut out, &found, owners.as_ref(), cfg.info)?;
     } else {
-        render::table(&mut out, &found, &owners, cfg.info)?;
+        table.write(&mut out, owners.as_ref())?;
     }
     out.flush()?;
     Ok(())

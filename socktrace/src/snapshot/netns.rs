@@ -107,6 +107,33 @@ pub fn within<T: Send>(ns: &Netns, own: Option<u32>, f: impl FnOnce() -> T + Sen
     })
 }
 
+/// TCP sockets (IPv4 including TIME-WAIT, IPv6) in the calling thread's namespace, from
+/// /proc/thread-self/net/sockstat{,6}; zeros if unreadable.
+pub fn tcp_socket_counts() -> (u64, u64) {
+    let field = |file: &str, proto: &str, names: &[&str]| -> u64 {
+        let text = fs::read_to_string(file).unwrap_or_default();
+        let Some(line) = text.lines().find(|l| l.starts_with(proto)) else { return 0 };
+        let words: Vec<&str> = line.split_whitespace().collect();
+        words.windows(2).filter(|w| names.contains(&w[0])).filter_map(|w| w[1].parse::<u64>().ok()).sum()
+    };
+    (
+        field("/proc/thread-self/net/sockstat", "TCP:", &["inuse", "tw"]),
+        field("/proc/thread-self/net/sockstat6", "TCP6:", &["inuse"]),
+    )
+}
+
+/// The middle of the calling thread's namespace's ephemeral port range (`ip_local_port_range`,
+/// per namespace; /proc/sys/net answers for the opener's namespace), or of Linux's default.
+pub fn ephemeral_middle() -> u16 {
+    let text = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let mut it = text.split_whitespace().filter_map(|w| w.parse::<u32>().ok());
+    let (lo, hi) = match (it.next(), it.next()) {
+        (Some(lo), Some(hi)) if lo < hi && hi <= 65535 => (lo, hi),
+        _ => (32768, 60999),
+    };
+    u16::try_from(lo.midpoint(hi)).unwrap_or(46884)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

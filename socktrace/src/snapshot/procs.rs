@@ -3,8 +3,11 @@
 //! and so are processes that exit during the scan. Not a process table: only socket holders.
 
 use std::{
+    collections::HashMap,
     ffi::{CStr, CString},
+    hash::{BuildHasherDefault, Hasher},
     os::unix::ffi::OsStrExt as _,
+    sync::atomic::{AtomicUsize, Ordering},
 };
 
 /// A process that holds at least one socket.
@@ -20,36 +23,80 @@ pub struct Owners {
     procs: Vec<Process>,
     /// (inode, index into `procs`, fd), sorted.
     entries: Vec<(u32, u32, u32)>,
+    /// inode → its first entry (a hash probe instead of a binary search over every entry per lookup).
+    first: HashMap<u32, u32, BuildHasherDefault<InodeHasher>>,
+}
+
+/// Multiplicative hashing for inode numbers (already well spread; `SipHash` would be the slow part).
+#[derive(Default)]
+struct InodeHasher(u64);
+
+impl Hasher for InodeHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.0 = u64::from(v).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
 }
 
 impl Owners {
-    /// Scans every /proc/PID/fd once.
+    /// Scans every /proc/PID/fd once, processes shared out over a few threads (the kernel's
+    /// per-descriptor work dominates, so this scales with cores).
     pub fn scan() -> Owners {
+        let Ok(dir) = std::fs::read_dir("/proc") else { return Owners::default() };
+        let pids: Vec<u32> = dir.flatten().filter_map(|e| std::str::from_utf8(e.file_name().as_bytes()).ok()?.parse().ok()).collect();
+        let workers = std::thread::available_parallelism().map_or(1, usize::from).clamp(1, 4);
+        let next = AtomicUsize::new(0);
+        let parts: Vec<Owners> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..workers)
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut part = Owners::default();
+                        let mut link = [0u8; 64];
+                        while let Some(&pid) = pids.get(next.fetch_add(1, Ordering::Relaxed)) {
+                            part.add_process(pid, &mut link);
+                        }
+                        part
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+        });
         let mut owners = Owners::default();
-        let Ok(dir) = std::fs::read_dir("/proc") else { return owners };
-        let mut link = [0u8; 64];
-        for entry in dir.flatten() {
-            let Some(pid) = std::str::from_utf8(entry.file_name().as_bytes()).ok().and_then(|s| s.parse::<u32>().ok()) else {
-                continue;
-            };
-            let before = owners.entries.len();
-            let idx = u32::try_from(owners.procs.len()).unwrap_or(u32::MAX);
-            scan_fds(pid, &mut link, |inode, fd| owners.entries.push((inode, idx, fd)));
-            if owners.entries.len() > before {
-                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-                owners.procs.push(Process { pid, comm: comm.trim_end_matches('\n').to_owned() });
-            }
+        for part in parts {
+            let base = u32::try_from(owners.procs.len()).unwrap_or(u32::MAX);
+            owners.procs.extend(part.procs);
+            owners.entries.extend(part.entries.into_iter().map(|(inode, idx, fd)| (inode, idx.saturating_add(base), fd)));
         }
         owners.entries.sort_unstable();
+        owners.first.reserve(owners.entries.len());
+        for (i, e) in owners.entries.iter().enumerate().rev() {
+            owners.first.insert(e.0, u32::try_from(i).unwrap_or(u32::MAX));
+        }
         owners
+    }
+
+    fn add_process(&mut self, pid: u32, link: &mut [u8; 64]) {
+        let before = self.entries.len();
+        let idx = u32::try_from(self.procs.len()).unwrap_or(u32::MAX);
+        scan_fds(pid, link, |inode, fd| self.entries.push((inode, idx, fd)));
+        if self.entries.len() > before {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            self.procs.push(Process { pid, comm: comm.trim_end_matches('\n').to_owned() });
+        }
     }
 
     /// Holders of a socket inode: (process, fd), by pid then fd. Empty for inode 0.
     pub fn of(&self, inode: u32) -> impl Iterator<Item = (&Process, u32)> {
-        let start = self.entries.partition_point(|e| e.0 < inode);
-        let end = start + self.entries[start..].partition_point(|e| e.0 == inode);
-        let hits = if inode == 0 { &[][..] } else { &self.entries[start..end] };
-        hits.iter().filter_map(|&(_, idx, fd)| Some((self.procs.get(idx as usize)?, fd)))
+        let start = self.first.get(&inode).map_or(self.entries.len(), |&i| i as usize);
+        let hits = if inode == 0 { &[][..] } else { &self.entries[start..] };
+        hits.iter().take_while(move |e| e.0 == inode).filter_map(|&(_, idx, fd)| Some((self.procs.get(idx as usize)?, fd)))
     }
 }
 

@@ -61,16 +61,16 @@ struct JsonRow<'a> {
     netns_name: Option<&'a str>,
     inode: Option<u32>,
     uid: Option<u32>,
-    processes: Vec<JsonProcess<'a>>,
+    /// `null` with `--no-processes`.
+    processes: Option<Vec<JsonProcess<'a>>>,
+    /// Listeners only: `sk_drops` (SYNs and completed connections dropped, e.g. on overflow).
     drops: Option<u32>,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     info: Option<JsonInfo<'a>>,
 }
 
-fn json_row<'a>(ns: &'a Netns, r: &'a Record, owners: &'a Owners, info: bool) -> JsonRow<'a> {
+fn json_row<'a>(ns: &'a Netns, r: &'a Record, owners: Option<&'a Owners>, info: bool) -> JsonRow<'a> {
     let listener = r.state == TcpState::Listen;
-    // TIME-WAIT and request sockets are not full sockets: no owner uid, no attributes.
-    let full = r.drops.is_some();
     let t = r.tcp.as_ref();
     JsonRow {
         state: r.state.name(),
@@ -84,8 +84,8 @@ fn json_row<'a>(ns: &'a Netns, r: &'a Record, owners: &'a Owners, info: bool) ->
         netns: ns.inode,
         netns_name: ns.name.as_deref(),
         inode: (r.inode != 0).then_some(r.inode),
-        uid: full.then_some(r.uid),
-        processes: owners.of(r.inode).map(|(p, fd)| JsonProcess { pid: p.pid, comm: &p.comm, fd }).collect(),
+        uid: r.full.then_some(r.uid),
+        processes: owners.map(|o| o.of(r.inode).map(|(p, fd)| JsonProcess { pid: p.pid, comm: &p.comm, fd }).collect()),
         drops: r.drops,
         info: info.then(|| JsonInfo {
             rtt_us: t.and_then(|t| t.rtt_us),
@@ -109,7 +109,7 @@ fn json_row<'a>(ns: &'a Netns, r: &'a Record, owners: &'a Owners, info: bool) ->
 }
 
 /// A JSON array, one object per line.
-pub fn json(out: &mut impl Write, found: &[NsSockets], owners: &Owners, info: bool) -> io::Result<()> {
+pub fn json(out: &mut impl Write, found: &[NsSockets], owners: Option<&Owners>, info: bool) -> io::Result<()> {
     let mut w = io::BufWriter::with_capacity(1 << 16, out);
     w.write_all(b"[")?;
     let mut first = true;
@@ -133,7 +133,8 @@ enum Align {
     Addr,
 }
 
-/// Rows of cells stored in one string (no allocation per cell), with column widths.
+/// Rows of cells stored in one string (no allocation per cell), with column widths. Formatting
+/// avoids `core::fmt` on the per-row path: with 100k sockets it is a visible share of the time.
 struct Grid {
     headers: Vec<(&'static str, Align)>,
     text: String,
@@ -143,6 +144,30 @@ struct Grid {
     /// Per column: width (for `Addr`, address part and port part).
     widths: Vec<(usize, usize)>,
     stride: usize,
+}
+
+fn width(s: &str) -> usize {
+    if s.is_ascii() { s.len() } else { s.chars().count() }
+}
+
+/// Appends a decimal number.
+fn push_num(s: &mut String, v: u64) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    let mut v = v;
+    loop {
+        i -= 1;
+        buf[i] = b'0' + u8::try_from(v % 10).unwrap_or(0);
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    s.push_str(std::str::from_utf8(&buf[i..]).unwrap_or_default());
+}
+
+fn pad(line: &mut String, n: usize) {
+    line.extend(std::iter::repeat_n(' ', n));
 }
 
 impl Grid {
@@ -159,12 +184,22 @@ impl Grid {
         self.ends.len() / self.stride.max(1)
     }
 
-    /// Appends one part of a cell, written by `f` straight into the shared buffer.
+    /// Appends another grid's rows (same columns).
+    fn append(&mut self, other: Grid) {
+        let base = self.text.len();
+        self.text.push_str(&other.text);
+        self.ends.extend(other.ends.into_iter().map(|e| e + base));
+        for (w, o) in self.widths.iter_mut().zip(other.widths) {
+            *w = (w.0.max(o.0), w.1.max(o.1));
+        }
+    }
+
+    /// Appends one part of a cell, written by `f` straight into the shared buffer; returns its width.
     fn part(&mut self, f: impl FnOnce(&mut String)) -> usize {
         let start = self.text.len();
         f(&mut self.text);
         self.ends.push(self.text.len());
-        self.text[start..].chars().count()
+        width(&self.text[start..])
     }
 
     fn cell(&mut self, col: usize, f: impl FnOnce(&mut String)) {
@@ -172,80 +207,92 @@ impl Grid {
         self.widths[col].0 = self.widths[col].0.max(n);
     }
 
+    fn num(&mut self, col: usize, v: Option<u32>) {
+        self.cell(col, |s| match v {
+            Some(v) => push_num(s, u64::from(v)),
+            None => s.push('-'),
+        });
+    }
+
     fn addr(&mut self, col: usize, ip: IpAddr, ifindex: u32, port: Option<u16>) {
         let a = self.part(|s| push_addr(s, ip, ifindex));
         let p = self.part(|s| match port {
-            Some(p) => {
-                let _ = write!(s, "{p}");
-            }
+            Some(p) => push_num(s, u64::from(p)),
             None => s.push('*'),
         });
         self.widths[col].0 = self.widths[col].0.max(a);
         self.widths[col].1 = self.widths[col].1.max(p);
     }
 
-    fn write(&self, out: &mut impl Write) -> io::Result<()> {
-        let last = self.headers.len().saturating_sub(1);
-        let mut line = String::new();
-        for (c, (h, align)) in self.headers.iter().enumerate() {
+    /// One line without its end: `cells` yields each column's text (address and port as two
+    /// items); every column is padded (a trailing column may follow).
+    fn line<'t>(&self, line: &mut String, mut cells: impl FnMut() -> &'t str) {
+        for (c, (_, align)) in self.headers.iter().enumerate() {
             let (w, pw) = self.widths[c];
-            match align {
-                Align::Addr => {
-                    let (a, p) = h.split_once(':').unwrap_or((h, ""));
-                    let _ = write!(line, "{a:>w$}:{p:<pw$}");
-                }
-                Align::Right => {
-                    let _ = write!(line, "{h:>w$}");
-                }
-                Align::Left if c == last => line.push_str(h),
-                Align::Left => {
-                    let _ = write!(line, "{h:<w$}");
-                }
-            }
-            if c != last {
+            if c > 0 {
                 line.push_str("  ");
             }
-        }
-        writeln!(out, "{}", line.trim_end())?;
-        let mut start = 0;
-        for row in 0..self.rows() {
-            line.clear();
-            let mut i = row * self.stride;
-            for (c, (_, align)) in self.headers.iter().enumerate() {
-                let (w, pw) = self.widths[c];
-                let take = |i: usize, start: &mut usize| {
-                    let s = &self.text[*start..self.ends[i]];
-                    *start = self.ends[i];
-                    s
-                };
-                match align {
-                    Align::Addr => {
-                        let a = take(i, &mut start);
-                        let p = take(i + 1, &mut start);
-                        i += 2;
-                        let _ = write!(line, "{a:>w$}:{p:<pw$}");
-                    }
-                    Align::Right => {
-                        let v = take(i, &mut start);
-                        i += 1;
-                        let _ = write!(line, "{v:>w$}");
-                    }
-                    Align::Left => {
-                        let v = take(i, &mut start);
-                        i += 1;
-                        if c == last {
-                            line.push_str(v);
-                        } else {
-                            let _ = write!(line, "{v:<w$}");
-                        }
-                    }
+            match align {
+                Align::Addr => {
+                    let (a, p) = (cells(), cells());
+                    pad(line, w.saturating_sub(width(a)));
+                    line.push_str(a);
+                    line.push(':');
+                    line.push_str(p);
+                    pad(line, pw.saturating_sub(width(p)));
                 }
-                if c != last {
-                    line.push_str("  ");
+                Align::Right => {
+                    let v = cells();
+                    pad(line, w.saturating_sub(width(v)));
+                    line.push_str(v);
+                }
+                Align::Left => {
+                    let v = cells();
+                    line.push_str(v);
+                    pad(line, w.saturating_sub(width(v)));
                 }
             }
-            out.write_all(line.trim_end().as_bytes())?;
-            out.write_all(b"\n")?;
+        }
+    }
+
+    /// Writes the header and the rows. `trailing` names an unaligned last column whose text
+    /// `tail(row, line)` appends (the process list: long, and known only after the /proc scan).
+    fn write(&self, out: &mut impl Write, trailing: Option<&str>, mut tail: impl FnMut(usize, &mut String)) -> io::Result<()> {
+        // Trailing spaces go, whether or not the last column printed anything.
+        let end_line = |line: &mut String| {
+            let end = line.trim_end().len();
+            line.truncate(end);
+            line.push('\n');
+        };
+        let mut line = String::new();
+        let mut heads = self.headers.iter().flat_map(|(h, a)| match a {
+            Align::Addr => {
+                let (x, y) = h.split_once(':').unwrap_or((h, ""));
+                [Some(x), Some(y)]
+            }
+            _ => [Some(*h), None],
+        });
+        self.line(&mut line, || heads.by_ref().flatten().next().unwrap_or_default());
+        if let Some(t) = trailing {
+            line.push_str("  ");
+            line.push_str(t);
+        }
+        end_line(&mut line);
+        out.write_all(line.as_bytes())?;
+        let mut start = 0;
+        let mut i = 0;
+        for row in 0..self.rows() {
+            line.clear();
+            self.line(&mut line, || {
+                let s = &self.text[start..self.ends[i]];
+                start = self.ends[i];
+                i += 1;
+                s
+            });
+            line.push_str("  ");
+            tail(row, &mut line);
+            end_line(&mut line);
+            out.write_all(line.as_bytes())?;
         }
         Ok(())
     }
@@ -254,102 +301,122 @@ impl Grid {
 fn netns_label(ns: &Netns, s: &mut String) {
     match &ns.name {
         Some(n) => s.push_str(n),
-        None => {
-            let _ = write!(s, "{}", ns.inode);
-        }
+        None => push_num(s, u64::from(ns.inode)),
     }
 }
 
+/// ss's process list: `users:(("comm",pid=N,fd=M),...)`.
 fn users(owners: &Owners, inode: u32, s: &mut String) {
     let mut any = false;
     for (p, fd) in owners.of(inode) {
-        s.push_str(if any { "," } else { "users:(" });
+        s.push_str(if any { ",(\"" } else { "users:((\"" });
         any = true;
-        let _ = write!(s, "({:?},pid={},fd={fd})", p.comm, p.pid);
+        s.push_str(&p.comm);
+        s.push_str("\",pid=");
+        push_num(s, u64::from(p.pid));
+        s.push_str(",fd=");
+        push_num(s, u64::from(fd));
+        s.push(')');
     }
     if any {
         s.push(')');
     }
 }
 
-fn opt(s: &mut String, v: Option<u32>) {
-    match v {
-        Some(v) => {
-            let _ = write!(s, "{v}");
-        }
-        None => s.push('-'),
-    }
+/// The table: two sections (listeners, then the rest), each printed only if it has rows. Rows
+/// are formatted as they are pushed; only the padding waits for [`Table::write`].
+pub struct Table {
+    info: bool,
+    listen: Grid,
+    other: Grid,
+    /// Socket inode per row of each section, for the process column.
+    listen_inodes: Vec<u32>,
+    other_inodes: Vec<u32>,
 }
 
-/// The two sections (listeners, then the rest), each only if it has rows.
-pub fn table(out: &mut impl Write, found: &[NsSockets], owners: &Owners, info: bool) -> io::Result<()> {
-    use Align::{Addr, Left, Right};
-    let mut listen = Grid::new(vec![
-        ("State", Left),
-        ("Accept-Q", Right),
-        ("Backlog", Right),
-        ("Drops", Right),
-        ("Local Address:Port", Addr),
-        ("Netns", Left),
-        ("Process", Left),
-    ]);
-    let mut headers = vec![("State", Left), ("Recv-Q", Right), ("Send-Q", Right), ("Local Address:Port", Addr), ("Peer Address:Port", Addr)];
-    if info {
-        headers.extend([("RTT(ms)", Right), ("Cwnd", Right), ("Retrans", Right)]);
+impl Table {
+    pub fn new(info: bool) -> Table {
+        use Align::{Addr, Left, Right};
+        let listen = Grid::new(vec![
+            ("State", Left),
+            ("Accept-Q", Right),
+            ("Backlog", Right),
+            ("Drops", Right),
+            ("Local Address:Port", Addr),
+            ("Netns", Left),
+        ]);
+        let mut headers = vec![("State", Left), ("Recv-Q", Right), ("Send-Q", Right), ("Local Address:Port", Addr), ("Peer Address:Port", Addr)];
+        if info {
+            headers.extend([("RTT(ms)", Right), ("Cwnd", Right), ("Retrans", Right)]);
+        }
+        headers.push(("Netns", Left));
+        Table { info, listen, other: Grid::new(headers), listen_inodes: Vec::new(), other_inodes: Vec::new() }
     }
-    headers.extend([("Netns", Left), ("Process", Left)]);
-    let mut other = Grid::new(headers);
 
-    for ns in found {
-        for r in &ns.records {
-            if r.state == TcpState::Listen {
-                let g = &mut listen;
-                g.cell(0, |s| s.push_str(r.state.name()));
-                g.cell(1, |s| opt(s, Some(r.recv_q)));
-                g.cell(2, |s| opt(s, Some(r.send_q)));
-                g.cell(3, |s| opt(s, r.drops));
-                g.addr(4, r.local.ip(), r.ifindex, Some(r.local.port()));
-                g.cell(5, |s| netns_label(&ns.ns, s));
-                g.cell(6, |s| users(owners, r.inode, s));
-            } else {
-                let g = &mut other;
-                g.cell(0, |s| s.push_str(r.state.name()));
-                g.cell(1, |s| opt(s, Some(r.recv_q)));
-                g.cell(2, |s| opt(s, Some(r.send_q)));
-                g.addr(3, r.local.ip(), r.ifindex, Some(r.local.port()));
-                g.addr(4, r.peer.ip(), 0, (r.peer.port() != 0).then_some(r.peer.port()));
-                let mut c = 5;
-                if info {
-                    let t = r.tcp.as_ref();
-                    g.cell(c, |s| match t.and_then(|t| t.rtt_us.zip(t.rttvar_us)) {
-                        Some((rtt, var)) => {
-                            let _ = write!(s, "{:.3}/{:.3}", f64::from(rtt) / 1000.0, f64::from(var) / 1000.0);
-                        }
-                        None => s.push('-'),
-                    });
-                    g.cell(c + 1, |s| opt(s, t.and_then(|t| t.cwnd)));
-                    g.cell(c + 2, |s| match t.and_then(|t| t.retrans.zip(t.retrans_now)) {
-                        Some((total, now)) => {
-                            let _ = write!(s, "{now}/{total}");
-                        }
-                        None => s.push('-'),
-                    });
-                    c += 3;
+    pub fn push(&mut self, ns: &Netns, r: &Record) {
+        if r.state == TcpState::Listen {
+            let g = &mut self.listen;
+            g.cell(0, |s| s.push_str(r.state.name()));
+            g.num(1, Some(r.recv_q));
+            g.num(2, Some(r.send_q));
+            g.num(3, r.drops);
+            g.addr(4, r.local.ip(), r.ifindex, Some(r.local.port()));
+            g.cell(5, |s| netns_label(ns, s));
+            self.listen_inodes.push(r.inode);
+            return;
+        }
+        let g = &mut self.other;
+        g.cell(0, |s| s.push_str(r.state.name()));
+        g.num(1, Some(r.recv_q));
+        g.num(2, Some(r.send_q));
+        g.addr(3, r.local.ip(), r.ifindex, Some(r.local.port()));
+        g.addr(4, r.peer.ip(), 0, (r.peer.port() != 0).then_some(r.peer.port()));
+        let mut c = 5;
+        if self.info {
+            let t = r.tcp.as_deref();
+            g.cell(c, |s| match t.and_then(|t| t.rtt_us.zip(t.rttvar_us)) {
+                Some((rtt, var)) => {
+                    let _ = write!(s, "{:.3}/{:.3}", f64::from(rtt) / 1000.0, f64::from(var) / 1000.0);
                 }
-                g.cell(c, |s| netns_label(&ns.ns, s));
-                g.cell(c + 1, |s| users(owners, r.inode, s));
+                None => s.push('-'),
+            });
+            g.num(c + 1, t.and_then(|t| t.cwnd));
+            g.cell(c + 2, |s| match t.and_then(|t| t.retrans.zip(t.retrans_now)) {
+                Some((total, now)) => {
+                    push_num(s, u64::from(now));
+                    s.push('/');
+                    push_num(s, u64::from(total));
+                }
+                None => s.push('-'),
+            });
+            c += 3;
+        }
+        g.cell(c, |s| netns_label(ns, s));
+        self.other_inodes.push(r.inode);
+    }
+
+    /// Appends another table's rows after this one's.
+    pub fn append(&mut self, other: Table) {
+        self.listen.append(other.listen);
+        self.other.append(other.other);
+        self.listen_inodes.extend(other.listen_inodes);
+        self.other_inodes.extend(other.other_inodes);
+    }
+
+    pub fn write(&self, out: &mut impl Write, owners: Option<&Owners>) -> io::Result<()> {
+        let trailing = owners.map(|_| "Process");
+        let mut w = io::BufWriter::with_capacity(1 << 16, out);
+        let sections = [(&self.listen, &self.listen_inodes), (&self.other, &self.other_inodes)];
+        for (i, (grid, inodes)) in sections.into_iter().filter(|(g, _)| g.rows() > 0).enumerate() {
+            if i > 0 {
+                w.write_all(b"\n")?;
             }
+            grid.write(&mut w, trailing, |row, line| {
+                if let Some(o) = owners {
+                    users(o, inodes[row], line);
+                }
+            })?;
         }
+        w.flush()
     }
-    let mut w = io::BufWriter::with_capacity(1 << 16, out);
-    if listen.rows() > 0 {
-        listen.write(&mut w)?;
-    }
-    if other.rows() > 0 {
-        if listen.rows() > 0 {
-            w.write_all(b"\n")?;
-        }
-        other.write(&mut w)?;
-    }
-    w.flush()
 }
