@@ -5,8 +5,11 @@
 //! - `build`: setup + release build of the agent (the eBPF object is built by socktrace/build.rs);
 //! - `run -- ARGS`: build, then run `socktrace ARGS`;
 //! - `test`: setup + every test: unit tests, then the privileged integration tests (one netns per
-//!   scenario, `--test-threads=1`); with `SOCKTRACE_REQUIRE_BPF=1` an eBPF test that would skip fails.
+//!   scenario, `--test-threads=1`); with `SOCKTRACE_REQUIRE_BPF=1` an eBPF test that would skip fails;
+//! - `bench [accept|pipeline|agent|snapshot|all]`: build, then the overhead benchmarks (see
+//!   `bench/`), which print tables and rewrite docs/BENCHMARKS.md.
 
+mod bench;
 mod setup;
 
 use std::{
@@ -41,6 +44,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Overhead benchmarks (root): tables on stdout and docs/BENCHMARKS.md.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +55,7 @@ fn main() -> ExitCode {
         Task::Build => setup::build_deps().and_then(|()| build()),
         Task::Run { args } => setup::build_deps().and_then(|()| build()).and_then(|()| run(&args)),
         Task::Test { args } => setup::all().and_then(|()| test(&args)),
+        Task::Bench(args) => setup::all().and_then(|()| build()).and_then(|()| bench::run(&args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,243 @@
+//! Accept-storm overhead: connections/s of a loopback server that accepts and closes as fast as
+//! it can, untraced vs with `socktrace serve` attached vs with `socktrace watch --json > /dev/null`
+//! attached, alternating, `--reps` times. The load saturates both cores, so connections/s measures
+//! the CPU cost of a connection; the CPU time of the load generator and of the tracer per
+//! connection are reported too (less sensitive to other load than the rate).
+//!
+//! Then one extra traced run with the kernel's BPF run-time statistics on (`BPF_ENABLE_STATS`,
+//! only while the bench holds the fd; not during the timed runs, it costs two clock reads per
+//! program run): nanoseconds per connection of each socktrace program.
+
+use std::{collections::BTreeMap, fmt::Write as _, fs, os::fd::FromRawFd as _, process::Command};
+
+use anyhow::Context as _;
+use serde_json::Value;
+
+use super::{Ctx, NetNs, Section, Storm, StormResult, Stdout, Summary, Table, Tracer, exit_summary, loadavg, metric_sum, netns_inode, provenance, storm};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Config {
+    Untraced,
+    Serve,
+    Watch,
+}
+
+impl Config {
+    fn name(self) -> &'static str {
+        match self {
+            Config::Untraced => "untraced",
+            Config::Serve => "serve",
+            Config::Watch => "watch --json >/dev/null",
+        }
+    }
+}
+
+struct Run {
+    load: StormResult,
+    tracer_cpu: f64,
+    /// What the tracer counted, against the connections accepted.
+    check: String,
+    exact: bool,
+}
+
+pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
+    println!("\n== accept: loopback accept storm, {} s per run, {} repetitions, alternating ==", ctx.secs, ctx.reps);
+    let ns = NetNs::new("accept")?;
+    let load_before = loadavg();
+    let mark = ctx.noise.mark();
+    let configs = [Config::Untraced, Config::Serve, Config::Watch];
+    let mut runs: BTreeMap<Config, Vec<Run>> = BTreeMap::new();
+    for rep in 0..ctx.reps {
+        for k in 0..configs.len() {
+            // Rotate the order so no configuration always runs first (or after the same one).
+            let c = configs[(rep + k) % configs.len()];
+            let r = one(ctx, &ns, c)?;
+            println!(
+                "  rep {} {:<24} {:>8.0} conn/s  load gen {:>5.1} µs/conn  tracer {:>5.1} µs/conn  other load {:.2}  {}",
+                rep + 1,
+                c.name(),
+                r.load.rate,
+                r.load.cpu_secs / r.load.accepted.max(1) as f64 * 1e6,
+                r.tracer_cpu / r.load.accepted.max(1) as f64 * 1e6,
+                r.load.noise,
+                r.check
+            );
+            runs.entry(c).or_default().push(r);
+        }
+    }
+    let noise = ctx.noise.since(mark);
+    let kernel = kernel_cost(ctx, &ns);
+
+    let rates = |c: Config| runs.get(&c).map(|v| v.iter().map(|r| r.load.rate).collect::<Vec<_>>()).unwrap_or_default();
+    let base = rates(Config::Untraced);
+    let base_med = Summary::of(&base).median;
+    let mut t = Table::new(&["config", "conn/s", "× untraced (medians)", "× untraced (paired by rep)", "load gen µs/conn", "tracer µs/conn", "total µs/conn", "other load (cores)", "no event lost"]);
+    for c in configs {
+        let v = &runs[&c];
+        let r = rates(c);
+        let paired: Vec<f64> = r.iter().zip(&base).map(|(a, b)| a / b).collect();
+        let per = |f: &dyn Fn(&Run) -> f64| Summary::of(&v.iter().map(f).collect::<Vec<_>>());
+        let gen_us = per(&|x| x.load.cpu_secs / x.load.accepted.max(1) as f64 * 1e6);
+        let tr_us = per(&|x| x.tracer_cpu / x.load.accepted.max(1) as f64 * 1e6);
+        let tot_us = per(&|x| (x.load.cpu_secs + x.tracer_cpu) / x.load.accepted.max(1) as f64 * 1e6);
+        t.row(vec![
+            c.name().to_owned(),
+            Summary::of(&r).show(0),
+            if c == Config::Untraced { "1".into() } else { format!("{:.3}", Summary::of(&r).median / base_med) },
+            if c == Config::Untraced { "1".into() } else { Summary::of(&paired).show(3) },
+            gen_us.show(1),
+            if c == Config::Untraced { "-".into() } else { tr_us.show(1) },
+            tot_us.show(1),
+            per(&|x| x.load.noise).show(2),
+            if c == Config::Untraced { "-".into() } else { format!("{}/{}", v.iter().filter(|x| x.exact).count(), v.len()) },
+        ]);
+    }
+    println!("\n{}", t.text());
+    if let Ok(k) = &kernel {
+        println!("\n{}", k.text());
+    }
+
+    let mut md = String::from("## Accept-storm overhead\n\n");
+    md.push_str(&provenance(ctx, &load_before, noise));
+    let s = Storm::max(ctx.secs);
+    let _ = write!(
+        md,
+        "\nLoad: `st-bench storm` in a fresh netns: {} listeners on 127.0.0.1, one server thread (epoll, \
+         nonblocking `accept4` until EAGAIN, close), {} client threads connecting and closing (SO_LINGER 0) \
+         as fast as they can for {} s, at most 512 connections waiting in accept queues (a client waits \
+         rather than overflow a queue: a dropped SYN would stall it for the 1 s SYN timeout). Both cores \
+         are saturated, so conn/s is the inverse of the CPU cost of a connection. Tracers: \
+         `socktrace serve --listen 127.0.0.1:<port> --netns <ns>` (scraped every second) and \
+         `socktrace watch --json --netns <ns> > /dev/null`, started before the load (after their \
+         \"tracing started\"/\"serving\" line), default hooks and ring buffer (4 MiB), the cgroup_skb \
+         SYN-drop hook on the cgroup-v2 root. {} repetitions, order rotated each repetition.\n\n",
+        s.listeners, s.clients, ctx.secs, ctx.reps
+    );
+    md.push_str(&t.markdown());
+    md.push_str(
+        "\n\"no event lost\": runs where the tracer accounted for every connection accepted (`serve`: \
+         `socktrace_accepts_total` of the netns equal to it, `watch`: the exit summary shows at least as many events \
+         and none lost). \
+         CPU µs/conn: user+system time of the load generator (getrusage) and of the tracer \
+         (/proc/PID/stat) over the run, per accepted connection; eBPF programs run in the context of \
+         the load's syscalls and softirqs, so their cost is in the load generator's column.\n",
+    );
+    match kernel {
+        Ok(k) => {
+            md.push_str("\n### In-kernel cost per connection (BPF run-time statistics)\n\n");
+            md.push_str(&k.markdown());
+            md.push_str(
+                "\nOne `watch --json` run at full rate with `BPF_ENABLE_STATS` held by the bench \
+                 (`run_time_ns`/`run_cnt` from the program fds' fdinfo): time inside each program, \
+                 without the tracepoint dispatch around it.\n",
+            );
+        }
+        Err(e) => {
+            let _ = writeln!(md, "\nIn-kernel cost: not measured ({e:#}).");
+        }
+    }
+    Ok(Section { name: "accept", markdown: md })
+}
+
+fn one(ctx: &Ctx, ns: &NetNs, c: Config) -> anyhow::Result<Run> {
+    let s = Storm::max(ctx.secs);
+    match c {
+        Config::Untraced => {
+            let load = storm(ctx, ns, &s, || {})?;
+            Ok(Run { load, tracer_cpu: 0.0, check: String::new(), exact: true })
+        }
+        Config::Serve => {
+            let t = Tracer::serve(ctx, ns, &[])?;
+            let c0 = t.cpu_secs();
+            let load = storm(ctx, ns, &s, || {
+                let _ = t.scrape();
+            })?;
+            let tracer_cpu = t.cpu_secs() - c0;
+            let text = t.scrape()?;
+            let inode = netns_inode(ns).to_string();
+            let counted = metric_sum(&text, "socktrace_accepts_total", &[("netns", &inode)]) as u64;
+            let lost = metric_sum(&text, "socktrace_events_lost_total", &[]) as u64;
+            t.stop()?;
+            let exact = counted == load.accepted;
+            Ok(Run { check: format!("accepts_total {counted} vs {} accepted, {lost} events lost", load.accepted), exact, load, tracer_cpu })
+        }
+        Config::Watch => {
+            let t = Tracer::watch(ctx, ns, &[], &Stdout::Null)?;
+            let c0 = t.cpu_secs();
+            let load = storm(ctx, ns, &s, || {})?;
+            // Let the reader finish the tail of the ring buffer before reading its CPU time.
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            let tracer_cpu = t.cpu_secs() - c0;
+            let (shown, lost) = exit_summary(&t.stop()?).context("no exit summary from watch")?;
+            // A few retransmit events may come with the accepts: shown ≥ accepted.
+            let exact = shown >= load.accepted && lost == 0;
+            Ok(Run { check: format!("{shown} events shown, {lost} lost, {} accepted", load.accepted), exact, load, tracer_cpu })
+        }
+    }
+}
+
+/// `BPF_ENABLE_STATS` (`BPF_STATS_RUN_TIME`): enabled while the returned fd is open.
+fn enable_bpf_stats() -> anyhow::Result<fs::File> {
+    const BPF_ENABLE_STATS: libc::c_long = 32;
+    let attr = [0u32; 2]; // enable_stats.type = BPF_STATS_RUN_TIME (0)
+    // SAFETY: bpf(2) with a zeroed attr of the size passed.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_ENABLE_STATS, attr.as_ptr(), std::mem::size_of_val(&attr)) };
+    if fd < 0 {
+        anyhow::bail!("BPF_ENABLE_STATS: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: a new fd we own.
+    Ok(unsafe { fs::File::from_raw_fd(i32::try_from(fd)?) })
+}
+
+/// (`prog_id`, `run_time_ns`, `run_cnt`) of every BPF program fd a process holds.
+fn prog_stats(pid: u32) -> BTreeMap<u64, (u64, u64)> {
+    let mut out = BTreeMap::new();
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else { return out };
+    for e in dir.flatten() {
+        let Ok(info) = fs::read_to_string(e.path()) else { continue };
+        let field = |k: &str| info.lines().find_map(|l| l.strip_prefix(k)?.trim().parse::<u64>().ok());
+        if let (Some(id), Some(ns), Some(cnt)) = (field("prog_id:"), field("run_time_ns:"), field("run_cnt:")) {
+            out.insert(id, (ns, cnt));
+        }
+    }
+    out
+}
+
+fn prog_names() -> BTreeMap<u64, String> {
+    let Ok(out) = Command::new("bpftool").args(["prog", "show", "--json"]).output() else { return BTreeMap::new() };
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    v.as_array()
+        .map(|a| a.iter().filter_map(|p| Some((p["id"].as_u64()?, p["name"].as_str()?.to_owned()))).collect())
+        .unwrap_or_default()
+}
+
+fn kernel_cost(ctx: &Ctx, ns: &NetNs) -> anyhow::Result<Table> {
+    println!("  kernel cost: one traced run with BPF run-time statistics");
+    let stats_fd = enable_bpf_stats()?;
+    let t = Tracer::watch(ctx, ns, &[], &Stdout::Null)?;
+    let before = prog_stats(t.pid);
+    let load = storm(ctx, ns, &Storm::max(ctx.secs.min(3.0)), || {})?;
+    let after = prog_stats(t.pid);
+    let names = prog_names();
+    t.stop()?;
+    drop(stats_fd);
+    anyhow::ensure!(!after.is_empty(), "no BPF program fds found in /proc/PID/fdinfo");
+    let conns = load.accepted.max(1) as f64;
+    let mut tab = Table::new(&["program", "runs/conn", "ns/run", "ns/conn"]);
+    let (mut total_ns, mut rows) = (0u64, Vec::new());
+    for (id, (ns1, c1)) in &after {
+        let (ns0, c0) = before.get(id).copied().unwrap_or((0, 0));
+        let (dns, dc) = (ns1 - ns0, c1 - c0);
+        if dc == 0 {
+            continue;
+        }
+        total_ns += dns;
+        rows.push((dns, names.get(id).cloned().unwrap_or_else(|| format!("id {id}")), dc));
+    }
+    rows.sort_by_key(|r| std::cmp::Reverse(r.0));
+    for (dns, name, dc) in rows {
+        tab.row(vec![name, format!("{:.2}", dc as f64 / conns), format!("{:.0}", dns as f64 / dc as f64), format!("{:.0}", dns as f64 / conns)]);
+    }
+    tab.row(vec![format!("all ({} connections at {:.0}/s)", load.accepted, load.rate), String::new(), String::new(), format!("{:.0}", total_ns as f64 / conns)]);
+    Ok(tab)
+}
