@@ -2,6 +2,7 @@
 //! correlation tables (enqueue time per child socket, listener per accepting thread).
 
 use aya_ebpf::{
+    bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     macros::map,
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
 };
@@ -34,6 +35,13 @@ pub static LISTENERS: LruHashMap<u64, ListenerStats> = LruHashMap::with_max_entr
 #[map]
 pub static CHILD_OWNER: LruHashMap<u64, u64> = LruHashMap::with_max_entries(65536, 0);
 
+/// Per CPU: when this CPU last let an event wake the reader (see [`emit`]).
+#[map]
+pub static WAKEUP: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Least time between two reader wakeups one CPU may cause.
+const WAKEUP_INTERVAL_NS: u64 = 1_000_000;
+
 /// Settings the agent changes at run time.
 #[map]
 pub static CONTROL: Array<Control> = Array::with_max_entries(1, 0);
@@ -55,7 +63,27 @@ pub fn emit(ev: &Event) {
     if mute & (1 << (ev.kind & 31)) != 0 {
         return;
     }
-    if EVENTS.output::<Event>(ev, 0).is_err() {
+    if EVENTS.output::<Event>(ev, wakeup_flags(ev.ts_ns)).is_err() {
         count(stat::LOST);
+    }
+}
+
+/// Ring-buffer flags that let an event wake the reader at most once per `WAKEUP_INTERVAL_NS`
+/// per CPU. A wakeup is an irq_work (a self-IPI: a VM exit in a guest, several µs) plus a reader
+/// wakeup; with the default adaptive flags nearly every event paid for both at high rates (the
+/// reader keeps catching up). The allowed event forces the wakeup (adaptive would skip it when
+/// silent events precede it); the others are written silently and picked up by the next wakeup
+/// or the reader's periodic drain.
+#[inline(always)]
+fn wakeup_flags(now: u64) -> u64 {
+    let Some(last) = WAKEUP.get_ptr_mut(0) else { return 0 };
+    // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+    unsafe {
+        if now.wrapping_sub(*last) >= WAKEUP_INTERVAL_NS {
+            *last = now;
+            u64::from(BPF_RB_FORCE_WAKEUP)
+        } else {
+            u64::from(BPF_RB_NO_WAKEUP)
+        }
     }
 }

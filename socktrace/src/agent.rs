@@ -68,19 +68,15 @@ impl Agent {
     /// Waits for ring-buffer data and feeds it to the model (cancel-safe: use in `select!`).
     pub async fn pump(&mut self) -> anyhow::Result<()> {
         let mut guard = self.ring.readable_mut().await?;
-        let rb = guard.get_inner_mut();
-        while let Some(item) = rb.next() {
-            let rec = Record::from_event(&event::parse(&item)?);
-            if self.filter.matches_listener(rec.netns, rec.lport) {
-                self.model.on_event(&rec);
-            }
-        }
+        feed(guard.get_inner_mut(), &self.filter, &mut self.model)?;
         guard.clear_ready();
         Ok(())
     }
 
-    /// Ends the current interval.
+    /// Ends the current interval. Takes in the events still in the ring buffer first (the kernel
+    /// wakes the reader at most once per millisecond per CPU, so a few may be waiting).
     pub fn close_interval(&mut self) -> anyhow::Result<()> {
+        feed(self.ring.get_mut(), &self.filter, &mut self.model)?;
         let ended = self.epoch;
         self.epoch = ended.wrapping_add(1).max(1);
         self.write_control()?;
@@ -106,6 +102,16 @@ impl Agent {
     pub fn lost(&self) -> u64 {
         self.stats.get(stat::LOST)
     }
+}
+
+fn feed(rb: &mut RingBuf<MapData>, filter: &Filter, model: &mut Model) -> anyhow::Result<()> {
+    while let Some(item) = rb.next() {
+        let rec = Record::from_event(&event::parse(&item)?);
+        if filter.matches_listener(rec.netns, rec.lport) {
+            model.on_event(&rec);
+        }
+    }
+    Ok(())
 }
 
 impl Filter {

@@ -64,6 +64,10 @@ pub async fn run(mut tracer: Tracer, filter: Filter, json: bool, duration: Optio
     };
     tokio::pin!(stop);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // The kernel side wakes this reader at most once per millisecond per CPU (maps.rs, `emit`):
+    // events written after a wakeup wait for the next one, or for this periodic drain.
+    let mut drain = tokio::time::interval(DRAIN_INTERVAL);
+    drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let start_ns = system::monotonic_ns();
     let mut out = BufWriter::new(std::io::stdout().lock());
     if !json {
@@ -77,18 +81,16 @@ pub async fn run(mut tracer: Tracer, filter: Filter, json: bool, duration: Optio
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                let rb = guard.get_inner_mut();
-                while let Some(item) = rb.next() {
-                    let ev = event::parse(&item)?;
-                    let rec = Record::from_event(&ev);
-                    if !filter.matches(&rec) {
-                        continue;
-                    }
-                    seen += 1;
-                    write_record(&mut out, &rec, json, start_ns)?;
-                }
+                seen += write_all(guard.get_inner_mut(), &mut out, &filter, json, start_ns)?;
                 guard.clear_ready();
                 out.flush()?;
+            }
+            _ = drain.tick() => {
+                let n = write_all(ring.get_mut(), &mut out, &filter, json, start_ns)?;
+                if n > 0 {
+                    seen += n;
+                    out.flush()?;
+                }
             }
             _ = tick.tick() => {
                 reported_lost = report_lost(&mut out, &stats, reported_lost, json, false)?;
@@ -99,16 +101,7 @@ pub async fn run(mut tracer: Tracer, filter: Filter, json: bool, duration: Optio
         }
     }
     // Drain what is already in the buffer, then the final loss report.
-    {
-        let rb = ring.get_mut();
-        while let Some(item) = rb.next() {
-            let rec = Record::from_event(&event::parse(&item)?);
-            if filter.matches(&rec) {
-                seen += 1;
-                write_record(&mut out, &rec, json, start_ns)?;
-            }
-        }
-    }
+    seen += write_all(ring.get_mut(), &mut out, &filter, json, start_ns)?;
     report_lost(&mut out, &stats, reported_lost, json, true)?;
     out.flush()?;
     eprintln!(
@@ -117,6 +110,22 @@ pub async fn run(mut tracer: Tracer, filter: Filter, json: bool, duration: Optio
         stats.get(stat::READ_ERRORS)
     );
     Ok(())
+}
+
+/// Longest time an event can wait in the ring buffer for lack of a wakeup.
+const DRAIN_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Writes every event the ring buffer holds; returns how many passed the filter.
+fn write_all(rb: &mut RingBuf<MapData>, out: &mut impl Write, filter: &Filter, json: bool, start_ns: u64) -> anyhow::Result<u64> {
+    let mut n = 0;
+    while let Some(item) = rb.next() {
+        let rec = Record::from_event(&event::parse(&item)?);
+        if filter.matches(&rec) {
+            n += 1;
+            write_record(out, &rec, json, start_ns)?;
+        }
+    }
+    Ok(n)
 }
 
 fn report_lost(out: &mut impl Write, stats: &Stats, reported: u64, json: bool, last: bool) -> anyhow::Result<u64> {
