@@ -10,6 +10,7 @@
 //!   `bench/`), which print tables and rewrite docs/BENCHMARKS.md.
 
 mod bench;
+mod bench_snapshot;
 mod setup;
 
 use std::{

@@ -97,11 +97,10 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
             md.push_str(
                 "`serve --netns <ns>` is started first, then six `st-bench hold` processes (the fd limit here is 20000 per \
                  process and cannot be raised without CAP_SYS_RESOURCE) open 1000 listeners and ~50k connections, all \
-                 accepted (one accept event each, which is how the listeners enter serve's model); then the same \
-                 measurement with nothing happening but the scrape every second. **sock_diag is not wired into \
-                 serve yet** (`diag_source()` in socktrace/src/main.rs returns None: queue length, backlog and owners are \
-                 unavailable), so the sockets themselves cost serve nothing; what grows is the model and the /metrics \
-                 output (one series set per listener).\n\n",
+                 accepted (one accept event each); then the same measurement with nothing happening but the scrape every \
+                 second. Each scrape closes an interval: the LISTENERS map is read and the netns's LISTEN sockets are \
+                 sampled over sock_diag (socktrace/src/listeners.rs; socket owners from a /proc/*/fd scan at most every \
+                 2 s, which walks the ~100k fds of the holders).\n\n",
             );
             md.push_str(&b.markdown());
         }

@@ -27,7 +27,7 @@ use super::Ctx;
 
 /// Processes that belong to the benchmark itself; everything else (except kernel threads) is
 /// someone else's load.
-const OURS: &[&str] = &["socktrace", "st-bench", "xtask", "ip", "sysctl", "bpftool", "cargo"];
+const OURS: &[&str] = &["socktrace", "st-bench", "xtask", "ip", "sysctl", "bpftool", "cargo", "ss", "netstat", "sleep"];
 
 /// Adds up, in the background, the CPU time of every other process (kernel threads excluded).
 pub struct Noise {
