@@ -2,7 +2,7 @@
 //! correlation tables (enqueue time per child socket, listener per accepting thread).
 
 use aya_ebpf::{
-    bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE},
     macros::map,
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
 };
@@ -69,17 +69,20 @@ pub fn emit(ev: &Event) {
 }
 
 /// Ring-buffer flags that let an event wake the reader at most once per `WAKEUP_INTERVAL_NS`
-/// per CPU. A wakeup is an irq_work (a self-IPI: a VM exit in a guest, several µs) plus a reader
-/// wakeup; with the default adaptive flags nearly every event paid for both at high rates (the
-/// reader keeps catching up). The allowed event forces the wakeup (adaptive would skip it when
-/// silent events precede it); the others are written silently and picked up by the next wakeup
-/// or the reader's periodic drain.
+/// per CPU, or whenever the buffer is more than half full. A wakeup is an irq_work (a self-IPI:
+/// a VM exit in a guest, several µs) plus a reader wakeup; with the default adaptive flags nearly
+/// every event paid for both at high rates (the reader keeps catching up). The allowed event
+/// forces the wakeup (adaptive would skip it when silent events precede it); the others are
+/// written silently and picked up by the next wakeup or the reader's periodic drain. The
+/// half-full rule matters for small buffers: a full buffer rejects events, and a rejected event
+/// wakes no one, so the reader must be woken before it fills.
 #[inline(always)]
 fn wakeup_flags(now: u64) -> u64 {
     let Some(last) = WAKEUP.get_ptr_mut(0) else { return 0 };
+    let half_full = EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) > EVENTS.query(u64::from(BPF_RB_RING_SIZE)) / 2;
     // SAFETY: per-CPU slot, no concurrent writer on this CPU.
     unsafe {
-        if now.wrapping_sub(*last) >= WAKEUP_INTERVAL_NS {
+        if half_full || now.wrapping_sub(*last) >= WAKEUP_INTERVAL_NS {
             *last = now;
             u64::from(BPF_RB_FORCE_WAKEUP)
         } else {
