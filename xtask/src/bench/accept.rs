@@ -65,7 +65,6 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
             runs.entry(c).or_default().push(r);
         }
     }
-    let noise = ctx.noise.since(mark);
     let kernel = kernel_cost(ctx, &ns);
 
     let rates = |c: Config| runs.get(&c).map(|v| v.iter().map(|r| r.load.rate).collect::<Vec<_>>()).unwrap_or_default();
@@ -98,7 +97,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
     }
 
     let mut md = String::from("## Accept-storm overhead\n\n");
-    md.push_str(&provenance(ctx, &load_before, noise));
+    md.push_str(&provenance(ctx, &load_before, mark));
     let s = Storm::max(ctx.secs);
     let _ = write!(
         md,

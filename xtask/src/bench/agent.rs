@@ -77,10 +77,9 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
         }
     }
     let big = many_sockets(ctx, &ns, secs);
-    let noise = ctx.noise.since(mark);
     println!("\n{}", t.text());
     let mut md = String::from("## Agent cost\n\n");
-    md.push_str(&provenance(ctx, &load_before, noise));
+    md.push_str(&provenance(ctx, &load_before, mark));
     let _ = write!(
         md,
         "\nEach run: start the agent (`--netns <ns>`, default hooks and ring), then {secs} s of a rate-limited accept \

@@ -114,9 +114,8 @@ fn snapshot(ctx: &Ctx) -> anyhow::Result<Section> {
     let load_before = loadavg();
     let mark = ctx.noise.mark();
     let report = crate::bench_snapshot::run(&crate::workspace())?;
-    let noise = ctx.noise.since(mark);
     println!("{report}");
-    Ok(Section { name: "snapshot", markdown: format!("## Snapshot\n\n{}\n{report}", provenance(ctx, &load_before, noise)) })
+    Ok(Section { name: "snapshot", markdown: format!("## Snapshot\n\n{}\n{report}", provenance(ctx, &load_before, mark)) })
 }
 
 /// What every benchmark needs: the binaries, the options, the noise monitor.
@@ -259,7 +258,8 @@ names; a run of one benchmark rewrites only its own section and the machine desc
 are median [min–max] over the repetitions; compared configurations were run alternately in the same
 run. \"Other load\" is the CPU time of every process that is not part of the benchmark (kernel
 threads excluded), in cores, sampled every 0.5 s: the machine is shared, and above about 0.1 core
-the numbers are noisy.
+the numbers are noisy. Processes at nice ≥ 10 are counted apart (background: against the
+benchmark's nice-0 processes they get about 1.5 % of a CPU).
 ";
 
 fn write_doc(path: &Path, ctx: &Ctx, sections: &[Section]) -> anyhow::Result<()> {
@@ -276,12 +276,14 @@ fn write_doc(path: &Path, ctx: &Ctx, sections: &[Section]) -> anyhow::Result<()>
     Ok(())
 }
 
-/// The first lines of a section: when, how, how busy the machine was.
-pub fn provenance(ctx: &Ctx, load_before: &str, noise: f64) -> String {
+/// The first lines of a section: when, how, how busy the machine was since `mark`.
+pub fn provenance(ctx: &Ctx, load_before: &str, mark: NoiseMark) -> String {
+    let (noise, niced) = (ctx.noise.since(mark), ctx.noise.niced_since(mark));
     let date = Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default();
     let busy = if noise > 0.1 { " — **the machine was busy: numbers are noisy**" } else { "" };
     format!(
-        "Measured {date} by `{}`. Load average before: {load_before}; other load during the runs: {noise:.2} cores (mean){busy}.\n",
+        "Measured {date} by `{}`. Load average before: {load_before}; other processes during the runs: {noise:.2} cores \
+         competing (mean){busy}, {niced:.2} cores at nice ≥ 10 (background: it mostly fills idle time).\n",
         ctx.command
     )
 }
