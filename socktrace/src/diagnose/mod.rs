@@ -100,7 +100,6 @@ struct Report {
 
 pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow::Result<()> {
     eprintln!("{}", agent.tracer.summary());
-    eprintln!("socktrace: observing for {:.1} s", duration.as_secs_f64());
     let mut paths = BTreeMap::new();
     let mut before: BTreeMap<u32, NetnsFacts> = BTreeMap::new();
     let scope_netns = agent.filter.netns.or_else(system::own_netns);
@@ -109,6 +108,8 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
             before.insert(n, f);
         }
     }
+    // Only once the baseline counters are read: scripts start traffic on this line.
+    eprintln!("socktrace: observing for {:.1} s", duration.as_secs_f64());
     let mut accs: BTreeMap<ListenerKey, Acc> = BTreeMap::new();
     let mut ticker = tokio::time::interval(SAMPLE);
     ticker.tick().await;
