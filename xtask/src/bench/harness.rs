@@ -292,6 +292,8 @@ pub struct StormResult {
     pub connects: u64,
     pub accepted: u64,
     pub errors: u64,
+    /// How long the clients ran.
+    pub secs: f64,
     pub rate: f64,
     /// CPU time (user + system) of the load generator.
     pub cpu_secs: f64,
@@ -338,6 +340,7 @@ pub fn storm(ctx: &Ctx, ns: &NetNs, s: &Storm, mut tick: impl FnMut()) -> anyhow
         connects: n("connects"),
         accepted: n("accepted"),
         errors: n("errors"),
+        secs: v["secs"].as_f64().unwrap_or(f64::NAN),
         rate: v["rate"].as_f64().unwrap_or(0.0),
         cpu_secs: v["cpu_secs"].as_f64().unwrap_or(f64::NAN),
         noise: ctx.noise.since(mark),
