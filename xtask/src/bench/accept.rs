@@ -78,16 +78,16 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
     let s = Storm::max(ctx.secs);
     let _ = write!(
         md,
-        "\nLoad: `st-bench storm` in a fresh netns: {} listeners on 127.0.0.1, one server thread (epoll, \
+        "\nLoad: `st-bench storm` in a fresh netns: {} listeners on 127.0.0.1, {} server threads (epoll, \
          nonblocking `accept4` until EAGAIN, close), {} client threads connecting and closing (SO_LINGER 0) \
          as fast as they can for {} s, at most 512 connections waiting in accept queues (a client waits \
-         rather than overflow a queue: a dropped SYN would stall it for the 1 s SYN timeout). Both cores \
-         are saturated, so conn/s is the inverse of the CPU cost of a connection. Tracers: \
+         rather than overflow a queue: a dropped SYN would stall it for the 1 s SYN timeout). The load aims \
+         to keep both cores busy, so conn/s follows the CPU cost of a connection. Tracers: \
          `socktrace serve --listen 127.0.0.1:<port> --netns <ns>` (scraped every second) and \
          `socktrace watch --json --netns <ns> > /dev/null`, started before the load (after their \
          \"tracing started\"/\"serving\" line), default hooks and ring buffer (4 MiB), the cgroup_skb \
          SYN-drop hook on the cgroup-v2 root. {} repetitions, order rotated each repetition.\n\n",
-        s.listeners, s.clients, ctx.secs, ctx.reps
+        s.listeners, s.servers, s.clients, ctx.secs, ctx.reps
     );
     md.push_str(&t.markdown());
     md.push_str(

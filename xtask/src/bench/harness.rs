@@ -272,13 +272,16 @@ pub struct Storm {
     /// Connections per second in total; 0: as fast as possible.
     pub rate: u64,
     pub clients: usize,
+    /// Server threads (each with its share of the listeners): two, so that server work can use
+    /// both cores while clients wait for the accept-queue window.
+    pub servers: usize,
     pub port: u16,
     pub listeners: usize,
 }
 
 impl Storm {
     pub fn max(secs: f64) -> Storm {
-        Storm { secs, rate: 0, clients: 3, port: 20000, listeners: 4 }
+        Storm { secs, rate: 0, clients: 4, servers: 2, port: 20000, listeners: 4 }
     }
 
     pub fn rate(secs: f64, rate: u64) -> Storm {
@@ -306,7 +309,8 @@ pub fn storm(ctx: &Ctx, ns: &NetNs, s: &Storm, mut tick: impl FnMut()) -> anyhow
     let mark = ctx.noise.mark();
     let mut child = Command::new(&ctx.st_bench)
         .args(["storm", "--netns", &ns.name, "--secs", &s.secs.to_string(), "--rate", &s.rate.to_string()])
-        .args(["--clients", &s.clients.to_string(), "--port", &s.port.to_string(), "--listeners", &s.listeners.to_string()])
+        .args(["--clients", &s.clients.to_string(), "--servers", &s.servers.to_string()])
+        .args(["--port", &s.port.to_string(), "--listeners", &s.listeners.to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
