@@ -13,7 +13,10 @@ use std::{collections::BTreeMap, fmt::Write as _, fs, os::fd::FromRawFd as _, pr
 use anyhow::Context as _;
 use serde_json::Value;
 
-use super::{Ctx, NetNs, Section, Storm, StormResult, Stdout, Summary, Table, Tracer, exit_summary, loadavg, metric_sum, netns_inode, provenance, storm};
+use super::{
+    Ctx, NetNs, Section, Storm, StormResult, Stdout, Summary, Table, Tracer, exit_summary, foreign_bpf_programs, loadavg, metric_sum, netns_inode,
+    provenance, storm,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Config {
@@ -38,6 +41,8 @@ struct Run {
     /// What the tracer counted, against the connections accepted.
     check: String,
     exact: bool,
+    /// Other processes' tracing programs loaded when the run started.
+    foreign_bpf: usize,
 }
 
 pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
@@ -53,19 +58,21 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
             let c = configs[(rep + k) % configs.len()];
             let r = one(ctx, &ns, c)?;
             println!(
-                "  rep {} {:<24} {:>8.0} conn/s  load gen {:>5.1} µs/conn  tracer {:>5.1} µs/conn  other load {:.2}  {}",
+                "  rep {} {:<24} {:>8.0} conn/s  load gen {:>5.1} µs/conn  tracer {:>5.1} µs/conn  other load {:.2}, foreign eBPF progs {}  {}",
                 rep + 1,
                 c.name(),
                 r.load.rate,
                 r.load.cpu_secs / r.load.accepted.max(1) as f64 * 1e6,
                 r.tracer_cpu / r.load.accepted.max(1) as f64 * 1e6,
                 r.load.noise,
+                r.foreign_bpf,
                 r.check
             );
             runs.entry(c).or_default().push(r);
         }
     }
     let kernel = kernel_cost(ctx, &ns);
+    let foreign_bpf = runs.values().flatten().map(|r| r.foreign_bpf).max().unwrap_or(0);
 
     let t = table(&configs, &runs);
     println!("\n{}", t.text());
@@ -90,6 +97,14 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
         s.listeners, s.servers, s.clients, ctx.secs, ctx.reps
     );
     md.push_str(&t.markdown());
+    if foreign_bpf > 0 {
+        let _ = writeln!(
+            md,
+            "\n**Other processes had up to {foreign_bpf} eBPF tracing programs loaded during these runs** (`bpftool prog \
+             show`, e.g. someone's socktrace test): they run on this traffic too, so \"untraced\" was not quite untraced \
+             and every configuration's cost includes theirs."
+        );
+    }
     md.push_str(
         "\n\"× untraced (CPU/conn)\" = untraced total µs/conn ÷ this configuration's: the connections/s ratio a \
          CPU-bound server would see. It is the stable measure here: conn/s also depends on how busy the load keeps \
@@ -167,11 +182,16 @@ fn table(configs: &[Config], runs: &BTreeMap<Config, Vec<Run>>) -> Table {
 }
 
 fn one(ctx: &Ctx, ns: &NetNs, c: Config) -> anyhow::Result<Run> {
+    let foreign_bpf = foreign_bpf_programs();
+    one_run(ctx, ns, c).map(|r| Run { foreign_bpf, ..r })
+}
+
+fn one_run(ctx: &Ctx, ns: &NetNs, c: Config) -> anyhow::Result<Run> {
     let s = Storm::max(ctx.secs);
     match c {
         Config::Untraced => {
             let load = storm(ctx, ns, &s, || {})?;
-            Ok(Run { load, tracer_cpu: 0.0, check: String::new(), exact: true })
+            Ok(Run { load, tracer_cpu: 0.0, check: String::new(), exact: true, foreign_bpf: 0 })
         }
         Config::Serve => {
             let t = Tracer::serve(ctx, ns, &[])?;
@@ -186,7 +206,7 @@ fn one(ctx: &Ctx, ns: &NetNs, c: Config) -> anyhow::Result<Run> {
             let lost = metric_sum(&text, "socktrace_events_lost_total", &[]) as u64;
             t.stop()?;
             let exact = counted == load.accepted;
-            Ok(Run { check: format!("accepts_total {counted} vs {} accepted, {lost} events lost", load.accepted), exact, load, tracer_cpu })
+            Ok(Run { check: format!("accepts_total {counted} vs {} accepted, {lost} events lost", load.accepted), exact, load, tracer_cpu, foreign_bpf: 0 })
         }
         Config::Watch => {
             let t = Tracer::watch(ctx, ns, &[], &Stdout::Null)?;
@@ -198,7 +218,7 @@ fn one(ctx: &Ctx, ns: &NetNs, c: Config) -> anyhow::Result<Run> {
             let (shown, lost) = exit_summary(&t.stop()?).context("no exit summary from watch")?;
             // A few retransmit events may come with the accepts: shown ≥ accepted.
             let exact = shown >= load.accepted && lost == 0;
-            Ok(Run { check: format!("{shown} events shown, {lost} lost, {} accepted", load.accepted), exact, load, tracer_cpu })
+            Ok(Run { check: format!("{shown} events shown, {lost} lost, {} accepted", load.accepted), exact, load, tracer_cpu, foreign_bpf: 0 })
         }
     }
 }

@@ -178,6 +178,17 @@ pub fn proc_mem(pid: u32) -> Option<(u64, u64)> {
     Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
+/// eBPF programs of kinds that tracers attach (tracepoints, BTF tracing, raw tracepoints,
+/// kprobes, cgroup skb filters) loaded right now. Called while none of the bench's own tracers
+/// runs, these belong to someone else — and they run on the benchmark's traffic too, invisible
+/// to the CPU noise monitor (their cost is charged to the load).
+pub fn foreign_bpf_programs() -> usize {
+    const KINDS: &[&str] = &["tracepoint", "tracing", "raw_tracepoint", "kprobe", "cgroup_skb", "perf_event"];
+    let Ok(out) = Command::new("bpftool").args(["prog", "show", "--json"]).output() else { return 0 };
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    v.as_array().map_or(0, |a| a.iter().filter(|p| p["type"].as_str().is_some_and(|t| KINDS.contains(&t))).count())
+}
+
 /// Machine facts for the report header.
 pub fn machine(ctx: &Ctx) -> String {
     let read = |p: &str| fs::read_to_string(p).unwrap_or_default();
