@@ -252,7 +252,7 @@ pub fn replace_section(doc: &str, name: &str, body: &str) -> String {
 const DOC_INTRO: &str = "\
 # socktrace benchmarks
 
-Written by `cargo xtask bench [accept|pipeline|agent|all]` (code: `xtask/src/bench/`, load generator
+Written by `cargo xtask bench [accept|pipeline|agent|snapshot|all]` (code: `xtask/src/bench/`, load generator
 `tests/src/bin/st-bench.rs`). Each section below was produced by the command and at the date it
 names; a run of one benchmark rewrites only its own section and the machine description. Numbers
 are median [min–max] over the repetitions; compared configurations were run alternately in the same
