@@ -13,7 +13,10 @@ use std::{collections::BTreeMap, fmt::Write as _, fs, os::fd::FromRawFd as _, pr
 use anyhow::Context as _;
 use serde_json::Value;
 
-use super::{Ctx, NetNs, Section, Storm, StormResult, Stdout, Summary, Table, Tracer, exit_summary, loadavg, metric_sum, netns_inode, provenance, storm};
+use super::{
+    Ctx, NetNs, Section, Storm, StormResult, Stdout, Summary, Table, Tracer, exit_summary, foreign_bpf_programs, loadavg, metric_sum, netns_inode,
+    provenance, storm,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Config {
@@ -38,6 +41,8 @@ struct Run {
     /// What the tracer counted, against the connections accepted.
     check: String,
     exact: bool,
+    /// Other processes' tracing programs loaded when the run started.
+    foreign_bpf: usize,
 }
 
 pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
@@ -53,44 +58,23 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
             let c = configs[(rep + k) % configs.len()];
             let r = one(ctx, &ns, c)?;
             println!(
-                "  rep {} {:<24} {:>8.0} conn/s  load gen {:>5.1} µs/conn  tracer {:>5.1} µs/conn  other load {:.2}  {}",
+                "  rep {} {:<24} {:>8.0} conn/s  load gen {:>5.1} µs/conn  tracer {:>5.1} µs/conn  other load {:.2}, foreign eBPF progs {}  {}",
                 rep + 1,
                 c.name(),
                 r.load.rate,
                 r.load.cpu_secs / r.load.accepted.max(1) as f64 * 1e6,
                 r.tracer_cpu / r.load.accepted.max(1) as f64 * 1e6,
                 r.load.noise,
+                r.foreign_bpf,
                 r.check
             );
             runs.entry(c).or_default().push(r);
         }
     }
     let kernel = kernel_cost(ctx, &ns);
+    let foreign_bpf = runs.values().flatten().map(|r| r.foreign_bpf).max().unwrap_or(0);
 
-    let rates = |c: Config| runs.get(&c).map(|v| v.iter().map(|r| r.load.rate).collect::<Vec<_>>()).unwrap_or_default();
-    let base = rates(Config::Untraced);
-    let base_med = Summary::of(&base).median;
-    let mut t = Table::new(&["config", "conn/s", "× untraced (medians)", "× untraced (paired by rep)", "load gen µs/conn", "tracer µs/conn", "total µs/conn", "other load (cores)", "no event lost"]);
-    for c in configs {
-        let v = &runs[&c];
-        let r = rates(c);
-        let paired: Vec<f64> = r.iter().zip(&base).map(|(a, b)| a / b).collect();
-        let per = |f: &dyn Fn(&Run) -> f64| Summary::of(&v.iter().map(f).collect::<Vec<_>>());
-        let gen_us = per(&|x| x.load.cpu_secs / x.load.accepted.max(1) as f64 * 1e6);
-        let tr_us = per(&|x| x.tracer_cpu / x.load.accepted.max(1) as f64 * 1e6);
-        let tot_us = per(&|x| (x.load.cpu_secs + x.tracer_cpu) / x.load.accepted.max(1) as f64 * 1e6);
-        t.row(vec![
-            c.name().to_owned(),
-            Summary::of(&r).show(0),
-            if c == Config::Untraced { "1".into() } else { format!("{:.3}", Summary::of(&r).median / base_med) },
-            if c == Config::Untraced { "1".into() } else { Summary::of(&paired).show(3) },
-            gen_us.show(1),
-            if c == Config::Untraced { "-".into() } else { tr_us.show(1) },
-            tot_us.show(1),
-            per(&|x| x.load.noise).show(2),
-            if c == Config::Untraced { "-".into() } else { format!("{}/{}", v.iter().filter(|x| x.exact).count(), v.len()) },
-        ]);
-    }
+    let t = table(&configs, &runs);
     println!("\n{}", t.text());
     if let Ok(k) = &kernel {
         println!("\n{}", k.text());
@@ -101,18 +85,32 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
     let s = Storm::max(ctx.secs);
     let _ = write!(
         md,
-        "\nLoad: `st-bench storm` in a fresh netns: {} listeners on 127.0.0.1, one server thread (epoll, \
+        "\nLoad: `st-bench storm` in a fresh netns: {} listeners on 127.0.0.1, {} server threads (epoll, \
          nonblocking `accept4` until EAGAIN, close), {} client threads connecting and closing (SO_LINGER 0) \
          as fast as they can for {} s, at most 512 connections waiting in accept queues (a client waits \
-         rather than overflow a queue: a dropped SYN would stall it for the 1 s SYN timeout). Both cores \
-         are saturated, so conn/s is the inverse of the CPU cost of a connection. Tracers: \
+         rather than overflow a queue: a dropped SYN would stall it for the 1 s SYN timeout). The load aims \
+         to keep both cores busy, so conn/s follows the CPU cost of a connection. Tracers: \
          `socktrace serve --listen 127.0.0.1:<port> --netns <ns>` (scraped every second) and \
          `socktrace watch --json --netns <ns> > /dev/null`, started before the load (after their \
          \"tracing started\"/\"serving\" line), default hooks and ring buffer (4 MiB), the cgroup_skb \
          SYN-drop hook on the cgroup-v2 root. {} repetitions, order rotated each repetition.\n\n",
-        s.listeners, s.clients, ctx.secs, ctx.reps
+        s.listeners, s.servers, s.clients, ctx.secs, ctx.reps
     );
     md.push_str(&t.markdown());
+    if foreign_bpf > 0 {
+        let _ = writeln!(
+            md,
+            "\n**Other processes had up to {foreign_bpf} eBPF tracing programs loaded during these runs** (`bpftool prog \
+             show`, e.g. someone's socktrace test): they run on this traffic too, so \"untraced\" was not quite untraced \
+             and every configuration's cost includes theirs."
+        );
+    }
+    md.push_str(
+        "\n\"× untraced (CPU/conn)\" = untraced total µs/conn ÷ this configuration's: the connections/s ratio a \
+         CPU-bound server would see. It is the stable measure here: conn/s also depends on how busy the load keeps \
+         both cores (\"load gen cores busy\", CPU time of the load generator ÷ run time; 2 = saturated), which \
+         varies from run to run on this shared VM with the scheduling of client, server and other processes.\n",
+    );
     md.push_str(
         "\n\"no event lost\": runs where the tracer accounted for every connection accepted (`serve`: \
          `socktrace_accepts_total` of the netns equal to it, `watch`: the exit summary shows at least as many events \
@@ -138,12 +136,62 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
     Ok(Section { name: "accept", markdown: md })
 }
 
+/// The comparison table: one row per configuration, median [min–max] over the repetitions.
+fn table(configs: &[Config], runs: &BTreeMap<Config, Vec<Run>>) -> Table {
+    let rates = |c: Config| runs.get(&c).map(|v| v.iter().map(|r| r.load.rate).collect::<Vec<_>>()).unwrap_or_default();
+    let base = rates(Config::Untraced);
+    let base_med = Summary::of(&base).median;
+    let total_us = |x: &Run| (x.load.cpu_secs + x.tracer_cpu) / x.load.accepted.max(1) as f64 * 1e6;
+    let base_us = Summary::of(&runs[&Config::Untraced].iter().map(total_us).collect::<Vec<_>>()).median;
+    let mut t = Table::new(&[
+        "config",
+        "conn/s",
+        "× untraced (conn/s medians)",
+        "× untraced (conn/s paired by rep)",
+        "load gen µs/conn",
+        "tracer µs/conn",
+        "total µs/conn",
+        "× untraced (CPU/conn)",
+        "load gen cores busy",
+        "other load (cores)",
+        "no event lost",
+    ]);
+    for &c in configs {
+        let v = &runs[&c];
+        let r = rates(c);
+        let paired: Vec<f64> = r.iter().zip(&base).map(|(a, b)| a / b).collect();
+        let per = |f: &dyn Fn(&Run) -> f64| Summary::of(&v.iter().map(f).collect::<Vec<_>>());
+        let gen_us = per(&|x| x.load.cpu_secs / x.load.accepted.max(1) as f64 * 1e6);
+        let tr_us = per(&|x| x.tracer_cpu / x.load.accepted.max(1) as f64 * 1e6);
+        let tot_us = per(&total_us);
+        t.row(vec![
+            c.name().to_owned(),
+            Summary::of(&r).show(0),
+            if c == Config::Untraced { "1".into() } else { format!("{:.3}", Summary::of(&r).median / base_med) },
+            if c == Config::Untraced { "1".into() } else { Summary::of(&paired).show(3) },
+            gen_us.show(1),
+            if c == Config::Untraced { "-".into() } else { tr_us.show(1) },
+            tot_us.show(1),
+            if c == Config::Untraced { "1".into() } else { format!("{:.3}", base_us / tot_us.median) },
+            per(&|x| x.load.cpu_secs / x.load.secs).show(2),
+            per(&|x| x.load.noise).show(2),
+            if c == Config::Untraced { "-".into() } else { format!("{}/{}", v.iter().filter(|x| x.exact).count(), v.len()) },
+        ]);
+    }
+    t
+}
+
 fn one(ctx: &Ctx, ns: &NetNs, c: Config) -> anyhow::Result<Run> {
+    let foreign_bpf = foreign_bpf_programs();
+    one_run(ctx, ns, c).map(|r| Run { foreign_bpf, ..r })
+}
+
+fn one_run(ctx: &Ctx, ns: &NetNs, c: Config) -> anyhow::Result<Run> {
     let s = Storm::max(ctx.secs);
     match c {
         Config::Untraced => {
             let load = storm(ctx, ns, &s, || {})?;
-            Ok(Run { load, tracer_cpu: 0.0, check: String::new(), exact: true })
+            Ok(Run { load, tracer_cpu: 0.0, check: String::new(), exact: true, foreign_bpf: 0 })
         }
         Config::Serve => {
             let t = Tracer::serve(ctx, ns, &[])?;
@@ -158,7 +206,7 @@ fn one(ctx: &Ctx, ns: &NetNs, c: Config) -> anyhow::Result<Run> {
             let lost = metric_sum(&text, "socktrace_events_lost_total", &[]) as u64;
             t.stop()?;
             let exact = counted == load.accepted;
-            Ok(Run { check: format!("accepts_total {counted} vs {} accepted, {lost} events lost", load.accepted), exact, load, tracer_cpu })
+            Ok(Run { check: format!("accepts_total {counted} vs {} accepted, {lost} events lost", load.accepted), exact, load, tracer_cpu, foreign_bpf: 0 })
         }
         Config::Watch => {
             let t = Tracer::watch(ctx, ns, &[], &Stdout::Null)?;
@@ -170,7 +218,7 @@ fn one(ctx: &Ctx, ns: &NetNs, c: Config) -> anyhow::Result<Run> {
             let (shown, lost) = exit_summary(&t.stop()?).context("no exit summary from watch")?;
             // A few retransmit events may come with the accepts: shown ≥ accepted.
             let exact = shown >= load.accepted && lost == 0;
-            Ok(Run { check: format!("{shown} events shown, {lost} lost, {} accepted", load.accepted), exact, load, tracer_cpu })
+            Ok(Run { check: format!("{shown} events shown, {lost} lost, {} accepted", load.accepted), exact, load, tracer_cpu, foreign_bpf: 0 })
         }
     }
 }

@@ -178,6 +178,17 @@ pub fn proc_mem(pid: u32) -> Option<(u64, u64)> {
     Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
+/// eBPF programs of kinds that tracers attach (tracepoints, BTF tracing, raw tracepoints,
+/// kprobes, cgroup skb filters) loaded right now. Called while none of the bench's own tracers
+/// runs, these belong to someone else — and they run on the benchmark's traffic too, invisible
+/// to the CPU noise monitor (their cost is charged to the load).
+pub fn foreign_bpf_programs() -> usize {
+    const KINDS: &[&str] = &["tracepoint", "tracing", "raw_tracepoint", "kprobe", "cgroup_skb", "perf_event"];
+    let Ok(out) = Command::new("bpftool").args(["prog", "show", "--json"]).output() else { return 0 };
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    v.as_array().map_or(0, |a| a.iter().filter(|p| p["type"].as_str().is_some_and(|t| KINDS.contains(&t))).count())
+}
+
 /// Machine facts for the report header.
 pub fn machine(ctx: &Ctx) -> String {
     let read = |p: &str| fs::read_to_string(p).unwrap_or_default();
@@ -272,13 +283,16 @@ pub struct Storm {
     /// Connections per second in total; 0: as fast as possible.
     pub rate: u64,
     pub clients: usize,
+    /// Server threads (each with its share of the listeners): two, so that server work can use
+    /// both cores while clients wait for the accept-queue window.
+    pub servers: usize,
     pub port: u16,
     pub listeners: usize,
 }
 
 impl Storm {
     pub fn max(secs: f64) -> Storm {
-        Storm { secs, rate: 0, clients: 3, port: 20000, listeners: 4 }
+        Storm { secs, rate: 0, clients: 4, servers: 2, port: 20000, listeners: 4 }
     }
 
     pub fn rate(secs: f64, rate: u64) -> Storm {
@@ -292,6 +306,8 @@ pub struct StormResult {
     pub connects: u64,
     pub accepted: u64,
     pub errors: u64,
+    /// How long the clients ran.
+    pub secs: f64,
     pub rate: f64,
     /// CPU time (user + system) of the load generator.
     pub cpu_secs: f64,
@@ -304,7 +320,8 @@ pub fn storm(ctx: &Ctx, ns: &NetNs, s: &Storm, mut tick: impl FnMut()) -> anyhow
     let mark = ctx.noise.mark();
     let mut child = Command::new(&ctx.st_bench)
         .args(["storm", "--netns", &ns.name, "--secs", &s.secs.to_string(), "--rate", &s.rate.to_string()])
-        .args(["--clients", &s.clients.to_string(), "--port", &s.port.to_string(), "--listeners", &s.listeners.to_string()])
+        .args(["--clients", &s.clients.to_string(), "--servers", &s.servers.to_string()])
+        .args(["--port", &s.port.to_string(), "--listeners", &s.listeners.to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -338,6 +355,7 @@ pub fn storm(ctx: &Ctx, ns: &NetNs, s: &Storm, mut tick: impl FnMut()) -> anyhow
         connects: n("connects"),
         accepted: n("accepted"),
         errors: n("errors"),
+        secs: v["secs"].as_f64().unwrap_or(f64::NAN),
         rate: v["rate"].as_f64().unwrap_or(0.0),
         cpu_secs: v["cpu_secs"].as_f64().unwrap_or(f64::NAN),
         noise: ctx.noise.since(mark),

@@ -252,7 +252,7 @@ pub fn replace_section(doc: &str, name: &str, body: &str) -> String {
 const DOC_INTRO: &str = "\
 # socktrace benchmarks
 
-Written by `cargo xtask bench [accept|pipeline|agent|all]` (code: `xtask/src/bench/`, load generator
+Written by `cargo xtask bench [accept|pipeline|agent|snapshot|all]` (code: `xtask/src/bench/`, load generator
 `tests/src/bin/st-bench.rs`). Each section below was produced by the command and at the date it
 names; a run of one benchmark rewrites only its own section and the machine description. Numbers
 are median [min–max] over the repetitions; compared configurations were run alternately in the same
@@ -281,9 +281,13 @@ pub fn provenance(ctx: &Ctx, load_before: &str, mark: NoiseMark) -> String {
     let (noise, niced) = (ctx.noise.since(mark), ctx.noise.niced_since(mark));
     let date = Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default();
     let busy = if noise > 0.1 { " — **the machine was busy: numbers are noisy**" } else { "" };
+    let bpf = match foreign_bpf_programs() {
+        0 => String::new(),
+        n => format!(" **{n} eBPF tracing programs of other processes were loaded at the end** (they run on this traffic too)."),
+    };
     format!(
         "Measured {date} by `{}`. Load average before: {load_before}; other processes during the runs: {noise:.2} cores \
-         competing (mean){busy}, {niced:.2} cores at nice ≥ 10 (background: it mostly fills idle time).\n",
+         competing (mean){busy}, {niced:.2} cores at nice ≥ 10 (background: it mostly fills idle time).{bpf}\n",
         ctx.command
     )
 }
