@@ -288,6 +288,10 @@ impl Watch {
         Proc::start(&mut cmd, "tracing started", ReadyOn::Stderr).map(Watch)
     }
 
+    pub fn pid(&self) -> u32 {
+        self.0.pid()
+    }
+
     /// Stops with SIGINT (as Ctrl-C) and returns every JSON record it printed.
     pub fn finish(self) -> anyhow::Result<Vec<Value>> {
         self.finish_with_stderr().map(|(r, _)| r)
@@ -452,4 +456,26 @@ pub fn assert_expected_hooks(hooks: &HashMap<String, Option<String>>, var: &str,
 /// such as the emulated (TCG) guests of the kernel matrix, where scheduling delays are ~10x longer.
 pub fn time_scale() -> i64 {
     std::env::var("SOCKTRACE_TIME_SCALE").ok().and_then(|v| v.parse().ok()).filter(|&v| v >= 1).unwrap_or(1)
+}
+
+/// Runs of process `pid`'s eBPF programs named `prefix…` that the kernel skipped because the same
+/// program was already running on that CPU (a tracepoint hit nested in another, e.g. a softirq
+/// retransmit interrupting one in process context): bpf_prog_info `recursion_misses`, summed, via
+/// `bpftool prog show`. The programs are found through the process's file descriptors.
+pub fn recursion_misses(pid: u32, prefixes: &[&str]) -> anyhow::Result<i64> {
+    let mut ids = std::collections::HashSet::new();
+    for fd in fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
+        let text = fs::read_to_string(fd?.path()).unwrap_or_default();
+        if let Some(id) = text.lines().find_map(|l| l.strip_prefix("prog_id:")) {
+            ids.insert(id.trim().parse::<u64>()?);
+        }
+    }
+    let v: Value = serde_json::from_str(&run(Command::new("bpftool").args(["prog", "show", "--json"]))?)?;
+    Ok(v.as_array()
+        .context("bpftool prog show --json is not an array")?
+        .iter()
+        .filter(|p| p["id"].as_u64().is_some_and(|id| ids.contains(&id)))
+        .filter(|p| prefixes.iter().any(|pre| p["name"].as_str().unwrap_or("").starts_with(pre)))
+        .filter_map(|p| p["recursion_misses"].as_i64())
+        .sum())
 }
