@@ -110,6 +110,10 @@ const MODULES: &[&str] = &["nf_tables", "nft_numgen", "veth", "inet_diag", "tcp_
 /// Host tools the tests run, copied with their libraries.
 const TOOLS: &[&str] = &["ip", "nft", "setpriv", "bpftool"];
 
+/// Prints `inet_csk_accept`'s parameters from the guest kernel's BTF (4 before 6.10, 2 after: the
+/// fexit program must work with both).
+const ACCEPT_PROTO: &str = r#"echo "socktrace-vm: BTF $(bpftool btf dump file /sys/kernel/btf/vmlinux format raw | awk '/^\[/ { cur=""; if ($2=="FUNC_PROTO") { cur=substr($1,2,length($1)-2); p[cur]="" } } /^\t/ && cur!="" { split($1,a,"\047"); p[cur]=p[cur] " " a[2] } $2=="FUNC" && $3=="\047inet_csk_accept\047" { split($4,t,"="); print "inet_csk_accept(" p[t[2]] " )"; exit }')""#;
+
 /// `SOCKTRACE_TIME_SCALE` in the guests: timing tolerances x10 under TCG emulation.
 const TIME_SCALE: u32 = 10;
 
@@ -514,6 +518,7 @@ while read -r m; do
     insmod "/lib/modules/$kver/$m" || {{ echo "socktrace-vm: insmod $m failed"; dmesg | tail -5; }}
 done < "/lib/modules/$kver/load.order"
 echo "{booted} kernel=$kver modules={modules}"
+{accept_proto}
 export SOCKTRACE_BIN={socktrace} SOCKTRACE_REQUIRE_BPF=1 SOCKTRACE_TIME_SCALE={scale} RUST_BACKTRACE=1
 cd /tmp
 run_mode() {{
@@ -527,6 +532,7 @@ run_mode() {{
 }}
 "#,
         kernel = k.name,
+        accept_proto = ACCEPT_PROTO,
         scale = TIME_SCALE,
         booted = MARK_BOOTED,
         mode = MARK_MODE,
