@@ -443,7 +443,11 @@ pub fn suite_hooks(args: &[&str]) -> Vec<String> {
 /// Asserts the hook `probes` reports for each signal named in the environment variable `var`
 /// (`signal=hook,…`, e.g. `accept=fexit,listen_overflow=fentry,syn_drop=fentry`), or in `default`
 /// when it is unset: a kernel that silently falls back to another hook fails the test.
-pub fn assert_expected_hooks(hooks: &HashMap<String, Option<String>>, var: &str, default: &str) {
+///
+/// # Panics
+///
+/// When a signal's hook differs from the expectation, or the expectation is malformed.
+pub fn assert_expected_hooks<S: std::hash::BuildHasher>(hooks: &HashMap<String, Option<String>, S>, var: &str, default: &str) {
     let spec = std::env::var(var).unwrap_or_else(|_| default.to_owned());
     for pair in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (signal, want) = pair.split_once('=').unwrap_or_else(|| panic!("{var}: {pair:?} is not signal=hook"));
@@ -460,7 +464,7 @@ pub fn time_scale() -> i64 {
 
 /// Runs of process `pid`'s eBPF programs named `prefix…` that the kernel skipped because the same
 /// program was already running on that CPU (a tracepoint hit nested in another, e.g. a softirq
-/// retransmit interrupting one in process context): bpf_prog_info `recursion_misses`, summed, via
+/// retransmit interrupting one in process context): `bpf_prog_info.recursion_misses`, summed, via
 /// `bpftool prog show`. The programs are found through the process's file descriptors.
 pub fn recursion_misses(pid: u32, prefixes: &[&str]) -> anyhow::Result<i64> {
     let mut ids = std::collections::HashSet::new();

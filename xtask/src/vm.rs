@@ -67,8 +67,8 @@ impl HookMode {
     }
 
     /// `SOCKTRACE_EXPECT_HOOKS`: what `probes` must report for the tests on the suite's hooks.
-    /// Neither Debian kernel has SKB_DROP_REASON_TCP_LISTEN_OVERFLOW, so listen_overflow is on
-    /// `tcp_v{4,6}_syn_recv_sock` (fentry or kprobe), never on kfree_skb.
+    /// Neither Debian kernel has `SKB_DROP_REASON_TCP_LISTEN_OVERFLOW`, so `listen_overflow` is on
+    /// `tcp_v{4,6}_syn_recv_sock` (fentry or kprobe), never on `kfree_skb`.
     fn expect(self) -> &'static str {
         match self {
             HookMode::Fentry => {
@@ -104,7 +104,7 @@ const VM_TESTS: &[&str] = &[
 ];
 
 /// Kernel modules the tests need when the kernel builds them as modules: nftables loss injection
-/// (nf_tables, nft_numgen), veth pairs, sock_diag for TCP.
+/// (`nf_tables`, `nft_numgen`), veth pairs, `sock_diag` for TCP.
 const MODULES: &[&str] = &["nf_tables", "nft_numgen", "veth", "inet_diag", "tcp_diag"];
 
 /// Host tools the tests run, copied with their libraries.
@@ -235,12 +235,11 @@ struct KernelTree {
 fn fetch_kernel(cache: &Path, k: &Kernel) -> anyhow::Result<KernelTree> {
     let tree = cache.join(k.package);
     if !tree.join(".unpacked").exists() {
-        let deb = match cached_deb(cache, k.package) {
-            Some(deb) => deb,
-            None => {
-                setup::apt_download(k.package, cache)?;
-                cached_deb(cache, k.package).with_context(|| format!("apt-get download {} left no .deb in {}", k.package, cache.display()))?
-            }
+        let deb = if let Some(deb) = cached_deb(cache, k.package) {
+            deb
+        } else {
+            setup::apt_download(k.package, cache)?;
+            cached_deb(cache, k.package).with_context(|| format!("apt-get download {} left no .deb in {}", k.package, cache.display()))?
         };
         eprintln!("xtask: unpacking {}", deb.display());
         let tmp = cache.join(format!("{}.partial", k.package));
@@ -273,7 +272,7 @@ fn cached_deb(cache: &Path, package: &str) -> Option<PathBuf> {
         .map(|e| e.path())
         .find(|p| {
             let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            name.ends_with(".deb") && prefixes.iter().any(|pre| name.starts_with(pre.as_str()))
+            p.extension().is_some_and(|e| e == "deb") && prefixes.iter().any(|pre| name.starts_with(pre.as_str()))
         })
 }
 
@@ -312,7 +311,7 @@ fn initramfs(cache: &Path, k: &Kernel, tree: &KernelTree, bins: &Binaries, opts:
     );
     status(Command::new("bash").arg("-c").arg(script).current_dir(&root)).context("packing the initramfs")?;
     let _ = fs::remove_dir_all(&root);
-    let size = fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+    let size = fs::metadata(&out).map_or(0, |m| m.len());
     eprintln!("xtask: {} ({} MiB, kernel {}, modules: {})", out.display(), size >> 20, tree.release, if order.is_empty() { "none".to_owned() } else { order.join(" ") });
     Ok(out)
 }
@@ -378,7 +377,11 @@ fn modules(root: &Path, tree: &KernelTree) -> anyhow::Result<Vec<String>> {
     }
     fs::create_dir_all(&dest)?;
     fs::write(dest.join("modules.dep"), dep)?;
-    fs::write(dest.join("load.order"), order.iter().map(|m| format!("{}\n", m.rel)).collect::<String>())?;
+    let load_order: String = order.iter().fold(String::new(), |mut acc, m| {
+        let _ = writeln!(acc, "{}", m.rel);
+        acc
+    });
+    fs::write(dest.join("load.order"), load_order)?;
     Ok(order.into_iter().map(|m| m.name).collect())
 }
 
@@ -582,7 +585,7 @@ fn boot(cache: &Path, k: &Kernel, tree: &KernelTree, initrd: &Path, opts: &Optio
             let mut r = BufReader::new(stream);
             let mut buf = Vec::new();
             while r.read_until(b'\n', &mut buf).is_ok_and(|n| n > 0) {
-                let line = String::from_utf8_lossy(&buf).trim_end_matches(['\r', '\n']).to_owned();
+                let line = printable(&String::from_utf8_lossy(&buf));
                 buf.clear();
                 if tx.send(line).is_err() {
                     break;
@@ -601,7 +604,7 @@ fn boot(cache: &Path, k: &Kernel, tree: &KernelTree, initrd: &Path, opts: &Optio
     loop {
         let now = Instant::now();
         // After the done marker the guest only has to power off.
-        let limit = done_at.map_or(deadline, |d| (d + Duration::from_secs(60)).min(deadline));
+        let limit = done_at.map_or(deadline, |d| (d + Duration::from_mins(1)).min(deadline));
         if now >= limit {
             timed_out = done_at.is_none();
             break;
@@ -652,6 +655,26 @@ fn boot(cache: &Path, k: &Kernel, tree: &KernelTree, initrd: &Path, opts: &Optio
     Ok(out)
 }
 
+/// A console line without its line end, terminal escape sequences (the firmware clears the screen)
+/// and other control characters.
+fn printable(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    let mut chars = raw.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            // ESC [ params final-byte, or ESC + one character.
+            if chars.next_if_eq(&'[').is_some() {
+                while chars.next().is_some_and(|p| !p.is_ascii_alphabetic()) {}
+            } else {
+                chars.next();
+            }
+        } else if !c.is_control() || c == '\t' {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// `MARKER value` → value.
 fn marker_value(line: &str, marker: &str) -> Option<String> {
     let at = line.find(marker)?;
@@ -689,6 +712,12 @@ mod tests {
         assert_eq!(field(l, "mode=").as_deref(), Some("kprobe"));
         assert_eq!(field(l, "rc=").as_deref(), Some("101"));
         assert_eq!(marker_value("SOCKTRACE-VM-MODE fentry", MARK_MODE).as_deref(), Some("fentry"));
+    }
+
+    #[test]
+    fn console_lines_lose_escapes() {
+        assert_eq!(printable("\x1bc\x1b[?7l\x1b[2JSeaBIOS\r\n"), "SeaBIOS");
+        assert_eq!(printable("a\tb\r\n"), "a\tb");
     }
 
     #[test]
