@@ -198,16 +198,21 @@ impl Binaries {
         if !out.status.success() {
             bail!("cargo test --no-run failed with {}", out.status);
         }
-        let privileged = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == "privileged")
-            .find_map(|v| v["executable"].as_str().map(PathBuf::from))
-            .context("cargo test --no-run named no executable for the privileged test")?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let executable = |target: &str| {
+            stdout
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == target)
+                .find_map(|v| v["executable"].as_str().map(PathBuf::from))
+                .with_context(|| format!("cargo test --no-run named no executable for {target}"))
+        };
+        // The test binary runs st-scenario by the absolute path cargo gave it at build time.
+        let (privileged, scenario) = (executable("privileged")?, executable("st-scenario")?);
         let tools = TOOLS.iter().map(|t| which(t)).collect::<anyhow::Result<Vec<_>>>()?;
         Ok(Binaries {
             socktrace: release.join("socktrace"),
-            scenario: release.join("st-scenario"),
+            scenario,
             privileged,
             tools,
             busybox: which("busybox")?,
