@@ -164,6 +164,13 @@ pub struct KernelOffsets {
     /// Offsets of `fd` and `backlog` in the `syscalls:sys_enter_listen` record.
     pub tp_listen_fd: u32,
     pub tp_listen_backlog: u32,
+    /// `struct net` → `mib.net_statistics` (a per-CPU `struct linux_mib *`) and the index of
+    /// `LINUX_MIB_LISTENOVERFLOWS` in its `mibs[]` (unsigned long each).
+    pub net_mib_net_statistics: u32,
+    pub mib_listen_overflows: u32,
+    /// Address of `__per_cpu_offset[]` (from kallsyms; 0 when unknown): with it the fentry/kprobe
+    /// drop hooks confirm each drop with the kernel's own per-CPU ListenOverflows counter.
+    pub per_cpu_offset: u64,
     /// `[start, end)` of `cookie_v4_check` and `cookie_v6_check` in kernel text (from kallsyms; 0 when
     /// unknown): kfree_skb's `location` inside them with reason NO_SOCKET is a listen overflow on
     /// the SYN-cookie path, which the kernel drops without TCP_LISTEN_OVERFLOW or rx_sk.
@@ -210,6 +217,9 @@ impl KernelOffsets {
         tp_accept_ret: 16,
         tp_listen_fd: 16,
         tp_listen_backlog: 24,
+        net_mib_net_statistics: Self::ABSENT,
+        mib_listen_overflows: Self::ABSENT,
+        per_cpu_offset: 0,
         cookie_v4_check: [0; 2],
         cookie_v6_check: [0; 2],
     };
@@ -306,7 +316,7 @@ mod tests {
     fn layout_has_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<Event>(), 8 * 3 + 4 * 9 + 2 * 3 + 6 + 16 * 2 + 16);
         assert_eq!(core::mem::size_of::<Event>() % 8, 0);
-        assert_eq!(core::mem::size_of::<KernelOffsets>(), 4 * 36 + 8 * 4);
+        assert_eq!(core::mem::size_of::<KernelOffsets>(), 4 * 38 + 8 * 5);
         assert_eq!(core::mem::size_of::<ListenerStats>(), 8 * 7 + 4 * 6 + 2 * 2 + 4);
         assert_eq!(listener_key(1, 80), (1 << 16) | 80);
     }

@@ -10,6 +10,7 @@
 
 mod accept;
 mod aggregate;
+mod counted;
 mod enqueue;
 mod kernel;
 mod maps;

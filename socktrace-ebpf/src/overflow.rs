@@ -2,16 +2,18 @@
 //! kernel dropped the ACK (`tcp_v4_syn_recv_sock` → exit_overflow). Emits `listen_overflow`.
 //!
 //! Hooks, best first: `skb:kfree_skb` with reason `TCP_LISTEN_OVERFLOW` (value from BTF; the listener
-//! is the tracepoint's `rx_sk`) as tp_btf or raw_tp; then fentry/kprobe on `tcp_v{4,6}_syn_recv_sock`
-//! evaluating the kernel's own first check, `sk_acceptq_is_full(listener)`.
+//! is the tracepoint's `rx_sk`) as tp_btf or raw_tp; then fentry+fexit / kprobe+kretprobe on
+//! `tcp_v{4,6}_syn_recv_sock`, reporting an overflow when the kernel's own ListenOverflows counter
+//! grew during the call (see `counted`).
 
 use aya_ebpf::{
-    macros::{btf_tracepoint, fentry, kprobe, raw_tracepoint},
-    programs::{BtfTracePointContext, FEntryContext, ProbeContext, RawTracePointContext},
+    macros::{btf_tracepoint, fentry, fexit, kprobe, kretprobe, raw_tracepoint},
+    programs::{BtfTracePointContext, FEntryContext, FExitContext, ProbeContext, RawTracePointContext, RetProbeContext},
 };
 use socktrace_common::{Event, hook, kind};
 
 use crate::{
+    counted,
     kernel::{
         Args, accept_queue_full, fill_from_packet, fill_local, fill_queue, fill_remote_from_skb,
         now, off, skb_ip_version,
@@ -68,41 +70,100 @@ fn try_cookie_overflow(skb: u64, location: u64, via: u32) -> Result<u32, i64> {
 
 #[fentry(function = "tcp_v4_syn_recv_sock")]
 pub fn overflow4_fentry(ctx: FEntryContext) -> i32 {
-    let _ = try_syn_recv_sock(&ctx, 4, hook::FENTRY);
+    let _ = syn_recv_sock_entry(&ctx, counted::SYN_RECV_V4, hook::FENTRY);
+    0
+}
+
+#[fexit(function = "tcp_v4_syn_recv_sock")]
+pub fn overflow4_fexit(_ctx: FExitContext) -> i32 {
+    let _ = syn_recv_sock_exit(counted::SYN_RECV_V4, hook::FEXIT);
     0
 }
 
 #[fentry(function = "tcp_v6_syn_recv_sock")]
 pub fn overflow6_fentry(ctx: FEntryContext) -> i32 {
-    let _ = try_syn_recv_sock(&ctx, 6, hook::FENTRY);
+    let _ = syn_recv_sock_entry(&ctx, counted::SYN_RECV_V6, hook::FENTRY);
+    0
+}
+
+#[fexit(function = "tcp_v6_syn_recv_sock")]
+pub fn overflow6_fexit(_ctx: FExitContext) -> i32 {
+    let _ = syn_recv_sock_exit(counted::SYN_RECV_V6, hook::FEXIT);
     0
 }
 
 #[kprobe(function = "tcp_v4_syn_recv_sock")]
 pub fn overflow4_kprobe(ctx: ProbeContext) -> u32 {
-    let _ = try_syn_recv_sock(&ctx, 4, hook::KPROBE);
+    let _ = syn_recv_sock_entry(&ctx, counted::SYN_RECV_V4, hook::KPROBE);
+    0
+}
+
+#[kretprobe(function = "tcp_v4_syn_recv_sock")]
+pub fn overflow4_kretprobe(_ctx: RetProbeContext) -> u32 {
+    let _ = syn_recv_sock_exit(counted::SYN_RECV_V4, hook::KRETPROBE);
     0
 }
 
 #[kprobe(function = "tcp_v6_syn_recv_sock")]
 pub fn overflow6_kprobe(ctx: ProbeContext) -> u32 {
-    let _ = try_syn_recv_sock(&ctx, 6, hook::KPROBE);
+    let _ = syn_recv_sock_entry(&ctx, counted::SYN_RECV_V6, hook::KPROBE);
     0
 }
 
-/// `tcp_v{4,6}_syn_recv_sock(sk, skb, …)`: its first check is `sk_acceptq_is_full(sk)`.
-/// A v4 segment on a dual-stack v6 listener passes through both functions; only the v4 one counts it.
+#[kretprobe(function = "tcp_v6_syn_recv_sock")]
+pub fn overflow6_kretprobe(_ctx: RetProbeContext) -> u32 {
+    let _ = syn_recv_sock_exit(counted::SYN_RECV_V6, hook::KRETPROBE);
+    0
+}
+
+/// `tcp_v{4,6}_syn_recv_sock(sk, skb, …)`: the overflow is confirmed at exit (see `counted`; a v4
+/// call nested in the v6 one for a v4-mapped peer is reported by the v4 exit only). Without the
+/// counter, the kernel's first check, `sk_acceptq_is_full(sk)`, is evaluated here; then a v4
+/// segment on a dual-stack v6 listener passes through both functions and only the v4 one counts it.
 #[inline(always)]
-fn try_syn_recv_sock<C: Args>(ctx: &C, family: u8, via: u32) -> Result<u32, i64> {
+fn syn_recv_sock_entry<C: Args>(ctx: &C, slot: u32, via: u32) -> Result<u32, i64> {
     let listener = ctx.arg_u64(0);
     let skb = ctx.arg_u64(1);
+    if counted::enabled() {
+        counted::enter(slot, listener, skb)?;
+        return Ok(0);
+    }
     if !accept_queue_full(listener)? {
         return Ok(0);
     }
-    if family == 6 && skb_ip_version(skb)? != 6 {
+    if slot == counted::SYN_RECV_V6 && skb_ip_version(skb)? != 6 {
         return Ok(0);
     }
-    emit_overflow(listener, skb, via)
+    let mut ev = new_overflow(listener, skb, via);
+    let _ = fill_queue(&mut ev, listener);
+    emit(&ev);
+    Ok(0)
+}
+
+#[inline(always)]
+fn syn_recv_sock_exit(slot: u32, via: u32) -> Result<u32, i64> {
+    if !counted::enabled() {
+        return Ok(0);
+    }
+    let Some(p) = counted::exit(slot)? else {
+        return Ok(0);
+    };
+    let mut ev = new_overflow(p.listener, p.skb, via);
+    counted::fill_full_queue(&mut ev, &p);
+    emit(&ev);
+    Ok(0)
+}
+
+#[inline(always)]
+fn new_overflow(listener: u64, skb: u64, via: u32) -> Event {
+    let mut ev = Event::ZERO;
+    ev.ts_ns = now();
+    ev.kind = kind::LISTEN_OVERFLOW;
+    ev.hook = via;
+    ev.sock_id = listener;
+    let _ = fill_local(&mut ev, listener);
+    let _ = fill_remote_from_skb(&mut ev, skb);
+    ev
 }
 
 #[inline(always)]

@@ -1,43 +1,80 @@
 //! SYN dropped because the accept queue is full (`tcp_conn_request`: sk_acceptq_is_full). The kernel
 //! consumes that skb without a drop reason, so kfree_skb never sees it. Emits `syn_drop`.
 //!
-//! Hooks, best first: fentry/kprobe on `tcp_conn_request(rsk_ops, af_ops, sk, skb)`, then a
-//! pass-through `cgroup_skb/ingress` program that sees the SYN with its listener just before
-//! `tcp_conn_request` runs. The cgroup program ALWAYS returns 1 (pass): returning 0 would drop the
+//! Hooks, best first: fentry+fexit / kprobe+kretprobe on `tcp_conn_request(rsk_ops, af_ops, sk,
+//! skb)`, reporting a drop when the kernel's own ListenOverflows counter grew during the call (see
+//! `counted`), then a pass-through `cgroup_skb/ingress` program that sees the SYN with its listener
+//! just before `tcp_conn_request` runs. The cgroup program ALWAYS returns 1 (pass): returning 0 would drop the
 //! packet for every process in the cgroup.
 
 use aya_ebpf::{
     helpers::generated::bpf_skc_to_tcp_sock,
-    macros::{cgroup_skb, fentry, kprobe},
-    programs::{FEntryContext, ProbeContext, SkBuffContext},
+    macros::{cgroup_skb, fentry, fexit, kprobe, kretprobe},
+    programs::{FEntryContext, FExitContext, ProbeContext, RetProbeContext, SkBuffContext},
 };
 use socktrace_common::{AF_INET6, Event, hook, kind};
 
 use crate::{
+    counted,
     kernel::{Args, TCP_LISTEN, accept_queue_full, fill_local, fill_queue, fill_remote_from_skb, now},
     maps::emit,
 };
 
 #[fentry(function = "tcp_conn_request")]
 pub fn syn_drop_fentry(ctx: FEntryContext) -> i32 {
-    let _ = try_conn_request(&ctx, hook::FENTRY);
+    let _ = conn_request_entry(&ctx, hook::FENTRY);
+    0
+}
+
+#[fexit(function = "tcp_conn_request")]
+pub fn syn_drop_fexit(_ctx: FExitContext) -> i32 {
+    let _ = conn_request_exit(hook::FEXIT);
     0
 }
 
 #[kprobe(function = "tcp_conn_request")]
 pub fn syn_drop_kprobe(ctx: ProbeContext) -> u32 {
-    let _ = try_conn_request(&ctx, hook::KPROBE);
+    let _ = conn_request_entry(&ctx, hook::KPROBE);
     0
 }
 
+#[kretprobe(function = "tcp_conn_request")]
+pub fn syn_drop_kretprobe(_ctx: RetProbeContext) -> u32 {
+    let _ = conn_request_exit(hook::KRETPROBE);
+    0
+}
+
+/// `tcp_conn_request(rsk_ops, af_ops, sk, skb)`: the drop is confirmed at exit (see `counted`);
+/// without the counter, the queue is checked here, just before the kernel does.
 #[inline(always)]
-fn try_conn_request<C: Args>(ctx: &C, via: u32) -> Result<u32, i64> {
+fn conn_request_entry<C: Args>(ctx: &C, via: u32) -> Result<u32, i64> {
     let listener = ctx.arg_u64(2);
+    let skb = ctx.arg_u64(3);
+    if counted::enabled() {
+        counted::enter(counted::CONN_REQUEST, listener, skb)?;
+        return Ok(0);
+    }
     if !accept_queue_full(listener)? {
         return Ok(0);
     }
     let mut ev = new_syn_drop(listener, via);
-    let _ = fill_remote_from_skb(&mut ev, ctx.arg_u64(3));
+    let _ = fill_queue(&mut ev, listener);
+    let _ = fill_remote_from_skb(&mut ev, skb);
+    emit(&ev);
+    Ok(0)
+}
+
+#[inline(always)]
+fn conn_request_exit(via: u32) -> Result<u32, i64> {
+    if !counted::enabled() {
+        return Ok(0);
+    }
+    let Some(p) = counted::exit(counted::CONN_REQUEST)? else {
+        return Ok(0);
+    };
+    let mut ev = new_syn_drop(p.listener, via);
+    counted::fill_full_queue(&mut ev, &p);
+    let _ = fill_remote_from_skb(&mut ev, p.skb);
     emit(&ev);
     Ok(0)
 }
@@ -50,7 +87,6 @@ fn new_syn_drop(listener: u64, via: u32) -> Event {
     ev.hook = via;
     ev.sock_id = listener;
     let _ = fill_local(&mut ev, listener);
-    let _ = fill_queue(&mut ev, listener);
     ev
 }
 
@@ -101,6 +137,7 @@ fn try_cgroup_skb(ctx: &SkBuffContext) -> Result<u32, i64> {
         return Ok(0);
     }
     let mut ev = new_syn_drop(tp, hook::CGROUP_SKB);
+    let _ = fill_queue(&mut ev, tp);
     let sport: u16 = ctx.load(tcp_off).map_err(i64::from)?;
     ev.rport = u16::from_be(sport);
     // Fixed-size loads: the verifier rejects a length it cannot bound.

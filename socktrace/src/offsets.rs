@@ -32,6 +32,8 @@ pub struct KernelLayout {
     pub has_listen_overflow_reason: bool,
     /// Overflows on the SYN-cookie path can be recognised (kfree_skb NO_SOCKET in cookie_v*_check).
     pub cookie_overflows: bool,
+    /// The fentry/kprobe drop hooks can confirm drops with the kernel's per-CPU counter.
+    pub counted_drops: bool,
 }
 
 /// Resolves every offset the programs use. `tracefs` is where the syscall `format` files live.
@@ -80,8 +82,20 @@ pub fn resolve(btf_path: &Path, tracefs: &Path) -> Result<KernelLayout, OffsetEr
         o.reason_listen_overflow = value;
         o.kfree_skb_rx_sk_arg = 3;
     }
+    let kallsyms = std::fs::read_to_string("/proc/kallsyms").unwrap_or_default();
+    // The fentry/kprobe drop hooks read this CPU's LINUX_MIB_LISTENOVERFLOWS (net->mib.net_statistics
+    // + __per_cpu_offset[cpu]); all three must be known, else they re-check the queue at entry.
+    if let (Ok(stats), Some(index), Some(pcpu)) = (
+        l.offset("net", &["mib", "net_statistics"]),
+        l.anonymous_enum_value("LINUX_MIB_LISTENOVERFLOWS"),
+        kallsyms_addr(&kallsyms, "__per_cpu_offset"),
+    ) {
+        o.net_mib_net_statistics = stats;
+        o.mib_listen_overflows = index;
+        o.per_cpu_offset = pcpu;
+    }
     if let Some(no_socket) = l.enum_value("skb_drop_reason", "SKB_DROP_REASON_NO_SOCKET") {
-        if let Some(syms) = kallsyms_ranges(&["cookie_v4_check", "cookie_v6_check"]) {
+        if let Some(syms) = kallsyms_ranges(&kallsyms, &["cookie_v4_check", "cookie_v6_check"]) {
             o.reason_no_socket = no_socket;
             o.cookie_v4_check = syms[0];
             o.cookie_v6_check = syms[1];
@@ -97,13 +111,23 @@ pub fn resolve(btf_path: &Path, tracefs: &Path) -> Result<KernelLayout, OffsetEr
     o.tp_listen_fd = tracepoint_field(&syscalls.join("sys_enter_listen/format"), "fd").unwrap_or(16);
     o.tp_listen_backlog = tracepoint_field(&syscalls.join("sys_enter_listen/format"), "backlog").unwrap_or(24);
     let cookie_overflows = o.reason_no_socket != KernelOffsets::ABSENT;
-    Ok(KernelLayout { offsets: o, has_listen_overflow_reason: reason.is_some() && rx_sk, cookie_overflows })
+    let counted_drops = o.per_cpu_offset != 0;
+    Ok(KernelLayout { offsets: o, has_listen_overflow_reason: reason.is_some() && rx_sk, cookie_overflows, counted_drops })
+}
+
+/// Address of a kernel symbol of any type, from /proc/kallsyms text; `None` when missing or hidden.
+fn kallsyms_addr(text: &str, name: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let mut it = l.split_whitespace();
+        let addr = u64::from_str_radix(it.next()?, 16).ok()?;
+        let _ty = it.next()?;
+        (it.next()? == name && addr != 0).then_some(addr)
+    })
 }
 
 /// `[start, end)` in kernel text of each named function, from /proc/kallsyms (end = next symbol).
 /// `None` when kallsyms hides addresses (kptr_restrict) or a name is missing.
-fn kallsyms_ranges(names: &[&str]) -> Option<Vec<[u64; 2]>> {
-    let text = std::fs::read_to_string("/proc/kallsyms").ok()?;
+fn kallsyms_ranges(text: &str, names: &[&str]) -> Option<Vec<[u64; 2]>> {
     let syms: Vec<(u64, &str)> = text
         .lines()
         .filter_map(|l| {
@@ -222,6 +246,25 @@ impl Layout<'_> {
                 }
                 _ => {}
             }
+        }
+        None
+    }
+
+    /// Value of an enumerator of an anonymous enum (such as `LINUX_MIB_*`): BTF names no such
+    /// enum, so every type is scanned (once, until found).
+    fn anonymous_enum_value(&self, member: &str) -> Option<u32> {
+        let mut id = 1;
+        while let Ok(ty) = self.btf.resolve_type_by_id(id) {
+            if let Type::Enum(e) = &ty {
+                if self.btf.resolve_name(e).unwrap_or_default().is_empty() {
+                    for m in &e.members {
+                        if self.btf.resolve_name(m).ok().as_deref() == Some(member) {
+                            return Some(m.val());
+                        }
+                    }
+                }
+            }
+            id += 1;
         }
         None
     }

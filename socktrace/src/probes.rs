@@ -186,11 +186,15 @@ impl Signal {
             Signal::ListenOverflow => &[
                 Candidate { kind: HookKind::TpBtf, progs: &[Prog { name: "overflow_btf", attach: Attach::TpBtf("kfree_skb") }], needs: Need::ListenOverflowReason },
                 Candidate { kind: HookKind::RawTp, progs: &[Prog { name: "overflow_raw", attach: Attach::RawTp("kfree_skb") }], needs: Need::ListenOverflowReason },
+                // Entry + exit pairs (kind named after the entry, like kprobe + kretprobe): the
+                // exit program reports the drop the kernel counted during the call.
                 Candidate {
                     kind: HookKind::Fentry,
                     progs: &[
                         Prog { name: "overflow4_fentry", attach: Attach::FEntry("tcp_v4_syn_recv_sock") },
+                        Prog { name: "overflow4_fexit", attach: Attach::FExit("tcp_v4_syn_recv_sock") },
                         Prog { name: "overflow6_fentry", attach: Attach::FEntry("tcp_v6_syn_recv_sock") },
+                        Prog { name: "overflow6_fexit", attach: Attach::FExit("tcp_v6_syn_recv_sock") },
                     ],
                     needs: Need::Nothing,
                 },
@@ -198,14 +202,30 @@ impl Signal {
                     kind: HookKind::Kprobe,
                     progs: &[
                         Prog { name: "overflow4_kprobe", attach: Attach::KProbe("tcp_v4_syn_recv_sock") },
+                        Prog { name: "overflow4_kretprobe", attach: Attach::KRetProbe("tcp_v4_syn_recv_sock") },
                         Prog { name: "overflow6_kprobe", attach: Attach::KProbe("tcp_v6_syn_recv_sock") },
+                        Prog { name: "overflow6_kretprobe", attach: Attach::KRetProbe("tcp_v6_syn_recv_sock") },
                     ],
                     needs: Need::Nothing,
                 },
             ],
             Signal::SynDrop => &[
-                Candidate { kind: HookKind::Fentry, progs: &[Prog { name: "syn_drop_fentry", attach: Attach::FEntry("tcp_conn_request") }], needs: Need::Nothing },
-                Candidate { kind: HookKind::Kprobe, progs: &[Prog { name: "syn_drop_kprobe", attach: Attach::KProbe("tcp_conn_request") }], needs: Need::Nothing },
+                Candidate {
+                    kind: HookKind::Fentry,
+                    progs: &[
+                        Prog { name: "syn_drop_fentry", attach: Attach::FEntry("tcp_conn_request") },
+                        Prog { name: "syn_drop_fexit", attach: Attach::FExit("tcp_conn_request") },
+                    ],
+                    needs: Need::Nothing,
+                },
+                Candidate {
+                    kind: HookKind::Kprobe,
+                    progs: &[
+                        Prog { name: "syn_drop_kprobe", attach: Attach::KProbe("tcp_conn_request") },
+                        Prog { name: "syn_drop_kretprobe", attach: Attach::KRetProbe("tcp_conn_request") },
+                    ],
+                    needs: Need::Nothing,
+                },
                 Candidate { kind: HookKind::CgroupSkb, progs: &[Prog { name: "syn_drop_cgroup", attach: Attach::CgroupSkbIngress }], needs: Need::Nothing },
             ],
             Signal::Retransmit => &[
@@ -332,6 +352,12 @@ fn notes(signal: Signal, kind: HookKind, layout: &KernelLayout) -> Vec<String> {
         ],
         (Signal::ListenOverflow, HookKind::TpBtf | HookKind::RawTp) => vec![
             "SYN-cookie ACK overflows UNAVAILABLE: kallsyms hides addresses (kptr_restrict)".into(),
+        ],
+        (Signal::ListenOverflow | Signal::SynDrop, HookKind::Fentry | HookKind::Kprobe) if layout.counted_drops => vec![
+            "exact: a drop is reported when the kernel's ListenOverflows counter (this CPU's) grew during the call".into(),
+        ],
+        (Signal::ListenOverflow | Signal::SynDrop, HookKind::Fentry | HookKind::Kprobe) => vec![
+            "approximate: kallsyms hides __per_cpu_offset, so the queue is re-checked at function entry (races with accept())".into(),
         ],
         (Signal::SynDrop, HookKind::CgroupSkb) => vec![
             "sees SYNs only for listeners owned by processes in the attached cgroup; checks the queue just before the kernel does".into(),

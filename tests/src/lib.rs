@@ -284,8 +284,12 @@ pub struct Watch(Proc);
 impl Watch {
     pub fn start(args: &[&str]) -> anyhow::Result<Watch> {
         let mut cmd = Command::new(socktrace_bin());
-        cmd.args(["watch", "--json"]).args(args);
+        cmd.args(["watch", "--json"]).args(suite_hooks(args));
         Proc::start(&mut cmd, "tracing started", ReadyOn::Stderr).map(Watch)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.0.pid()
     }
 
     /// Stops with SIGINT (as Ctrl-C) and returns every JSON record it printed.
@@ -310,7 +314,7 @@ pub fn of_kind<'a>(records: &'a [Value], kind: &str) -> Vec<&'a Value> {
 
 /// `socktrace probes --json`: signal name → hook in use (None: unavailable).
 pub fn probes(extra: &[&str]) -> anyhow::Result<HashMap<String, Option<String>>> {
-    let out = run(Command::new(socktrace_bin()).arg("probes").arg("--json").args(extra))?;
+    let out = run(Command::new(socktrace_bin()).arg("probes").arg("--json").args(suite_hooks(extra)))?;
     let v: Value = serde_json::from_str(&out)?;
     Ok(v.as_array()
         .context("probes --json is not an array")?
@@ -370,7 +374,7 @@ impl Serve {
     pub fn start(port: u16, args: &[&str]) -> anyhow::Result<Serve> {
         let addr = format!("127.0.0.1:{port}");
         let mut cmd = Command::new(socktrace_bin());
-        cmd.args(["serve", "--listen", &addr]).args(args);
+        cmd.args(["serve", "--listen", &addr]).args(suite_hooks(args));
         Ok(Serve { proc: Proc::start(&mut cmd, "serving http://", ReadyOn::Stderr)?, addr })
     }
 }
@@ -387,6 +391,7 @@ pub struct Socktrace(Proc);
 
 impl Socktrace {
     pub fn start(args: &[&str], ready: &'static str) -> anyhow::Result<Socktrace> {
+        let args = if args.first() == Some(&"snapshot") { args.iter().map(|a| (*a).to_owned()).collect() } else { suite_hooks(args) };
         Proc::start(Command::new(socktrace_bin()).args(args), ready, ReadyOn::Stderr).map(Socktrace)
     }
 
@@ -410,4 +415,71 @@ pub fn veth_pair(tag: &str) -> anyhow::Result<(NetNs, NetNs)> {
     run(Command::new("ip").args(["-n", &b.name, "link", "set", &vb, "up"]))?;
     run(Command::new("ip").args(["-n", &b.name, "route", "add", "default", "via", "10.77.0.1"]))?;
     Ok((a, b))
+}
+
+// ---- Hook selection and expectations from the environment (the kernel matrix, `cargo xtask test --vm`).
+// Unset, the suite behaves as before: every hook kind allowed, the host's expectations.
+
+/// `args` of a tracing command with the suite's hook restriction applied: `SOCKTRACE_HOOKS` (a
+/// `--hooks` list, e.g. `kprobe,tp_btf,raw_tp,tracepoint` to force fentry/fexit off) is appended,
+/// or intersected with the test's own `--hooks` list (order of the test's list kept).
+pub fn suite_hooks(args: &[&str]) -> Vec<String> {
+    let mut out: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    let Some(suite) = std::env::var("SOCKTRACE_HOOKS").ok().filter(|v| !v.trim().is_empty()) else {
+        return out;
+    };
+    let allowed: Vec<&str> = suite.split(',').map(str::trim).collect();
+    if let Some(i) = out.iter().position(|a| a == "--hooks") {
+        if let Some(own) = out.get_mut(i + 1) {
+            let both: Vec<&str> = own.split(',').map(str::trim).filter(|h| allowed.contains(h)).collect();
+            *own = both.join(",");
+        }
+    } else {
+        out.extend(["--hooks".to_owned(), suite.clone()]);
+    }
+    out
+}
+
+/// Asserts the hook `probes` reports for each signal named in the environment variable `var`
+/// (`signal=hook,…`, e.g. `accept=fexit,listen_overflow=fentry,syn_drop=fentry`), or in `default`
+/// when it is unset: a kernel that silently falls back to another hook fails the test.
+///
+/// # Panics
+///
+/// When a signal's hook differs from the expectation, or the expectation is malformed.
+pub fn assert_expected_hooks<S: std::hash::BuildHasher>(hooks: &HashMap<String, Option<String>, S>, var: &str, default: &str) {
+    let spec = std::env::var(var).unwrap_or_else(|_| default.to_owned());
+    for pair in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (signal, want) = pair.split_once('=').unwrap_or_else(|| panic!("{var}: {pair:?} is not signal=hook"));
+        let got = hooks.get(signal).unwrap_or_else(|| panic!("{var}: probes reports no signal {signal:?}"));
+        assert_eq!(got.as_deref(), Some(want), "{var}: hook for {signal} (probes: {hooks:?})");
+    }
+}
+
+/// `SOCKTRACE_TIME_SCALE` (default 1): factor for the tests' timing tolerances, for slow machines
+/// such as the emulated (TCG) guests of the kernel matrix, where scheduling delays are ~10x longer.
+pub fn time_scale() -> i64 {
+    std::env::var("SOCKTRACE_TIME_SCALE").ok().and_then(|v| v.parse().ok()).filter(|&v| v >= 1).unwrap_or(1)
+}
+
+/// Runs of process `pid`'s eBPF programs named `prefix…` that the kernel skipped because the same
+/// program was already running on that CPU (a tracepoint hit nested in another, e.g. a softirq
+/// retransmit interrupting one in process context): `bpf_prog_info.recursion_misses`, summed, via
+/// `bpftool prog show`. The programs are found through the process's file descriptors.
+pub fn recursion_misses(pid: u32, prefixes: &[&str]) -> anyhow::Result<i64> {
+    let mut ids = std::collections::HashSet::new();
+    for fd in fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
+        let text = fs::read_to_string(fd?.path()).unwrap_or_default();
+        if let Some(id) = text.lines().find_map(|l| l.strip_prefix("prog_id:")) {
+            ids.insert(id.trim().parse::<u64>()?);
+        }
+    }
+    let v: Value = serde_json::from_str(&run(Command::new("bpftool").args(["prog", "show", "--json"]))?)?;
+    Ok(v.as_array()
+        .context("bpftool prog show --json is not an array")?
+        .iter()
+        .filter(|p| p["id"].as_u64().is_some_and(|id| ids.contains(&id)))
+        .filter(|p| prefixes.iter().any(|pre| p["name"].as_str().unwrap_or("").starts_with(pre)))
+        .filter_map(|p| p["recursion_misses"].as_i64())
+        .sum())
 }

@@ -6,7 +6,15 @@
 use std::{collections::HashMap, path::Path, process::Command, time::Duration};
 
 use serde_json::Value;
-use socktrace_tests::{Cgroup, NetNs, Scenario, Watch, monotonic_ns, of_kind, privileged, probes, socktrace_bin};
+use socktrace_tests::{
+    Cgroup, NetNs, Scenario, Watch, assert_expected_hooks, monotonic_ns, of_kind, privileged, probes, recursion_misses,
+    socktrace_bin, time_scale,
+};
+
+/// Expected hooks (`signal=hook,…`) of tests on the suite's hooks and of the fallback-hooks test;
+/// the defaults are this project's CI machine (see `cargo xtask test --vm` for other kernels).
+const EXPECT_HOOKS: (&str, &str) = ("SOCKTRACE_EXPECT_HOOKS", "listen_overflow=tp_btf");
+const EXPECT_FALLBACK_HOOKS: (&str, &str) = ("SOCKTRACE_EXPECT_FALLBACK_HOOKS", "listen_overflow=raw_tp");
 
 const SCENARIO: &str = env!("CARGO_BIN_EXE_st-scenario");
 
@@ -27,7 +35,8 @@ fn assert_hooks(records: &[Value], hooks: &HashMap<String, Option<String>>) {
         }
         let expected = hooks.get(kind).cloned().flatten().unwrap_or_else(|| panic!("no hook for {kind}"));
         let got = r["hook"].as_str().unwrap_or("");
-        let ok = got == expected || (expected == "kprobe" && got == "kretprobe");
+        // Entry + exit pairs are named after the entry hook; the exit program may emit.
+        let ok = got == expected || (expected == "kprobe" && got == "kretprobe") || (expected == "fentry" && got == "fexit");
         assert!(ok, "{kind} event came from {got}, probes says {expected}: {r}");
     }
 }
@@ -42,6 +51,7 @@ fn accept_wait_matches_server_measurement() {
     }
     let ns = NetNs::new("lat").unwrap();
     let hooks = probes(&[]).unwrap();
+    assert_expected_hooks(&hooks, EXPECT_HOOKS.0, "");
     let watch = Watch::start(&["--netns", &ns.inode().to_string(), "--port", "9101"]).unwrap();
     let server = Scenario::start(
         Path::new(SCENARIO),
@@ -88,7 +98,7 @@ fn accept_wait_matches_server_measurement() {
         let traced = i64::try_from(ev["accept_wait_ns"].as_u64().expect("accept_wait_ns known")).unwrap();
         let off = if traced < measured { measured - traced } else { (traced - measured - slack).max(0) };
         worst = worst.max(off);
-        assert!(off < 2_000_000, "port {rport}: traced wait {traced} ns vs measured {measured} ns (connect took {slack} ns)");
+        assert!(off < 2_000_000 * time_scale(), "port {rport}: traced wait {traced} ns vs measured {measured} ns (connect took {slack} ns)");
         assert_eq!(ev["pid"].as_u64(), Some(u64::from(server_pid)));
         assert_eq!(ev["comm"], "st-scenario");
         assert_eq!(ev["queue_max"], 128);
@@ -101,9 +111,13 @@ fn accept_wait_matches_server_measurement() {
     eprintln!("accept waits: {} connections, worst |traced - measured| = {worst} ns", accepts.len());
 }
 
+/// What `overflow_scenario` returns.
+type OverflowRun = (Vec<Value>, i64, Value, HashMap<String, Option<String>>, String, i64);
+
 /// Runs the slow-listener scenario (backlog 4, 50 clients, accepts start late and slowly) and
-/// returns (events, TcpExtListenOverflows delta, server summary).
-fn overflow_scenario(tag: &str, hook_args: &[&str]) -> (Vec<Value>, i64, Value, HashMap<String, Option<String>>, String) {
+/// returns (events, TcpExtListenOverflows delta, server summary, probes, diagnostics, runs of the drop
+/// programs the kernel skipped).
+fn overflow_scenario(tag: &str, hook_args: &[&str]) -> OverflowRun {
     let ns = NetNs::new(tag).unwrap();
     let cg = Cgroup::new(tag).unwrap();
     let cg_path = cg.path.to_string_lossy().into_owned();
@@ -127,6 +141,8 @@ fn overflow_scenario(tag: &str, hook_args: &[&str]) -> (Vec<Value>, i64, Value, 
     .unwrap();
     let server_lines = server.wait(Duration::from_secs(60)).unwrap();
     let after = ns.counters().unwrap();
+    // Runs of the drop programs the kernel skipped (see check_overflow), read while they are loaded.
+    let missed = recursion_misses(watch.pid(), &["syn_drop_", "overflow"]).unwrap();
     drop(clients);
     let (records, stderr) = watch.finish_with_stderr().unwrap();
     let delta = after.delta(&before, "TcpExtListenOverflows");
@@ -137,20 +153,20 @@ fn overflow_scenario(tag: &str, hook_args: &[&str]) -> (Vec<Value>, i64, Value, 
         after.delta(&before, "TcpExtListenDrops"),
         stderr.last().cloned().unwrap_or_default()
     );
-    (records, delta, done(&server_lines).clone(), hooks, diag)
+    (records, delta, done(&server_lines).clone(), hooks, diag, missed)
 }
 
 /// listen_overflow + syn_drop events against the netns's TcpExtListenOverflows delta, and one
 /// accept event per connection the server accepted.
-fn check_overflow(tag: &str, hook_args: &[&str], expect_overflow_hook: &str) {
-    let (records, delta, summary, hooks, diag) = overflow_scenario(tag, hook_args);
+fn check_overflow(tag: &str, hook_args: &[&str], expect: (&str, &str)) {
+    let (records, delta, summary, hooks, diag, missed) = overflow_scenario(tag, hook_args);
     assert_hooks(&records, &hooks);
-    assert_eq!(hooks["listen_overflow"].as_deref(), Some(expect_overflow_hook));
+    assert_expected_hooks(&hooks, expect.0, expect.1);
     let overflows = of_kind(&records, "listen_overflow").len() as i64;
     let syn_drops = of_kind(&records, "syn_drop").len() as i64;
     let accepts = of_kind(&records, "accept").len() as u64;
     eprintln!(
-        "{tag}: TcpExtListenOverflows delta {delta}; events: listen_overflow {overflows} ({}), syn_drop {syn_drops} ({}); accepts {accepts}; {diag}; lost records {}",
+        "{tag}: TcpExtListenOverflows delta {delta}; events: listen_overflow {overflows} ({}), syn_drop {syn_drops} ({}); accepts {accepts}; program runs skipped by the kernel (recursion) {missed}; {diag}; lost records {}",
         hooks["listen_overflow"].as_deref().unwrap_or("-"),
         hooks["syn_drop"].as_deref().unwrap_or("-"),
         of_kind(&records, "lost").len(),
@@ -164,8 +180,18 @@ fn check_overflow(tag: &str, hook_args: &[&str], expect_overflow_hook: &str) {
         // scenario (deltas 133-201): 0 to 8 missed (at most 4.8 %); bound 8 %, at least 3.
         let bound = (delta * 8 / 100).max(3);
         assert!((total - delta).abs() <= bound, "overflow+syn_drop {total} vs kernel {delta} (bound {bound})");
+    } else if [&hooks["syn_drop"], &hooks["listen_overflow"]].iter().any(|h| h.as_deref() == Some("kprobe")) {
+        // kprobe (like classic tracepoint) programs share one per-CPU guard, bpf_prog_active: a
+        // SYN or ACK handled in a softirq that interrupts any such program running in process
+        // context (accept's kretprobe) is skipped. Kernels since 6.7 count the skip in the
+        // program's recursion_misses (added to `total` here); 6.1 does not. In the qemu matrix:
+        // one drop short (114 of 115) in 1 of 24 kprobe runs, on 6.1, none on fentry (12 runs) —
+        // this guard is the suspected cause, not proven. Bound for uncounted skips: 2 %, at least 2.
+        let bound = (delta * 2 / 100).max(2);
+        let seen = total + missed;
+        assert!(seen <= delta && delta - seen <= bound, "overflow+syn_drop {total} + {missed} skipped vs kernel {delta} (bound {bound})");
     } else {
-        assert_eq!(total, delta, "primary hooks must match the kernel exactly");
+        assert_eq!(total + missed, delta, "primary hooks must match the kernel exactly");
     }
     assert_eq!(accepts, summary["accepted"].as_u64().unwrap(), "one accept event per accepted connection");
     for ev in of_kind(&records, "syn_drop").iter().chain(of_kind(&records, "listen_overflow").iter()) {
@@ -180,7 +206,7 @@ fn check_overflow(tag: &str, hook_args: &[&str], expect_overflow_hook: &str) {
 #[test]
 fn slow_listener_overflows_match_kernel_counter() {
     if privileged() {
-        check_overflow("ovf", &[], "tp_btf");
+        check_overflow("ovf", &[], EXPECT_HOOKS);
     }
 }
 
@@ -188,7 +214,7 @@ fn slow_listener_overflows_match_kernel_counter() {
 #[test]
 fn slow_listener_overflows_on_raw_tracepoints() {
     if privileged() {
-        check_overflow("ovfraw", &["--hooks", "raw_tp,tracepoint,cgroup_skb,kprobe,fentry,fexit"], "raw_tp");
+        check_overflow("ovfraw", &["--hooks", "raw_tp,tracepoint,cgroup_skb,kprobe,fentry,fexit"], EXPECT_FALLBACK_HOOKS);
     }
 }
 
@@ -226,7 +252,8 @@ fn healthy_listener_has_no_drops() {
 }
 
 /// Loss injected with nftables on the netns's INPUT hook: retransmit events (segments) equal the
-/// netns's TcpRetransSegs delta minus SYN-ACK retransmits.
+/// netns's TcpRetransSegs delta minus SYN-ACK retransmits (and minus the program runs the kernel
+/// reports it skipped).
 #[test]
 fn retransmits_match_kernel_counter() {
     if !privileged() {
@@ -238,6 +265,8 @@ fn retransmits_match_kernel_counter() {
     std::fs::write(&file, rules).unwrap();
     ns.exec(&["nft", "-f", &file.to_string_lossy()]).unwrap();
     let _ = std::fs::remove_file(&file);
+    let hooks = probes(&[]).unwrap();
+    assert_expected_hooks(&hooks, EXPECT_HOOKS.0, "");
     let watch = Watch::start(&["--netns", &ns.inode().to_string()]).unwrap();
     let before = ns.counters().unwrap();
     let server = Scenario::start(
@@ -254,15 +283,26 @@ fn retransmits_match_kernel_counter() {
     server.wait(Duration::from_secs(90)).unwrap();
     std::thread::sleep(Duration::from_millis(500));
     let after = ns.counters().unwrap();
-    let records = watch.finish().unwrap();
+    // A retransmit whose tracepoint fired while the program was already running on that CPU is
+    // skipped by the kernel (counted, never run): each such miss is one segment short.
+    let missed = recursion_misses(watch.pid(), &["retransmit_", "synack_"]).unwrap();
+    let (records, stderr) = watch.finish_with_stderr().unwrap();
+    assert_hooks(&records, &hooks);
     let retrans = of_kind(&records, "retransmit");
     let segs: i64 = retrans.iter().map(|r| r["segs"].as_i64().unwrap_or(1)).sum();
     let synack = of_kind(&records, "synack_retransmit").len() as i64;
     let delta = after.delta(&before, "TcpRetransSegs");
-    eprintln!("TcpRetransSegs delta {delta}; retransmit events {} ({segs} segments); synack_retransmit {synack}", retrans.len());
+    eprintln!(
+        "TcpRetransSegs delta {delta}; retransmit events {} ({segs} segments); synack_retransmit {synack}; program runs skipped by the kernel (recursion) {missed}; TCPRetransFail {}, TCPLossProbes {}; lost records {}; {}",
+        retrans.len(),
+        after.delta(&before, "TcpExtTCPRetransFail"),
+        after.delta(&before, "TcpExtTCPLossProbes"),
+        of_kind(&records, "lost").len(),
+        stderr.last().cloned().unwrap_or_default()
+    );
     assert!(delta > 20, "loss must cause retransmits (delta {delta})");
-    assert_eq!(segs, delta - synack);
-    assert_eq!(retrans.len() as i64, delta - synack, "one event per retransmitted segment");
+    assert_eq!(segs + missed, delta - synack);
+    assert_eq!(retrans.len() as i64 + missed, delta - synack, "one event per retransmitted segment");
     for r in retrans {
         assert!(r["lport"] == 9300 || r["rport"] == 9300, "retransmit on the test connection: {r}");
     }

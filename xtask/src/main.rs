@@ -8,10 +8,13 @@
 //!   scenario, `--test-threads=1`); with `SOCKTRACE_REQUIRE_BPF=1` an eBPF test that would skip fails;
 //! - `bench [accept|pipeline|agent|snapshot|all]`: build, then the overhead benchmarks (see
 //!   `bench/`), which print tables and rewrite docs/BENCHMARKS.md.
+//! - `test --vm [--kernel 6.1|6.12|all] [--hooks fentry|kprobe|both]`: instead, the privileged tests
+//!   inside qemu on Debian kernels, once per hook mode (see `vm.rs`).
 
 mod bench;
 mod bench_snapshot;
 mod setup;
+mod vm;
 
 use std::{
     path::{Path, PathBuf},
@@ -41,12 +44,41 @@ enum Task {
     },
     /// Run every test: unit tests and the privileged eBPF integration tests.
     Test {
-        /// Extra arguments for the integration test binary (e.g. a test name filter).
+        /// Run the privileged tests in qemu on Debian kernels (the kernel matrix) instead.
+        #[arg(long)]
+        vm: bool,
+        /// Kernel(s) of the matrix (with --vm).
+        #[arg(long, value_enum, default_value = "all", requires = "vm")]
+        kernel: KernelArg,
+        /// Hook mode(s): fentry = every hook allowed; kprobe = fentry/fexit forced off (with --vm).
+        #[arg(long, value_enum, default_value = "both", requires = "vm")]
+        hooks: HooksArg,
+        /// Seconds one VM may run (boot, every hook mode, power-off) before it is killed (with --vm).
+        #[arg(long, default_value_t = 1800, requires = "vm")]
+        vm_timeout: u64,
+        /// Extra arguments for the integration test binary (e.g. a test name filter); with --vm they
+        /// replace the default subset of `privileged` tests.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// Overhead benchmarks (root): tables on stdout and docs/BENCHMARKS.md.
     Bench(bench::BenchArgs),
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum KernelArg {
+    #[value(name = "6.1")]
+    V6_1,
+    #[value(name = "6.12")]
+    V6_12,
+    All,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum HooksArg {
+    Fentry,
+    Kprobe,
+    Both,
 }
 
 fn main() -> ExitCode {
@@ -55,8 +87,25 @@ fn main() -> ExitCode {
         Task::Setup => setup::all(),
         Task::Build => setup::build_deps().and_then(|()| build()),
         Task::Run { args } => setup::build_deps().and_then(|()| build()).and_then(|()| run(&args)),
-        Task::Test { args } => setup::all().and_then(|()| test(&args)),
+        Task::Test { vm: false, args, .. } => setup::all().and_then(|()| test(&args)),
         Task::Bench(args) => setup::all().and_then(|()| build()).and_then(|()| bench::run(&args)),
+        Task::Test { vm: true, kernel, hooks, vm_timeout, args } => vm::test(&vm::Options {
+            kernels: vm::KERNELS
+                .iter()
+                .filter(|k| match kernel {
+                    KernelArg::V6_1 => k.name == "6.1",
+                    KernelArg::V6_12 => k.name == "6.12",
+                    KernelArg::All => true,
+                })
+                .collect(),
+            modes: match hooks {
+                HooksArg::Fentry => vec![vm::HookMode::Fentry],
+                HooksArg::Kprobe => vec![vm::HookMode::Kprobe],
+                HooksArg::Both => vec![vm::HookMode::Fentry, vm::HookMode::Kprobe],
+            },
+            test_args: &args,
+            timeout: std::time::Duration::from_secs(vm_timeout),
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -34,6 +34,43 @@ pub fn all() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Debian packages `cargo xtask test --vm` uses on the host: qemu (TCG), a static busybox for the
+/// guest's userland, cpio to pack the initramfs, xz to unpack compressed kernel modules.
+const VM_PACKAGES: &[(&str, &[&str])] = &[
+    ("qemu-system-x86", &["/usr/bin/qemu-system-x86_64"]),
+    ("busybox-static", &["/bin/busybox", "/usr/bin/busybox"]),
+    ("cpio", &["/usr/bin/cpio", "/bin/cpio"]),
+    ("xz-utils", &["/usr/bin/xz", "/bin/xz"]),
+];
+
+/// Everything `all` installs, plus the VM packages.
+pub fn vm() -> anyhow::Result<()> {
+    all()?;
+    let missing: Vec<&str> = VM_PACKAGES
+        .iter()
+        .filter(|(_, bins)| !bins.iter().any(|b| std::path::Path::new(b).exists()))
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if !missing.is_empty() {
+        apt_install(&missing, "qemu kernel matrix: emulator, guest userland, initramfs packing")?;
+    }
+    Ok(())
+}
+
+/// `apt-get download PKG` into `dir` (no root needed); after a failure, refreshes the package
+/// lists (root or sudo) and tries once more.
+pub fn apt_download(pkg: &str, dir: &std::path::Path) -> anyhow::Result<()> {
+    eprintln!("xtask: downloading Debian package {pkg} into {}", dir.display());
+    let download = || status(Command::new("apt-get").args(["download", "-q", pkg]).current_dir(dir));
+    if download().is_ok() {
+        return Ok(());
+    }
+    status(&mut apt(&["update", "-q"]))?;
+    download().with_context(|| {
+        format!("could not download {pkg}: Debian may have replaced this kernel ABI; see `apt-cache search linux-image-` and update KERNELS in xtask/src/vm.rs")
+    })
+}
+
 /// Nightly rust-src (eBPF is built with -Z build-std=core) and bpf-linker on LLVM 22.
 pub fn build_deps() -> anyhow::Result<()> {
     let installed = Command::new("rustup")
@@ -70,19 +107,21 @@ fn bpf_linker() -> Option<PathBuf> {
     out.status.success().then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
 }
 
+/// `apt-get ARGS`, through sudo for non-root users.
+fn apt(args: &[&str]) -> Command {
+    let mut c = Command::new("apt-get");
+    c.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+    // SAFETY: geteuid has no preconditions. Non-root users go through sudo.
+    if unsafe { libc_geteuid() } != 0 {
+        let mut s = Command::new("sudo");
+        s.arg("-E").arg("apt-get").args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        return s;
+    }
+    c
+}
+
 fn apt_install(pkgs: &[&str], why: &str) -> anyhow::Result<()> {
     eprintln!("xtask: installing Debian packages {} ({why})", pkgs.join(" "));
-    let apt = |args: &[&str]| {
-        let mut c = Command::new("apt-get");
-        c.args(args).env("DEBIAN_FRONTEND", "noninteractive");
-        // SAFETY: geteuid has no preconditions. Non-root users go through sudo.
-        if unsafe { libc_geteuid() } != 0 {
-            let mut s = Command::new("sudo");
-            s.arg("-E").arg("apt-get").args(args).env("DEBIAN_FRONTEND", "noninteractive");
-            return s;
-        }
-        c
-    };
     status(&mut apt(&["update", "-q"]))?;
     let mut install = apt(&["install", "-y", "-q"]);
     install.args(pkgs);
