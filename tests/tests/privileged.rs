@@ -340,17 +340,23 @@ fn watch_detaches_on_sigint() {
     if !privileged() {
         return;
     }
-    let count = || {
-        let out = Command::new("bpftool").args(["prog", "show"]).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
-        out.matches("name enqueue_").count() + out.matches("name accept4_").count()
-    };
-    let before = count();
+    // Only this watch's own programs (the prog ids behind its fds), so that other tracers running
+    // on the machine cannot disturb the count.
     let w = Watch::start(&[]).unwrap();
-    assert!(count() > before, "programs attached while tracing");
+    let mut ids = Vec::new();
+    for fd in std::fs::read_dir(format!("/proc/{}/fdinfo", w.pid())).unwrap().flatten() {
+        let info = std::fs::read_to_string(fd.path()).unwrap_or_default();
+        ids.extend(info.lines().filter_map(|l| l.strip_prefix("prog_id:")).filter_map(|v| v.trim().parse::<u32>().ok()));
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    let loaded = |id: u32| Command::new("bpftool").args(["prog", "show", "id", &id.to_string()]).output().is_ok_and(|o| o.status.success());
+    assert!(ids.len() >= 3 && ids.iter().all(|&id| loaded(id)), "programs loaded while tracing: {ids:?}");
     let t0 = monotonic_ns();
     w.finish().unwrap();
     assert!(monotonic_ns() - t0 < 10_000_000_000);
-    assert_eq!(count(), before, "programs left behind after exit");
+    let left: Vec<u32> = ids.into_iter().filter(|&id| loaded(id)).collect();
+    assert!(left.is_empty(), "programs left behind after exit: {left:?}");
 }
 
 /// The same checks over IPv6 loopback: addresses, the cgroup_skb IPv6 path and the SYN-cookie
