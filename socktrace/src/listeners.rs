@@ -1,10 +1,14 @@
 //! Live LISTEN-socket sampling for the interval views (`top`, `serve`, `diagnose`): one
 //! NETLINK_SOCK_DIAG socket per network namespace, kept open between samples (a netlink socket
-//! stays bound to the namespace it was created in), re-discovering namespaces and socket owners
-//! only every few seconds.
+//! stays bound to the namespace it was created in), re-discovering namespaces every few seconds.
+//!
+//! Socket owners come from a scan of every process's fds (/proc/*/fd), which costs one syscall
+//! per descriptor on the host (100k sockets: ~100 ms). It is redone only when a listener appears
+//! that the last scan did not see, when an owner found before no longer holds its socket (checked
+//! per listener, one `readlink` each), or every [`RESCAN_OWNERS`] to pick up new holders.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     time::{Duration, Instant},
 };
 
@@ -19,7 +23,9 @@ use crate::{
 };
 
 const REDISCOVER: Duration = Duration::from_secs(5);
-const RESCAN_OWNERS: Duration = Duration::from_secs(2);
+const RESCAN_OWNERS: Duration = Duration::from_secs(30);
+/// At most this often when a scan is due to a new or moved listener.
+const RESCAN_MIN: Duration = Duration::from_millis(500);
 
 pub struct LiveListeners {
     /// Only this netns (a `--netns` filter), else all.
@@ -28,11 +34,23 @@ pub struct LiveListeners {
     discovered: Option<Instant>,
     owners: Owners,
     scanned: Option<Instant>,
+    /// LISTEN socket inodes present at the last owner scan.
+    scanned_inodes: HashSet<u32>,
+    /// Also count SYN_RECV sockets per port (a walk of the established hash per sample).
+    half_open: bool,
 }
 
 impl LiveListeners {
-    pub fn new(scope: Option<u32>) -> LiveListeners {
-        LiveListeners { scope, sockets: HashMap::new(), discovered: None, owners: Owners::default(), scanned: None }
+    pub fn new(scope: Option<u32>, half_open: bool) -> LiveListeners {
+        LiveListeners {
+            scope,
+            sockets: HashMap::new(),
+            discovered: None,
+            owners: Owners::default(),
+            scanned: None,
+            scanned_inodes: HashSet::new(),
+            half_open,
+        }
     }
 
     fn discover(&mut self) {
@@ -58,10 +76,11 @@ impl LiveListeners {
         let mut listen: Vec<(u32, Record)> = Vec::new();
         let mut syn_recv: BTreeMap<ListenerKey, u32> = BTreeMap::new();
         let mut dead = Vec::new();
+        let states = if self.half_open { state_mask([TcpState::Listen, TcpState::SynRecv]) } else { state_mask([TcpState::Listen]) };
         for (&inode, sock) in &mut self.sockets {
             let mut recs = Vec::new();
             let ok = FAMILIES.iter().all(|&family| {
-                sock.dump(Request { family, states: state_mask([TcpState::Listen, TcpState::SynRecv]), info: false }, &mut recs).is_ok()
+                sock.dump(Request { family, states, info: false }, &mut recs).is_ok()
             });
             if !ok {
                 dead.push(inode);
@@ -81,17 +100,22 @@ impl LiveListeners {
         if self.sockets.is_empty() {
             return None;
         }
-        let unknown_owner = listen.iter().any(|(_, r)| r.inode != 0 && self.owners.of(r.inode).next().is_none());
-        if self.scanned.is_none_or(|t| t.elapsed() >= RESCAN_OWNERS || (unknown_owner && t.elapsed() >= Duration::from_millis(500))) {
+        let moved = || {
+            listen.iter().any(|(_, r)| {
+                r.inode != 0 && (!self.scanned_inodes.contains(&r.inode) || self.owners.of(r.inode).any(|(p, fd)| !holds(p.pid, fd, r.inode)))
+            })
+        };
+        if self.scanned.is_none_or(|t| t.elapsed() >= RESCAN_OWNERS || (t.elapsed() >= RESCAN_MIN && moved())) {
             self.owners = Owners::scan();
             self.scanned = Some(Instant::now());
+            self.scanned_inodes = listen.iter().map(|(_, r)| r.inode).collect();
         }
         let listeners = listen
             .into_iter()
             .map(|(netns, r)| {
                 let mut owners: Vec<(u32, String)> = Vec::new();
-                for (p, _) in self.owners.of(r.inode) {
-                    if !owners.iter().any(|o| o.0 == p.pid) {
+                for (p, fd) in self.owners.of(r.inode) {
+                    if !owners.iter().any(|o| o.0 == p.pid) && holds(p.pid, fd, r.inode) {
                         owners.push((p.pid, p.comm.clone()));
                     }
                 }
@@ -108,4 +132,9 @@ impl LiveListeners {
             .collect();
         Some(DiagSample { listeners, syn_recv })
     }
+}
+
+/// Whether `pid`'s descriptor `fd` is still the socket `inode` (one `readlink`).
+fn holds(pid: u32, fd: u32, inode: u32) -> bool {
+    std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).is_ok_and(|l| l.as_os_str().as_encoded_bytes() == format!("socket:[{inode}]").as_bytes())
 }

@@ -84,7 +84,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let tracer = start(&trace)?;
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
             rt.block_on(async move {
-                let agent = agent::Agent::new(tracer, filter.clone(), diag_source(filter.netns))?;
+                let agent = agent::Agent::new(tracer, filter.clone(), diag_source(filter.netns, false))?;
                 serve::run(agent, serve::ServeOptions { listen, max_listeners }).await
             })
         }
@@ -94,7 +94,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let format = if json { diagnose::Format::Json } else { format };
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
             rt.block_on(async move {
-                let agent = agent::Agent::new(tracer, filter.clone(), diag_source(filter.netns))?;
+                let agent = agent::Agent::new(tracer, filter.clone(), diag_source(filter.netns, true))?;
                 diagnose::run(agent, duration, format).await
             })
         }
@@ -103,7 +103,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let tracer = start(&trace)?;
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
             rt.block_on(async move {
-                let agent = agent::Agent::new(tracer, filter.clone(), diag_source(filter.netns))?;
+                let agent = agent::Agent::new(tracer, filter.clone(), diag_source(filter.netns, false))?;
                 top::run(agent, top::TopOptions { interval, iterations, json, once, sort }).await
             })
         }
@@ -115,9 +115,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 #[error("refusing to serve on non-loopback address {0} without --allow-remote")]
 struct RemoteRefused(std::net::SocketAddr);
 
-/// LISTEN sockets (and half-open counts) of the netns in scope, from sock_diag.
-fn diag_source(scope: Option<u32>) -> agent::DiagSource {
-    let mut live = listeners::LiveListeners::new(scope);
+/// LISTEN sockets of the netns in scope from sock_diag, and with `half_open` (only `diagnose` uses
+/// them) the SYN_RECV counts per port, which cost a walk of every established socket per sample.
+fn diag_source(scope: Option<u32>, half_open: bool) -> agent::DiagSource {
+    let mut live = listeners::LiveListeners::new(scope, half_open);
     Box::new(move || live.sample())
 }
 

@@ -519,7 +519,8 @@ mount -t bpf bpf /sys/fs/bpf
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 mount -t tmpfs tmpfs /run
 mkdir -p /run/netns
-mount -t tmpfs tmpfs /tmp
+# /tmp stays on the (writable) initramfs root: the binaries are at their host paths, which may be under /tmp.
+chmod 1777 /tmp
 ip link set lo up
 kver=$(uname -r)
 while read -r m; do
