@@ -37,6 +37,7 @@ fn short_burst_is_seen_by_top_but_not_by_snapshots() {
     clients.wait(Duration::from_secs(30)).unwrap();
     let after = ns.counters().unwrap();
     let lines = top.wait(Duration::from_secs(30)).unwrap();
+    let server_pid = server.pid();
     drop(server);
     let delta = after.delta(&before, "TcpExtListenOverflows");
     let rows: Vec<Value> = lines
@@ -48,6 +49,9 @@ fn short_burst_is_seen_by_top_but_not_by_snapshots() {
         eprintln!("{r}");
     }
     assert!(delta > 0, "the burst must overflow the queue");
+    // The owner comes from the socket inode (sock_diag + /proc/PID/fd), like `ss -p`.
+    let owned: Vec<&Value> = rows.iter().filter(|r| r["queue_max"].is_u64()).collect();
+    assert!(!owned.is_empty() && owned.iter().all(|r| r["pid"] == server_pid && r["comm"] == "st-scenario"), "owner {server_pid}: {owned:?}");
     let burst: Vec<&Value> = rows.iter().filter(|r| r["syn_drops"].as_u64().unwrap() + r["overflows"].as_u64().unwrap() > 0).collect();
     assert!(!burst.is_empty(), "no interval with drops");
     let peak = burst.iter().filter_map(|r| r["queue_peak"].as_u64()).max();
