@@ -105,20 +105,27 @@ pub fn fill_remote(ev: &mut Event, sk: u64) -> Result<(), i64> {
     Ok(())
 }
 
-/// Fills the remote side from a received segment (source address and port of the packet).
+/// Where a received segment's IP and TCP headers are, and its IP version (4 or 6).
 #[inline(always)]
-pub fn fill_remote_from_skb(ev: &mut Event, skb: u64) -> Result<(), i64> {
+fn packet_headers(skb: u64) -> Result<(u64, u64, u8), i64> {
     let head: u64 = read(skb, off!(skb_head))?;
     let nh: u16 = read(skb, off!(skb_network_header))?;
     let th: u16 = read(skb, off!(skb_transport_header))?;
     let ip = head + u64::from(nh);
     let version: u8 = read(ip, 0)?;
-    if version >> 4 == 6 {
+    Ok((ip, head + u64::from(th), version >> 4))
+}
+
+/// Fills the remote side from a received segment (source address and port of the packet).
+#[inline(always)]
+pub fn fill_remote_from_skb(ev: &mut Event, skb: u64) -> Result<(), i64> {
+    let (ip, tcp, version) = packet_headers(skb)?;
+    if version == 6 {
         read_buf(ip, 8, &mut ev.raddr)?;
     } else {
         read_buf(ip, 12, &mut ev.raddr[..4])?;
     }
-    let sport: u16 = read(head + u64::from(th), 0)?;
+    let sport: u16 = read(tcp, 0)?;
     ev.rport = u16::from_be(sport);
     Ok(())
 }
@@ -139,12 +146,8 @@ pub fn fill_from_packet(ev: &mut Event, skb: u64) -> Result<(), i64> {
         let net: u64 = read(dev, off!(netdev_nd_net))?;
         ev.netns = read(net, off!(net_ns_inum))?;
     }
-    let head: u64 = read(skb, off!(skb_head))?;
-    let nh: u16 = read(skb, off!(skb_network_header))?;
-    let th: u16 = read(skb, off!(skb_transport_header))?;
-    let ip = head + u64::from(nh);
-    let version: u8 = read(ip, 0)?;
-    if version >> 4 == 6 {
+    let (ip, tcp, version) = packet_headers(skb)?;
+    if version == 6 {
         ev.family = AF_INET6;
         read_buf(ip, 8, &mut ev.raddr)?;
         read_buf(ip, 24, &mut ev.laddr)?;
@@ -153,7 +156,7 @@ pub fn fill_from_packet(ev: &mut Event, skb: u64) -> Result<(), i64> {
         read_buf(ip, 12, &mut ev.raddr[..4])?;
         read_buf(ip, 16, &mut ev.laddr[..4])?;
     }
-    let ports: [u8; 4] = read(head + u64::from(th), 0)?;
+    let ports: [u8; 4] = read(tcp, 0)?;
     ev.rport = u16::from_be_bytes([ports[0], ports[1]]);
     ev.lport = u16::from_be_bytes([ports[2], ports[3]]);
     Ok(())
@@ -162,10 +165,7 @@ pub fn fill_from_packet(ev: &mut Event, skb: u64) -> Result<(), i64> {
 /// IP version (4 or 6) of a received segment.
 #[inline(always)]
 pub fn skb_ip_version(skb: u64) -> Result<u8, i64> {
-    let head: u64 = read(skb, off!(skb_head))?;
-    let nh: u16 = read(skb, off!(skb_network_header))?;
-    let version: u8 = read(head + u64::from(nh), 0)?;
-    Ok(version >> 4)
+    packet_headers(skb).map(|(_, _, version)| version)
 }
 
 /// Accept-queue length and limit of a listener.
