@@ -2,6 +2,8 @@
 //! programs, feeds ring-buffer events into the [`Model`], and closes an interval on demand by
 //! bumping the kernel's peak epoch, reading the `LISTENERS` aggregates and a sock_diag listing.
 
+use std::time::{Duration, Instant};
+
 use anyhow::Context as _;
 use aya::maps::{Array, HashMap, MapData, RingBuf};
 use socktrace_common::{Control, ListenerStats, kind, stat};
@@ -12,6 +14,7 @@ use crate::{
     event::{self, Record},
     model::{DiagSample, ListenerKey, Model},
     probes::Tracer,
+    system,
     watch::{Stats, ring},
 };
 
@@ -31,7 +34,12 @@ pub struct Agent {
     diag: DiagSource,
     /// Whether the last interval had a sock_diag listing.
     pub diag_ok: bool,
+    /// When freed heap was last given back to the OS.
+    trimmed: Instant,
 }
+
+/// How often a long-running agent gives freed heap back ([`system::release_freed_heap`]).
+const TRIM_EVERY: Duration = Duration::from_secs(1);
 
 impl Agent {
     /// Interval views only need accept events (wait histograms, who accepted); everything else is
@@ -56,6 +64,7 @@ impl Agent {
             filter,
             diag,
             diag_ok: false,
+            trimmed: Instant::now(),
         };
         agent.write_control()?;
         Ok(agent)
@@ -76,6 +85,11 @@ impl Agent {
     /// Ends the current interval. Takes in the events still in the ring buffer first (the kernel
     /// wakes the reader at most once per millisecond per CPU, so a few may be waiting).
     pub fn close_interval(&mut self) -> anyhow::Result<()> {
+        // What the views built from the last interval (a /metrics text, a TUI frame) is garbage now.
+        if self.trimmed.elapsed() >= TRIM_EVERY {
+            system::release_freed_heap();
+            self.trimmed = Instant::now();
+        }
         feed(self.ring.get_mut(), &self.filter, &mut self.model)?;
         let ended = self.epoch;
         self.epoch = ended.wrapping_add(1).max(1);

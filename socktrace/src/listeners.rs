@@ -106,9 +106,10 @@ impl LiveListeners {
             })
         };
         if self.scanned.is_none_or(|t| t.elapsed() >= RESCAN_OWNERS || (t.elapsed() >= RESCAN_MIN && moved())) {
-            self.owners = Owners::scan();
-            self.scanned = Some(Instant::now());
             self.scanned_inodes = listen.iter().map(|(_, r)| r.inode).collect();
+            let wanted = &self.scanned_inodes;
+            self.owners = Owners::scan_matching(&|inode| wanted.contains(&inode));
+            self.scanned = Some(Instant::now());
         }
         let listeners = listen
             .into_iter()

@@ -138,19 +138,8 @@ fn start(args: &TraceArgs) -> anyhow::Result<probes::Tracer> {
         ring_buffer_bytes: args.ring_buffer_kib * 1024,
     };
     let tracer = probes::load(&layout, &opts)?;
-    release_freed_heap();
+    system::release_freed_heap();
     Ok(tracer)
-}
-
-/// Parsing the kernel BTF (twice: offsets, then the loader) peaks at ~56 MB of heap, all freed
-/// once the programs are loaded; glibc keeps ~9 MiB of it mapped. Give it back: a long-running
-/// agent's RSS goes from ~24 to ~15 MiB.
-fn release_freed_heap() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: no preconditions; only releases free memory.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }
 
 fn print_probes(tracer: &probes::Tracer, json: bool) -> anyhow::Result<()> {

@@ -117,12 +117,14 @@ pub struct Listener {
     pub interval: Counts,
     /// Accept-queue high-water mark in the last closed interval (kernel peak and diag sample).
     pub queue_peak: Option<u32>,
-    /// Accept-queue waits in the current (open) interval, ns.
-    waits_open: Histogram<u64>,
-    /// Accept-queue waits of the last closed interval, ns.
-    pub waits: Histogram<u64>,
-    /// Every accept-queue wait since start, ns.
-    pub waits_total: Histogram<u64>,
+    /// Accept-queue waits in the current (open) interval, ns; allocated at the interval's first
+    /// accept (most listeners are idle in most intervals).
+    waits_open: Option<Histogram<u64>>,
+    /// Accept-queue waits of the last closed interval, ns; None without accepts.
+    pub waits: Option<Histogram<u64>>,
+    /// Every accept-queue wait since start, ns, when the model keeps them
+    /// ([`Model::keep_total_waits`]).
+    pub waits_total: Option<Histogram<u64>>,
     pub last_acceptor: Option<Acceptor>,
     /// Backlog passed to listen(2), when that call was traced.
     pub requested_backlog: Option<u32>,
@@ -130,6 +132,11 @@ pub struct Listener {
     pub history: Vec<u32>,
     /// Interval number in which this row last had activity or was listening.
     seen: u64,
+}
+
+/// p50, p99 and max (ns) of recorded waits; None when empty.
+pub fn quantiles(h: &Histogram<u64>) -> Option<(u64, u64, u64)> {
+    (!h.is_empty()).then(|| (h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.max()))
 }
 
 /// Longest accept wait recorded (longer ones count as this): 1 h.
@@ -160,9 +167,9 @@ impl Listener {
             total: Counts::default(),
             interval: Counts::default(),
             queue_peak: None,
-            waits_open: histogram(),
-            waits: histogram(),
-            waits_total: histogram(),
+            waits_open: None,
+            waits: None,
+            waits_total: None,
             last_acceptor: None,
             requested_backlog: None,
             history: Vec::new(),
@@ -172,9 +179,7 @@ impl Listener {
 
     /// p50, p99 and max of the last interval's accept waits (ns); None without accepts.
     pub fn wait_quantiles(&self) -> Option<(u64, u64, u64)> {
-        (!self.waits.is_empty()).then(|| {
-            (self.waits.value_at_quantile(0.5), self.waits.value_at_quantile(0.99), self.waits.max())
-        })
+        self.waits.as_ref().and_then(quantiles)
     }
 
     /// The queue hit its backlog (the kernel drops at `len > backlog`).
@@ -195,6 +200,9 @@ pub struct Model {
     /// Kernel counters at the last read, per key (kept even for rows that were dropped).
     kernel_last: BTreeMap<ListenerKey, Counts>,
     interval: u64,
+    /// Also keep every wait since start per listener (`diagnose`; `top` and `serve` need only the
+    /// last interval's).
+    pub keep_total_waits: bool,
 }
 
 impl Model {
@@ -218,12 +226,15 @@ impl Model {
         if r.kind != "accept" {
             return;
         }
+        let keep_total = self.keep_total_waits;
         let row = self.row(ListenerKey { netns: r.netns, lport: r.lport });
         if let Some(w) = r.accept_wait_ns {
             let w = w.clamp(1_000, MAX_WAIT_NS);
             // Auto-resizing: only fails if the counts array cannot be allocated.
-            let _ = row.waits_open.record(w);
-            let _ = row.waits_total.record(w);
+            let _ = row.waits_open.get_or_insert_with(histogram).record(w);
+            if keep_total {
+                let _ = row.waits_total.get_or_insert_with(histogram).record(w);
+            }
         }
         if let (Some(pid), Some(tid), Some(comm)) = (r.pid, r.tid, r.comm.clone()) {
             row.last_acceptor = Some(Acceptor { pid, tid, comm, ts_ns: r.ts_ns });
@@ -295,7 +306,7 @@ impl Model {
             }
         }
         for l in self.listeners.values_mut() {
-            l.waits = std::mem::replace(&mut l.waits_open, histogram());
+            l.waits = l.waits_open.take();
             if l.wait_quantiles().is_some() {
                 l.seen = now;
             }

@@ -192,7 +192,7 @@ impl Metrics {
             self.synack.get_or_create(&labels).inc_by(l.interval.synack_retransmits);
             self.retrans.get_or_create(&labels).inc_by(l.interval.retransmits);
             let h = self.wait.get_or_create(&labels);
-            for v in l.waits.iter_recorded() {
+            for v in l.waits.iter().flat_map(|w| w.iter_recorded()) {
                 let secs = v.value_iterated_to() as f64 / 1e9;
                 for _ in 0..v.count_at_value() {
                     h.observe(secs);

@@ -84,3 +84,16 @@ pub fn monotonic_ns() -> u64 {
 pub fn own_netns() -> Option<u32> {
     std::fs::metadata("/proc/self/ns/net").ok().and_then(|m| u32::try_from(m.ino()).ok())
 }
+
+/// Gives heap memory that was freed back to the OS. glibc keeps freed chunks mapped: parsing the
+/// kernel BTF at start-up (twice: offsets, then the loader) peaks at ~56 MB of heap, all freed once
+/// the programs are loaded (RSS ~24 → ~15 MiB after this); later, each interval's transient
+/// buffers (the socket-owner scan in its worker threads, sock_diag dumps, the /metrics text)
+/// leave ~17 MiB behind with 1k listeners and 100k sockets.
+pub fn release_freed_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: no preconditions; only releases free memory.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

@@ -16,7 +16,12 @@ use std::{
 use serde::Serialize;
 use tokio::signal::unix::SignalKind;
 
-use crate::{agent::Agent, model::ListenerKey, snapshot::netns, system};
+use crate::{
+    agent::Agent,
+    model::{self, ListenerKey},
+    snapshot::netns,
+    system,
+};
 use rules::{Evidence, Finding, THRESHOLDS, Target};
 
 /// sock_diag / interval sampling period.
@@ -87,6 +92,52 @@ struct Acc {
     retrans: u64,
 }
 
+/// Closes an interval of the agent and adds it to each listener's accumulator (netns facts are
+/// read the first time a namespace shows up).
+fn take_interval(
+    agent: &mut Agent,
+    accs: &mut BTreeMap<ListenerKey, Acc>,
+    before: &mut BTreeMap<u32, NetnsFacts>,
+    paths: &mut BTreeMap<u32, Option<netns::Netns>>,
+) -> anyhow::Result<()> {
+    agent.close_interval()?;
+    for (key, l) in &agent.model.listeners {
+        if !before.contains_key(&key.netns) {
+            if let Some(f) = facts_of(key.netns, paths) {
+                before.insert(key.netns, f);
+            }
+        }
+        let a = accs.entry(*key).or_default();
+        a.samples += 1;
+        a.listening |= l.listening;
+        if l.backlog.is_some() {
+            a.backlog = l.backlog;
+        }
+        let peak = l.queue_peak.or(l.queue_len);
+        if let Some(p) = peak {
+            a.peak = Some(a.peak.map_or(p, |x| x.max(p)));
+        }
+        let at_backlog = |q: Option<u32>| matches!((q, l.backlog), (Some(q), Some(b)) if q >= b && b > 0);
+        if at_backlog(l.queue_len) || at_backlog(l.queue_peak) {
+            a.full += 1;
+        }
+        let i = &l.interval;
+        if i.overflows + i.syn_drops > 0 {
+            a.drops_intervals += 1;
+        }
+        a.max_burst = a.max_burst.max(i.accepts + i.overflows + i.syn_drops);
+        a.accepts += i.accepts;
+        a.overflows += i.overflows;
+        a.syn_drops += i.syn_drops;
+        a.synack += i.synack_retransmits;
+        a.retrans += i.retransmits;
+        if let Some(n) = l.syn_recv {
+            a.syn_recv_max = Some(a.syn_recv_max.map_or(n, |x| x.max(n)));
+        }
+    }
+    Ok(())
+}
+
 #[derive(Serialize)]
 struct Report {
     netns: u32,
@@ -100,6 +151,7 @@ struct Report {
 
 pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow::Result<()> {
     eprintln!("{}", agent.tracer.summary());
+    agent.model.keep_total_waits = true;
     let mut paths = BTreeMap::new();
     let mut before: BTreeMap<u32, NetnsFacts> = BTreeMap::new();
     let scope_netns = agent.filter.netns.or_else(system::own_netns);
@@ -120,47 +172,13 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
     loop {
         tokio::select! {
             r = agent.pump() => r?,
-            _ = ticker.tick() => {
-                agent.close_interval()?;
-                for (key, l) in &agent.model.listeners {
-                    if !before.contains_key(&key.netns) {
-                        if let Some(f) = facts_of(key.netns, &mut paths) {
-                            before.insert(key.netns, f);
-                        }
-                    }
-                    let a = accs.entry(*key).or_default();
-                    a.samples += 1;
-                    a.listening |= l.listening;
-                    if l.backlog.is_some() {
-                        a.backlog = l.backlog;
-                    }
-                    let peak = l.queue_peak.or(l.queue_len);
-                    if let Some(p) = peak {
-                        a.peak = Some(a.peak.map_or(p, |x| x.max(p)));
-                    }
-                    let at_backlog = |q: Option<u32>| matches!((q, l.backlog), (Some(q), Some(b)) if q >= b && b > 0);
-                    if at_backlog(l.queue_len) || at_backlog(l.queue_peak) {
-                        a.full += 1;
-                    }
-                    let i = &l.interval;
-                    if i.overflows + i.syn_drops > 0 {
-                        a.drops_intervals += 1;
-                    }
-                    a.max_burst = a.max_burst.max(i.accepts + i.overflows + i.syn_drops);
-                    a.accepts += i.accepts;
-                    a.overflows += i.overflows;
-                    a.syn_drops += i.syn_drops;
-                    a.synack += i.synack_retransmits;
-                    a.retrans += i.retransmits;
-                    if let Some(n) = l.syn_recv {
-                        a.syn_recv_max = Some(a.syn_recv_max.map_or(n, |x| x.max(n)));
-                    }
-                }
-            }
+            _ = ticker.tick() => take_interval(&mut agent, &mut accs, &mut before, &mut paths)?,
             () = &mut deadline => break,
             _ = sigint.recv() => break,
         }
     }
+    // The part of the window since the last sample counts too (the counters' "after" includes it).
+    take_interval(&mut agent, &mut accs, &mut before, &mut paths)?;
     let window = (system::monotonic_ns() - t0) as f64 / 1e9;
     let now = system::monotonic_ns();
     let mut after: BTreeMap<u32, NetnsFacts> = BTreeMap::new();
@@ -176,7 +194,7 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
     for (key, a) in &accs {
         let Some(l) = agent.model.listeners.get(key) else { continue };
         let facts = after.get(&key.netns);
-        let total_waits = &l.waits_total;
+        let waits = l.waits_total.as_ref().and_then(model::quantiles);
         let e = Evidence {
             window_secs: window,
             // Seen in a sock_diag sample, or it accepted during the window (a short-lived listener can
@@ -194,9 +212,9 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
             syn_drops: a.syn_drops,
             intervals_with_drops: a.drops_intervals,
             max_burst: a.max_burst,
-            wait_p50_ns: (!total_waits.is_empty()).then(|| total_waits.value_at_quantile(0.5)),
-            wait_p99_ns: (!total_waits.is_empty()).then(|| total_waits.value_at_quantile(0.99)),
-            wait_max_ns: (!total_waits.is_empty()).then(|| total_waits.max()),
+            wait_p50_ns: waits.map(|w| w.0),
+            wait_p99_ns: waits.map(|w| w.1),
+            wait_max_ns: waits.map(|w| w.2),
             synack_retransmits: a.synack,
             retransmits: a.retrans,
             syn_recv_max: a.syn_recv_max,

@@ -49,6 +49,12 @@ impl Owners {
     /// Scans every /proc/PID/fd once, processes shared out over a few threads (the kernel's
     /// per-descriptor work dominates, so this scales with cores).
     pub fn scan() -> Owners {
+        Owners::scan_matching(&|_| true)
+    }
+
+    /// Like [`Owners::scan`], keeping only the socket inodes `keep` accepts (the interval views
+    /// need the owners of a few listeners, not of every socket on the host).
+    pub fn scan_matching(keep: &(dyn Fn(u32) -> bool + Sync)) -> Owners {
         let Ok(dir) = std::fs::read_dir("/proc") else { return Owners::default() };
         let pids: Vec<u32> = dir.flatten().filter_map(|e| std::str::from_utf8(e.file_name().as_bytes()).ok()?.parse().ok()).collect();
         let workers = std::thread::available_parallelism().map_or(1, usize::from).clamp(1, 4);
@@ -60,7 +66,7 @@ impl Owners {
                         let mut part = Owners::default();
                         let mut link = [0u8; 64];
                         while let Some(&pid) = pids.get(next.fetch_add(1, Ordering::Relaxed)) {
-                            part.add_process(pid, &mut link);
+                            part.add_process(pid, &mut link, keep);
                         }
                         part
                     })
@@ -82,10 +88,14 @@ impl Owners {
         owners
     }
 
-    fn add_process(&mut self, pid: u32, link: &mut [u8; 64]) {
+    fn add_process(&mut self, pid: u32, link: &mut [u8; 64], keep: &(dyn Fn(u32) -> bool + Sync)) {
         let before = self.entries.len();
         let idx = u32::try_from(self.procs.len()).unwrap_or(u32::MAX);
-        scan_fds(pid, link, |inode, fd| self.entries.push((inode, idx, fd)));
+        scan_fds(pid, link, |inode, fd| {
+            if keep(inode) {
+                self.entries.push((inode, idx, fd));
+            }
+        });
         if self.entries.len() > before {
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
             self.procs.push(Process { pid, comm: comm.trim_end_matches('\n').to_owned() });
