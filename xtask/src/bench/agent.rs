@@ -98,8 +98,8 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
                  process and cannot be raised without CAP_SYS_RESOURCE) open 1000 listeners and ~50k connections, all \
                  accepted (one accept event each); then the same measurement with nothing happening but the scrape every \
                  second. Each scrape closes an interval: the LISTENERS map is read and the netns's LISTEN sockets are \
-                 sampled over sock_diag (socktrace/src/listeners.rs; socket owners from a /proc/*/fd scan at most every \
-                 2 s, which walks the ~100k fds of the holders).\n\n",
+                 sampled over sock_diag (socktrace/src/listeners.rs; socket owners from a /proc/*/fd scan, which walks \
+                 the ~100k fds of the holders, redone only for new or moved listeners or every 30 s).\n\n",
             );
             md.push_str(&b.markdown());
         }
