@@ -151,7 +151,6 @@ fn emit_accept(listener: u64, child: u64, via: u32) -> Result<u32, i64> {
         ev.accept_wait_ns = ev.ts_ns.saturating_sub(start);
         ev.flags |= flags::HAS_WAIT;
     }
-    crate::aggregate::adopt(child, &ev);
     emit(&ev);
     Ok(0)
 }

@@ -5,7 +5,7 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use socktrace_common::{Event, ListenerStats, flags, kind, listener_key};
 
-use crate::maps::{CHILD_OWNER, CONTROL, LISTENERS};
+use crate::maps::{CONTROL, LISTENERS};
 
 #[inline(always)]
 fn add(field: *mut u64, n: u64) {
@@ -45,27 +45,17 @@ fn peak(s: *mut ListenerStats, len: u32, max: u32) {
     }
 }
 
-/// Remembers which listener an accepted connection came from.
-#[inline(always)]
-pub fn adopt(child: u64, ev: &Event) {
-    let _ = CHILD_OWNER.insert(child, listener_key(ev.netns, ev.lport), 0);
-}
-
 #[inline(always)]
 pub fn record(ev: &Event) {
     if ev.kind == kind::LISTEN {
         return;
     }
-    let key = if ev.kind == kind::RETRANSMIT {
-        // SAFETY: value copied out.
-        match unsafe { CHILD_OWNER.get(ev.sock_id) } {
-            Some(k) => *k,
-            None => return,
-        }
-    } else {
-        listener_key(ev.netns, ev.lport)
-    };
-    let Some(s) = entry(key, ev) else { return };
+    let key = listener_key(ev.netns, ev.lport);
+    // A passive connection keeps its listener's local port (connect() never picks a port a listener
+    // has bound), so a retransmit is the listener's when a listener row exists for that port; it
+    // never creates one (every outgoing connection's port would get a row).
+    let s = if ev.kind == kind::RETRANSMIT { LISTENERS.get_ptr_mut(key) } else { entry(key, ev) };
+    let Some(s) = s else { return };
     let has_queue = ev.flags & flags::HAS_QUEUE != 0;
     // SAFETY: `s` is a live map value; fields are addressed without creating references.
     unsafe {

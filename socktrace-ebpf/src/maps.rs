@@ -30,10 +30,6 @@ pub static ACCEPTING: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384,
 #[map]
 pub static LISTENERS: LruHashMap<u64, ListenerStats> = LruHashMap::with_max_entries(16384, 0);
 
-/// Accepted connection (socket address) → its listener's key, so retransmits on it are counted
-/// for the listener. LRU: closed connections are never removed explicitly.
-#[map]
-pub static CHILD_OWNER: LruHashMap<u64, u64> = LruHashMap::with_max_entries(65536, 0);
 
 /// Per CPU: when this CPU last let an event wake the reader (see [`emit`]).
 #[map]

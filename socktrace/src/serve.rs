@@ -115,7 +115,7 @@ impl Metrics {
         );
         registry.register("syn_drops", "SYNs dropped because the accept queue was full (part of listen_overflows)", m.syn_drops.clone());
         registry.register("synack_retransmits", "SYN-ACKs retransmitted by the listener", m.synack.clone());
-        registry.register("retransmits", "Segments retransmitted on connections accepted from the listener", m.retrans.clone());
+        registry.register("retransmits", "Segments retransmitted on the listener's connections (its local port)", m.retrans.clone());
         registry.register("events_lost", "Events lost because the ring buffer was full", m.lost.clone());
         registry.register("listeners_not_exported", "Listeners beyond --max-listeners, not exported", m.skipped.clone());
         let probes: Family<ProbeLabels, Gauge> = Family::default();

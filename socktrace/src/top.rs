@@ -1,6 +1,6 @@
 //! `socktrace top`: one row per listening port every interval — queue now / peak / backlog,
 //! accepts, accept-queue wait p50/p99/max, overflows and SYN drops (interval and total), SYN-ACK
-//! retransmits, retransmits on accepted connections, and who owns / accepts.
+//! retransmits, retransmits on its connections, and who owns / accepts.
 //!
 //! On a terminal it is a TUI (sortable, rows highlighted where the queue hit its backlog, a
 //! sparkline of the selected listener's queue peaks); with `--once` or when stdout is not a

@@ -288,7 +288,7 @@ pub fn diagnose(e: &Evidence, t: &Thresholds, target: &Target) -> Vec<Finding> {
             verdict: "packet_loss",
             severity: Severity::Medium,
             evidence: vec![
-                format!("{} segments retransmitted on connections accepted from this listener", e.retransmits),
+                format!("{} segments retransmitted on this listener's connections", e.retransmits),
                 format!("{} SYN-ACK retransmits", e.synack_retransmits),
                 format!(
                     "accept queue fine: peak {}/{}, no drops",
