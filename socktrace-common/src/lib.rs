@@ -293,6 +293,9 @@ pub mod stat {
     pub const LOST: u32 = 0;
     /// Kernel reads that failed (a pointer chain broke); the event was skipped.
     pub const READ_ERRORS: u32 = 1;
+    /// `tcp_retransmit_skb` tracepoint runs with `err != 0` (the segment did not leave the host);
+    /// not events. The kernel's TcpRetransSegs may include some of them (it counts before sending).
+    pub const RETRANSMIT_UNSENT: u32 = 2;
     pub const COUNT: u32 = 4;
 }
 

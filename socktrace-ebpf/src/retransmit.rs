@@ -8,11 +8,11 @@ use aya_ebpf::{
     macros::{btf_tracepoint, raw_tracepoint},
     programs::{BtfTracePointContext, RawTracePointContext},
 };
-use socktrace_common::{Event, hook, kind};
+use socktrace_common::{Event, hook, kind, stat};
 
 use crate::{
     kernel::{Args, fill_local, fill_queue, fill_remote, now, off, read},
-    maps::emit,
+    maps::{count, emit},
 };
 
 #[btf_tracepoint(function = "tcp_retransmit_skb")]
@@ -31,6 +31,7 @@ pub fn retransmit_raw(ctx: RawTracePointContext) -> i32 {
 fn try_retransmit<C: Args>(ctx: &C, via: u32) -> Result<u32, i64> {
     // Constant context offsets only: `err`, when the kernel passes it, is argument 2.
     if off!(retransmit_err_arg) == 2 && ctx.arg_u64(2) as i32 != 0 {
+        count(stat::RETRANSMIT_UNSENT);
         return Ok(0);
     }
     let sk = ctx.arg_u64(0);

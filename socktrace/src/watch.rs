@@ -105,9 +105,10 @@ pub async fn run(mut tracer: Tracer, filter: Filter, json: bool, duration: Optio
     report_lost(&mut out, &stats, reported_lost, json, true)?;
     out.flush()?;
     eprintln!(
-        "socktrace: {seen} events shown, {} lost in the ring buffer, {} kernel read errors",
+        "socktrace: {seen} events shown, {} lost in the ring buffer, {} kernel read errors, {} retransmits not sent (err, skipped)",
         stats.get(stat::LOST),
-        stats.get(stat::READ_ERRORS)
+        stats.get(stat::READ_ERRORS),
+        stats.get(stat::RETRANSMIT_UNSENT)
     );
     Ok(())
 }
