@@ -155,9 +155,17 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
     let mut paths = BTreeMap::new();
     let mut before: BTreeMap<u32, NetnsFacts> = BTreeMap::new();
     let scope_netns = agent.filter.netns.or_else(system::own_netns);
-    if let Some(n) = scope_netns {
-        if let Some(f) = facts_of(n, &mut paths) {
-            before.insert(n, f);
+    // Baseline counters of every namespace in scope (all of them without --netns), so that what
+    // happens right at the start of the window counts in the deltas.
+    let scope: Vec<netns::Netns> = match agent.filter.netns {
+        Some(n) => netns::discover().namespaces.into_iter().filter(|ns| ns.inode == n).collect(),
+        None => netns::discover().namespaces,
+    };
+    for ns in scope {
+        let inode = ns.inode;
+        paths.insert(inode, Some(ns));
+        if let Some(f) = facts_of(inode, &mut paths) {
+            before.insert(inode, f);
         }
     }
     // Only once the baseline counters are read: scripts start traffic on this line.
