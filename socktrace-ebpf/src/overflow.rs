@@ -161,23 +161,20 @@ fn new_overflow(listener: u64, skb: u64, via: u32) -> Event {
     ev.kind = kind::LISTEN_OVERFLOW;
     ev.hook = via;
     ev.sock_id = listener;
-    let _ = fill_local(&mut ev, listener);
+    // A SYN-cookie ACK carries no listener (0): the packet alone names both sides then.
+    if listener != 0 {
+        let _ = fill_local(&mut ev, listener);
+    }
     let _ = fill_remote_from_skb(&mut ev, skb);
     ev
 }
 
 #[inline(always)]
 fn emit_overflow(listener: u64, skb: u64, via: u32) -> Result<u32, i64> {
-    let mut ev = Event::ZERO;
-    ev.ts_ns = now();
-    ev.kind = kind::LISTEN_OVERFLOW;
-    ev.hook = via;
-    ev.sock_id = listener;
+    let mut ev = new_overflow(listener, skb, via);
     if listener != 0 {
-        let _ = fill_local(&mut ev, listener);
         let _ = fill_queue(&mut ev, listener);
     }
-    let _ = fill_remote_from_skb(&mut ev, skb);
     emit(&ev);
     Ok(0)
 }

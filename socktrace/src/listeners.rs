@@ -105,18 +105,32 @@ impl LiveListeners {
                 r.inode != 0 && (!self.scanned_inodes.contains(&r.inode) || self.owners.of(r.inode).any(|(p, fd)| !holds(p.pid, fd, r.inode)))
             })
         };
-        if self.scanned.is_none_or(|t| t.elapsed() >= RESCAN_OWNERS || (t.elapsed() >= RESCAN_MIN && moved())) {
+        // Whether every owner below is known to still hold its socket: just scanned, or checked by
+        // `moved` (then each is not checked again).
+        let mut verified = false;
+        let due = match self.scanned {
+            None => true,
+            Some(t) if t.elapsed() >= RESCAN_OWNERS => true,
+            Some(t) if t.elapsed() >= RESCAN_MIN => {
+                let m = moved();
+                verified = !m;
+                m
+            }
+            Some(_) => false,
+        };
+        if due {
             self.scanned_inodes = listen.iter().map(|(_, r)| r.inode).collect();
             let wanted = &self.scanned_inodes;
             self.owners = Owners::scan_matching(&|inode| wanted.contains(&inode));
             self.scanned = Some(Instant::now());
+            verified = true;
         }
         let listeners = listen
             .into_iter()
             .map(|(netns, r)| {
                 let mut owners: Vec<(u32, String)> = Vec::new();
                 for (p, fd) in self.owners.of(r.inode) {
-                    if !owners.iter().any(|o| o.0 == p.pid) && holds(p.pid, fd, r.inode) {
+                    if !owners.iter().any(|o| o.0 == p.pid) && (verified || holds(p.pid, fd, r.inode)) {
                         owners.push((p.pid, p.comm.clone()));
                     }
                 }
