@@ -90,6 +90,69 @@ impl Counts {
     }
 }
 
+/// When a listener accepted and dropped, over a `diagnose` window: the time series the episode
+/// rules read ([`Model::keep_timeline`]). Only long gaps between accepts are kept, with the drop
+/// times (bounded) that fall anywhere in the window.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Timeline {
+    pub first_accept_ns: Option<u64>,
+    pub last_accept_ns: Option<u64>,
+    /// Gaps between consecutive accepts (start, end) of at least [`Timeline::KEEP_GAP_NS`].
+    pub gaps: Vec<(u64, u64)>,
+    /// Gaps shorter than that (only counted: the rules need the median gap).
+    pub short_gaps: u64,
+    /// Times of listen overflows and SYN drops, at most [`Timeline::MAX_DROPS`] of them.
+    pub drops: Vec<u64>,
+    /// Drop events past that bound (counted, not timed).
+    pub drops_untimed: u64,
+}
+
+impl Timeline {
+    /// Gaps shorter than this are never part of a stall episode (the rules' floor is higher).
+    pub const KEEP_GAP_NS: u64 = 20_000_000;
+    pub const MAX_DROPS: usize = 1 << 20;
+
+    pub(crate) fn accept(&mut self, ts: u64) {
+        if let Some(last) = self.last_accept_ns {
+            // Events of different CPUs can arrive slightly out of order.
+            if ts < last {
+                return;
+            }
+            if ts - last >= Self::KEEP_GAP_NS {
+                self.gaps.push((last, ts));
+            } else {
+                self.short_gaps += 1;
+            }
+        }
+        self.first_accept_ns.get_or_insert(ts);
+        self.last_accept_ns = Some(ts);
+    }
+
+    pub(crate) fn drop_at(&mut self, ts: u64) {
+        if self.drops.len() < Self::MAX_DROPS {
+            self.drops.push(ts);
+        } else {
+            self.drops_untimed += 1;
+        }
+    }
+
+    /// Median gap between consecutive accepts (ns), when there were at least two accepts: exact
+    /// when it is a kept gap, else "shorter than [`Timeline::KEEP_GAP_NS`]" (reported as that).
+    pub fn median_gap_ns(&self) -> Option<u64> {
+        let n = self.short_gaps + self.gaps.len() as u64;
+        if n == 0 {
+            return None;
+        }
+        let mid = n / 2;
+        if mid < self.short_gaps {
+            return Some(Self::KEEP_GAP_NS);
+        }
+        let mut long: Vec<u64> = self.gaps.iter().map(|(a, b)| b - a).collect();
+        long.sort_unstable();
+        long.get(usize::try_from(mid - self.short_gaps).unwrap_or(usize::MAX)).copied()
+    }
+}
+
 /// Who last accepted from a listener.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Acceptor {
@@ -126,6 +189,10 @@ pub struct Listener {
     /// ([`Model::keep_total_waits`]).
     pub waits_total: Option<Histogram<u64>>,
     pub last_acceptor: Option<Acceptor>,
+    /// Accepts whose queue wait cannot be known: the connection was queued before tracing started.
+    pub accepts_unknown_wait: u64,
+    /// Accept gaps and drop times ([`Model::keep_timeline`]).
+    pub timeline: Option<Timeline>,
     /// Backlog passed to listen(2), when that call was traced.
     pub requested_backlog: Option<u32>,
     /// Queue high-water per interval, newest last (for sparklines).
@@ -171,6 +238,8 @@ impl Listener {
             waits: None,
             waits_total: None,
             last_acceptor: None,
+            accepts_unknown_wait: 0,
+            timeline: None,
             requested_backlog: None,
             history: Vec::new(),
             seen: 0,
@@ -203,6 +272,8 @@ pub struct Model {
     /// Also keep every wait since start per listener (`diagnose`; `top` and `serve` need only the
     /// last interval's).
     pub keep_total_waits: bool,
+    /// Also keep each listener's [`Timeline`] (`diagnose`, which then also needs drop events).
+    pub keep_timeline: bool,
 }
 
 impl Model {
@@ -223,11 +294,24 @@ impl Model {
             row.requested_backlog = r.queue_max;
             return;
         }
+        let keep_timeline = self.keep_timeline;
+        if r.kind == "listen_overflow" || r.kind == "syn_drop" {
+            if keep_timeline {
+                self.row(ListenerKey { netns: r.netns, lport: r.lport }).timeline.get_or_insert_default().drop_at(r.ts_ns);
+            }
+            return;
+        }
         if r.kind != "accept" {
             return;
         }
         let keep_total = self.keep_total_waits;
         let row = self.row(ListenerKey { netns: r.netns, lport: r.lport });
+        if keep_timeline {
+            row.timeline.get_or_insert_default().accept(r.ts_ns);
+        }
+        if r.accept_wait_ns.is_none() {
+            row.accepts_unknown_wait += 1;
+        }
         if let Some(w) = r.accept_wait_ns {
             let w = w.clamp(1_000, MAX_WAIT_NS);
             // Auto-resizing: only fails if the counts array cannot be allocated.
@@ -377,6 +461,25 @@ mod tests {
         assert_eq!(l.owners.len(), 1);
         assert_eq!(l.laddrs.len(), 2);
         assert_eq!(l.syn_recv, Some(5));
+    }
+
+    #[test]
+    fn timeline_keeps_long_gaps_and_drops() {
+        let mut t = Timeline::default();
+        for ts in [0, 1_000_000, 2_000_000, 502_000_000, 503_000_000] {
+            t.accept(ts);
+        }
+        t.drop_at(300_000_000);
+        assert_eq!(t.gaps, [(2_000_000, 502_000_000)]);
+        assert_eq!(t.short_gaps, 3);
+        assert_eq!(t.median_gap_ns(), Some(Timeline::KEEP_GAP_NS), "most gaps are short");
+        assert_eq!((t.first_accept_ns, t.last_accept_ns), (Some(0), Some(503_000_000)));
+        let mut slow = Timeline::default();
+        for ts in [0, 100_000_000, 200_000_000, 900_000_000] {
+            slow.accept(ts);
+        }
+        assert_eq!(slow.median_gap_ns(), Some(100_000_000));
+        assert_eq!(slow.drops, Vec::<u64>::new());
     }
 
     #[test]
