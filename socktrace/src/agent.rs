@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::{Array, HashMap, MapData, RingBuf};
-use socktrace_common::{AF_INET, AF_INET6, Control, ListenerStats, kind, listener_key, stat};
+use socktrace_common::{AF_INET, AF_INET6, Control, ListenerStats, SOCKET_KEY, kind, listener_key, socket_key, stat};
 use tokio::io::unix::AsyncFd;
 
 use crate::{
@@ -101,8 +101,7 @@ impl Agent {
     /// (`present`: keys seen in the map). A row that appeared meanwhile is left as it is.
     fn seed(&mut self, sample: &DiagSample, present: &HashSet<u64>) {
         for d in &sample.listeners {
-            let key = listener_key(d.netns, d.lport);
-            if present.contains(&key) || !self.filter.matches_listener(d.netns, d.lport) {
+            if !self.filter.matches_listener(d.netns, d.lport) {
                 continue;
             }
             let mut row = ListenerStats::ZERO;
@@ -110,15 +109,23 @@ impl Agent {
             row.lport = d.lport;
             row.family = if d.laddr.is_ipv4() { AF_INET } else { AF_INET6 };
             row.queue_max = d.backlog;
-            // BPF_NOEXIST: never reset a row a kernel program created in the meantime.
-            if let Err(e) = self.listeners.insert(key, row, BPF_NOEXIST) {
-                let exists = matches!(&e, aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::EEXIST));
-                if !exists {
-                    if self.seed_errors == 0 {
-                        eprintln!("socktrace: warning: no kernel row for listener netns {} port {}: {e}", d.netns, d.lport);
-                    }
-                    self.seed_errors += 1;
+            let port = listener_key(d.netns, d.lport);
+            let socket = (d.inode != 0).then(|| socket_key(d.inode));
+            for key in [Some(port), socket].into_iter().flatten().filter(|k| !present.contains(k)) {
+                self.seed_row(key, &row, d);
+            }
+        }
+    }
+
+    fn seed_row(&mut self, key: u64, row: &ListenerStats, d: &crate::model::DiagListener) {
+        // BPF_NOEXIST: never reset a row a kernel program created in the meantime.
+        if let Err(e) = self.listeners.insert(key, row, BPF_NOEXIST) {
+            let exists = matches!(&e, aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::EEXIST));
+            if !exists {
+                if self.seed_errors == 0 {
+                    eprintln!("socktrace: warning: no kernel row for listener netns {} port {} (inode {}): {e}", d.netns, d.lport, d.inode);
                 }
+                self.seed_errors += 1;
             }
         }
     }
@@ -149,6 +156,7 @@ impl Agent {
         self.write_control()?;
         let slot = (ended & 1) as usize;
         let mut kernel = Vec::new();
+        let mut sockets = Vec::new();
         let mut present = HashSet::new();
         for item in self.listeners.iter() {
             let (k, s) = item.context("reading LISTENERS")?;
@@ -157,7 +165,11 @@ impl Agent {
                 continue;
             }
             let peak = (s.peak_epoch[slot] == ended).then_some(s.peak[slot]);
-            kernel.push((ListenerKey { netns: s.netns, lport: s.lport }, s, peak));
+            if k & SOCKET_KEY == 0 {
+                kernel.push((ListenerKey { netns: s.netns, lport: s.lport }, s, peak));
+            } else {
+                sockets.push((u32::try_from(k & u64::from(u32::MAX)).unwrap_or(0), s, peak));
+            }
         }
         let diag = (self.diag)().map(|mut sample| {
             sample.listeners.retain(|d| self.filter.matches_listener(d.netns, d.lport));
@@ -167,7 +179,7 @@ impl Agent {
         if let Some(sample) = &diag {
             self.seed(sample, &present);
         }
-        self.model.close_interval(&kernel, diag.as_ref());
+        self.model.close_interval(&kernel, &sockets, diag.as_ref());
         Ok(())
     }
 

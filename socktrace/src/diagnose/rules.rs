@@ -226,7 +226,7 @@ fn queue_lines(e: &Evidence) -> Vec<String> {
     if let Some(b) = e.backlog {
         let share = if e.samples > 0 { 100.0 * f64::from(e.samples_full) / f64::from(e.samples) } else { 0.0 };
         v.push(format!(
-            "accept queue at its backlog {}/{b} for {share:.0} % of the window ({} of {} samples)",
+            "accept queue at its backlog {}/{b} (peak) in {} of {} sample intervals ({share:.0} %)",
             e.queue_peak.map_or_else(|| "?".into(), |p| p.to_string()),
             e.samples_full,
             e.samples
