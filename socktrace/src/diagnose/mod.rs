@@ -22,7 +22,7 @@ use crate::{
     snapshot::netns,
     system,
 };
-use rules::{Episode, Evidence, Finding, Point, THRESHOLDS, Target};
+use rules::{Episode, Evidence, Finding, Point, SocketFacts, THRESHOLDS, Target};
 use socktrace_common::kind;
 
 /// sock_diag / interval sampling period.
@@ -93,6 +93,15 @@ struct Acc {
     retrans: u64,
     /// One point per sample: the time series the episode rules read.
     points: Vec<Point>,
+    /// The same per LISTEN socket (inode), with its accepts and drops in the window.
+    sockets: BTreeMap<u32, SocketAcc>,
+}
+
+#[derive(Default)]
+struct SocketAcc {
+    points: Vec<Point>,
+    accepts: u64,
+    drops: u64,
 }
 
 /// Closes an interval of the agent and adds it to each listener's accumulator (netns facts are
@@ -141,6 +150,13 @@ fn take_interval(
         }
         let listed = diag_ok && l.listening;
         a.points.push(Point { t_ns, queue_len: l.queue_len.filter(|_| listed), backlog: l.backlog.filter(|_| listed) });
+        for (ino, sock) in &l.sockets {
+            let sa = a.sockets.entry(*ino).or_default();
+            let listed = diag_ok && sock.listening;
+            sa.points.push(Point { t_ns, queue_len: sock.queue_len.filter(|_| listed), backlog: sock.backlog.filter(|_| listed) });
+            sa.accepts += sock.interval.accepts;
+            sa.drops += sock.interval.overflows + sock.interval.syn_drops;
+        }
     }
     Ok(())
 }
@@ -229,7 +245,13 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
         let facts = after.get(&key.netns);
         let waits = l.waits_total.as_ref().and_then(model::quantiles);
         let timeline = l.timeline.as_ref().unwrap_or(&no_timeline);
-        let episodes = rules::find_episodes(timeline, &a.points, t0, now, &THRESHOLDS);
+        // A port with several LISTEN sockets is judged socket by socket: one stuck SO_REUSEPORT
+        // worker leaves no gap in the port's accepts (the others keep accepting).
+        let (episodes, sockets) = if a.sockets.len() > 1 {
+            socket_episodes(l, a, t0, now)
+        } else {
+            (rules::find_episodes(timeline, &a.points, t0, now, &THRESHOLDS), Vec::new())
+        };
         let e = Evidence {
             window_secs: window,
             // Seen in a sock_diag sample, or it accepted during the window (a short-lived listener can
@@ -264,6 +286,7 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
             window_start_unix_ms: t0_unix_ms,
             all_namespaces: false,
             listening_elsewhere: Vec::new(),
+            sockets,
         };
         let findings = rules::diagnose(&e, &THRESHOLDS, &Target { netns: key.netns, lport: key.lport });
         let owner = l.owners.first().cloned().or_else(|| l.last_acceptor.as_ref().map(|x| (x.pid, x.comm.clone())));
@@ -328,6 +351,34 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
         Format::Text | Format::Markdown => print_reports(&mut out, &reports, format == Format::Markdown, window, agent.diag_ok)?,
     }
     Ok(())
+}
+
+/// Episodes of each LISTEN socket of a port (tagged with its inode) and the sockets' facts.
+fn socket_episodes(l: &model::Listener, a: &Acc, t0: u64, end: u64) -> (Vec<Episode>, Vec<SocketFacts>) {
+    let none = model::Timeline::default();
+    let mut episodes = Vec::new();
+    let mut facts = Vec::new();
+    for (ino, sa) in &a.sockets {
+        let sock = l.sockets.get(ino);
+        let tl = sock.and_then(|s| s.timeline.as_ref()).unwrap_or(&none);
+        for mut x in rules::find_episodes(tl, &sa.points, t0, end, &THRESHOLDS) {
+            x.socket = Some(*ino);
+            episodes.push(x);
+        }
+        facts.push(SocketFacts {
+            inode: *ino,
+            addr: sock.and_then(|s| s.laddr).map_or_else(|| format!("*:{}", l.key.lport), |ip| std::net::SocketAddr::new(ip, l.key.lport).to_string()),
+            backlog: sock.and_then(|s| s.backlog),
+            accepts: sa.accepts,
+            drops: sa.drops,
+            last_acceptor: sock
+                .and_then(|s| s.acceptors.first())
+                .map(|x| (x.pid, x.tid, x.comm.clone(), end.saturating_sub(x.ts_ns) as f64 / 1e9)),
+            holders: sock.map(|s| s.owners.clone()).unwrap_or_default(),
+        });
+    }
+    episodes.sort_by(|a, b| a.start_s.total_cmp(&b.start_s));
+    (episodes, facts)
 }
 
 /// LISTEN sockets on `port` in namespaces other than `netns`, as "netns N: ADDR (comm pid P)"

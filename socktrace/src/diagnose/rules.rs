@@ -37,6 +37,23 @@ pub struct Episode {
     pub from_window_start: bool,
     /// Still going when the window ended.
     pub ongoing: bool,
+    /// The listening socket (inode) that stalled, for a port with several sockets.
+    pub socket: Option<u32>,
+}
+
+/// One LISTEN socket of a port with several (SO_REUSEPORT members, v4 + v6), over the window.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SocketFacts {
+    pub inode: u32,
+    /// "ADDR:PORT".
+    pub addr: String,
+    pub backlog: Option<u32>,
+    pub accepts: u64,
+    pub drops: u64,
+    /// The thread that last accepted from it: (pid, tid, comm, seconds before the window's end).
+    pub last_acceptor: Option<(u32, u32, String, f64)>,
+    /// Processes holding its fd.
+    pub holders: Vec<(u32, String)>,
 }
 
 /// Stall episodes of one listener over the window `[t0, t1]` (monotonic ns): gaps between accepts
@@ -83,6 +100,7 @@ pub fn find_episodes(tl: &Timeline, points: &[Point], t0: u64, t1: u64, t: &Thre
             accepts: 0,
             from_window_start: from_start,
             ongoing,
+            socket: None,
         });
     }
     out
@@ -138,6 +156,8 @@ pub struct Evidence {
     pub all_namespaces: bool,
     /// `no_listener` only: where else the port listens ("netns N: ADDR (owner)").
     pub listening_elsewhere: Vec<String>,
+    /// The port's LISTEN sockets when it has several (their episodes carry `socket`).
+    pub sockets: Vec<SocketFacts>,
 }
 
 /// Every threshold of the diagnosis, in one place.
@@ -169,6 +189,10 @@ pub struct Thresholds {
     /// also overflows while the application accepts (a backlog problem besides the stalls).
     pub outside_drops_min: u64,
     pub outside_drops_share: f64,
+    /// SO_REUSEPORT spread: with at least `imbalance_min_arrivals` per socket on average, the
+    /// busiest socket receiving at least `imbalance_ratio` times the quietest one's arrivals.
+    pub imbalance_min_arrivals: u64,
+    pub imbalance_ratio: f64,
 }
 
 pub const THRESHOLDS: Thresholds = Thresholds {
@@ -185,6 +209,8 @@ pub const THRESHOLDS: Thresholds = Thresholds {
     stall_gap_factor: 10,
     outside_drops_min: 3,
     outside_drops_share: 0.1,
+    imbalance_min_arrivals: 50,
+    imbalance_ratio: 2.0,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -358,17 +384,22 @@ pub fn diagnose(e: &Evidence, t: &Thresholds, target: &Target) -> Vec<Finding> {
     }
     let capped = e.somaxconn.is_some_and(|s| Some(s) == e.backlog) && e.requested_backlog.is_none_or(|r| Some(r) > e.backlog);
     if drops > 0 && drops_while_accepting && !saturated {
-        if capped {
-            out.push(somaxconn_finding(e, &top, target));
-        } else {
-            out.push(backlog_finding(e, &base, t, &top, target, full_share));
+        let mut f = if capped { somaxconn_finding(e, &top, target) } else { backlog_finding(e, &base, t, &top, target, full_share) };
+        if stalled {
+            // Secondary to the stall: worth knowing, not the reason connections fail.
+            f.severity = Severity::Low;
         }
+        out.push(f);
     } else if !stalled
         && e.somaxconn.is_some_and(|s| Some(s) == e.backlog)
         && e.requested_backlog.is_some_and(|r| Some(r) > e.backlog)
         && full_share > 0.0
     {
         out.push(somaxconn_finding(e, &top, target));
+    }
+
+    if !stalled && drops == 0 {
+        out.extend(imbalance_finding(e, t, &top));
     }
 
     // Packet loss: retransmits while the queue itself is fine.
@@ -423,14 +454,70 @@ fn episode_when(e: &Evidence, x: &Episode) -> String {
     }
 }
 
+fn opt_num(v: Option<u32>) -> String {
+    v.map_or_else(|| "?".into(), |x| x.to_string())
+}
+
+fn holders(s: &SocketFacts) -> String {
+    if s.holders.is_empty() {
+        return "no process found".into();
+    }
+    s.holders.iter().map(|(pid, comm)| format!("{comm} pid {pid}")).collect::<Vec<_>>().join(", ")
+}
+
+/// Who accepted from a socket last, or who holds it when nobody did.
+fn accepted_from(s: &SocketFacts) -> String {
+    match &s.last_acceptor {
+        Some((pid, tid, comm, ago)) => format!("last accepted by {comm} pid {pid} thread {tid}, {ago:.1} s before the window ended"),
+        None => format!("nobody accepted from it during the window (held by {})", holders(s)),
+    }
+}
+
+/// SO_REUSEPORT members receiving very different shares of the arrivals while all of them drain.
+fn imbalance_finding(e: &Evidence, t: &Thresholds, top: &str) -> Option<Finding> {
+    let n = e.sockets.len() as u64;
+    let arrivals: Vec<u64> = e.sockets.iter().map(|s| s.accepts + s.drops).collect();
+    let total: u64 = arrivals.iter().sum();
+    let (min, max) = (arrivals.iter().copied().min()?, arrivals.iter().copied().max()?);
+    if n < 2 || total < t.imbalance_min_arrivals * n || (max as f64) < t.imbalance_ratio * (min.max(1) as f64) {
+        return None;
+    }
+    let shares = e
+        .sockets
+        .iter()
+        .zip(&arrivals)
+        .map(|(s, a)| format!("inode {}: {a} ({:.0} %)", s.inode, 100.0 * *a as f64 / total as f64))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Some(Finding {
+        verdict: "reuseport_imbalance",
+        severity: Severity::Low,
+        evidence: vec![
+            format!("{n} SO_REUSEPORT sockets on this port, every one draining; arrivals per socket in the window: {shares}"),
+            format!("the busiest socket got {:.1}× the arrivals of the quietest", max as f64 / min.max(1) as f64),
+        ],
+        fix: vec![
+            "the kernel spreads connections by a hash of the 4-tuple: few distinct clients (one load balancer, a fixed source port range) hash unevenly; more client addresses/ports even it out".into(),
+            "for an even spread across workers consider a BPF reuseport selector (SO_ATTACH_REUSEPORT_EBPF) or a single shared accept queue; this is not a backlog problem".into(),
+        ],
+        verify: vec![format!("{top}   # the sockets' ACC/s rows come closer")],
+    })
+}
+
 /// Episodes listed in the evidence at most; the rest are summed up in one line.
 const EPISODES_SHOWN: usize = 8;
 
 fn stall_finding(e: &Evidence, base: &[String], saturated: bool, top: &str, target: &Target) -> Finding {
     let n = e.episodes.len();
-    let stalled_s: f64 = e.episodes.iter().map(|x| x.duration_s).sum();
-    let ongoing = e.episodes.last().is_some_and(|x| x.ongoing);
-    let intermittent = n >= 2;
+    // The socket with the most episodes (all of them for a single-socket port) sets the pattern.
+    let mut by_socket: std::collections::BTreeMap<Option<u32>, Vec<&Episode>> = std::collections::BTreeMap::new();
+    for x in &e.episodes {
+        by_socket.entry(x.socket).or_default().push(x);
+    }
+    let worst: Vec<&Episode> = by_socket.into_values().max_by_key(Vec::len).unwrap_or_default();
+    let stalled_s: f64 = worst.iter().map(|x| x.duration_s).sum();
+    let ongoing = e.episodes.iter().any(|x| x.ongoing);
+    let intermittent = worst.len() >= 2;
     let drops = e.overflows + e.syn_drops;
     let mut evidence = Vec::new();
     if saturated {
@@ -444,12 +531,16 @@ fn stall_finding(e: &Evidence, base: &[String], saturated: bool, top: &str, targ
             "one stall"
         };
         evidence.push(format!(
-            "{pattern}: {n} stall episode{} (no accept while the accept queue was full), {stalled_s:.1} s of the {:.1} s window",
+            "{pattern}: {n} stall episode{} (no accept while the accept queue was full), {stalled_s:.1} s of the {:.1} s window{}",
             if n == 1 { "" } else { "s" },
-            e.window_secs
+            e.window_secs,
+            if e.sockets.len() > 1 { " on the worst socket" } else { "" }
         ));
         for (i, x) in e.episodes.iter().enumerate().take(EPISODES_SHOWN) {
             let mut line = format!("stall {}: {} for {:.1} s", i + 1, episode_when(e, x), x.duration_s);
+            if let Some(ino) = x.socket {
+                line.push_str(&format!(" on socket inode {ino}"));
+            }
             if x.from_window_start {
                 line.push_str(" (already stalled when the window began: no accept seen before)");
             }
@@ -471,18 +562,48 @@ fn stall_finding(e: &Evidence, base: &[String], saturated: bool, top: &str, targ
             evidence.push(format!("{inside} of {} timed drop events fell inside the stall episodes", e.drop_events));
         }
     }
-    match (&e.acceptor, e.last_accept_ago_secs) {
-        (Some((tid, comm)), Some(ago)) => evidence.push(format!("accepting thread {tid} ({comm}) last accepted {ago:.1} s before the window ended")),
-        _ => evidence.push("no accept() seen during the window".into()),
+    let stalled_sockets: Vec<&SocketFacts> = e.sockets.iter().filter(|s| e.episodes.iter().any(|x| x.socket == Some(s.inode))).collect();
+    if stalled_sockets.is_empty() {
+        match (&e.acceptor, e.last_accept_ago_secs) {
+            (Some((tid, comm)), Some(ago)) => evidence.push(format!("accepting thread {tid} ({comm}) last accepted {ago:.1} s before the window ended")),
+            _ => evidence.push("no accept() seen during the window".into()),
+        }
+    } else {
+        for s in &stalled_sockets {
+            evidence.push(format!("stalled socket inode {} ({}, backlog {} of its own): {} drops, {} accepts in the window; {}", s.inode, s.addr, opt_num(s.backlog), s.drops, s.accepts, accepted_from(s)));
+        }
+        let draining: Vec<&SocketFacts> = e.sockets.iter().filter(|s| !stalled_sockets.iter().any(|x| x.inode == s.inode)).collect();
+        if !draining.is_empty() {
+            evidence.push(format!(
+                "the other {} of the {} sockets on this port kept draining: {} accepts in the window ({})",
+                draining.len(),
+                e.sockets.len(),
+                draining.iter().map(|s| s.accepts).sum::<u64>(),
+                draining.iter().map(|s| format!("inode {}: {}", s.inode, s.accepts)).collect::<Vec<_>>().join(", ")
+            ));
+        }
     }
     let mut fix = Vec::new();
+    for s in &stalled_sockets {
+        fix.push(match &s.last_acceptor {
+            Some((pid, tid, comm, _)) => format!(
+                "worker {comm} pid {pid} (thread {tid}) stopped accepting from socket inode {}: check its state (`ps -o pid,stat,wchan:30 -T -p {pid}`: T = stopped, D = blocked in the kernel), its logs and a stack dump; restart or replace that worker — the other workers are healthy",
+                s.inode
+            ),
+            None => format!(
+                "nobody accepted from socket inode {} during the window; it is held by {}: find which of these should accept from it (each SO_REUSEPORT worker owns one socket) and why it does not",
+                s.inode,
+                holders(s)
+            ),
+        });
+    }
     let mut severity = Severity::Critical;
     if intermittent {
         // The arrival rate while healthy and the longest pause give the queue that absorbs one.
         let healthy_s = (e.window_secs - stalled_s).max(0.001);
         let rate = e.accepts as f64 / healthy_s;
-        let longest = e.episodes.iter().map(|x| x.duration_s).fold(0.0, f64::max);
-        let period = (e.episodes[n - 1].start_s - e.episodes[0].start_s) / (n - 1) as f64;
+        let longest = worst.iter().map(|x| x.duration_s).fold(0.0, f64::max);
+        let period = (worst[worst.len() - 1].start_s - worst[0].start_s) / (worst.len() - 1) as f64;
         let absorb = (rate * longest).ceil() as u64;
         evidence.push(format!(
             "pauses every {period:.1} s on average, the longest {longest:.1} s; arrivals while accepting {rate:.0}/s: a backlog of at least {absorb} (arrival rate × longest pause) would absorb one pause"
@@ -500,7 +621,9 @@ fn stall_finding(e: &Evidence, base: &[String], saturated: bool, top: &str, targ
         if !ongoing && !saturated {
             severity = Severity::High;
         }
-        fix.push("find why the application stopped calling accept(): thread dump / `perf top -p PID` of the owning process; look for a blocked or saturated accept loop (lock, full worker pool, GC pause, blocking I/O on the accept thread), or a stopped process (state T in `ps`)".into());
+        if stalled_sockets.is_empty() {
+            fix.push("find why the application stopped calling accept(): thread dump / `perf top -p PID` of the owning process; look for a blocked or saturated accept loop (lock, full worker pool, GC pause, blocking I/O on the accept thread), or a stopped process (state T in `ps`)".into());
+        }
         fix.push("raising the backlog or net.core.somaxconn alone only delays the drops: a queue that is not drained fills up whatever its size".into());
     }
     Finding {
