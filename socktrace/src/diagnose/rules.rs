@@ -23,8 +23,8 @@ pub struct Point {
 /// A stall episode: the application accepted nothing while its accept queue was full.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Episode {
-    /// Seconds from the window's start to the last accept before the stall (0 with
-    /// `from_window_start`).
+    /// Seconds from the window's start to the last accept before the stall (negative when that
+    /// accept came before the window; 0 with `from_window_start`).
     pub start_s: f64,
     pub duration_s: f64,
     /// Seconds from the window's start at which the queue was first seen full in it.
@@ -33,7 +33,7 @@ pub struct Episode {
     pub drops: u64,
     /// Accepts inside it: none, by definition (kept for readers lining it up with their logs).
     pub accepts: u64,
-    /// No accept before it in the window: it may have begun before tracing.
+    /// No accept seen before it since tracing started: it may have begun before tracing.
     pub from_window_start: bool,
     /// Still going when the window ended.
     pub ongoing: bool,
@@ -62,21 +62,22 @@ pub struct SocketFacts {
 /// that shrinks is being drained by accepts this tracer cannot see, e.g. io_uring).
 pub fn find_episodes(tl: &Timeline, points: &[Point], t0: u64, t1: u64, t: &Thresholds) -> Vec<Episode> {
     let min = tl.median_gap_ns().map_or(t.stall_min_ns, |g| g.saturating_mul(t.stall_gap_factor).max(t.stall_min_ns));
-    // Candidate gaps (start, end, from_window_start, ongoing), clipped to the window.
+    // Candidate gaps (start, end, from_window_start, ongoing) that reach into the window. The
+    // timeline begins when tracing did, a little before the window: a gap may start before it.
     let mut gaps: Vec<(u64, u64, bool, bool)> = Vec::new();
     match (tl.first_accept_ns, tl.last_accept_ns) {
         (Some(first), Some(last)) => {
             if first > t0 {
                 gaps.push((t0, first, true, false));
             }
-            gaps.extend(tl.gaps.iter().filter(|(_, e)| *e > t0).map(|&(s, e)| (s.max(t0), e, s <= t0, false)));
+            gaps.extend(tl.gaps.iter().filter(|(_, e)| *e > t0).map(|&(s, e)| (s, e, false, false)));
             if t1 > last {
-                gaps.push((last.max(t0), t1, last <= t0, true));
+                gaps.push((last, t1, false, true));
             }
         }
         _ => gaps.push((t0, t1, true, true)),
     }
-    let secs = |ns: u64| ns.saturating_sub(t0) as f64 / 1e9;
+    let secs = |ns: u64| (ns as f64 - t0 as f64) / 1e9;
     let mut out = Vec::new();
     for (s, e, from_start, ongoing) in gaps {
         if e.saturating_sub(s) < min {
@@ -86,10 +87,11 @@ pub fn find_episodes(tl: &Timeline, points: &[Point], t0: u64, t1: u64, t: &Thre
         if inside.windows(2).any(|w| matches!((w[0].queue_len, w[1].queue_len), (Some(a), Some(b)) if b < a)) {
             continue;
         }
-        let drops_in: Vec<u64> = tl.drops.iter().copied().filter(|d| *d >= s && *d <= e).collect();
+        // Drops in the window only (they are what the window's counts hold).
+        let drops_in: Vec<u64> = tl.drops.iter().copied().filter(|d| *d >= s.max(t0) && *d <= e).collect();
         let full_sample = inside.iter().find(|p| matches!((p.queue_len, p.backlog), (Some(q), Some(b)) if b > 0 && q >= b)).map(|p| p.t_ns);
         let Some(full_from) = drops_in.iter().copied().min().into_iter().chain(full_sample).min() else { continue };
-        if e.saturating_sub(full_from) < min {
+        if e.saturating_sub(full_from.max(t0)) < min {
             continue;
         }
         out.push(Episode {
@@ -130,6 +132,8 @@ pub struct Evidence {
     /// one sample interval.
     pub intervals_with_drops: u32,
     pub max_burst: u64,
+    /// Most drops in one sample interval.
+    pub max_interval_drops: u64,
     pub wait_p50_ns: Option<u64>,
     pub wait_p99_ns: Option<u64>,
     pub wait_max_ns: Option<u64>,
@@ -447,9 +451,9 @@ fn clock(unix_ms: u64) -> String {
 
 /// When an episode began: wall clock (when known) and offset into the window.
 fn episode_when(e: &Evidence, x: &Episode) -> String {
-    let offset = format!("+{:.1} s", x.start_s);
+    let offset = if x.start_s < 0.0 { format!("{:.1} s before the window", -x.start_s) } else { format!("+{:.1} s", x.start_s) };
     match e.window_start_unix_ms {
-        Some(ms) => format!("{} ({offset})", clock(ms + (x.start_s * 1000.0) as u64)),
+        Some(ms) => format!("{} ({offset})", clock(u64::try_from(ms as i64 + (x.start_s * 1000.0) as i64).unwrap_or(0))),
         None => offset,
     }
 }
@@ -515,7 +519,8 @@ fn stall_finding(e: &Evidence, base: &[String], saturated: bool, top: &str, targ
         by_socket.entry(x.socket).or_default().push(x);
     }
     let worst: Vec<&Episode> = by_socket.into_values().max_by_key(Vec::len).unwrap_or_default();
-    let stalled_s: f64 = worst.iter().map(|x| x.duration_s).sum();
+    // Only the part inside the window (an episode may have begun before it).
+    let stalled_s: f64 = worst.iter().map(|x| x.duration_s + x.start_s.min(0.0)).sum();
     let ongoing = e.episodes.iter().any(|x| x.ongoing);
     let intermittent = worst.len() >= 2;
     let drops = e.overflows + e.syn_drops;
@@ -542,7 +547,7 @@ fn stall_finding(e: &Evidence, base: &[String], saturated: bool, top: &str, targ
                 line.push_str(&format!(" on socket inode {ino}"));
             }
             if x.from_window_start {
-                line.push_str(" (already stalled when the window began: no accept seen before)");
+                line.push_str(" (already stalled when tracing began: no accept seen since)");
             }
             if x.ongoing {
                 line.push_str(" (still stalled when the window ended)");
@@ -648,7 +653,9 @@ fn backlog_finding(e: &Evidence, base: &[String], t: &Thresholds, top: &str, tar
         evidence.push(format!("{} of {} timed drop events happened while the application was accepting (outside stall episodes)", e.drop_events - inside, e.drop_events));
     }
     let backlog = e.backlog.unwrap_or(0);
-    let suggested = (e.max_burst.max(u64::from(backlog) * 2)).next_power_of_two().max(128);
+    // The queue had to hold its backlog plus what was dropped in the worst sample interval.
+    let suggested = (u64::from(backlog) + e.max_interval_drops).max(u64::from(backlog) * 2).next_power_of_two().max(128);
+    evidence.push(format!("most drops in one sample interval: {} (a queue of about backlog + that would have held them)", e.max_interval_drops));
     if !bursty {
         evidence.push("ambiguous: the queue was full often but accepts kept up — a slow consumer and bursts both fit".into());
     }
@@ -678,7 +685,7 @@ fn somaxconn_finding(e: &Evidence, top: &str, target: &Target) -> Finding {
         .requested_backlog
         .unwrap_or(0)
         .max(somax.saturating_mul(2))
-        .max(u32::try_from(e.max_burst).unwrap_or(u32::MAX).checked_next_power_of_two().unwrap_or(u32::MAX));
+        .max(u32::try_from(u64::from(somax) + e.max_interval_drops).unwrap_or(u32::MAX).checked_next_power_of_two().unwrap_or(u32::MAX));
     let mut evidence = vec![format!(
         "backlog {} = net.core.somaxconn {somax}; the application asked for {}",
         e.backlog.unwrap_or(0),
