@@ -388,10 +388,18 @@ fn socket_episodes(l: &model::Listener, a: &Acc, t0: u64, end: u64) -> (Vec<Epis
                 .and_then(|s| s.acceptors.first())
                 .map(|x| (x.pid, x.tid, x.comm.clone(), end.saturating_sub(x.ts_ns) as f64 / 1e9)),
             holders: sock.map(|s| s.owners.clone()).unwrap_or_default(),
+            holder_states: sock.map(|s| s.owners.iter().filter_map(|(pid, _)| Some((*pid, process_state(*pid)?))).collect()).unwrap_or_default(),
+            acceptor_pids: sock.map(|s| s.acceptors.iter().map(|a| a.pid).collect()).unwrap_or_default(),
         });
     }
     episodes.sort_by(|a, b| a.start_s.total_cmp(&b.start_s));
     (episodes, facts)
+}
+
+/// Scheduler state of a process (`/proc/PID/stat`, the field after the parenthesised comm).
+fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
 }
 
 /// LISTEN sockets on `port` in namespaces other than `netns`, as "netns N: ADDR (comm pid P)"

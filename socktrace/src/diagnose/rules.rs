@@ -52,8 +52,36 @@ pub struct SocketFacts {
     pub drops: u64,
     /// The thread that last accepted from it: (pid, tid, comm, seconds before the window's end).
     pub last_acceptor: Option<(u32, u32, String, f64)>,
-    /// Processes holding its fd.
+    /// Processes holding its fd, with their scheduler state (`/proc/PID/stat`: R, S, D, T, …).
     pub holders: Vec<(u32, String)>,
+    pub holder_states: Vec<(u32, char)>,
+    /// Processes seen accepting from it.
+    pub acceptor_pids: Vec<u32>,
+}
+
+/// A holder of a stalled socket that is probably its worker: it accepts from no other socket of
+/// the group, and preferably it is stopped (T) or blocked in the kernel (D).
+fn likely_worker<'a>(s: &'a SocketFacts, all: &[SocketFacts]) -> Option<(&'a (u32, String), Option<char>)> {
+    let others: Vec<u32> = all.iter().filter(|o| o.inode != s.inode).flat_map(|o| o.acceptor_pids.iter().copied()).collect();
+    let state = |pid: u32| s.holder_states.iter().find(|(p, _)| *p == pid).map(|(_, c)| *c);
+    let candidates: Vec<&(u32, String)> = s.holders.iter().filter(|(pid, _)| !others.contains(pid)).collect();
+    let blocked: Vec<&&(u32, String)> = candidates.iter().filter(|(pid, _)| matches!(state(*pid), Some('T' | 't' | 'D'))).collect();
+    match (blocked.as_slice(), candidates.as_slice()) {
+        ([one], _) => Some((one, state(one.0))),
+        ([], [one]) => Some((one, state(one.0))),
+        _ => None,
+    }
+}
+
+fn state_name(c: char) -> &'static str {
+    match c {
+        'T' | 't' => "stopped",
+        'D' => "blocked in the kernel (uninterruptible)",
+        'R' => "running",
+        'S' => "sleeping",
+        'Z' => "zombie",
+        _ => "unknown",
+    }
 }
 
 /// Stall episodes of one listener over the window `[t0, t1]` (monotonic ns): gaps between accepts
@@ -576,6 +604,14 @@ fn stall_finding(e: &Evidence, base: &[String], saturated: bool, top: &str, targ
     } else {
         for s in &stalled_sockets {
             evidence.push(format!("stalled socket inode {} ({}, backlog {} of its own): {} drops, {} accepts in the window; {}", s.inode, s.addr, opt_num(s.backlog), s.drops, s.accepts, accepted_from(s)));
+            if s.last_acceptor.is_none() {
+                if let Some(((pid, comm), st)) = likely_worker(s, &e.sockets) {
+                    evidence.push(format!(
+                        "likely its worker: {comm} pid {pid} ({}): it holds the socket and accepts from no other socket of this port",
+                        st.map_or("state unknown", state_name)
+                    ));
+                }
+            }
         }
         let draining: Vec<&SocketFacts> = e.sockets.iter().filter(|s| !stalled_sockets.iter().any(|x| x.inode == s.inode)).collect();
         if !draining.is_empty() {
@@ -595,11 +631,18 @@ fn stall_finding(e: &Evidence, base: &[String], saturated: bool, top: &str, targ
                 "worker {comm} pid {pid} (thread {tid}) stopped accepting from socket inode {}: check its state (`ps -o pid,stat,wchan:30 -T -p {pid}`: T = stopped, D = blocked in the kernel), its logs and a stack dump; restart or replace that worker — the other workers are healthy",
                 s.inode
             ),
-            None => format!(
-                "nobody accepted from socket inode {} during the window; it is held by {}: find which of these should accept from it (each SO_REUSEPORT worker owns one socket) and why it does not",
-                s.inode,
-                holders(s)
-            ),
+            None => match likely_worker(s, &e.sockets) {
+                Some(((pid, comm), st)) => format!(
+                    "worker {comm} pid {pid} ({}) is the likely owner of socket inode {}, which nobody drains: check it (`ps -o pid,stat,wchan:30 -T -p {pid}`), its logs and a stack dump; restart or replace that worker",
+                    st.map_or("state unknown", state_name),
+                    s.inode
+                ),
+                None => format!(
+                    "nobody accepted from socket inode {} during the window; it is held by {}: find which of these should accept from it (each SO_REUSEPORT worker owns one socket) and why it does not",
+                    s.inode,
+                    holders(s)
+                ),
+            },
         });
     }
     let mut severity = Severity::Critical;
@@ -888,6 +931,32 @@ mod tests {
         }
         let pts = points(3000, |_| 9, 8);
         assert!(find_episodes(&tl, &pts, 0, 3000 * MS, &THRESHOLDS).is_empty());
+    }
+
+    #[test]
+    fn a_stuck_reuseport_socket_names_its_likely_worker() {
+        let sock = |inode, accepts, drops, acceptors: Vec<u32>| SocketFacts {
+            inode,
+            addr: "0.0.0.0:80".into(),
+            backlog: Some(16),
+            accepts,
+            drops,
+            last_acceptor: None,
+            holders: vec![(10, "nginx".into()), (11, "nginx".into()), (12, "nginx".into()), (13, "nginx".into())],
+            holder_states: vec![(10, 'S'), (11, 'S'), (12, 'T'), (13, 'S')],
+            acceptor_pids: acceptors,
+        };
+        // Master 10 never accepts; 11 and 13 accept from the healthy sockets; 12 is stopped.
+        let sockets = vec![sock(1, 500, 0, vec![11]), sock(2, 0, 40, vec![]), sock(3, 480, 0, vec![13])];
+        let ep = Episode { start_s: 0.0, duration_s: 5.0, full_from_s: 0.1, drops: 40, from_window_start: true, ongoing: true, socket: Some(2), ..Episode::default() };
+        let e = Evidence { accepts: 980, syn_drops: 40, drop_events: 40, episodes: vec![ep], sockets, window_secs: 5.0, ..base() };
+        let f = diagnose(&e, &THRESHOLDS, &target());
+        assert_eq!(f[0].verdict, "accept_stall");
+        let text = f[0].evidence.join("\n");
+        assert!(text.contains("stalled socket inode 2"), "{text}");
+        assert!(text.contains("likely its worker: nginx pid 12 (stopped)"), "{text}");
+        assert!(text.contains("the other 2 of the 3 sockets on this port kept draining: 980 accepts"), "{text}");
+        assert!(f[0].fix[0].contains("worker nginx pid 12 (stopped)"), "{:?}", f[0].fix);
     }
 
     #[test]
