@@ -10,8 +10,8 @@ use socktrace_common::{Control, ListenerStats, kind, stat};
 use tokio::io::unix::AsyncFd;
 
 use crate::{
-    cli::Filter,
     event::{self, Record},
+    filter::Filter,
     model::{DiagSample, ListenerKey, Model},
     probes::Tracer,
     system,
@@ -77,7 +77,7 @@ impl Agent {
     /// Waits for ring-buffer data and feeds it to the model (cancel-safe: use in `select!`).
     pub async fn pump(&mut self) -> anyhow::Result<()> {
         let mut guard = self.ring.readable_mut().await?;
-        feed(guard.get_inner_mut(), &self.filter, &mut self.model)?;
+        feed(guard.get_inner_mut(), &mut self.filter, &mut self.model)?;
         guard.clear_ready();
         Ok(())
     }
@@ -90,7 +90,7 @@ impl Agent {
             system::release_freed_heap();
             self.trimmed = Instant::now();
         }
-        feed(self.ring.get_mut(), &self.filter, &mut self.model)?;
+        feed(self.ring.get_mut(), &mut self.filter, &mut self.model)?;
         let ended = self.epoch;
         self.epoch = ended.wrapping_add(1).max(1);
         self.write_control()?;
@@ -98,16 +98,14 @@ impl Agent {
         let mut kernel = Vec::new();
         for item in self.listeners.iter() {
             let (_, s) = item.context("reading LISTENERS")?;
-            if !self.filter.matches_listener(s.netns, s.lport) {
-                continue;
-            }
             let peak = (s.peak_epoch[slot] == ended).then_some(s.peak[slot]);
             kernel.push((ListenerKey { netns: s.netns, lport: s.lport }, s, peak));
         }
         let diag = (self.diag)().map(|mut sample| {
-            sample.listeners.retain(|d| self.filter.matches_listener(d.netns, d.lport));
+            self.filter.select_listeners(&mut sample);
             sample
         });
+        kernel.retain(|(k, _, _)| self.filter.matches_listener(k.netns, k.lport));
         self.diag_ok = diag.is_some();
         self.model.close_interval(&kernel, diag.as_ref());
         Ok(())
@@ -118,19 +116,13 @@ impl Agent {
     }
 }
 
-fn feed(rb: &mut RingBuf<MapData>, filter: &Filter, model: &mut Model) -> anyhow::Result<()> {
+fn feed(rb: &mut RingBuf<MapData>, filter: &mut Filter, model: &mut Model) -> anyhow::Result<()> {
     while let Some(item) = rb.next() {
         let rec = Record::from_event(&event::parse(&item)?);
-        if filter.matches_listener(rec.netns, rec.lport) {
+        // Accept and listen events carry the listener's own address and port.
+        if filter.matches_listen_socket(rec.netns, rec.laddr, rec.lport) {
             model.on_event(&rec);
         }
     }
     Ok(())
-}
-
-impl Filter {
-    /// Listener-level filter (interval views have no per-event pid).
-    pub fn matches_listener(&self, netns: u32, lport: u16) -> bool {
-        self.port.is_none_or(|p| p == lport) && self.netns.is_none_or(|n| n == netns)
-    }
 }

@@ -10,6 +10,7 @@ mod agent;
 mod cli;
 mod diagnose;
 mod event;
+mod filter;
 mod listeners;
 mod model;
 mod offsets;
@@ -24,12 +25,23 @@ mod watch;
 use std::{io::Write as _, process::ExitCode};
 
 use anyhow::Context as _;
-use clap::Parser as _;
+use clap::{CommandFactory as _, FromArgMatches as _};
 
 use crate::cli::{Cli, Command, TraceArgs};
 
+/// Parses the command line; ss's `-a` and `-l` on `snapshot`: the later one wins.
+fn parse_cli() -> Result<Cli, clap::Error> {
+    let matches = Cli::command().try_get_matches()?;
+    let mut cli = Cli::from_arg_matches(&matches)?;
+    if let (Command::Snapshot(args), Some(("snapshot", m))) = (&mut cli.command, matches.subcommand()) {
+        let at = |id: &str| if m.value_source(id) == Some(clap::parser::ValueSource::CommandLine) { m.index_of(id) } else { None };
+        args.listening_after_all = at("listening") > at("all");
+    }
+    Ok(cli)
+}
+
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match parse_cli() {
         Ok(cli) => cli,
         Err(e) => {
             use clap::error::ErrorKind;
@@ -50,7 +62,7 @@ fn main() -> ExitCode {
             if is_broken_pipe(&e) {
                 return ExitCode::SUCCESS;
             }
-            if let Some(usage) = e.downcast_ref::<snapshot::UsageError>() {
+            if let Some(usage) = e.downcast_ref::<cli::UsageError>() {
                 eprintln!("socktrace: {usage}");
                 return ExitCode::from(2);
             }
@@ -71,7 +83,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print_probes(&tracer, json)
         }
         Command::Watch { trace, filter, json, duration } => {
-            let filter = filter.validate()?;
+            let filter = filter.validate("watch")?;
             let tracer = start(&trace)?;
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
             rt.block_on(watch::run(tracer, filter, json, duration))
@@ -80,7 +92,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if !listen.ip().is_loopback() && !allow_remote {
                 return Err(RemoteRefused(listen).into());
             }
-            let filter = filter.validate()?;
+            let filter = filter.validate("serve")?;
             let tracer = start(&trace)?;
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
             rt.block_on(async move {
@@ -89,9 +101,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
         Command::Diagnose { trace, filter, duration, format, json } => {
-            let filter = filter.validate()?;
+            let filter = filter.validate("diagnose")?;
             let tracer = start(&trace)?;
-            let format = if json { diagnose::Format::Json } else { format };
+            let format = if json { cli::Format::Json } else { format };
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
             rt.block_on(async move {
                 let agent = agent::Agent::new(tracer, filter.clone(), diag_source(filter.netns, true))?;
@@ -99,7 +111,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
         Command::Top { trace, filter, interval, once, json, iterations, sort } => {
-            let filter = filter.validate()?;
+            let filter = filter.validate("top")?;
             let tracer = start(&trace)?;
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
             rt.block_on(async move {

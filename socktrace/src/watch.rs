@@ -14,8 +14,8 @@ use socktrace_common::stat;
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 
 use crate::{
-    cli::Filter,
     event::{self, Record},
+    filter::Filter,
     probes::Tracer,
     system,
 };
@@ -41,14 +41,6 @@ pub fn ring(tracer: &mut Tracer) -> anyhow::Result<AsyncFd<RingBuf<MapData>>> {
     let ring = RingBuf::try_from(map)?;
     // SAFETY: the ring buffer owns its fd for as long as the AsyncFd holds it; nothing else closes it.
     Ok(unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }?)
-}
-
-impl Filter {
-    pub fn matches(&self, r: &Record) -> bool {
-        self.port.is_none_or(|p| r.lport == p || r.rport == p)
-            && self.pid.is_none_or(|p| r.pid == Some(p))
-            && self.netns.is_none_or(|n| r.netns == n)
-    }
 }
 
 pub async fn run(mut tracer: Tracer, filter: Filter, json: bool, duration: Option<Duration>) -> anyhow::Result<()> {
@@ -121,7 +113,7 @@ fn write_all(rb: &mut RingBuf<MapData>, out: &mut impl Write, filter: &Filter, j
     let mut n = 0;
     while let Some(item) = rb.next() {
         let rec = Record::from_event(&event::parse(&item)?);
-        if filter.matches(&rec) {
+        if filter.matches_event(&rec) {
             n += 1;
             write_record(out, &rec, json, start_ns)?;
         }
