@@ -541,7 +541,7 @@ const P_V6B: u16 = 40007; // [::1]: one established pair and one in TIME-WAIT
 fn build_all_states(ns: &NetNs) -> Held {
     let mut held = build(ns);
     let rules = format!(
-        "table inet st {{ chain in {{ type filter hook input priority 0; tcp dport {P_HALF} tcp flags & (syn | ack | fin | rst) == ack drop; }} }}"
+        "table inet st {{\n chain in {{\n  type filter hook input priority 0;\n  tcp dport {P_HALF} tcp flags & (syn | ack | fin | rst) == ack drop\n }}\n}}\n"
     );
     let nft = Command::new("ip").args(["netns", "exec", &ns.name, "nft", "-f", "-"]).stdin(std::process::Stdio::piped()).spawn();
     let mut nft = nft.expect("nft (nftables) is needed");
@@ -597,7 +597,7 @@ fn same_as_ss(ns: &NetNs, line: &[&str]) -> (usize, BTreeSet<String>) {
     ss.extend_from_slice(line);
     let want = parse_ss_h(&ns.exec(&ss).unwrap());
     let with_state = want.iter().all(|k| k.0.is_some());
-    let mut ours = vec!["--json", "-N", ns.name.as_str()];
+    let mut ours = vec!["-N", ns.name.as_str()];
     ours.extend_from_slice(line);
     let rows = snapshot_json(&ours);
     let states: BTreeSet<String> = rows.iter().map(|r| r["state"].as_str().unwrap().to_owned()).collect();
