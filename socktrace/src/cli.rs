@@ -224,7 +224,7 @@ pub struct SnapshotArgs {
     #[arg(short = '6', long)]
     pub ipv6: bool,
     /// Per network namespace: TCP sockets by state and in total, and the namespace's
-    /// `ListenOverflows`, `ListenDrops` and `SyncookiesSent` (ss -s).
+    /// listen overflows, listen drops and SYN cookies sent since it was created (ss -s).
     #[arg(short = 's', long)]
     pub summary: bool,
     /// No header line (ss -H).
