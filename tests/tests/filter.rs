@@ -1,14 +1,15 @@
 //! The one filter expression on every tracing command (issue 12): in a network namespace with
 //! three listeners (127.0.0.1:9711, 127.0.0.2:9712, `[::1]:9713`) and a different number of
 //! connections to each, `ss`'s expression `( sport = :9711 or src 127.0.0.2 )` selects the first
-//! two on `watch` (accept events), `top` and `diagnose` (listeners), with each one's accept count;
+//! two on `watch` (accept events), `top`, `diagnose` and `serve` (listeners), with each one's
+//! accept count;
 //! terms a command cannot apply and bad expressions are one-line usage errors (exit 2) with the
 //! position, for every command. Needs root; run with `--test-threads=1`.
 
 use std::{collections::BTreeMap, path::Path, process::Command, time::Duration};
 
 use serde_json::Value;
-use socktrace_tests::{Cgroup, NetNs, Scenario, Socktrace, Watch, of_kind, privileged, socktrace_bin};
+use socktrace_tests::{Cgroup, NetNs, Scenario, Serve, Socktrace, Watch, http_get, of_kind, privileged, socktrace_bin};
 
 const SCENARIO: &str = env!("CARGO_BIN_EXE_st-scenario");
 
@@ -70,7 +71,7 @@ fn watch_selects_events_by_both_ends() {
 }
 
 #[test]
-fn top_and_diagnose_select_listeners() {
+fn top_diagnose_and_serve_select_listeners() {
     if !privileged() {
         return;
     }
@@ -80,7 +81,20 @@ fn top_and_diagnose_select_listeners() {
     let inode = ns.inode().to_string();
     let top = Socktrace::start(&["top", "--json", "--interval", "1s", "--iterations", "5", "--netns", &inode, "--cgroup", &cgp, EXPR], "tracing started").unwrap();
     let diag = Socktrace::start(&["diagnose", "--json", "--duration", "5s", "--netns", &inode, "--cgroup", &cgp, EXPR], "observing for").unwrap();
+    let serve = Serve::start(19471, &["--netns", &inode, "--cgroup", &cgp, EXPR]).unwrap();
     let servers = traffic(&ns, &cg, 7000);
+    std::thread::sleep(Duration::from_millis(500));
+    // serve: accept counters only for the selected listeners (the scrape closes the interval).
+    let (status, metrics) = http_get(&serve.addr, "/metrics", Duration::from_secs(5)).unwrap();
+    assert_eq!(status, 200);
+    let mut exported: BTreeMap<u64, u64> = BTreeMap::new();
+    for line in metrics.lines().filter(|l| l.starts_with("socktrace_accepts_total{")) {
+        let port = line.split("lport=\"").nth(1).and_then(|r| r.split('"').next()).unwrap().parse().unwrap();
+        let n: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        *exported.entry(port).or_default() += n as u64;
+    }
+    assert_eq!(exported, expected(), "socktrace_accepts_total per port:\n{metrics}");
+    drop(serve);
     let lines = top.wait(Duration::from_secs(60)).unwrap();
     let report = diag.wait(Duration::from_secs(60)).unwrap();
     drop(servers);

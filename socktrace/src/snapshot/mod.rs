@@ -377,3 +377,65 @@ fn summary(cfg: &Config) -> anyhow::Result<()> {
     out.flush()?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn config(line: &str) -> anyhow::Result<Config> {
+        let cli = Cli::try_parse_from(["socktrace", "snapshot"].into_iter().chain(line.split_whitespace()))?;
+        let Command::Snapshot(args) = cli.command else { unreachable!() };
+        Config::from_args(&args)
+    }
+
+    fn states(line: &str) -> Vec<TcpState> {
+        let cfg = config(line).unwrap_or_else(|e| panic!("{line}: {e}"));
+        TcpState::ALL.into_iter().filter(|s| cfg.states & s.bit() != 0).collect()
+    }
+
+    #[test]
+    fn states_follow_ss_for_ss_command_lines() {
+        use TcpState::*;
+        let all: Vec<TcpState> = TcpState::ALL.to_vec();
+        let connected = vec![Established, SynSent, FinWait1, FinWait2, CloseWait, LastAck, Closing];
+        // socktrace's own default: everything; ss's (any of its flags): connected only.
+        assert_eq!(states(""), all);
+        assert_eq!(states("-i"), all);
+        for line in ["-t", "-tn", "-tnp", "-e", "-H", "-A tcp"] {
+            assert_eq!(states(line), connected, "{line}");
+        }
+        assert_eq!(states("-tan"), all);
+        assert_eq!(states("-tln"), vec![Listen]);
+        assert_eq!(states("-tl state established"), vec![Established], "a state clause replaces -l, as in ss");
+        assert_eq!(states("-t exclude listening"), all.iter().copied().filter(|s| *s != Listen).collect::<Vec<_>>());
+        assert_eq!(states("--state time-wait,bucket"), vec![SynRecv, TimeWait]);
+        assert_eq!(states("-s"), all, "-s counts every state by default");
+        assert_eq!(states("-ts state established"), vec![Established]);
+        // v4 / v6 / both.
+        assert_eq!(config("-4").unwrap().families, vec![diag::FAMILIES[0]]);
+        assert_eq!(config("-f inet6").unwrap().families, vec![diag::FAMILIES[1]]);
+        assert_eq!(config("-46").unwrap().families, diag::FAMILIES.to_vec());
+        assert!(!config("-tH").unwrap().header);
+    }
+
+    #[test]
+    fn other_protocols_and_conflicts_are_usage_errors() {
+        for (line, want) in [
+            ("-u", "-u (UDP): socktrace lists TCP sockets only (ss -t)"),
+            ("-tux", "-u (UDP)"),
+            ("-x", "-x (Unix sockets)"),
+            ("--sctp", "-S (SCTP)"),
+            ("-A tcp,udp", "-A tcp,udp: socktrace lists TCP sockets only"),
+            ("-f link", "-f link: socktrace lists TCP sockets only"),
+            ("--state established state listening", "--state and ss's state/exclude clauses"),
+            ("state nonsense", "bad filter at 7: unknown state"),
+        ] {
+            let e = config(line).expect_err(line);
+            assert!(e.downcast_ref::<UsageError>().is_some(), "{line}: a usage error (exit 2): {e}");
+            assert!(e.to_string().starts_with(want), "{line}: {e}");
+        }
+    }
+}
