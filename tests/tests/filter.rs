@@ -90,8 +90,8 @@ fn top_diagnose_and_serve_select_listeners() {
     let mut exported: BTreeMap<u64, u64> = BTreeMap::new();
     for line in metrics.lines().filter(|l| l.starts_with("socktrace_accepts_total{")) {
         let port = line.split("lport=\"").nth(1).and_then(|r| r.split('"').next()).unwrap().parse().unwrap();
-        let n: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
-        *exported.entry(port).or_default() += n as u64;
+        let n: u64 = line.rsplit(' ').next().unwrap().parse().unwrap_or_else(|_| panic!("an integer counter: {line}"));
+        *exported.entry(port).or_default() += n;
     }
     assert_eq!(exported, expected(), "socktrace_accepts_total per port:\n{metrics}");
     drop(serve);
