@@ -779,12 +779,14 @@ pub struct Filter {
     /// when last seen (a `sock_diag` sample, or the listener side of an accept or listen event).
     /// The kernel's per-listener counters are per port and carry no address.
     seen: HashMap<(u32, u16), bool>,
+    /// Likewise per LISTEN socket inode (the kernel's per-socket rows carry no address either).
+    seen_sockets: HashMap<u32, bool>,
 }
 
 impl Filter {
     pub fn new(port: Option<u16>, pid: Option<u32>, netns: Option<u32>, expr: Option<Expr>) -> Filter {
         let by_addr = expr.as_ref().is_some_and(Expr::uses_local_address);
-        Filter { port, pid, netns, expr, by_addr, seen: HashMap::new() }
+        Filter { port, pid, netns, expr, by_addr, seen: HashMap::new(), seen_sockets: HashMap::new() }
     }
 
     fn listener_subject(netns: u32, ip: Option<IpAddr>, lport: u16) -> Subject {
@@ -809,15 +811,28 @@ impl Filter {
         }
     }
 
-    /// Listener views: one LISTEN socket (the listener side of an accept or listen event);
-    /// a match is remembered for its port.
-    pub fn matches_listen_socket(&mut self, netns: u32, laddr: Option<IpAddr>, lport: u16) -> bool {
-        if !self.shorthands_listener(netns, lport) {
+    /// Listener views: the LISTEN socket `inode` of the listener on `lport` (the kernel's
+    /// per-socket rows). With a `src` term, decided by that socket's address when last seen.
+    pub fn matches_listener_socket(&self, netns: u32, lport: u16, inode: u32) -> bool {
+        if self.by_addr {
+            self.shorthands_listener(netns, lport) && self.seen_sockets.get(&inode).copied().unwrap_or(false)
+        } else {
+            self.matches_listener(netns, lport)
+        }
+    }
+
+    /// Listener views: an accept or listen event, whose local side is the listening socket; a
+    /// match is remembered for its port and socket.
+    pub fn matches_listen_event(&mut self, r: &Record) -> bool {
+        if !self.shorthands_listener(r.netns, r.lport) {
             return false;
         }
-        let ok = self.expr.as_ref().is_none_or(|e| e.matches(&Self::listener_subject(netns, laddr, lport)));
+        let ok = self.expr.as_ref().is_none_or(|e| e.matches(&Self::listener_subject(r.netns, r.laddr, r.lport)));
         if ok && self.by_addr {
-            self.seen.insert((netns, lport), true);
+            self.seen.insert((r.netns, r.lport), true);
+            if let Some(inode) = r.inode {
+                self.seen_sockets.insert(inode, true);
+            }
         }
         ok
     }
@@ -833,8 +848,13 @@ impl Filter {
         sample.listeners.retain(|d| {
             let ok = self.shorthands_listener(d.netns, d.lport)
                 && self.expr.as_ref().is_none_or(|e| e.matches(&Self::listener_subject(d.netns, Some(d.laddr), d.lport)));
-            if ok && self.by_addr {
-                self.seen.insert((d.netns, d.lport), true);
+            if self.by_addr {
+                if d.inode != 0 {
+                    self.seen_sockets.insert(d.inode, ok);
+                }
+                if ok {
+                    self.seen.insert((d.netns, d.lport), true);
+                }
             }
             ok
         });
@@ -1123,6 +1143,7 @@ mod tests {
             accept_wait_ns: None,
             segs: 0,
             hook: "tracepoint",
+            inode: None,
         }
     }
 
@@ -1146,7 +1167,7 @@ mod tests {
     }
 
     #[test]
-    fn listeners_by_port_and_by_address() {
+    fn listeners_by_port_socket_and_address() {
         use crate::model::DiagListener;
         let d = |netns, a: &str, lport| DiagListener {
             netns,
@@ -1156,6 +1177,8 @@ mod tests {
             backlog: 128,
             owners: Vec::new(),
             drops: None,
+            inode: u32::from(lport) * 10 + u32::from(a.contains(':')),
+            cookie: 0,
         };
         // Without an address, exact from (netns, port).
         let f = Filter::new(None, None, Some(1), Some(p("sport >= :8000 and not sport = :8081")));
@@ -1171,10 +1194,17 @@ mod tests {
         assert_eq!(sample.listeners, vec![d(1, "127.0.0.1", 80)]);
         assert!(f.matches_listener(1, 80));
         assert!(!f.matches_listener(1, 90));
-        // An accept on a matching listener address admits its port until a sample says otherwise.
-        assert!(f.matches_listen_socket(1, Some("127.0.0.5".parse().unwrap()), 90));
-        assert!(f.matches_listener(1, 90));
-        assert!(!f.matches_listen_socket(1, Some("10.0.0.1".parse().unwrap()), 91));
+        // Per socket: the v4 one matched, the v6 one on the same port did not.
+        assert!(f.matches_listener_socket(1, 80, 800));
+        assert!(!f.matches_listener_socket(1, 80, 801));
+        assert!(!f.matches_listener_socket(1, 80, 12345), "a socket not seen yet");
+        // An accept on a matching listener address admits its port and socket until a sample
+        // says otherwise.
+        let mut ev = rec(1, "127.0.0.5", 90, "127.0.0.9", 5000, None);
+        ev.inode = Some(901);
+        assert!(f.matches_listen_event(&ev));
+        assert!(f.matches_listener(1, 90) && f.matches_listener_socket(1, 90, 901));
+        assert!(!f.matches_listen_event(&rec(1, "10.0.0.1", 91, "127.0.0.9", 5000, None)));
         assert!(!f.matches_listener(1, 91));
         let mut sample = DiagSample { listeners: vec![d(1, "10.0.0.1", 90)], ..DiagSample::default() };
         f.select_listeners(&mut sample);

@@ -15,6 +15,7 @@ mod listeners;
 mod model;
 mod offsets;
 mod probes;
+mod ring;
 mod serve;
 mod snapshot;
 mod system;
