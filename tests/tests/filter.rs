@@ -95,8 +95,8 @@ fn top_diagnose_and_serve_select_listeners() {
     }
     assert_eq!(exported, expected(), "socktrace_accepts_total per port:\n{metrics}");
     drop(serve);
-    let lines = top.wait(Duration::from_secs(60)).unwrap();
-    let report = diag.wait(Duration::from_secs(60)).unwrap();
+    let lines = top.wait(Duration::from_mins(1)).unwrap();
+    let report = diag.wait(Duration::from_mins(1)).unwrap();
     drop(servers);
 
     // top: every interval shows only selected listeners; the accepts add up per port.
