@@ -18,6 +18,7 @@ use tokio::signal::unix::SignalKind;
 
 use crate::{
     agent::Agent,
+    cli::Format,
     model::{self, ListenerKey},
     snapshot::netns,
     system,
@@ -27,13 +28,6 @@ use socktrace_common::kind;
 
 /// sock_diag / interval sampling period.
 pub const SAMPLE: Duration = Duration::from_millis(200);
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Format {
-    Text,
-    Markdown,
-    Json,
-}
 
 /// Per-netns counters and sysctls.
 #[derive(Clone, Debug, Default)]
