@@ -20,10 +20,12 @@ fn main() -> anyhow::Result<()> {
         .as_str();
     let skip = std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skip {
-        // Leave an empty object so include_bytes! still compiles.
-        let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("socktrace");
-        if !out.exists() {
-            std::fs::write(out, [])?;
+        // Leave empty objects so include_bytes! still compiles.
+        for object in ["socktrace", "socktrace-iter"] {
+            let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?).join(object);
+            if !out.exists() {
+                std::fs::write(out, [])?;
+            }
         }
     }
     aya_build::build_ebpf(

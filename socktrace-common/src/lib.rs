@@ -6,6 +6,8 @@
 //! kernel's BTF.
 #![no_std]
 
+pub mod iter;
+
 /// Kinds of [`Event`].
 pub mod kind {
     /// A connection left the accept queue (the application accepted it).

@@ -196,6 +196,14 @@ impl FilterArgs {
     }
 }
 
+/// `snapshot --owners`: how socket inodes are mapped to processes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OwnerSource {
+    Auto,
+    Bpf,
+    Proc,
+}
+
 /// `snapshot`'s raw arguments: socktrace's own and ss's (so ss command lines paste).
 #[derive(Debug, Args)]
 #[expect(clippy::struct_excessive_bools, reason = "independent command-line flags")]
@@ -237,6 +245,10 @@ pub struct SnapshotArgs {
     /// with many open files; JSON `processes` is then null).
     #[arg(long)]
     pub no_processes: bool,
+    /// Where owning processes come from: `bpf` (a BPF task-file iterator, one pass in the
+    /// kernel; needs root and kernel BTF), `proc` (the /proc/*/fd scan), `auto` (bpf, else proc).
+    #[arg(long, value_enum, default_value_t = OwnerSource::Auto, value_name = "SOURCE")]
+    pub owners: OwnerSource,
     /// TCP (ss -t): the only protocol socktrace lists.
     #[arg(short = 't', long)]
     pub tcp: bool,

@@ -4,12 +4,16 @@
 //! every socket its holders (pid, comm) and namespace; `-i` adds `tcp_info` (rtt, cwnd, retrans).
 //!
 //! Needs neither eBPF nor root: without privileges it lists the namespaces it can enter (its
-//! own) and says once on stderr what it skipped. It reads the kernel's socket tables directly and
+//! own) and says once on stderr what it skipped. As root it finds socket holders with a BPF
+//! task-file iterator, the /proc scan being the fallback. It reads the kernel's socket tables directly and
 //! does not use the tracer's model: nothing here is an event.
 //!
 //! Layout: [`netns`] finds and enters namespaces, [`diag`] speaks `inet_diag`, [`procs`] maps socket
-//! inodes to processes, [`render`] prints; the ss-style expression is [`crate::filter`]'s.
+//! inodes to processes ([`bpf_owners`] loads the iterator, [`btf_scan`] finds its offsets),
+//! [`render`] prints; the ss-style expression is [`crate::filter`]'s.
 
+mod bpf_owners;
+mod btf_scan;
 pub(crate) mod diag;
 pub(crate) mod netns;
 pub(crate) mod procs;
@@ -38,6 +42,7 @@ pub struct Config {
     header: bool,
     summary: bool,
     processes: bool,
+    owners: procs::OwnerSource,
     families: Vec<u8>,
     filter: Option<Expr>,
 }
@@ -93,6 +98,7 @@ impl Config {
             header: !args.no_header,
             summary: args.summary,
             processes: !args.no_processes,
+            owners: args.owners,
             families,
             filter: parsed.expr,
         })
@@ -217,7 +223,7 @@ pub fn run(args: &SnapshotArgs) -> anyhow::Result<()> {
 
     let (table, found, skipped, owners) = std::thread::scope(|s| -> anyhow::Result<_> {
         // The /proc scan runs beside the dumps (it is the other half of the work).
-        let scan = cfg.processes.then(|| s.spawn(procs::Owners::scan));
+        let scan = cfg.processes.then(|| s.spawn(|| procs::Owners::collect(cfg.owners)));
         let mut table = render::Table::new(cfg.info, cfg.header);
         let mut found = Vec::new();
         let mut skipped = Vec::new();
@@ -243,7 +249,7 @@ pub fn run(args: &SnapshotArgs) -> anyhow::Result<()> {
             }
             found.push(NsSockets { ns, records });
         }
-        let owners = scan.map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+        let owners = scan.map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).transpose().context("--owners bpf")?;
         Ok((table, found, skipped, owners))
     })?;
 

@@ -1,6 +1,7 @@
-//! Which processes hold each socket: one pass over /proc/*/fd mapping socket inodes to
-//! (pid, comm, fd), as `ss -p` does. Processes this user may not inspect are skipped silently,
-//! and so are processes that exit during the scan. Not a process table: only socket holders.
+//! Which processes hold each socket: socket inodes mapped to (pid, comm, fd), from a BPF task-file
+//! iterator when root ([`super::bpf_owners`], one pass in the kernel) or one pass over /proc/*/fd
+//! as `ss -p` does. The /proc scan skips processes this user may not inspect, and both skip
+//! processes that exit meanwhile. Not a process table: only socket holders.
 
 use std::{
     collections::HashMap,
@@ -9,6 +10,14 @@ use std::{
     os::unix::ffi::OsStrExt as _,
     sync::atomic::{AtomicUsize, Ordering},
 };
+
+use socktrace_common::iter::SocketFd;
+
+pub use crate::cli::OwnerSource;
+use super::bpf_owners::IterError;
+
+/// The kernel BTF the iterator's offsets come from.
+const BTF: &str = "/sys/kernel/btf/vmlinux";
 
 /// A process that holds at least one socket.
 #[derive(Clone, Debug)]
@@ -80,12 +89,45 @@ impl Owners {
             owners.procs.extend(part.procs);
             owners.entries.extend(part.entries.into_iter().map(|(inode, idx, fd)| (inode, idx.saturating_add(base), fd)));
         }
-        owners.entries.sort_unstable();
-        owners.first.reserve(owners.entries.len());
-        for (i, e) in owners.entries.iter().enumerate().rev() {
-            owners.first.insert(e.0, u32::try_from(i).unwrap_or(u32::MAX));
-        }
+        owners.index();
         owners
+    }
+
+    /// Holders from the task-file iterator's records ([`super::bpf_owners`]), which come grouped
+    /// by process.
+    pub fn from_socket_fds(records: &[SocketFd]) -> Owners {
+        let mut owners = Owners::default();
+        for r in records {
+            if owners.procs.last().is_none_or(|p| p.pid != r.pid) {
+                let len = r.comm.iter().position(|&b| b == 0).unwrap_or(r.comm.len());
+                owners.procs.push(Process { pid: r.pid, comm: String::from_utf8_lossy(&r.comm[..len]).into_owned() });
+            }
+            let idx = u32::try_from(owners.procs.len() - 1).unwrap_or(u32::MAX);
+            // Inodes are 32-bit in /proc's `socket:[N]` too (sockfs numbers them with get_next_ino).
+            owners.entries.push((u32::try_from(r.inode).unwrap_or(u32::MAX), idx, r.fd));
+        }
+        owners.index();
+        owners
+    }
+
+    /// Owners for `snapshot`: the iterator when `source` allows and it loads, else the /proc scan.
+    pub fn collect(source: OwnerSource) -> Result<Owners, IterError> {
+        if source == OwnerSource::Proc {
+            return Ok(Owners::scan());
+        }
+        match super::bpf_owners::socket_fds(std::path::Path::new(BTF)) {
+            Ok(records) => Ok(Owners::from_socket_fds(&records)),
+            Err(e) if source == OwnerSource::Bpf => Err(e),
+            Err(_) => Ok(Owners::scan()),
+        }
+    }
+
+    fn index(&mut self) {
+        self.entries.sort_unstable();
+        self.first.reserve(self.entries.len());
+        for (i, e) in self.entries.iter().enumerate().rev() {
+            self.first.insert(e.0, u32::try_from(i).unwrap_or(u32::MAX));
+        }
     }
 
     fn add_process(&mut self, pid: u32, link: &mut [u8; 64], keep: &(dyn Fn(u32) -> bool + Sync)) {

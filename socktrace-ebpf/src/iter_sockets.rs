@@ -1,0 +1,91 @@
+//! Socket holders in one pass: a BPF task-file iterator (`iter/task_file`) that writes a
+//! [`SocketFd`] for every socket descriptor of every thread-group leader, for `snapshot`'s process
+//! names (the /proc/*/fd readlink scan is its fallback). The kernel calls the program once per open
+//! file of each task with its own file table; userspace reads the records from the iterator's fd.
+//!
+//! Not a hook: nothing is attached to a running path, it runs only while `snapshot` reads it.
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    Global,
+    bindings::seq_file,
+    helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_buf, bpf_seq_write},
+};
+use socktrace_common::iter::{IterOffsets, SocketFd};
+
+#[unsafe(no_mangle)]
+static ITER_OFFSETS: Global<IterOffsets> = Global::new(IterOffsets::ZERO);
+
+/// `struct bpf_iter__task_file`: every member is 8-byte aligned (`__bpf_md_ptr`, `fd __aligned(8)`).
+#[repr(C)]
+pub struct TaskFileCtx {
+    meta: *const IterMeta,
+    task: u64,
+    fd: u32,
+    _pad: u32,
+    file: u64,
+}
+
+/// `struct bpf_iter_meta`: the seq_file to write to comes first.
+#[repr(C)]
+struct IterMeta {
+    seq: *mut seq_file,
+}
+
+const S_IFMT: u16 = 0o170_000;
+const S_IFSOCK: u16 = 0o140_000;
+
+macro_rules! ioff {
+    ($field:ident) => {{
+        let base = core::ptr::from_ref(&ITER_OFFSETS).cast::<IterOffsets>();
+        // SAFETY: Global<T> is repr(transparent) over an initialised T.
+        unsafe { core::ptr::read_volatile(&raw const (*base).$field) }
+    }};
+}
+
+#[inline(always)]
+fn read<T>(base: u64, offset: u32) -> Result<T, i64> {
+    // SAFETY: bpf_probe_read_kernel copes with any address.
+    unsafe { bpf_probe_read_kernel((base + u64::from(offset)) as *const T) }.map_err(i64::from)
+}
+
+/// The iterator program (section `iter/task_file`; aya-ebpf 0.2 has no `#[iter]` macro).
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/task_file")]
+pub extern "C" fn iter_sockets(ctx: *mut c_void) -> i32 {
+    let _ = try_iter_sockets(ctx.cast());
+    0
+}
+
+#[inline(always)]
+fn try_iter_sockets(ctx: *const TaskFileCtx) -> Result<(), i64> {
+    // SAFETY: the kernel passes a valid context; task and file are NULL on the final call.
+    let (meta, task, fd, file) = unsafe { ((*ctx).meta, (*ctx).task, (*ctx).fd, (*ctx).file) };
+    if task == 0 || file == 0 {
+        return Ok(());
+    }
+    let pid: u32 = read(task, ioff!(task_pid))?;
+    let tgid: u32 = read(task, ioff!(task_tgid))?;
+    if pid != tgid {
+        // A thread with a file table of its own: /proc/PID/fd shows the leader's only.
+        return Ok(());
+    }
+    let inode: u64 = read(file, ioff!(file_inode))?;
+    if inode == 0 {
+        return Ok(());
+    }
+    let mode: u16 = read(inode, ioff!(inode_mode))?;
+    if mode & S_IFMT != S_IFSOCK {
+        return Ok(());
+    }
+    let mut rec = SocketFd { pid, fd, inode: read(inode, ioff!(inode_ino))?, comm: [0; 16] };
+    let comm = task + u64::from(ioff!(task_comm));
+    // SAFETY: as in `read`; a failed read leaves the name empty.
+    let _ = unsafe { bpf_probe_read_kernel_buf(comm as *const u8, &mut rec.comm) };
+    // SAFETY: meta is the kernel's bpf_iter_meta (a trusted pointer), its seq the iterator's seq_file.
+    let seq = unsafe { (*meta).seq };
+    // SAFETY: rec lives on the stack for the call; its size is what is passed.
+    unsafe { bpf_seq_write(seq, core::ptr::from_ref(&rec).cast(), size_of::<SocketFd>() as u32) };
+    Ok(())
+}

@@ -1,0 +1,172 @@
+//! A few struct member offsets straight from raw BTF, for `snapshot`'s iterator: one linear pass
+//! over /sys/kernel/btf/vmlinux (a few ms) instead of a full parse with indexes (btf-rs, the
+//! tracer's [`crate::offsets`], takes ~0.2 s here, longer than the whole snapshot should).
+//! Reads only STRUCT/UNION members and FUNC names; everything else is skipped by its size.
+
+use std::collections::HashMap;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    #[error("BTF: {0}")]
+    Format(&'static str),
+    #[error("kernel BTF has no struct {0}")]
+    NoStruct(String),
+    #[error("kernel BTF: struct {0} has no member {1}")]
+    NoMember(String, String),
+}
+
+const KIND_INT: u32 = 1;
+const KIND_ARRAY: u32 = 3;
+const KIND_STRUCT: u32 = 4;
+const KIND_UNION: u32 = 5;
+const KIND_ENUM: u32 = 6;
+const KIND_TYPEDEF: u32 = 8;
+const KIND_VOLATILE: u32 = 9;
+const KIND_CONST: u32 = 10;
+const KIND_RESTRICT: u32 = 11;
+const KIND_FUNC: u32 = 12;
+const KIND_FUNC_PROTO: u32 = 13;
+const KIND_VAR: u32 = 14;
+const KIND_DATASEC: u32 = 15;
+const KIND_DECL_TAG: u32 = 17;
+const KIND_TYPE_TAG: u32 = 18;
+const KIND_ENUM64: u32 = 19;
+
+/// Raw BTF with the start of every type record (type id `i` at `starts[i - 1]`).
+pub struct RawBtf<'a> {
+    types: &'a [u8],
+    strings: &'a [u8],
+    starts: Vec<u32>,
+    /// Named structs/unions with members, by name (the first definition).
+    structs: HashMap<&'a [u8], u32>,
+}
+
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+impl<'a> RawBtf<'a> {
+    /// Indexes `bytes` (little-endian BTF, as on x86-64 and arm64).
+    pub fn parse(bytes: &'a [u8]) -> Result<RawBtf<'a>, ScanError> {
+        let bad = ScanError::Format;
+        if bytes.get(..2) != Some(&[0x9f, 0xeb]) {
+            return Err(bad("bad magic (not little-endian BTF)"));
+        }
+        let field = |i: usize| u32_at(bytes, 4 + 4 * i).map(|v| v as usize).ok_or(bad("short header"));
+        let (hdr_len, type_off, type_len, str_off, str_len) = (field(0)?, field(1)?, field(2)?, field(3)?, field(4)?);
+        let types = bytes.get(hdr_len + type_off..hdr_len + type_off + type_len).ok_or(bad("type section out of range"))?;
+        let strings = bytes.get(hdr_len + str_off..hdr_len + str_off + str_len).ok_or(bad("string section out of range"))?;
+        let mut btf = RawBtf { types, strings, starts: Vec::with_capacity(types.len() / 24), structs: HashMap::new() };
+        let mut at = 0usize;
+        while at < types.len() {
+            let (name_off, info) = (u32_at(types, at).ok_or(bad("truncated type"))?, u32_at(types, at + 4).ok_or(bad("truncated type"))?);
+            let (kind, vlen) = ((info >> 24) & 0x1f, (info & 0xffff) as usize);
+            let extra = match kind {
+                KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
+                KIND_ARRAY => 12,
+                KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => 12 * vlen,
+                KIND_ENUM | KIND_FUNC_PROTO => 8 * vlen,
+                0 | 2 | 7 | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_FUNC | 16 | KIND_TYPE_TAG => 0,
+                _ => return Err(bad("unknown type kind")),
+            };
+            btf.starts.push(u32::try_from(at).map_err(|_| bad("type section too large"))?);
+            if (kind == KIND_STRUCT || kind == KIND_UNION) && vlen > 0 && name_off != 0 {
+                let id = u32::try_from(btf.starts.len()).map_err(|_| bad("too many types"))?;
+                btf.structs.entry(btf.name(name_off)).or_insert(id);
+            }
+            at += 12 + extra;
+        }
+        Ok(btf)
+    }
+
+    fn name(&self, off: u32) -> &'a [u8] {
+        let rest = self.strings.get(off as usize..).unwrap_or_default();
+        &rest[..rest.iter().position(|&b| b == 0).unwrap_or(rest.len())]
+    }
+
+    /// (kind, vlen, kind_flag, size_or_type, record start) of type `id`.
+    fn ty(&self, id: u32) -> Option<(u32, usize, bool, u32, usize)> {
+        let at = *self.starts.get(usize::try_from(id).ok()?.checked_sub(1)?)? as usize;
+        let info = u32_at(self.types, at + 4)?;
+        Some(((info >> 24) & 0x1f, (info & 0xffff) as usize, info >> 31 == 1, u32_at(self.types, at + 8)?, at))
+    }
+
+    /// Type id of the FUNC named `name` (for a program's attach target).
+    pub fn func_id(&self, name: &str) -> Option<u32> {
+        (1..=u32::try_from(self.starts.len()).ok()?).find(|&id| {
+            self.ty(id).is_some_and(|(kind, ..)| kind == KIND_FUNC)
+                && u32_at(self.types, self.starts[id as usize - 1] as usize).is_some_and(|n| self.name(n) == name.as_bytes())
+        })
+    }
+
+    /// Byte offset of `member` in `struct name`, looking through anonymous structs and unions.
+    pub fn offset(&self, name: &str, member: &str) -> Result<u32, ScanError> {
+        let id = *self.structs.get(name.as_bytes()).ok_or_else(|| ScanError::NoStruct(name.to_owned()))?;
+        let bits = self.find(id, member.as_bytes(), 0).ok_or_else(|| ScanError::NoMember(name.to_owned(), member.to_owned()))?;
+        if bits % 8 == 0 { Ok(bits / 8) } else { Err(ScanError::NoMember(name.to_owned(), format!("{member} (a bitfield)"))) }
+    }
+
+    fn find(&self, id: u32, member: &[u8], depth: u32) -> Option<u32> {
+        let (kind, vlen, kind_flag, _, at) = self.ty(id)?;
+        if (kind != KIND_STRUCT && kind != KIND_UNION) || depth > 8 {
+            return None;
+        }
+        for i in 0..vlen {
+            let m = at + 12 + 12 * i;
+            let (name_off, ty, off) = (u32_at(self.types, m)?, u32_at(self.types, m + 4)?, u32_at(self.types, m + 8)?);
+            let bits = if kind_flag { off & 0x00ff_ffff } else { off };
+            if name_off == 0 {
+                if let Some(inner) = self.find(self.strip(ty)?, member, depth + 1) {
+                    return Some(bits + inner);
+                }
+            } else if self.name(name_off) == member {
+                return Some(bits);
+            }
+        }
+        None
+    }
+
+    /// Follows typedef/const/volatile/restrict/type-tag to the underlying type.
+    fn strip(&self, mut id: u32) -> Option<u32> {
+        for _ in 0..16 {
+            let (kind, _, _, next, _) = self.ty(id)?;
+            match kind {
+                KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => id = next,
+                _ => return Some(id),
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The same offsets as the tracer's full parse ([`crate::offsets::resolve`], btf-rs) on this
+    /// machine's kernel BTF.
+    #[test]
+    fn agrees_with_the_full_parse() {
+        let path = std::path::Path::new("/sys/kernel/btf/vmlinux");
+        let Ok(bytes) = std::fs::read(path) else {
+            eprintln!("skipped: no {}", path.display());
+            return;
+        };
+        let raw = RawBtf::parse(&bytes).unwrap();
+        let full = crate::offsets::resolve(path, std::path::Path::new("/sys/kernel/tracing")).unwrap().offsets;
+        assert_eq!(raw.offset("task_struct", "files").unwrap(), full.task_files);
+        assert_eq!(raw.offset("files_struct", "fdt").unwrap(), full.files_fdt);
+        assert_eq!(raw.offset("file", "private_data").unwrap(), full.file_private_data);
+        assert_eq!(raw.offset("socket", "sk").unwrap(), full.socket_sk);
+        assert_eq!(raw.offset("inode", "i_ino").unwrap(), full.inode_ino);
+        assert_eq!(raw.offset("sock", "sk_ack_backlog").unwrap(), full.sk_ack_backlog);
+        // skc_num sits in an anonymous struct inside an anonymous union of struct sock_common.
+        let skc_num = raw.offset("sock", "__sk_common").unwrap() + raw.offset("sock_common", "skc_num").unwrap();
+        assert_eq!(skc_num, full.skc_num);
+        assert!(raw.func_id("bpf_iter_task_file").is_some());
+        assert!(raw.func_id("no_such_function_here").is_none());
+        assert!(matches!(raw.offset("task_struct", "no_such_member"), Err(ScanError::NoMember(..))));
+        assert!(matches!(raw.offset("no_such_struct", "x"), Err(ScanError::NoStruct(_))));
+        assert!(RawBtf::parse(&bytes[..100]).is_err());
+    }
+}
