@@ -3,7 +3,8 @@
 //! accepted; one overflowed) and connections in several states, then compares what
 //! `socktrace snapshot --json` reports with `ss -tanpe` run in the same namespace (same sockets,
 //! states, queues, inodes, owning pids), filter results with ss's own filter results, listener
-//! drops with the namespace's `TcpExtListenDrops`, and `tcp_info` with `ss -tni`.
+//! drops with the namespace's `TcpExtListenDrops`, and `tcp_info` with `ss -tni`; and the socket
+//! holders found by the BPF task-file iterator with those of the /proc scan.
 //! Needs root (netns creation); run with `--test-threads=1`.
 
 use std::{
@@ -11,7 +12,7 @@ use std::{
     io::Write as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-    process::{Command, Output},
+    process::{Command, Output, Stdio},
     time::Duration,
 };
 
@@ -751,4 +752,95 @@ fn ss_flags_for_other_protocols_and_bad_lines_are_one_line_errors() {
         assert!(err.contains(needle), "{args:?}: {err}");
         assert!(out.stdout.is_empty());
     }
+}
+
+/// (pid, comm, fd) holders per socket inode of `snapshot --json --netns NS --owners SOURCE`.
+fn holders(ns: &NetNs, source: &str) -> BTreeMap<u64, BTreeSet<(u64, String, u64)>> {
+    snapshot_json(&["--netns", &ns.name, "--owners", source])
+        .iter()
+        .filter_map(|s| {
+            let set = s["processes"]
+                .as_array()
+                .expect("processes listed")
+                .iter()
+                .map(|p| (p["pid"].as_u64().unwrap(), p["comm"].as_str().unwrap().to_owned(), p["fd"].as_u64().unwrap()))
+                .collect();
+            Some((s["inode"].as_u64()?, set))
+        })
+        .collect()
+}
+
+/// The BPF task-file iterator and the /proc/*/fd scan find the same holders: a few hundred
+/// sockets held by the (multi-threaded) test process and by four `sleep` children that inherit
+/// different, partly overlapping batches of them.
+#[test]
+fn iterator_owners_equal_the_proc_scan() {
+    if !privileged() {
+        return;
+    }
+    let ns = NetNs::new("snapown").unwrap();
+    let (listeners, mut batches) = ns
+        .within(|| {
+            let listeners: Vec<TcpListener> = (0..4).map(|i| listen(SocketAddr::from((Ipv4Addr::LOCALHOST, 33_100 + i)), 64)).collect();
+            // 4 batches of 35 to 50 pairs (varied so no two children hold the same count).
+            let batches: Vec<Vec<TcpStream>> = (0..4)
+                .map(|b| {
+                    (0..35 + 5 * b)
+                        .flat_map(|i| {
+                            let l = &listeners[i % listeners.len()];
+                            let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+                            let (s, _) = l.accept().unwrap();
+                            [c, s]
+                        })
+                        .collect()
+                })
+                .collect();
+            (listeners, batches)
+        })
+        .unwrap();
+    let mut children = Vec::new();
+    let mut expected: Vec<(u32, usize)> = Vec::new();
+    for (b, batch) in batches.iter().enumerate() {
+        // Each child inherits its batch and the next one (so sockets have two holders), listeners
+        // go to the first child only.
+        let mut inherit: Vec<i32> = batch.iter().map(|s| s.as_raw_fd()).collect();
+        if let Some(next) = batches.get(b + 1) {
+            inherit.extend(next.iter().map(|s| s.as_raw_fd()));
+        }
+        if b == 0 {
+            inherit.extend(listeners.iter().map(|l| l.as_raw_fd()));
+        }
+        for &fd in &inherit {
+            // SAFETY: clearing FD_CLOEXEC on fds this process owns, so the child inherits them.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
+        }
+        let child = Command::new("sleep").arg("600").stdin(Stdio::null()).stdout(Stdio::null()).spawn().unwrap();
+        for &fd in &inherit {
+            // SAFETY: as above, restoring FD_CLOEXEC.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        }
+        expected.push((child.id(), inherit.len()));
+        children.push(child);
+    }
+    // The test process keeps the first two batches and the listeners; the rest only the children hold.
+    batches.truncate(2);
+    std::thread::sleep(Duration::from_millis(100));
+
+    let bpf = holders(&ns, "bpf");
+    let proc = holders(&ns, "proc");
+    for mut c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    assert!(bpf.len() >= 4 + 2 * (35 + 40 + 45 + 50), "{} sockets listed", bpf.len());
+    assert_eq!(bpf, proc, "iterator vs /proc scan");
+    for (pid, n) in expected {
+        let held = bpf.values().flatten().filter(|h| h.0 == u64::from(pid)).count();
+        assert_eq!(held, n, "sockets of child {pid}");
+        assert!(bpf.values().flatten().any(|h| h.0 == u64::from(pid) && h.1 == "sleep"), "child {pid} named sleep");
+    }
+    let me = u64::from(std::process::id());
+    let mine = bpf.values().flatten().filter(|h| h.0 == me).count();
+    assert_eq!(mine, 4 + 2 * (35 + 40), "sockets of the test process (threads not listed again)");
+    drop((listeners, batches));
 }

@@ -1,4 +1,4 @@
-//! Benchmark of `socktrace snapshot` against `ss -tan` and `netstat -tan` on 10k and 100k
+//! Benchmark of `socktrace snapshot` against `ss -tan` and `netstat -tan` on 10k, 20k and 100k
 //! loopback TCP sockets (established pairs plus a few listeners) in a network namespace that it
 //! creates and deletes. Every command runs inside that namespace with stdout to /dev/null, all of
 //! them in the same run, interleaved (the starting command rotates each round) and repeated; the
@@ -6,7 +6,7 @@
 //!
 //! Needs root (`ip netns add`). Sockets are held by `sleep` processes that inherit them in batches,
 //! so `RLIMIT_NOFILE` only has to cover one batch (its hard limit may be low where
-//! `CAP_SYS_RESOURCE` is missing); the snapshot's /proc scan sees them as ordinary socket holders.
+//! `CAP_SYS_RESOURCE` is missing); both owner sources (iterator, /proc scan) see them as ordinary socket holders.
 //! Entry point: [`run`] (xtask's CLI decides how it is invoked).
 
 use std::{
@@ -22,9 +22,9 @@ use std::{
 use anyhow::{Context as _, bail, ensure};
 
 /// Socket counts to measure (each is pairs × 2, plus the listeners).
-const SIZES: [usize; 2] = [10_000, 100_000];
+const SIZES: [usize; 3] = [10_000, 20_000, 100_000];
 /// Timed runs per command at each size (after one untimed warm-up run).
-const REPS: [usize; 2] = [11, 7];
+const REPS: [usize; 3] = [11, 9, 7];
 const LISTENERS: u16 = 8;
 const BASE_PORT: u16 = 31_000;
 
@@ -49,33 +49,39 @@ pub fn run(workspace: &Path) -> anyhow::Result<String> {
         "Loopback TCP sockets (established pairs + {LISTENERS} listeners) in one network namespace; each command run \
          inside it with stdout to /dev/null (as `ip netns exec NS CMD >/dev/null`, without ip's own start-up), \
          interleaved, after one warm-up run. {} CPUs, kernel {}. `socktrace snapshot` resolves owning processes \
-         (a /proc/*/fd scan) unless `--no-processes`, like `ss -tanp`; `ss -tan` and `netstat -tan` do not.\n",
+         unless `--no-processes`, like `ss -tanp`: with `--owners bpf` from a BPF task-file iterator (what it does by \
+         default as root), with `--owners proc` from a /proc/*/fd scan (the fallback); `ss -tan` and \
+         `netstat -tan` do not.\n",
         std::thread::available_parallelism().map_or(0, usize::from),
         std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
     );
-    let _ = writeln!(report, "| sockets | command | median | min | max | median / `ss -tan` |");
-    let _ = writeln!(report, "|---:|---|---:|---:|---:|---:|");
+    let _ = writeln!(report, "| sockets | command | median | min | max | median / `ss -tan` | median / `ss -tanp` |");
+    let _ = writeln!(report, "|---:|---|---:|---:|---:|---:|---:|");
     for (size, reps) in SIZES.into_iter().zip(REPS) {
         let ns = Netns::create()?;
         let population = populate(&ns, size, nofile)?;
         let rows = measure(&ns, &socktrace, reps)?;
-        let ss_median = rows.iter().find(|r| r.label == "ss -tan").map(|r| r.median);
+        let median_of = |label: &str| rows.iter().find(|r| r.label == label).map(|r| r.median);
+        let (ss, ssp) = (median_of("ss -tan"), median_of("ss -tanp"));
         for r in &rows {
-            let ratio = ss_median.map_or_else(|| "-".to_owned(), |m| format!("{:.2}", r.median.as_secs_f64() / m.as_secs_f64()));
+            let ratio =
+                |base: Option<Duration>| base.map_or_else(|| "-".to_owned(), |m| format!("{:.2}", r.median.as_secs_f64() / m.as_secs_f64()));
             let _ = writeln!(
                 report,
-                "| {} | `{}` | {} | {} | {} | {ratio} |",
+                "| {} | `{}` | {} | {} | {} | {} | {} |",
                 population.sockets,
                 r.label.replace("NS", &ns.name),
                 ms(r.median),
                 ms(r.min),
-                ms(r.max)
+                ms(r.max),
+                ratio(ss),
+                ratio(ssp)
             );
         }
         drop(population);
         drop(ns);
     }
-    let _ = writeln!(report, "\n{} timed runs per command at 10k sockets, {} at 100k.", REPS[0], REPS[1]);
+    let _ = writeln!(report, "\n{} timed runs per command at 10k sockets, {} at 20k, {} at 100k.", REPS[0], REPS[1], REPS[2]);
     Ok(report)
 }
 
@@ -206,7 +212,8 @@ struct Row {
 fn measure(ns: &Netns, socktrace: &Path, reps: usize) -> anyhow::Result<Vec<Row>> {
     let bin = socktrace.to_string_lossy().into_owned();
     let cmds: Vec<(&'static str, Vec<String>)> = [
-        ("socktrace snapshot --netns NS", vec![bin.clone(), "snapshot".into(), "--netns".into(), ns.name.clone()]),
+        ("socktrace snapshot --netns NS --owners bpf", vec![bin.clone(), "snapshot".into(), "--netns".into(), ns.name.clone(), "--owners".into(), "bpf".into()]),
+        ("socktrace snapshot --netns NS --owners proc", vec![bin.clone(), "snapshot".into(), "--netns".into(), ns.name.clone(), "--owners".into(), "proc".into()]),
         ("socktrace snapshot --netns NS --json", vec![bin.clone(), "snapshot".into(), "--netns".into(), ns.name.clone(), "--json".into()]),
         ("socktrace snapshot --netns NS --no-processes", vec![bin, "snapshot".into(), "--netns".into(), ns.name.clone(), "--no-processes".into()]),
         ("ss -tan", vec!["ss".into(), "-tan".into()]),
@@ -260,7 +267,7 @@ fn sanity(cmds: &[(&'static str, Vec<String>)]) -> anyhow::Result<()> {
         Ok(String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.is_empty()).count())
     };
     let find = |label: &str| cmds.iter().find(|(l, _)| *l == label).map(|(_, a)| a);
-    if let (Some(ours), Some(ss)) = (find("socktrace snapshot --netns NS"), find("ss -tan")) {
+    if let (Some(ours), Some(ss)) = (find("socktrace snapshot --netns NS --owners bpf"), find("ss -tan")) {
         // ss: one header line; snapshot: a header per section (listeners, others).
         let (a, b) = (count(ours)?.saturating_sub(2), count(ss)?.saturating_sub(1));
         ensure!(a == b, "socktrace snapshot lists {a} sockets, ss -tan {b}");
