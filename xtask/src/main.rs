@@ -6,7 +6,7 @@
 //! - `run -- ARGS`: build, then run `socktrace ARGS`;
 //! - `test`: setup + every test: unit tests, then the privileged integration tests (one netns per
 //!   scenario, `--test-threads=1`); with `SOCKTRACE_REQUIRE_BPF=1` an eBPF test that would skip fails;
-//! - `bench [accept|pipeline|agent|snapshot|all]`: build, then the overhead benchmarks (see
+//! - `bench [accept|pipeline|agent|snapshot|nginx|syscalls|all]`: build, then the overhead benchmarks (see
 //!   `bench/`), which print tables and rewrite docs/BENCHMARKS.md.
 //! - `test --vm [--kernel 6.1|6.12|all] [--hooks fentry|kprobe|both]`: instead, the privileged tests
 //!   inside qemu on Debian kernels, once per hook mode (see `vm.rs`).

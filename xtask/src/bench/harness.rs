@@ -3,7 +3,7 @@
 //! ready line, CPU and memory, scrape, stop). Nothing here measures by itself.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fmt::Write as _,
     fs,
     io::{BufRead as _, BufReader, Read as _, Write as _},
@@ -39,6 +39,8 @@ pub struct Noise {
     foreign_ticks: Arc<AtomicU64>,
     niced_ticks: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
+    /// Processes of the benchmark that are not ours by name (nginx, wrk, bpftrace), and their children.
+    ignored: Arc<Mutex<HashSet<u32>>>,
 }
 
 /// A point in time for [`Noise::since`].
@@ -54,15 +56,17 @@ impl Noise {
         let foreign_ticks = Arc::new(AtomicU64::new(0));
         let niced_ticks = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (ticks, niced, halt) = (Arc::clone(&foreign_ticks), Arc::clone(&niced_ticks), Arc::clone(&stop));
+        let ignored: Arc<Mutex<HashSet<u32>>> = Arc::default();
+        let (ticks, niced, halt, skip) = (Arc::clone(&foreign_ticks), Arc::clone(&niced_ticks), Arc::clone(&stop), Arc::clone(&ignored));
         std::thread::spawn(move || {
             let boot_ticks = uptime_ticks();
             let mut prev: HashMap<u32, u64> = HashMap::new();
             while !halt.load(Ordering::Relaxed) {
                 let mut now = HashMap::new();
                 let (mut add, mut add_niced) = (0, 0);
+                let skip = skip.lock().map(|s| s.clone()).unwrap_or_default();
                 for (pid, st) in all_proc_stats() {
-                    if st.ppid == 2 || pid == 2 || OURS.contains(&st.comm.as_str()) {
+                    if st.ppid == 2 || pid == 2 || OURS.contains(&st.comm.as_str()) || skip.contains(&pid) || skip.contains(&st.ppid) {
                         continue;
                     }
                     let t = st.utime + st.stime;
@@ -85,7 +89,14 @@ impl Noise {
                 std::thread::sleep(Duration::from_millis(500));
             }
         });
-        Noise { foreign_ticks, niced_ticks, stop }
+        Noise { foreign_ticks, niced_ticks, stop, ignored }
+    }
+
+    /// Counts `pid` and its children as part of the benchmark from now on.
+    pub fn ignore(&self, pid: u32) {
+        if let Ok(mut s) = self.ignored.lock() {
+            s.insert(pid);
+        }
     }
 
     pub fn mark(&self) -> NoiseMark {

@@ -1,0 +1,132 @@
+//! The machine-wide cost of syscall tracepoints: while any program is attached to a
+//! `syscalls:sys_enter_*`/`sys_exit_*` tracepoint, every syscall of every task takes the kernel's
+//! tracing slow path (`SYSCALL_WORK_SYSCALL_TRACEPOINT`), not only accept(2). socktrace attaches
+//! them for the accept signal on kernels without fexit or kprobes (this one). Measured with a
+//! network-free load (`st-syscalls`: one thread calling getppid(2) or read(2) in a tight loop):
+//! CPU ns per call untraced, with `socktrace serve` (default hooks), and with `serve --hooks`
+//! leaving the syscall tracepoints out (accept and listen then unavailable), alternating.
+
+use std::{collections::BTreeMap, process::Command};
+
+use anyhow::Context as _;
+use serde_json::Value;
+
+use super::{Ctx, NetNs, Section, Summary, Table, Tracer, loadavg, provenance};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Config {
+    Untraced,
+    Serve,
+    ServeNoSyscalls,
+}
+
+impl Config {
+    fn name(self) -> &'static str {
+        match self {
+            Config::Untraced => "untraced",
+            Config::Serve => "serve (default hooks: accept on syscall tracepoints)",
+            Config::ServeNoSyscalls => "serve --hooks without tracepoint (no syscall hooks)",
+        }
+    }
+}
+
+const CALLS: [&str; 2] = ["getppid", "read"];
+/// Every hook kind but the classic tracepoints (which, here, are the syscall hooks).
+const NO_SYSCALL_HOOKS: &str = "fentry,fexit,kprobe,tp_btf,raw_tp,cgroup_skb";
+
+struct Run {
+    /// ns per call, by syscall.
+    ns: BTreeMap<&'static str, f64>,
+    noise: f64,
+    /// Syscall tracepoints other processes had attached (`bpftool perf`).
+    foreign_syscall_tps: usize,
+}
+
+pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
+    let secs = ctx.secs.min(3.0);
+    println!("\n== syscalls: getppid/read loop, {secs} s per call, {} repetitions, alternating ==", ctx.reps);
+    let ns = NetNs::new("sys")?;
+    let load_before = loadavg();
+    let mark = ctx.noise.mark();
+    let configs = [Config::Untraced, Config::Serve, Config::ServeNoSyscalls];
+    let mut runs: BTreeMap<Config, Vec<Run>> = BTreeMap::new();
+    for rep in 0..ctx.reps {
+        for &c in &configs {
+            let r = one(ctx, &ns, c, secs)?;
+            let cells: Vec<String> = r.ns.iter().map(|(k, v)| format!("{k} {v:.1} ns")).collect();
+            println!("  rep {} {:<52} {}  other load {:.2}, foreign syscall tracepoints {}", rep + 1, c.name(), cells.join("  "), r.noise, r.foreign_syscall_tps);
+            runs.entry(c).or_default().push(r);
+        }
+    }
+    let mut t = Table::new(&["config", "getppid ns/call", "+ ns vs untraced", "read(64 B) ns/call", "+ ns vs untraced", "other load (cores)", "others' syscall tracepoints"]);
+    let med = |c: Config, call: &str| Summary::of(&runs[&c].iter().filter_map(|r| r.ns.get(call).copied()).collect::<Vec<_>>());
+    for &c in &configs {
+        let v = &runs[&c];
+        let mut row = vec![c.name().to_owned()];
+        for call in CALLS {
+            let s = med(c, call);
+            row.push(s.show(1));
+            row.push(if c == Config::Untraced { "-".into() } else { format!("{:+.1}", s.median - med(Config::Untraced, call).median) });
+        }
+        row.push(Summary::of(&v.iter().map(|r| r.noise).collect::<Vec<_>>()).show(2));
+        row.push(v.iter().map(|r| r.foreign_syscall_tps).max().unwrap_or(0).to_string());
+        t.row(row);
+    }
+    println!("\n{}", t.text());
+    let mut md = String::from("## Syscall tracepoints: cost to every other syscall\n\n");
+    md.push_str(&provenance(ctx, &load_before, mark));
+    md.push_str(&format!(
+        "\nLoad: `st-syscalls --call getppid|read --secs {secs}` (tests/src/bin): one thread calling getppid(2), or \
+         read(2) of 64 bytes from /dev/zero, in a tight loop, no network; CPU time of the thread per call. \
+         While any BPF program is attached to a syscall tracepoint, every syscall of every task on the machine \
+         goes through the tracing slow path; socktrace attaches `sys_enter/exit_accept4`, `sys_enter/exit_accept` \
+         and `sys_enter_listen` when the kernel offers neither fexit nor kprobes (here). Tracers: `socktrace serve \
+         --netns <ns>` with default hooks, and with `--hooks {NO_SYSCALL_HOOKS}` (no syscall tracepoints; accept and \
+         listen are then unavailable), started before the load. {} repetitions, alternating.\n\n",
+        ctx.reps
+    ));
+    md.push_str(&t.markdown());
+    md.push_str(
+        "\n\"others' syscall tracepoints\": BPF programs of other processes attached to syscall tracepoints during a \
+         run (`bpftool perf`): when non-zero, every configuration, \"untraced\" included, already ran on the slow path.\n",
+    );
+    Ok(Section { name: "syscalls", markdown: md })
+}
+
+fn one(ctx: &Ctx, ns: &NetNs, c: Config, secs: f64) -> anyhow::Result<Run> {
+    let tracer = match c {
+        Config::Untraced => None,
+        Config::Serve => Some(Tracer::serve(ctx, ns, &[])?),
+        Config::ServeNoSyscalls => Some(Tracer::serve(ctx, ns, &["--hooks", NO_SYSCALL_HOOKS])?),
+    };
+    let ours = tracer.as_ref().map(|t| t.pid);
+    let foreign_syscall_tps = syscall_tracepoints_of_others(ours);
+    let mark = ctx.noise.mark();
+    let mut ns_per = BTreeMap::new();
+    for call in CALLS {
+        let out = Command::new(ctx.st_bench.with_file_name("st-syscalls"))
+            .args(["--secs", &secs.to_string(), "--call", call])
+            .output()
+            .context("running st-syscalls (cargo build --release -p socktrace-tests)")?;
+        anyhow::ensure!(out.status.success(), "st-syscalls failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        let v: Value = serde_json::from_slice(&out.stdout).context("st-syscalls output")?;
+        ns_per.insert(call, v["ns_per_call"].as_f64().unwrap_or(f64::NAN));
+    }
+    let noise = ctx.noise.since(mark);
+    if let Some(t) = tracer {
+        t.stop()?;
+    }
+    Ok(Run { ns: ns_per, noise, foreign_syscall_tps })
+}
+
+/// Syscall tracepoint attachments (`bpftool perf`) of processes other than `ours`.
+fn syscall_tracepoints_of_others(ours: Option<u32>) -> usize {
+    let Ok(out) = Command::new("bpftool").args(["perf", "show", "--json"]).output() else { return 0 };
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    v.as_array().map_or(0, |a| {
+        a.iter()
+            .filter(|p| p["tracepoint"].as_str().is_some_and(|t| t.starts_with("sys_")))
+            .filter(|p| p["pid"].as_u64().and_then(|x| u32::try_from(x).ok()) != ours)
+            .count()
+    })
+}
