@@ -803,12 +803,12 @@ fn iterator_owners_equal_the_proc_scan() {
     for (b, batch) in batches.iter().enumerate() {
         // Each child inherits its batch and the next one (so sockets have two holders), listeners
         // go to the first child only.
-        let mut inherit: Vec<i32> = batch.iter().map(|s| s.as_raw_fd()).collect();
+        let mut inherit: Vec<i32> = batch.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
         if let Some(next) = batches.get(b + 1) {
-            inherit.extend(next.iter().map(|s| s.as_raw_fd()));
+            inherit.extend(next.iter().map(std::os::fd::AsRawFd::as_raw_fd));
         }
         if b == 0 {
-            inherit.extend(listeners.iter().map(|l| l.as_raw_fd()));
+            inherit.extend(listeners.iter().map(std::os::fd::AsRawFd::as_raw_fd));
         }
         for &fd in &inherit {
             // SAFETY: clearing FD_CLOEXEC on fds this process owns, so the child inherits them.

@@ -84,7 +84,7 @@ impl<'a> RawBtf<'a> {
         &rest[..rest.iter().position(|&b| b == 0).unwrap_or(rest.len())]
     }
 
-    /// (kind, vlen, kind_flag, size_or_type, record start) of type `id`.
+    /// (kind, `vlen`, `kind_flag`, `size_or_type`, record start) of type `id`.
     fn ty(&self, id: u32) -> Option<(u32, usize, bool, u32, usize)> {
         let at = *self.starts.get(usize::try_from(id).ok()?.checked_sub(1)?)? as usize;
         let info = u32_at(self.types, at + 4)?;

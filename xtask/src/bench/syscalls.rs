@@ -6,7 +6,7 @@
 //! CPU ns per call untraced, with `socktrace serve` (default hooks), and with `serve --hooks`
 //! leaving the syscall tracepoints out (accept and listen then unavailable), alternating.
 
-use std::{collections::BTreeMap, process::Command};
+use std::{collections::BTreeMap, fmt::Write as _, process::Command};
 
 use anyhow::Context as _;
 use serde_json::Value;
@@ -75,7 +75,8 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
     println!("\n{}", t.text());
     let mut md = String::from("## Syscall tracepoints: cost to every other syscall\n\n");
     md.push_str(&provenance(ctx, &load_before, mark));
-    md.push_str(&format!(
+    let _ = write!(
+    md,
         "\nLoad: `st-syscalls --call getppid|read --secs {secs}` (tests/src/bin): one thread calling getppid(2), or \
          read(2) of 64 bytes from /dev/zero, in a tight loop, no network; CPU time of the thread per call. \
          While any BPF program is attached to a syscall tracepoint, every syscall of every task on the machine \
@@ -84,7 +85,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
          --netns <ns>` with default hooks, and with `--hooks {NO_SYSCALL_HOOKS}` (no syscall tracepoints; accept and \
          listen are then unavailable), started before the load. {} repetitions, alternating.\n\n",
         ctx.reps
-    ));
+    );
     md.push_str(&t.markdown());
     md.push_str(
         "\n\"others' syscall tracepoints\": BPF programs of other processes attached to syscall tracepoints during a \
