@@ -65,18 +65,19 @@ fn try_iter_sockets(ctx: *const TaskFileCtx) -> Result<(), i64> {
     if task == 0 || file == 0 {
         return Ok(());
     }
-    let pid: u32 = read(task, ioff!(task_pid))?;
-    let tgid: u32 = read(task, ioff!(task_tgid))?;
-    if pid != tgid {
-        // A thread with a file table of its own: /proc/PID/fd shows the leader's only.
-        return Ok(());
-    }
+    // Sockets first (two reads), the task's ids only for them.
     let inode: u64 = read(file, ioff!(file_inode))?;
     if inode == 0 {
         return Ok(());
     }
     let mode: u16 = read(inode, ioff!(inode_mode))?;
     if mode & S_IFMT != S_IFSOCK {
+        return Ok(());
+    }
+    let pid: u32 = read(task, ioff!(task_pid))?;
+    let tgid: u32 = read(task, ioff!(task_tgid))?;
+    if pid != tgid {
+        // A thread with a file table of its own: /proc/PID/fd shows the leader's only.
         return Ok(());
     }
     let mut rec = SocketFd { pid, fd, inode: read(inode, ioff!(inode_ino))?, comm: [0; 16] };

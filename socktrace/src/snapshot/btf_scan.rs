@@ -3,8 +3,6 @@
 //! tracer's [`crate::offsets`], takes ~0.2 s here, longer than the whole snapshot should).
 //! Reads only STRUCT/UNION members and FUNC names; everything else is skipped by its size.
 
-use std::collections::HashMap;
-
 #[derive(Debug, thiserror::Error)]
 pub enum ScanError {
     #[error("BTF: {0}")]
@@ -37,8 +35,9 @@ pub struct RawBtf<'a> {
     types: &'a [u8],
     strings: &'a [u8],
     starts: Vec<u32>,
-    /// Named structs/unions with members, by name (the first definition).
-    structs: HashMap<&'a [u8], u32>,
+    /// The wanted structs/unions (with members) and functions found: (name, kind, id), first
+    /// definition of each.
+    found: Vec<(&'a [u8], u32, u32)>,
 }
 
 fn u32_at(b: &[u8], at: usize) -> Option<u32> {
@@ -46,8 +45,9 @@ fn u32_at(b: &[u8], at: usize) -> Option<u32> {
 }
 
 impl<'a> RawBtf<'a> {
-    /// Indexes `bytes` (little-endian BTF, as on x86-64 and arm64).
-    pub fn parse(bytes: &'a [u8]) -> Result<RawBtf<'a>, ScanError> {
+    /// Indexes `bytes` (little-endian BTF, as on x86-64 and arm64), noting the structs and
+    /// functions named in `wanted` (only those: comparing every name would be the slow part).
+    pub fn parse(bytes: &'a [u8], wanted: &[&str]) -> Result<RawBtf<'a>, ScanError> {
         let bad = ScanError::Format;
         if bytes.get(..2) != Some(&[0x9f, 0xeb]) {
             return Err(bad("bad magic (not little-endian BTF)"));
@@ -56,7 +56,7 @@ impl<'a> RawBtf<'a> {
         let (hdr_len, type_off, type_len, str_off, str_len) = (field(0)?, field(1)?, field(2)?, field(3)?, field(4)?);
         let types = bytes.get(hdr_len + type_off..hdr_len + type_off + type_len).ok_or(bad("type section out of range"))?;
         let strings = bytes.get(hdr_len + str_off..hdr_len + str_off + str_len).ok_or(bad("string section out of range"))?;
-        let mut btf = RawBtf { types, strings, starts: Vec::with_capacity(types.len() / 24), structs: HashMap::new() };
+        let mut btf = RawBtf { types, strings, starts: Vec::with_capacity(types.len() / 24), found: Vec::new() };
         let mut at = 0usize;
         while at < types.len() {
             let (name_off, info) = (u32_at(types, at).ok_or(bad("truncated type"))?, u32_at(types, at + 4).ok_or(bad("truncated type"))?);
@@ -70,9 +70,12 @@ impl<'a> RawBtf<'a> {
                 _ => return Err(bad("unknown type kind")),
             };
             btf.starts.push(u32::try_from(at).map_err(|_| bad("type section too large"))?);
-            if (kind == KIND_STRUCT || kind == KIND_UNION) && vlen > 0 && name_off != 0 {
-                let id = u32::try_from(btf.starts.len()).map_err(|_| bad("too many types"))?;
-                btf.structs.entry(btf.name(name_off)).or_insert(id);
+            if ((kind == KIND_STRUCT || kind == KIND_UNION) && vlen > 0 || kind == KIND_FUNC) && name_off != 0 {
+                let name = btf.name(name_off);
+                if wanted.iter().any(|w| w.as_bytes() == name) && !btf.found.iter().any(|f| f.0 == name && f.1 == kind) {
+                    let id = u32::try_from(btf.starts.len()).map_err(|_| bad("too many types"))?;
+                    btf.found.push((name, kind, id));
+                }
             }
             at += 12 + extra;
         }
@@ -91,17 +94,19 @@ impl<'a> RawBtf<'a> {
         Some(((info >> 24) & 0x1f, (info & 0xffff) as usize, info >> 31 == 1, u32_at(self.types, at + 8)?, at))
     }
 
-    /// Type id of the FUNC named `name` (for a program's attach target).
-    pub fn func_id(&self, name: &str) -> Option<u32> {
-        (1..=u32::try_from(self.starts.len()).ok()?).find(|&id| {
-            self.ty(id).is_some_and(|(kind, ..)| kind == KIND_FUNC)
-                && u32_at(self.types, self.starts[id as usize - 1] as usize).is_some_and(|n| self.name(n) == name.as_bytes())
-        })
+    fn lookup(&self, name: &str, kind: u32) -> Option<u32> {
+        self.found.iter().find(|f| f.0 == name.as_bytes() && (f.1 == kind || kind == KIND_STRUCT && f.1 == KIND_UNION)).map(|f| f.2)
     }
 
-    /// Byte offset of `member` in `struct name`, looking through anonymous structs and unions.
+    /// Type id of the FUNC named `name` (for a program's attach target); it must have been wanted.
+    pub fn func_id(&self, name: &str) -> Option<u32> {
+        self.lookup(name, KIND_FUNC)
+    }
+
+    /// Byte offset of `member` in `struct name` (a wanted one), looking through anonymous structs
+    /// and unions.
     pub fn offset(&self, name: &str, member: &str) -> Result<u32, ScanError> {
-        let id = *self.structs.get(name.as_bytes()).ok_or_else(|| ScanError::NoStruct(name.to_owned()))?;
+        let id = self.lookup(name, KIND_STRUCT).ok_or_else(|| ScanError::NoStruct(name.to_owned()))?;
         let bits = self.find(id, member.as_bytes(), 0).ok_or_else(|| ScanError::NoMember(name.to_owned(), member.to_owned()))?;
         if bits % 8 == 0 { Ok(bits / 8) } else { Err(ScanError::NoMember(name.to_owned(), format!("{member} (a bitfield)"))) }
     }
@@ -152,7 +157,8 @@ mod tests {
             eprintln!("skipped: no {}", path.display());
             return;
         };
-        let raw = RawBtf::parse(&bytes).unwrap();
+        let wanted = ["task_struct", "files_struct", "file", "socket", "inode", "sock", "sock_common", "bpf_iter_task_file", "no_such_function_here"];
+        let raw = RawBtf::parse(&bytes, &wanted).unwrap();
         let full = crate::offsets::resolve(path, std::path::Path::new("/sys/kernel/tracing")).unwrap().offsets;
         assert_eq!(raw.offset("task_struct", "files").unwrap(), full.task_files);
         assert_eq!(raw.offset("files_struct", "fdt").unwrap(), full.files_fdt);
@@ -167,6 +173,7 @@ mod tests {
         assert!(raw.func_id("no_such_function_here").is_none());
         assert!(matches!(raw.offset("task_struct", "no_such_member"), Err(ScanError::NoMember(..))));
         assert!(matches!(raw.offset("no_such_struct", "x"), Err(ScanError::NoStruct(_))));
-        assert!(RawBtf::parse(&bytes[..100]).is_err());
+        assert!(raw.offset("tcp_sock", "snd_cwnd").is_err(), "not wanted, not indexed");
+        assert!(RawBtf::parse(&bytes[..100], &wanted).is_err());
     }
 }
