@@ -363,7 +363,10 @@ fn notes(signal: Signal, kind: HookKind, layout: &KernelLayout) -> Vec<String> {
             "sees SYNs only for listeners owned by processes in the attached cgroup; checks the queue just before the kernel does".into(),
         ],
         (Signal::Accept, HookKind::Tracepoint) => {
-            vec!["accept(2)/accept4(2) syscalls only (io_uring accepts are not seen)".into()]
+            vec![
+                "accept(2)/accept4(2) syscalls only (io_uring accepts are not seen)".into(),
+                "syscall tracepoints: while attached, every syscall of every process takes the kernel's tracing slow path (cost: `cargo xtask bench syscalls`; --hooks without tracepoint avoids it, losing accept)".into(),
+            ]
         }
         _ => Vec::new(),
     }
