@@ -3,13 +3,17 @@
 //! [`super::procs::Owners`]. Needs root and kernel BTF; [`super::procs`]'s /proc scan is the
 //! fallback when this fails, and gives the same answer (tests/tests/snapshot.rs compares them).
 //!
-//! Start-up is most of the cost (the iteration itself takes a few ms for 20k sockets): aya's
-//! `EbpfLoader::new` parses the kernel BTF whatever it is told (~20 ms), so it runs on its own
-//! thread while this one maps the BTF and finds the offsets with [`super::btf_scan`].
+//! Start-up is most of the cost (the iteration itself takes a few ms for 20k sockets), so the
+//! kernel BTF is mapped and scanned only for the names needed ([`super::btf_scan`]), and the
+//! program is loaded without aya's `EbpfLoader` (see [`load_iterator`]).
 
-use std::{fs::File, io::Read as _, path::Path};
+use std::{
+    fs::File,
+    io::Read as _,
+    os::fd::AsRawFd as _,
+    path::Path,
+};
 
-use aya::{EbpfLoader, programs::Iter};
 use socktrace_common::iter::{IterOffsets, SocketFd};
 
 use super::btf_scan::RawBtf;
@@ -46,26 +50,8 @@ pub fn socket_fds(btf_path: &Path) -> Result<Vec<SocketFd>, IterError> {
     if std::fs::read_link("/proc/self/ns/pid").ok().as_deref() != Some(Path::new(INIT_PID_NS)) {
         return Err(IterError::PidNamespace);
     }
-    let (layout, loader) = std::thread::scope(|s| {
-        let loader = s.spawn(EbpfLoader::new);
-        // The stand-in BTF is built here too, beside the loader's parse.
-        let layout = layout(btf_path).map(|(offsets, id)| (offsets, attach_target_btf(id)));
-        (layout, loader.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-    });
-    let (offsets, btf) = layout?;
-    let load = |e: &dyn std::fmt::Display| IterError::Load(e.to_string());
-    // No BTF for the object: it has no CO-RE relocations (offsets come as a global).
-    let mut loader = loader;
-    let mut ebpf = loader.btf(None).override_global("ITER_OFFSETS", &offsets, true).load(OBJECT).map_err(|e| load(&e))?;
-    let prog: &mut Iter = ebpf
-        .program_mut("iter_sockets")
-        .ok_or_else(|| IterError::Load("program iter_sockets missing from the object".into()))?
-        .try_into()
-        .map_err(|e| load(&e))?;
-    prog.load("task_file", &btf).map_err(|e| load(&e))?;
-    let link = prog.attach().map_err(|e| load(&e))?;
-    let link = prog.take_link(link).map_err(|e| load(&e))?;
-    let mut file = link.into_file().map_err(|e| load(&e))?;
+    let (offsets, attach_id) = layout(btf_path)?;
+    let mut file = load_iterator(&offsets, attach_id)?;
     let mut buf = Vec::with_capacity(1 << 20);
     file.read_to_end(&mut buf).map_err(IterError::Read)?;
     let size = size_of::<SocketFd>();
@@ -107,17 +93,125 @@ fn layout(btf_path: &Path) -> Result<(IterOffsets, u32), IterError> {
     Ok((offsets, id))
 }
 
-/// An aya `Btf` holding only [`TARGET`] at its kernel type id `id`: `Iter::load` looks its attach
-/// target up by name in an aya `Btf`, and another full parse of the kernel's would cost more than
-/// the rest of the iterator (~15 ms); the raw scan already found the id.
-fn attach_target_btf(id: u32) -> aya::Btf {
-    use aya_obj::btf::{BtfType, Func, FuncLinkage};
-    let mut btf = aya::Btf::new();
-    let name = btf.add_string(TARGET);
-    // Type 0 is void; unnamed fillers up to id - 1 keep the target at its kernel id.
-    for _ in 1..id {
-        btf.add_type(BtfType::Func(Func::new(0, 0, FuncLinkage::Static)));
+/// Loads `iter_sockets` and opens an iterator on it: the object's maps (its `.rodata`, holding
+/// `ITER_OFFSETS`) created, relocated and linked by aya-obj, the program loaded with raw bpf(2)
+/// calls. Not aya's `EbpfLoader`: it parses the whole kernel BTF whatever it is told (~20 ms
+/// here), more than all the rest.
+fn load_iterator(offsets: &IterOffsets, attach_id: u32) -> Result<File, IterError> {
+    let load = |e: &dyn std::fmt::Display| IterError::Load(e.to_string());
+    let mut obj = aya_obj::Object::parse(OBJECT).map_err(|e| load(&e))?;
+    // SAFETY: IterOffsets is repr(C) plain u32s: its bytes are initialised.
+    let bytes = unsafe { std::slice::from_raw_parts(std::ptr::from_ref(offsets).cast::<u8>(), size_of::<IterOffsets>()) };
+    obj.patch_map_data(std::collections::HashMap::from([("ITER_OFFSETS", (bytes, true))])).map_err(|e| load(&e))?;
+    let maps: Vec<(String, aya_obj::Map)> = obj.maps.drain().collect();
+    let fds = maps.iter().map(|(name, m)| sys::create_map(m).map_err(|e| IterError::Load(format!("map {name}: {e}")))).collect::<Result<Vec<_>, _>>()?;
+    let text_sections = obj.functions.keys().map(|(section, _)| *section).collect();
+    obj.relocate_maps(maps.iter().zip(&fds).map(|((name, m), fd)| (name.as_str(), fd.as_raw_fd(), m)), &text_sections).map_err(|e| load(&e))?;
+    obj.relocate_calls(&text_sections).map_err(|e| load(&e))?;
+    let prog = obj.programs.get("iter_sockets").ok_or_else(|| IterError::Load("program iter_sockets missing from the object".into()))?;
+    let func = obj.functions.get(&prog.function_key()).ok_or_else(|| IterError::Load("iter_sockets has no code".into()))?;
+    let prog_fd = sys::load_iter_program(&func.instructions, &prog.license, attach_id).map_err(|e| IterError::Load(format!("BPF_PROG_LOAD: {e}")))?;
+    let link = sys::link_iter(&prog_fd).map_err(|e| IterError::Load(format!("BPF_LINK_CREATE: {e}")))?;
+    let iter = sys::create_iter(&link).map_err(|e| IterError::Load(format!("BPF_ITER_CREATE: {e}")))?;
+    Ok(File::from(iter))
+}
+
+/// The few bpf(2) commands the iterator needs, with `union bpf_attr` laid out by hand (offsets
+/// from include/uapi/linux/bpf.h; the kernel accepts a shorter attr and zero-fills the rest).
+mod sys {
+    use std::{
+        ffi::CStr,
+        io,
+        os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    };
+
+    use aya_obj::{EbpfSectionKind, generated::bpf_insn};
+
+    const BPF_MAP_CREATE: i64 = 0;
+    const BPF_MAP_UPDATE_ELEM: i64 = 2;
+    const BPF_PROG_LOAD: i64 = 5;
+    const BPF_MAP_FREEZE: i64 = 22;
+    const BPF_LINK_CREATE: i64 = 28;
+    const BPF_ITER_CREATE: i64 = 33;
+    const BPF_PROG_TYPE_TRACING: u32 = 26;
+    const BPF_TRACE_ITER: u32 = 28;
+
+    /// A zeroed, 8-byte aligned `bpf_attr` with little helpers to fill it.
+    #[repr(C, align(8))]
+    struct Attr([u8; 128]);
+
+    impl Attr {
+        fn new() -> Attr {
+            Attr([0; 128])
+        }
+        fn u32(&mut self, at: usize, v: u32) -> &mut Attr {
+            self.0[at..at + 4].copy_from_slice(&v.to_ne_bytes());
+            self
+        }
+        fn u64(&mut self, at: usize, v: u64) -> &mut Attr {
+            self.0[at..at + 8].copy_from_slice(&v.to_ne_bytes());
+            self
+        }
+        fn call(&self, cmd: i64) -> io::Result<i64> {
+            // SAFETY: bpf(2) with a valid attr buffer of the size passed; pointers inside it are
+            // set by the callers to memory that outlives the call.
+            let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, self.0.as_ptr(), self.0.len()) };
+            if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r) }
+        }
+        fn fd(&self, cmd: i64) -> io::Result<OwnedFd> {
+            let fd = i32::try_from(self.call(cmd)?).map_err(io::Error::other)?;
+            // SAFETY: the kernel returned a new fd that nothing else owns.
+            Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+        }
     }
-    btf.add_type(BtfType::Func(Func::new(name, 0, FuncLinkage::Static)));
-    btf
+
+    fn fd_u32(fd: &OwnedFd) -> u32 {
+        u32::try_from(fd.as_raw_fd()).unwrap_or(u32::MAX)
+    }
+
+    /// An array map like `m` (the object's global data), filled with its data; `.rodata` frozen.
+    pub fn create_map(m: &aya_obj::Map) -> io::Result<OwnedFd> {
+        let fd = Attr::new()
+            .u32(0, m.map_type())
+            .u32(4, m.key_size())
+            .u32(8, m.value_size())
+            .u32(12, m.max_entries())
+            .u32(16, m.map_flags())
+            .fd(BPF_MAP_CREATE)?;
+        let data = m.data();
+        if !data.is_empty() {
+            let key = 0u32;
+            Attr::new()
+                .u32(0, fd_u32(&fd))
+                .u64(8, std::ptr::from_ref(&key) as u64)
+                .u64(16, data.as_ptr() as u64)
+                .call(BPF_MAP_UPDATE_ELEM)?;
+        }
+        if matches!(m.section_kind(), EbpfSectionKind::Rodata) {
+            Attr::new().u32(0, fd_u32(&fd)).call(BPF_MAP_FREEZE)?;
+        }
+        Ok(fd)
+    }
+
+    /// `BPF_PROG_LOAD` of a tracing program attached to the iterator target `attach_btf_id`.
+    pub fn load_iter_program(insns: &[bpf_insn], license: &CStr, attach_btf_id: u32) -> io::Result<OwnedFd> {
+        Attr::new()
+            .u32(0, BPF_PROG_TYPE_TRACING)
+            .u32(4, u32::try_from(insns.len()).map_err(io::Error::other)?)
+            .u64(8, insns.as_ptr() as u64)
+            .u64(16, license.as_ptr() as u64)
+            .u32(68, BPF_TRACE_ITER) // expected_attach_type
+            .u32(108, attach_btf_id)
+            .fd(BPF_PROG_LOAD)
+    }
+
+    /// `BPF_LINK_CREATE` of an iterator link (no iter_info: every task).
+    pub fn link_iter(prog: &OwnedFd) -> io::Result<OwnedFd> {
+        Attr::new().u32(0, fd_u32(prog)).u32(8, BPF_TRACE_ITER).fd(BPF_LINK_CREATE)
+    }
+
+    /// `BPF_ITER_CREATE`: a readable fd that runs the iterator.
+    pub fn create_iter(link: &OwnedFd) -> io::Result<OwnedFd> {
+        Attr::new().u32(0, fd_u32(link)).fd(BPF_ITER_CREATE)
+    }
 }
