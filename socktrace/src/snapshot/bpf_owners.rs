@@ -205,7 +205,7 @@ mod sys {
             .fd(BPF_PROG_LOAD)
     }
 
-    /// `BPF_LINK_CREATE` of an iterator link (no iter_info: every task).
+    /// `BPF_LINK_CREATE` of an iterator link (no `iter_info`: every task).
     pub fn link_iter(prog: &OwnedFd) -> io::Result<OwnedFd> {
         Attr::new().u32(0, fd_u32(prog)).u32(8, BPF_TRACE_ITER).fd(BPF_LINK_CREATE)
     }
