@@ -17,14 +17,4 @@ mod maps;
 mod overflow;
 mod retransmit;
 mod syn_drop;
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-/// GPL-compatible: bpf_probe_read_kernel and the tracing program types require it.
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+mod object;
