@@ -59,7 +59,7 @@ impl<'a> RawBtf<'a> {
         let mut btf = RawBtf { types, strings, starts: Vec::with_capacity(types.len() / 24), found: Vec::new() };
         let mut at = 0usize;
         while at < types.len() {
-            let (name_off, info) = (u32_at(types, at).ok_or(bad("truncated type"))?, u32_at(types, at + 4).ok_or(bad("truncated type"))?);
+            let (Some(name_off), Some(info)) = (u32_at(types, at), u32_at(types, at + 4)) else { return Err(bad("truncated type")) };
             let (kind, vlen) = ((info >> 24) & 0x1f, (info & 0xffff) as usize);
             let extra = match kind {
                 KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
