@@ -473,7 +473,17 @@ fn unprivileged_lists_its_own_namespace_and_says_what_it_skipped() {
         .args(["snapshot", "--json"])
         .output()
         .unwrap();
+    // Asking for the iterator without the privileges to load it is an error, not a silent fallback.
+    let forced = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&bin)
+        .args(["snapshot", "--owners", "bpf"])
+        .output()
+        .unwrap();
     let _ = std::fs::remove_file(&bin);
+    let forced_err = String::from_utf8_lossy(&forced.stderr);
+    assert!(!forced.status.success() && forced.stdout.is_empty(), "--owners bpf without root: {forced_err}");
+    assert!(forced_err.contains("--owners bpf") && forced_err.contains("iterator"), "{forced_err}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert_eq!(err.lines().count(), 1, "one note: {err}");
