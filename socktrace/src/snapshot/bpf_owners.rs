@@ -67,7 +67,8 @@ pub fn socket_fds(btf_path: &Path) -> Result<Vec<SocketFd>, IterError> {
 }
 
 /// The iterator's offsets and its attach target's BTF type id, from the kernel BTF: mapped
-/// (Linux ≥ 6.16 allows a private read-only mapping of /sys/kernel/btf/vmlinux), else read.
+/// (this 6.18 kernel allows a private read-only mapping of /sys/kernel/btf/vmlinux; where the
+/// kernel refuses it, read).
 fn layout(btf_path: &Path) -> Result<(IterOffsets, u32), IterError> {
     let err = |e: std::io::Error| IterError::Btf(btf_path.display().to_string(), e.to_string());
     let file = File::open(btf_path).map_err(err)?;
