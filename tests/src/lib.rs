@@ -16,6 +16,9 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 
+pub mod diag;
+pub mod servers;
+
 /// Whether privileged tests may run. Without root they skip with a printed reason, unless
 /// `SOCKTRACE_REQUIRE_BPF=1`, where a skip is a failure.
 pub fn privileged() -> bool {
@@ -334,6 +337,16 @@ impl Scenario {
 
     pub fn pid(&self) -> u32 {
         self.0.pid()
+    }
+
+    /// The JSON lines printed so far (the process may still run).
+    pub fn lines(&self) -> Vec<Value> {
+        self.0.stdout_lines().iter().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    }
+
+    /// `ts_ns` of the `"event": "accept"` lines printed so far (a server's accepts).
+    pub fn accept_times(&self) -> Vec<u64> {
+        self.lines().iter().filter(|l| l["event"] == "accept").filter_map(|l| l["ts_ns"].as_u64()).collect()
     }
 
     /// Waits for exit (bounded) and returns its JSON lines.

@@ -1,0 +1,363 @@
+//! Field trials: socktrace attached to servers that are already running and loaded, as a person
+//! would use it on a server in trouble. Debian's real nginx-light, haproxy and redis-server with
+//! wrk and redis-benchmark as clients (tests/src/servers.rs), and st-scenario for what they cannot
+//! do (a pausing acceptor, streams of known size). In every scenario the server starts and its
+//! load runs first, socktrace attaches after, then the fault; each scenario has its own network
+//! namespace and cgroup. Verdicts are checked, and the evidence numbers against the namespace's
+//! own counters (see `socktrace_tests::diag` for how a window that opens on running traffic is
+//! bracketed).
+
+mod verdicts;
+
+use std::{path::Path, time::Duration};
+
+use serde_json::Value;
+use socktrace_tests::{
+    Cgroup, NetNs, Scenario, Serve, Socktrace,
+    diag::{Diagnose, assert_drops_match, evidence, finding, number_before, verdicts},
+    http_get, monotonic_ns, privileged,
+    servers::{Haproxy, Nginx, NginxConfig, Redis, host_listens, listen_queue, redis_benchmark, wrk},
+    time_scale,
+};
+use verdicts::{Order::TrafficFirst, episodes, scen};
+
+const SCENARIO: &str = env!("CARGO_BIN_EXE_st-scenario");
+
+/// Time the traffic stops before a diagnose window ends: what the counters read after diagnose
+/// exits then holds nothing from after its window.
+const QUIET: Duration = Duration::from_millis(600);
+
+/// Loss on the namespace's INPUT hook for segments from port `port` longer than 120 bytes
+/// (data, not bare ACKs or handshakes), `percent` % of them, in table `socktrace_field_loss`.
+fn add_loss(ns: &NetNs, port: u16, percent: u32) {
+    let rules = format!(
+        "table inet socktrace_field_loss {{\n chain input {{\n  type filter hook input priority 0; policy accept;\n  tcp sport {port} meta length > 120 numgen random mod 100 < {percent} drop\n }}\n}}\n"
+    );
+    let file = std::env::temp_dir().join(format!("socktrace-field-loss-{}-{port}.nft", std::process::id()));
+    std::fs::write(&file, rules).unwrap();
+    let r = ns.exec(&["nft", "-f", &file.to_string_lossy()]);
+    let _ = std::fs::remove_file(&file);
+    r.unwrap();
+}
+
+/// One nginx worker, a steady load, diagnose attached; ~1.7 s later the worker is stopped
+/// (SIGSTOP) for the rest of the window. The healthy start must not hide the stall.
+#[test]
+fn nginx_worker_stopped_mid_window_is_accept_stall() {
+    if !privileged() {
+        return;
+    }
+    let port = 8142;
+    let ns = NetNs::new("fngx").unwrap();
+    let cg = Cgroup::new("fngx").unwrap();
+    let nginx = Nginx::start(&ns, Some(&cg), &NginxConfig { addr: "127.0.0.1", port, backlog: 36, workers: 1, reuseport: false, big_bytes: 0 }).unwrap();
+    let worker = nginx.workers()[0];
+    let url = format!("http://127.0.0.1:{port}/");
+    // wrk keeps 10 connections busy, a connection per request; new clients keep arriving (40/s).
+    // Together they stay below the backlog while nginx accepts: no drops before the fault.
+    let load = wrk(&ns, &url, 1, 10, 30, true).unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let arrivals = scen(&["clients", "--netns", &ns.name, "--addr", &addr, "--rate", "40", "--duration-ms", "30000", "--hold-ms", "20", "--connect-timeout-ms", "3000"]);
+    std::thread::sleep(Duration::from_millis(1200));
+    let a0 = nginx.accepts(&ns, "127.0.0.1").unwrap();
+    let d = Diagnose::start(&ns, &cg, port, 7, true).unwrap();
+    let a1 = nginx.accepts(&ns, "127.0.0.1").unwrap();
+    std::thread::sleep(Duration::from_millis(1700));
+    let a2 = nginx.accepts(&ns, "127.0.0.1").unwrap();
+    nginx.signal(worker, libc::SIGSTOP);
+    let stopped_ns = monotonic_ns();
+    d.sleep_until_end_minus(QUIET);
+    drop((arrivals, load));
+    let o = d.finish().unwrap();
+    nginx.signal(worker, libc::SIGCONT);
+    drop(nginx);
+    let l = o.listener(ns.inode(), port);
+    let (inner, _) = o.delta("TcpExtListenOverflows");
+    eprintln!(
+        "SUMMARY nginx stall: verdicts {:?}; kernel overflows {:?}; nginx accepts {} from ready, {} from spawn; episodes {}",
+        verdicts(&l),
+        o.delta("TcpExtListenOverflows"),
+        a2 - a1,
+        a2 - a0,
+        l["episodes"]
+    );
+    assert!(inner > 0, "the stopped worker must make the queue overflow");
+    assert_eq!(l["verdict"], "accept_stall", "{l}");
+    let ev = evidence(&l, "accept_stall");
+    assert_drops_match(&ev, &o, &cg);
+    // nginx's own count (stub_status) of what it accepted before it was stopped, from the ready
+    // line (inner) or from the spawn (outer).
+    let accepted = number_before(&ev, "accepted,");
+    let (inner, outer) = (i64::try_from(a2 - a1).unwrap(), i64::try_from(a2 - a0).unwrap());
+    assert!(accepted >= inner && accepted <= outer, "evidence says {accepted} accepted; nginx accepted {inner} after the ready line, {outer} after the spawn: {ev}");
+    let ep = episodes(&l);
+    assert!(!ep.is_empty(), "the stall is an episode: {l}");
+    // The episode starts when the worker stopped (give or take the queue filling and a sample).
+    let stop_s = (stopped_ns - o.ready_ns) as f64 / 1e9;
+    let start_s = ep.iter().filter_map(|e| e["start_s"].as_f64()).fold(f64::MAX, f64::min);
+    let tol = 0.8 * time_scale() as f64;
+    assert!(start_s >= stop_s - 0.5 && start_s <= stop_s + tol, "episode starts at {start_s:.2} s, worker stopped at {stop_s:.2} s: {l}");
+}
+
+/// A server that stops accepting for 450 ms every 1.4 s under 100 arrivals/s with backlog 20:
+/// every pause overflows the queue, the accepts in between are fine.
+#[test]
+fn pausing_acceptor_is_intermittent_accept_stall() {
+    if !privileged() {
+        return;
+    }
+    let (port, rate, pause_ms) = (8277u16, 100u64, 450u64);
+    let ns = NetNs::new("fpause").unwrap();
+    let cg = Cgroup::new("fpause").unwrap();
+    let cgp = cg.path.to_string_lossy().into_owned();
+    let addr = format!("127.0.0.1:{port}");
+    let (r, p) = (rate.to_string(), pause_ms.to_string());
+    let server = scen(&["server", "--netns", &ns.name, "--cgroup", &cgp, "--addr", &addr, "--backlog", "20", "--pause-ms", &p, "--pause-every-ms", "1400", "--run-ms", "30000"]);
+    let clients = scen(&["clients", "--netns", &ns.name, "--addr", &addr, "--rate", &r, "--duration-ms", "30000", "--hold-ms", "30", "--connect-timeout-ms", "3000"]);
+    std::thread::sleep(Duration::from_millis(1000));
+    let d = Diagnose::start(&ns, &cg, port, 7, true).unwrap();
+    d.sleep_until_end_minus(QUIET);
+    drop(clients);
+    let o = d.finish().unwrap();
+    let pauses = server.lines().iter().filter(|l| l["event"] == "pause" && l["start_ns"].as_u64() >= Some(o.ready_ns)).count();
+    drop(server);
+    let l = o.listener(ns.inode(), port);
+    assert!(o.delta("TcpExtListenOverflows").0 > 0, "the pauses must overflow the queue");
+    assert_eq!(l["verdict"], "accept_stall", "{l}");
+    let ev = evidence(&l, "accept_stall");
+    assert!(ev.contains("intermittent"), "{ev}");
+    assert_drops_match(&ev, &o, &cg);
+    let ep = episodes(&l);
+    assert!(ep.len() >= 2 && ep.len() <= pauses + 1, "{} episodes for {pauses} pauses: {l}", ep.len());
+    // The backlog that absorbs one pause is arrival rate × pause, offered as a mitigation.
+    let absorb = ev
+        .lines()
+        .find(|l| l.contains("absorb"))
+        .map(|l| number_after(l, "at least"))
+        .unwrap_or_else(|| panic!("no backlog suggested to absorb a pause: {ev}"));
+    let expected = (rate * pause_ms / 1000) as i64;
+    assert!(absorb >= expected / 2 && absorb <= expected * 3, "suggested backlog {absorb}, arrival rate × pause = {expected}: {ev}");
+    let fix = socktrace_tests::diag::fix(&l, "accept_stall");
+    assert!(fix.contains("mitigation") && fix.contains("backlog"), "{fix}");
+}
+
+/// The first integer after `label` in `text`.
+fn number_after(text: &str, label: &str) -> i64 {
+    let at = text.find(label).unwrap_or_else(|| panic!("{label:?} not in {text}")) + label.len();
+    let digits: String = text[at..].trim_start().chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().unwrap_or_else(|_| panic!("no number after {label:?} in {text}"))
+}
+
+/// redis-server asks for `tcp-backlog 400` in a namespace whose net.core.somaxconn is 20, under a
+/// redis-benchmark that reconnects for every request.
+#[test]
+fn redis_above_somaxconn_is_somaxconn_cap() {
+    if !privileged() {
+        return;
+    }
+    let port = 7391;
+    let ns = NetNs::new("fredis").unwrap();
+    ns.exec(&["sysctl", "-qw", "net.core.somaxconn=20"]).unwrap();
+    let cg = Cgroup::new("fredis").unwrap();
+    let redis = Redis::start(&ns, Some(&cg), port, 400).unwrap();
+    assert_eq!(listen_queue(&ns, port).unwrap().first().map(|q| q.1), Some(20), "the kernel caps the backlog at somaxconn");
+    let bench = redis_benchmark(&ns, port, 160, 2_000_000, true).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let d = Diagnose::start(&ns, &cg, port, 6, true).unwrap();
+    d.sleep_until_end_minus(QUIET);
+    drop(bench);
+    let o = d.finish().unwrap();
+    let log = redis.log();
+    drop(redis);
+    assert!(log.contains("cannot be enforced"), "redis warns about the cap: {log}");
+    let l = o.listener(ns.inode(), port);
+    assert!(o.delta("TcpExtListenOverflows").0 > 0, "the reconnecting clients must overflow the capped queue");
+    assert_eq!(verdicts(&l).first().map(String::as_str), Some("somaxconn_cap"), "{l}");
+    assert_eq!(l["comm"], "redis-server", "{l}");
+    let ev = evidence(&l, "somaxconn_cap");
+    assert!(ev.contains("backlog 20 = net.core.somaxconn 20"), "{ev}");
+    let f = finding(&l, "somaxconn_cap");
+    assert!(f["fix"].to_string().contains("somaxconn"), "{f}");
+}
+
+/// nginx (2 workers) under keep-alive wrk load, 5 % of its data segments dropped before socktrace
+/// attaches: the connections were all accepted before tracing; their retransmits must count.
+#[test]
+fn nginx_keepalive_loss_attached_mid_flight_is_packet_loss() {
+    if !privileged() {
+        return;
+    }
+    let port = 8743;
+    let ns = NetNs::new("floss").unwrap();
+    // Segments of at most 1500 bytes, so a response is several segments and a dropped one does
+    // not leave the client's request unacknowledged (the client's own retransmits stay rare).
+    ns.exec(&["ip", "link", "set", "lo", "mtu", "1500"]).unwrap();
+    let cg = Cgroup::new("floss").unwrap();
+    let nginx = Nginx::start(&ns, Some(&cg), &NginxConfig { addr: "127.0.0.1", port, backlog: 90, workers: 2, reuseport: false, big_bytes: 9000 }).unwrap();
+    let load = wrk(&ns, &format!("http://127.0.0.1:{port}/big"), 1, 6, 30, false).unwrap();
+    add_loss(&ns, port, 5);
+    std::thread::sleep(Duration::from_millis(1500));
+    let d = Diagnose::start(&ns, &cg, port, 6, true).unwrap();
+    d.sleep_until_end_minus(QUIET);
+    drop(load);
+    let o = d.finish().unwrap();
+    drop(nginx);
+    let l = o.listener(ns.inode(), port);
+    let (inner, outer) = o.delta("TcpRetransSegs");
+    assert!(inner >= 100, "the loss must cause retransmits: {inner}");
+    assert_eq!(l["verdict"], "packet_loss", "{l}");
+    let ev = evidence(&l, "packet_loss");
+    let seen = number_before(&ev, "segments retransmitted") + number_before(&ev, "SYN-ACK retransmits");
+    assert!(
+        seen * 100 >= inner * 95 && seen <= outer,
+        "socktrace counted {seen} retransmits; the kernel {inner} from the ready line, {outer} from the spawn"
+    );
+}
+
+/// haproxy in front of nginx, healthy, in a namespace that is not the host's; diagnose is asked
+/// about the port only (no --netns), as on a Kubernetes node.
+#[test]
+fn haproxy_in_netns_by_port_only_is_healthy_and_no_listener_nowhere() {
+    if !privileged() {
+        return;
+    }
+    let (front, back) = (8620u16, 8621u16);
+    let ns = NetNs::new("fhap").unwrap();
+    let cg = Cgroup::new("fhap").unwrap();
+    let nginx = Nginx::start(&ns, Some(&cg), &NginxConfig { addr: "127.0.0.1", port: back, backlog: 300, workers: 2, reuseport: false, big_bytes: 0 }).unwrap();
+    let haproxy = Haproxy::start(&ns, Some(&cg), "127.0.0.1", front, &format!("127.0.0.1:{back}")).unwrap();
+    assert!(!host_listens(front).unwrap(), "port {front} must be free in the host's namespace for this test");
+    let load = wrk(&ns, &format!("http://127.0.0.1:{front}/"), 1, 8, 30, true).unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    let d = Diagnose::start(&ns, &cg, front, 5, false).unwrap();
+    d.sleep_until_end_minus(QUIET);
+    drop(load);
+    let o = d.finish().unwrap();
+    let hp = haproxy.pid();
+    drop((haproxy, nginx));
+    assert_eq!(o.delta("TcpExtListenOverflows").1, 0, "healthy: the kernel dropped nothing");
+    let l = o.listener(ns.inode(), front);
+    assert_eq!(l["verdict"], "healthy", "{l}");
+    assert!(verdicts(&l).is_empty(), "{l}");
+    assert_eq!(l["comm"], "haproxy", "{l}");
+    assert_eq!(l["pid"], hp, "{l}");
+    for r in o.listeners() {
+        assert!(r["verdict"] != "no_listener" && !verdicts(&r).contains(&"no_listener".to_owned()), "no_listener while haproxy listens in netns {}: {r}", ns.inode());
+    }
+}
+
+#[test]
+fn verdicts_attached_after_traffic_healthy() {
+    if privileged() {
+        verdicts::healthy(TrafficFirst, 9700);
+    }
+}
+
+#[test]
+fn verdicts_attached_after_traffic_accept_stall() {
+    if privileged() {
+        verdicts::accept_stall(TrafficFirst, 9701);
+    }
+}
+
+#[test]
+fn verdicts_attached_after_traffic_backlog_too_small() {
+    if privileged() {
+        verdicts::backlog_too_small(TrafficFirst, 9702);
+    }
+}
+
+#[test]
+fn verdicts_attached_after_traffic_somaxconn_cap() {
+    if privileged() {
+        verdicts::somaxconn_cap(TrafficFirst, 9703);
+    }
+}
+
+#[test]
+fn verdicts_attached_after_traffic_syn_flood() {
+    if privileged() {
+        verdicts::syn_flood(TrafficFirst, 9704);
+    }
+}
+
+#[test]
+fn verdicts_attached_after_traffic_packet_loss() {
+    if privileged() {
+        verdicts::packet_loss(TrafficFirst, 9705);
+    }
+}
+
+#[test]
+fn verdicts_attached_after_traffic_no_listener() {
+    if privileged() {
+        verdicts::no_listener(TrafficFirst, 9706);
+    }
+}
+
+/// Sum of `socktrace_retransmits_total` for (netns, port) in a /metrics text.
+fn scraped_retransmits(metrics: &str, netns: u32, port: u16) -> Option<f64> {
+    let (n, p) = (format!("netns=\"{netns}\""), format!("lport=\"{port}\""));
+    let vals: Vec<f64> = metrics
+        .lines()
+        .filter(|l| l.starts_with("socktrace_retransmits_total{") && l.contains(&n) && l.contains(&p))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    (!vals.is_empty()).then(|| vals.iter().sum())
+}
+
+/// Streams on connections all accepted before `top` and `serve` start; loss injected after they
+/// are up: both must count the retransmits of those old connections.
+#[test]
+fn top_and_serve_count_retransmits_of_connections_accepted_before_tracing() {
+    if !privileged() {
+        return;
+    }
+    let port = 8855;
+    let ns = NetNs::new("fmid").unwrap();
+    let cg = Cgroup::new("fmid").unwrap();
+    let cgp = cg.path.to_string_lossy().into_owned();
+    let inode = ns.inode().to_string();
+    let addr = format!("127.0.0.1:{port}");
+    let server = Scenario::start(
+        Path::new(SCENARIO),
+        &[
+            "server", "--netns", &ns.name, "--cgroup", &cgp, "--addr", &addr, "--backlog", "50", "--drain", "--reply-chunks", "20000", "--chunk-bytes", "300",
+            "--max-accepts", "8", "--run-ms", "40000",
+        ]
+        .map(str::to_owned),
+    )
+    .unwrap();
+    let clients = scen(&["clients", "--netns", &ns.name, "--addr", &addr, "--count", "8", "--hold-ms", "40000"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while server.accept_times().len() < 8 {
+        assert!(std::time::Instant::now() < deadline, "the server never accepted its 8 clients");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let top = Socktrace::start(&["top", "--json", "--interval", "1s", "--iterations", "6", "--netns", &inode, "--port", &port.to_string(), "--cgroup", &cgp], "tracing started").unwrap();
+    let serve = Serve::start(19474, &["--netns", &inode, "--cgroup", &cgp]).unwrap();
+    let before = ns.counters().unwrap();
+    add_loss(&ns, port, 8);
+    std::thread::sleep(Duration::from_millis(2500));
+    // Ending the clients resets the connections: no retransmit after this.
+    drop(clients);
+    std::thread::sleep(Duration::from_millis(400));
+    let after = ns.counters().unwrap();
+    let delta = after.delta(&before, "TcpRetransSegs");
+    let (status, metrics) = http_get(&serve.addr, "/metrics", Duration::from_secs(5)).unwrap();
+    let lines = top.wait(Duration::from_secs(30)).unwrap();
+    drop((serve, server));
+    assert_eq!(status, 200);
+    let rows: Vec<Value> = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| v["listeners"].as_array().and_then(|a| a.iter().find(|r| r["lport"] == port).cloned()))
+        .collect();
+    let top_rtx: i64 = rows.iter().filter_map(|r| r["retransmits"].as_i64()).sum();
+    let scraped = scraped_retransmits(&metrics, ns.inode(), port);
+    eprintln!("TcpRetransSegs delta {delta}; top {top_rtx}; serve {scraped:?}");
+    assert!(delta >= 50, "the loss must cause retransmits: {delta}");
+    assert!(top_rtx * 100 >= delta * 95 && top_rtx <= delta, "top counted {top_rtx} retransmits, the kernel {delta}: {rows:?}");
+    let scraped = scraped.unwrap_or_else(|| panic!("no socktrace_retransmits_total for port {port}:\n{metrics}"));
+    assert!(scraped * 100.0 >= delta as f64 * 95.0 && scraped <= delta as f64, "serve exported {scraped} retransmits, the kernel {delta}");
+}
