@@ -114,6 +114,16 @@ impl Outcome {
     }
 }
 
+/// Prints one `SUMMARY` line for the test log: the report's verdicts and the numbers that matter.
+pub fn summary(test: &str, l: &Value, numbers: &str) {
+    eprintln!("SUMMARY {test}: verdict {} {:?}; {numbers}; episodes {}", l["verdict"], verdicts(l), l["episodes"]);
+}
+
+/// Every evidence line of every finding, one string.
+pub fn all_evidence(l: &Value) -> String {
+    l["findings"].as_array().into_iter().flatten().map(|f| lines(&f["evidence"])).collect::<Vec<_>>().join("\n")
+}
+
 /// The verdict codes of a report's findings, first (most severe) first.
 pub fn verdicts(l: &Value) -> Vec<String> {
     l["findings"].as_array().into_iter().flatten().filter_map(|f| f["verdict"].as_str().map(str::to_owned)).collect()

@@ -14,7 +14,7 @@ use std::{path::Path, time::Duration};
 use serde_json::Value;
 use socktrace_tests::{
     Cgroup, NetNs, Scenario, Serve, Socktrace,
-    diag::{Diagnose, assert_drops_match, evidence, finding, number_before, verdicts},
+    diag::{Diagnose, all_evidence, assert_drops_match, drops_in, evidence, finding, number_before, summary, verdicts},
     http_get, monotonic_ns, privileged,
     servers::{Haproxy, Nginx, NginxConfig, Redis, host_listens, listen_queue, redis_benchmark, wrk},
     time_scale,
@@ -73,13 +73,19 @@ fn nginx_worker_stopped_mid_window_is_accept_stall() {
     drop(nginx);
     let l = o.listener(ns.inode(), port);
     let (inner, _) = o.delta("TcpExtListenOverflows");
-    eprintln!(
-        "SUMMARY nginx stall: verdicts {:?}; kernel overflows {:?}; nginx accepts {} from ready, {} from spawn; episodes {}",
-        verdicts(&l),
-        o.delta("TcpExtListenOverflows"),
-        a2 - a1,
-        a2 - a0,
-        l["episodes"]
+    let ev_all = all_evidence(&l);
+    summary(
+        "nginx_worker_stopped",
+        &l,
+        &format!(
+            "evidence drops {:?} vs kernel ListenOverflows (ready, spawn) {:?}; evidence accepted {:?} vs nginx stub_status (ready, spawn) ({}, {}); worker stopped {:.2} s into the window",
+            ev_all.contains("SYN drops").then(|| drops_in(&ev_all)),
+            o.delta("TcpExtListenOverflows"),
+            ev_all.contains("accepted,").then(|| number_before(&ev_all, "accepted,")),
+            a2 - a1,
+            a2 - a0,
+            (stopped_ns - o.ready_ns) as f64 / 1e9
+        ),
     );
     assert!(inner > 0, "the stopped worker must make the queue overflow");
     assert_eq!(l["verdict"], "accept_stall", "{l}");
@@ -122,6 +128,16 @@ fn pausing_acceptor_is_intermittent_accept_stall() {
     let pauses = server.lines().iter().filter(|l| l["event"] == "pause" && l["start_ns"].as_u64() >= Some(o.ready_ns)).count();
     drop(server);
     let l = o.listener(ns.inode(), port);
+    let ev_all = all_evidence(&l);
+    summary(
+        "pausing_acceptor",
+        &l,
+        &format!(
+            "{pauses} pauses in the window; evidence drops {:?} vs kernel (ready, spawn) {:?}",
+            ev_all.contains("SYN drops").then(|| drops_in(&ev_all)),
+            o.delta("TcpExtListenOverflows")
+        ),
+    );
     assert!(o.delta("TcpExtListenOverflows").0 > 0, "the pauses must overflow the queue");
     assert_eq!(l["verdict"], "accept_stall", "{l}");
     let ev = evidence(&l, "accept_stall");
@@ -171,6 +187,9 @@ fn redis_above_somaxconn_is_somaxconn_cap() {
     drop(redis);
     assert!(log.contains("cannot be enforced"), "redis warns about the cap: {log}");
     let l = o.listener(ns.inode(), port);
+    let ev_all = all_evidence(&l);
+    let drops = ev_all.contains("SYN drops").then(|| drops_in(&ev_all));
+    summary("redis_somaxconn", &l, &format!("evidence drops {drops:?} vs kernel (ready, spawn) {:?}", o.delta("TcpExtListenOverflows")));
     assert!(o.delta("TcpExtListenOverflows").0 > 0, "the reconnecting clients must overflow the capped queue");
     assert_eq!(verdicts(&l).first().map(String::as_str), Some("somaxconn_cap"), "{l}");
     assert_eq!(l["comm"], "redis-server", "{l}");
@@ -178,6 +197,10 @@ fn redis_above_somaxconn_is_somaxconn_cap() {
     assert!(ev.contains("backlog 20 = net.core.somaxconn 20"), "{ev}");
     let f = finding(&l, "somaxconn_cap");
     assert!(f["fix"].to_string().contains("somaxconn"), "{f}");
+    // Where a finding counts the drops, they are the kernel's.
+    if drops.is_some() {
+        assert_drops_match(&ev_all, &o, &cg);
+    }
 }
 
 /// nginx (2 workers) under keep-alive wrk load, 5 % of its data segments dropped before socktrace
@@ -204,6 +227,9 @@ fn nginx_keepalive_loss_attached_mid_flight_is_packet_loss() {
     drop(nginx);
     let l = o.listener(ns.inode(), port);
     let (inner, outer) = o.delta("TcpRetransSegs");
+    let ev_all = all_evidence(&l);
+    let rtx = ev_all.contains("segments retransmitted").then(|| number_before(&ev_all, "segments retransmitted"));
+    summary("nginx_keepalive_loss", &l, &format!("evidence retransmits {rtx:?} vs kernel TcpRetransSegs (ready, spawn) ({inner}, {outer})"));
     assert!(inner >= 100, "the loss must cause retransmits: {inner}");
     assert_eq!(l["verdict"], "packet_loss", "{l}");
     let ev = evidence(&l, "packet_loss");
@@ -237,6 +263,8 @@ fn haproxy_in_netns_by_port_only_is_healthy_and_no_listener_nowhere() {
     drop((haproxy, nginx));
     assert_eq!(o.delta("TcpExtListenOverflows").1, 0, "healthy: the kernel dropped nothing");
     let l = o.listener(ns.inode(), front);
+    let others: Vec<String> = o.listeners().iter().map(|r| format!("netns {} port {}: {}", r["netns"], r["lport"], r["verdict"])).collect();
+    summary("haproxy_by_port", &l, &format!("all reports: {others:?}"));
     assert_eq!(l["verdict"], "healthy", "{l}");
     assert!(verdicts(&l).is_empty(), "{l}");
     assert_eq!(l["comm"], "haproxy", "{l}");
@@ -323,7 +351,7 @@ fn top_and_serve_count_retransmits_of_connections_accepted_before_tracing() {
         Path::new(SCENARIO),
         &[
             "server", "--netns", &ns.name, "--cgroup", &cgp, "--addr", &addr, "--backlog", "50", "--drain", "--reply-chunks", "20000", "--chunk-bytes", "300",
-            "--max-accepts", "8", "--run-ms", "40000",
+            "--run-ms", "40000",
         ]
         .map(str::to_owned),
     )
@@ -355,7 +383,7 @@ fn top_and_serve_count_retransmits_of_connections_accepted_before_tracing() {
         .collect();
     let top_rtx: i64 = rows.iter().filter_map(|r| r["retransmits"].as_i64()).sum();
     let scraped = scraped_retransmits(&metrics, ns.inode(), port);
-    eprintln!("TcpRetransSegs delta {delta}; top {top_rtx}; serve {scraped:?}");
+    eprintln!("SUMMARY top_and_serve_mid_flight: TcpRetransSegs delta {delta}; top --json {top_rtx}; serve {scraped:?}");
     assert!(delta >= 50, "the loss must cause retransmits: {delta}");
     assert!(top_rtx * 100 >= delta * 95 && top_rtx <= delta, "top counted {top_rtx} retransmits, the kernel {delta}: {rows:?}");
     let scraped = scraped.unwrap_or_else(|| panic!("no socktrace_retransmits_total for port {port}:\n{metrics}"));

@@ -12,7 +12,7 @@ use std::{path::Path, time::Duration};
 use serde_json::Value;
 use socktrace_tests::{
     Cgroup, NetNs, Scenario,
-    diag::{Diagnose, Outcome, assert_drops_match, assert_within, evidence, number_before, verdicts},
+    diag::{Diagnose, Outcome, all_evidence, assert_drops_match, assert_within, drops_in, evidence, number_before, summary, verdicts},
     veth_pair,
 };
 
@@ -87,12 +87,19 @@ pub fn healthy(order: Order, port: u16) {
     let o = a.finish();
     drop(server);
     let l = o.listener(ns.inode(), port);
+    summary(&format!("healthy {order:?}"), &l, "");
     assert_eq!(l["verdict"], "healthy", "{l}");
     assert!(verdicts(&l).is_empty(), "{l}");
     let accepts = l["window_counts"]["accepts"].as_u64();
     if let Some(n) = accepts {
         assert!(n > 0, "healthy traffic was accepted in the window: {l}");
     }
+}
+
+/// Drops in the report's evidence (if any finding counts them) against the kernel's.
+fn drops_line(l: &Value, o: &Outcome) -> String {
+    let ev = all_evidence(l);
+    format!("evidence drops {:?} vs kernel ListenOverflows (ready, spawn) {:?}", ev.contains("SYN drops").then(|| drops_in(&ev)), o.delta("TcpExtListenOverflows"))
 }
 
 /// Episodes of a report (`[{start_s, duration_s, drops, accepts}]`).
@@ -118,6 +125,7 @@ pub fn accept_stall(order: Order, port: u16) {
     let o = a.finish();
     drop(server);
     let l = o.listener(ns.inode(), port);
+    summary(&format!("accept_stall {order:?}"), &l, &drops_line(&l, &o));
     assert_eq!(l["verdict"], "accept_stall", "{l}");
     let ev = evidence(&l, "accept_stall");
     assert!(ev.contains("0 accepted"), "{ev}");
@@ -152,6 +160,7 @@ fn bursty(order: Order, tag: &str, port: u16, backlog: &str, somaxconn: Option<&
     let accepted = o.count_in_window(&server.accept_times());
     drop(server);
     let l = o.listener(ns.inode(), port);
+    summary(&format!("{tag} {order:?}"), &l, &format!("{}; server accepted (ready, spawn) {accepted:?}", drops_line(&l, &o)));
     (l, o, accepted, cg)
 }
 
@@ -194,6 +203,7 @@ pub fn syn_flood(order: Order, port: u16) {
     let o = a.finish();
     drop(server);
     let l = o.listener(victim.inode(), port);
+    summary(&format!("syn_flood {order:?}"), &l, &format!("kernel SyncookiesSent (ready, spawn) {:?}", o.delta("TcpExtSyncookiesSent")));
     assert_eq!(l["verdict"], "syn_flood", "{l}");
     let ev = evidence(&l, "syn_flood");
     assert_within("SYN cookies", number_before(&ev, "SYN cookies sent"), &o, "TcpExtSyncookiesSent", 0);
@@ -224,6 +234,7 @@ pub fn packet_loss(order: Order, port: u16) {
     let o = a.finish();
     drop(server);
     let l = o.listener(ns.inode(), port);
+    summary(&format!("packet_loss {order:?}"), &l, &format!("kernel TcpRetransSegs (ready, spawn) {:?}", o.delta("TcpRetransSegs")));
     assert_eq!(l["verdict"], "packet_loss", "{l}");
     let ev = evidence(&l, "packet_loss");
     let retrans = number_before(&ev, "segments retransmitted");
@@ -245,6 +256,7 @@ pub fn no_listener(order: Order, port: u16) {
     let o = a.finish();
     assert!(lines.iter().filter(|l| l["event"] == "connect").all(|l| l["ok"] == false), "nothing listens");
     let l = o.listener(ns.inode(), port);
+    summary(&format!("no_listener {order:?}"), &l, &format!("kernel TcpOutRsts (ready, spawn) {:?}", o.delta("TcpOutRsts")));
     assert_eq!(l["verdict"], "no_listener", "{l}");
     let ev = evidence(&l, "no_listener");
     assert_within("resets", number_before(&ev, "TCP resets sent"), &o, "TcpOutRsts", 0);
