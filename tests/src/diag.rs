@@ -28,7 +28,7 @@ pub struct Outcome {
     pub spawned: Counters,
     pub ready: Counters,
     pub after: Counters,
-    /// CLOCK_MONOTONIC (the clock of st-scenario's `ts_ns`) at the spawn, at the ready line, and
+    /// `CLOCK_MONOTONIC` (the clock of st-scenario's `ts_ns`) at the spawn, at the ready line, and
     /// at the window's nominal end (ready line + duration).
     pub spawned_ns: u64,
     pub ready_ns: u64,
@@ -68,7 +68,7 @@ impl<'a> Diagnose<'a> {
 
     /// Waits for the report; reads the counters again.
     pub fn finish(self) -> anyhow::Result<Outcome> {
-        let out = self.proc.wait(Duration::from_secs(120))?;
+        let out = self.proc.wait(Duration::from_mins(2))?;
         let after = self.ns.counters()?;
         let last = out.last().ok_or_else(|| anyhow::anyhow!("diagnose printed nothing"))?;
         Ok(Outcome {
@@ -175,8 +175,8 @@ pub fn drops_in(ev: &str) -> i64 {
     number_before(ev, "SYN drops") + number_before(ev, "listen overflows")
 }
 
-/// How far socktrace's drop count may be from TcpExtListenOverflows: 0 on the primary hooks; on
-/// the cgroup_skb SYN-drop fallback (it checks the queue just before the kernel does) 8 % of the
+/// How far socktrace's drop count may be from `TcpExtListenOverflows`: 0 on the primary hooks;
+/// on the `cgroup_skb` SYN-drop fallback (it checks the queue just before the kernel does) 8 % of the
 /// delta, at least 3, as measured in the privileged suite.
 pub fn drop_bound(cg: &Cgroup, delta: i64) -> i64 {
     let cgp = cg.path.to_string_lossy().into_owned();
@@ -197,7 +197,7 @@ pub fn assert_within(what: &str, seen: i64, o: &Outcome, key: &str, slack: i64) 
     );
 }
 
-/// Drops in the evidence against TcpExtListenOverflows (bounded on the cgroup_skb fallback).
+/// Drops in the evidence against `TcpExtListenOverflows` (bounded on the `cgroup_skb` fallback).
 pub fn assert_drops_match(ev: &str, o: &Outcome, cg: &Cgroup) {
     let (_, outer) = o.delta("TcpExtListenOverflows");
     assert_within("drops", drops_in(ev), o, "TcpExtListenOverflows", drop_bound(cg, outer));

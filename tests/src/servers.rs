@@ -143,8 +143,8 @@ pub fn children(pid: u32) -> Vec<u32> {
         let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
         let Ok(stat) = fs::read_to_string(format!("/proc/{p}/stat")) else { continue };
         // The comm field may contain spaces: the fields after the last ')' are "state ppid …".
-        let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
-        if ppid == Some(pid) {
+        let parent = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+        if parent == Some(pid) {
             out.push(p);
         }
     }
@@ -259,7 +259,7 @@ http {{
         Ok(n)
     }
 
-    /// Connections nginx has accepted so far (stub_status "accepts"; the status request itself
+    /// Connections nginx has accepted so far (`stub_status` "accepts"; the status request itself
     /// is one of them), read over loopback inside `ns`.
     pub fn accepts(&self, ns: &NetNs, addr: &str) -> anyhow::Result<u64> {
         let addr = format!("{addr}:{}", self.port);

@@ -84,7 +84,7 @@ fn nginx_worker_stopped_mid_window_is_accept_stall() {
             ev_all.contains("accepted,").then(|| number_before(&ev_all, "accepted,")),
             a2 - a1,
             a2 - a0,
-            (stopped_ns - o.ready_ns) as f64 / 1e9
+            secs_between(o.ready_ns, stopped_ns)
         ),
     );
     assert!(inner > 0, "the stopped worker must make the queue overflow");
@@ -99,10 +99,15 @@ fn nginx_worker_stopped_mid_window_is_accept_stall() {
     let ep = episodes(&l);
     assert!(!ep.is_empty(), "the stall is an episode: {l}");
     // The episode starts when the worker stopped (give or take the queue filling and a sample).
-    let stop_s = (stopped_ns - o.ready_ns) as f64 / 1e9;
+    let stop_s = secs_between(o.ready_ns, stopped_ns);
     let start_s = ep.iter().filter_map(|e| e["start_s"].as_f64()).fold(f64::MAX, f64::min);
-    let tol = 0.8 * time_scale() as f64;
+    let tol = 0.8 * f64::from(u32::try_from(time_scale()).unwrap_or(1));
     assert!(start_s >= stop_s - 0.5 && start_s <= stop_s + tol, "episode starts at {start_s:.2} s, worker stopped at {stop_s:.2} s: {l}");
+}
+
+/// Seconds from `from_ns` to `to_ns` (`CLOCK_MONOTONIC`).
+fn secs_between(from_ns: u64, to_ns: u64) -> f64 {
+    Duration::from_nanos(to_ns.saturating_sub(from_ns)).as_secs_f64()
 }
 
 /// A server that stops accepting for 450 ms every 1.4 s under 100 arrivals/s with backlog 20:
@@ -117,10 +122,10 @@ fn pausing_acceptor_is_intermittent_accept_stall() {
     let cg = Cgroup::new("fpause").unwrap();
     let cgp = cg.path.to_string_lossy().into_owned();
     let addr = format!("127.0.0.1:{port}");
-    let (r, p) = (rate.to_string(), pause_ms.to_string());
-    let server = scen(&["server", "--netns", &ns.name, "--cgroup", &cgp, "--addr", &addr, "--backlog", "20", "--pause-ms", &p, "--pause-every-ms", "1400", "--run-ms", "30000"]);
-    let clients = scen(&["clients", "--netns", &ns.name, "--addr", &addr, "--rate", &r, "--duration-ms", "30000", "--hold-ms", "30", "--connect-timeout-ms", "3000"]);
-    std::thread::sleep(Duration::from_millis(1000));
+    let (rate_arg, pause_arg) = (rate.to_string(), pause_ms.to_string());
+    let server = scen(&["server", "--netns", &ns.name, "--cgroup", &cgp, "--addr", &addr, "--backlog", "20", "--pause-ms", &pause_arg, "--pause-every-ms", "1400", "--run-ms", "30000"]);
+    let clients = scen(&["clients", "--netns", &ns.name, "--addr", &addr, "--rate", &rate_arg, "--duration-ms", "30000", "--hold-ms", "30", "--connect-timeout-ms", "3000"]);
+    std::thread::sleep(Duration::from_secs(1));
     let d = Diagnose::start(&ns, &cg, port, 7, true).unwrap();
     d.sleep_until_end_minus(QUIET);
     drop(clients);
@@ -146,12 +151,9 @@ fn pausing_acceptor_is_intermittent_accept_stall() {
     let ep = episodes(&l);
     assert!(ep.len() >= 2 && ep.len() <= pauses + 1, "{} episodes for {pauses} pauses: {l}", ep.len());
     // The backlog that absorbs one pause is arrival rate × pause, offered as a mitigation.
-    let absorb = ev
-        .lines()
-        .find(|l| l.contains("absorb"))
-        .map(|l| number_after(l, "at least"))
-        .unwrap_or_else(|| panic!("no backlog suggested to absorb a pause: {ev}"));
-    let expected = (rate * pause_ms / 1000) as i64;
+    let line = ev.lines().find(|l| l.contains("absorb"));
+    let absorb = number_after(line.unwrap_or_else(|| panic!("no backlog suggested to absorb a pause: {ev}")), "at least");
+    let expected = i64::try_from(rate * pause_ms / 1000).unwrap();
     assert!(absorb >= expected / 2 && absorb <= expected * 3, "suggested backlog {absorb}, arrival rate × pause = {expected}: {ev}");
     let fix = socktrace_tests::diag::fix(&l, "accept_stall");
     assert!(fix.contains("mitigation") && fix.contains("backlog"), "{fix}");
@@ -254,7 +256,7 @@ fn haproxy_in_netns_by_port_only_is_healthy_and_no_listener_nowhere() {
     let haproxy = Haproxy::start(&ns, Some(&cg), "127.0.0.1", front, &format!("127.0.0.1:{back}")).unwrap();
     assert!(!host_listens(front).unwrap(), "port {front} must be free in the host's namespace for this test");
     let load = wrk(&ns, &format!("http://127.0.0.1:{front}/"), 1, 8, 30, true).unwrap();
-    std::thread::sleep(Duration::from_millis(1000));
+    std::thread::sleep(Duration::from_secs(1));
     let d = Diagnose::start(&ns, &cg, front, 5, false).unwrap();
     d.sleep_until_end_minus(QUIET);
     drop(load);
@@ -324,9 +326,9 @@ fn verdicts_attached_after_traffic_no_listener() {
 }
 
 /// Sum of `socktrace_retransmits_total` for (netns, port) in a /metrics text.
-fn scraped_retransmits(metrics: &str, netns: u32, port: u16) -> Option<f64> {
+fn scraped_retransmits(metrics: &str, netns: u32, port: u16) -> Option<i64> {
     let (n, p) = (format!("netns=\"{netns}\""), format!("lport=\"{port}\""));
-    let vals: Vec<f64> = metrics
+    let vals: Vec<i64> = metrics
         .lines()
         .filter(|l| l.starts_with("socktrace_retransmits_total{") && l.contains(&n) && l.contains(&p))
         .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
@@ -387,5 +389,5 @@ fn top_and_serve_count_retransmits_of_connections_accepted_before_tracing() {
     assert!(delta >= 50, "the loss must cause retransmits: {delta}");
     assert!(top_rtx * 100 >= delta * 95 && top_rtx <= delta, "top counted {top_rtx} retransmits, the kernel {delta}: {rows:?}");
     let scraped = scraped.unwrap_or_else(|| panic!("no socktrace_retransmits_total for port {port}:\n{metrics}"));
-    assert!(scraped * 100.0 >= delta as f64 * 95.0 && scraped <= delta as f64, "serve exported {scraped} retransmits, the kernel {delta}");
+    assert!(scraped * 100 >= delta * 95 && scraped <= delta, "serve exported {scraped} retransmits, the kernel {delta}");
 }

@@ -136,6 +136,7 @@ fn emit(v: &serde_json::Value) {
     let _ = out.flush();
 }
 
+#[expect(clippy::too_many_arguments, reason = "one argument per command-line option")]
 fn server(
     addr: SocketAddr,
     backlog: i32,
@@ -160,7 +161,7 @@ fn server(
             let phase = Duration::from_nanos(u64::try_from(start.elapsed().as_nanos() % every.as_nanos()).unwrap_or(0));
             if phase + pause >= every {
                 let from = monotonic_ns();
-                std::thread::sleep(every - phase);
+                std::thread::sleep(every.saturating_sub(phase));
                 emit(&json!({"event": "pause", "start_ns": from, "end_ns": monotonic_ns()}));
                 continue;
             }
@@ -209,6 +210,7 @@ fn server(
     Ok(())
 }
 
+#[expect(clippy::too_many_arguments, reason = "one argument per command-line option")]
 fn clients(
     addr: SocketAddr,
     count: u64,
