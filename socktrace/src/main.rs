@@ -14,6 +14,7 @@ mod listeners;
 mod model;
 mod offsets;
 mod probes;
+mod ring;
 mod serve;
 mod snapshot;
 mod system;

@@ -22,7 +22,8 @@ use crate::{
     snapshot::netns,
     system,
 };
-use rules::{Evidence, Finding, THRESHOLDS, Target};
+use rules::{Episode, Evidence, Finding, Point, SocketFacts, THRESHOLDS, Target};
+use socktrace_common::kind;
 
 /// sock_diag / interval sampling period.
 pub const SAMPLE: Duration = Duration::from_millis(200);
@@ -90,6 +91,17 @@ struct Acc {
     syn_drops: u64,
     synack: u64,
     retrans: u64,
+    /// One point per sample: the time series the episode rules read.
+    points: Vec<Point>,
+    /// The same per LISTEN socket (inode), with its accepts and drops in the window.
+    sockets: BTreeMap<u32, SocketAcc>,
+}
+
+#[derive(Default)]
+struct SocketAcc {
+    points: Vec<Point>,
+    accepts: u64,
+    drops: u64,
 }
 
 /// Closes an interval of the agent and adds it to each listener's accumulator (netns facts are
@@ -101,6 +113,8 @@ fn take_interval(
     paths: &mut BTreeMap<u32, Option<netns::Netns>>,
 ) -> anyhow::Result<()> {
     agent.close_interval()?;
+    let t_ns = system::monotonic_ns();
+    let diag_ok = agent.diag_ok;
     for (key, l) in &agent.model.listeners {
         if !before.contains_key(&key.netns) {
             if let Some(f) = facts_of(key.netns, paths) {
@@ -134,6 +148,15 @@ fn take_interval(
         if let Some(n) = l.syn_recv {
             a.syn_recv_max = Some(a.syn_recv_max.map_or(n, |x| x.max(n)));
         }
+        let listed = diag_ok && l.listening;
+        a.points.push(Point { t_ns, queue_len: l.queue_len.filter(|_| listed), backlog: l.backlog.filter(|_| listed) });
+        for (ino, sock) in &l.sockets {
+            let sa = a.sockets.entry(*ino).or_default();
+            let listed = diag_ok && sock.listening;
+            sa.points.push(Point { t_ns, queue_len: sock.queue_len.filter(|_| listed), backlog: sock.backlog.filter(|_| listed) });
+            sa.accepts += sock.interval.accepts;
+            sa.drops += sock.interval.overflows + sock.interval.syn_drops;
+        }
     }
     Ok(())
 }
@@ -147,11 +170,27 @@ struct Report {
     comm: Option<String>,
     verdict: &'static str,
     findings: Vec<Finding>,
+    /// Stall episodes found in the window's time series.
+    episodes: Vec<Episode>,
+    /// What the kernel aggregates counted for this listener during the window.
+    window_counts: WindowCounts,
+}
+
+#[derive(Default, Serialize)]
+struct WindowCounts {
+    accepts: u64,
+    overflows: u64,
+    syn_drops: u64,
+    retransmits: u64,
+    synack_retransmits: u64,
 }
 
 pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow::Result<()> {
     eprintln!("{}", agent.tracer.summary());
     agent.model.keep_total_waits = true;
+    // Episodes need when accepts and drops happened, not only how many.
+    agent.model.keep_timeline = true;
+    agent.unmute(&[kind::LISTEN_OVERFLOW, kind::SYN_DROP])?;
     let mut paths = BTreeMap::new();
     let mut before: BTreeMap<u32, NetnsFacts> = BTreeMap::new();
     let scope_netns = agent.filter.netns.or_else(system::own_netns);
@@ -177,6 +216,7 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
     tokio::pin!(deadline);
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let t0 = system::monotonic_ns();
+    let t0_unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok().and_then(|d| u64::try_from(d.as_millis()).ok());
     loop {
         tokio::select! {
             r = agent.pump() => r?,
@@ -199,10 +239,19 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
         Some(after.get(&n)?.counters.get(k)? - before.get(&n)?.counters.get(k)?)
     };
     let mut reports = Vec::new();
+    let no_timeline = model::Timeline::default();
     for (key, a) in &accs {
         let Some(l) = agent.model.listeners.get(key) else { continue };
         let facts = after.get(&key.netns);
         let waits = l.waits_total.as_ref().and_then(model::quantiles);
+        let timeline = l.timeline.as_ref().unwrap_or(&no_timeline);
+        // A port with several LISTEN sockets is judged socket by socket: one stuck SO_REUSEPORT
+        // worker leaves no gap in the port's accepts (the others keep accepting).
+        let (episodes, sockets) = if a.sockets.len() > 1 {
+            socket_episodes(l, a, t0, now)
+        } else {
+            (rules::find_episodes(timeline, &a.points, t0, now, &THRESHOLDS), Vec::new())
+        };
         let e = Evidence {
             window_secs: window,
             // Seen in a sock_diag sample, or it accepted during the window (a short-lived listener can
@@ -231,6 +280,13 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
             out_rsts: delta(key.netns, "TcpOutRsts"),
             last_accept_ago_secs: l.last_acceptor.as_ref().map(|x| now.saturating_sub(x.ts_ns) as f64 / 1e9),
             acceptor: l.last_acceptor.as_ref().map(|x| (x.tid, x.comm.clone())),
+            episodes,
+            drop_events: timeline.drops.len() as u64,
+            accepts_unknown_wait: l.accepts_unknown_wait,
+            window_start_unix_ms: t0_unix_ms,
+            all_namespaces: false,
+            listening_elsewhere: Vec::new(),
+            sockets,
         };
         let findings = rules::diagnose(&e, &THRESHOLDS, &Target { netns: key.netns, lport: key.lport });
         let owner = l.owners.first().cloned().or_else(|| l.last_acceptor.as_ref().map(|x| (x.pid, x.comm.clone())));
@@ -242,15 +298,48 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
             comm: owner.map(|o| o.1),
             verdict: findings.first().map_or("healthy", |f| f.verdict),
             findings,
+            episodes: e.episodes,
+            window_counts: WindowCounts {
+                accepts: a.accepts,
+                overflows: a.overflows,
+                syn_drops: a.syn_drops,
+                retransmits: a.retrans,
+                synack_retransmits: a.synack,
+            },
         });
     }
-    // A port asked for by --port with no listener in scope: connections to it are refused.
-    if let (Some(port), Some(netns)) = (agent.filter.port, scope_netns) {
-        let listening = accs.iter().any(|(k, a)| k.lport == port && k.netns == netns && a.listening);
-        if !listening && agent.diag_ok && !reports.iter().any(|r| r.lport == port && r.netns == netns) {
-            let e = Evidence { listening: false, out_rsts: delta(netns, "TcpOutRsts"), window_secs: window, ..Evidence::default() };
+    // A port asked for by --port with no listener in scope: connections to it are refused. Without
+    // --netns the scope is every namespace: only when none listens; with --netns, the other
+    // namespaces where the port does listen are named.
+    if let (Some(port), Some(netns), true) = (agent.filter.port, scope_netns, agent.diag_ok) {
+        let listening = |ns: Option<u32>| accs.iter().any(|(k, a)| k.lport == port && ns.is_none_or(|n| k.netns == n) && a.listening);
+        let reported = |ns: Option<u32>| reports.iter().any(|r| r.lport == port && ns.is_none_or(|n| r.netns == n));
+        let scope = agent.filter.netns;
+        if !listening(scope) && !reported(scope) {
+            let elsewhere = match scope {
+                Some(n) => listening_elsewhere(port, n),
+                None => Vec::new(),
+            };
+            let e = Evidence {
+                listening: false,
+                out_rsts: delta(netns, "TcpOutRsts"),
+                window_secs: window,
+                all_namespaces: scope.is_none(),
+                listening_elsewhere: elsewhere,
+                ..Evidence::default()
+            };
             let findings = rules::diagnose(&e, &THRESHOLDS, &Target { netns, lport: port });
-            reports.push(Report { netns, laddr: None, lport: port, pid: None, comm: None, verdict: "no_listener", findings });
+            reports.push(Report {
+                netns,
+                laddr: None,
+                lport: port,
+                pid: None,
+                comm: None,
+                verdict: "no_listener",
+                findings,
+                episodes: Vec::new(),
+                window_counts: WindowCounts::default(),
+            });
         }
     }
     let mut out = std::io::stdout().lock();
@@ -262,6 +351,49 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
         Format::Text | Format::Markdown => print_reports(&mut out, &reports, format == Format::Markdown, window, agent.diag_ok)?,
     }
     Ok(())
+}
+
+/// Episodes of each LISTEN socket of a port (tagged with its inode) and the sockets' facts.
+fn socket_episodes(l: &model::Listener, a: &Acc, t0: u64, end: u64) -> (Vec<Episode>, Vec<SocketFacts>) {
+    let none = model::Timeline::default();
+    let mut episodes = Vec::new();
+    let mut facts = Vec::new();
+    for (ino, sa) in &a.sockets {
+        let sock = l.sockets.get(ino);
+        let tl = sock.and_then(|s| s.timeline.as_ref()).unwrap_or(&none);
+        for mut x in rules::find_episodes(tl, &sa.points, t0, end, &THRESHOLDS) {
+            x.socket = Some(*ino);
+            episodes.push(x);
+        }
+        facts.push(SocketFacts {
+            inode: *ino,
+            addr: sock.and_then(|s| s.laddr).map_or_else(|| format!("*:{}", l.key.lport), |ip| std::net::SocketAddr::new(ip, l.key.lport).to_string()),
+            backlog: sock.and_then(|s| s.backlog),
+            accepts: sa.accepts,
+            drops: sa.drops,
+            last_acceptor: sock
+                .and_then(|s| s.acceptors.first())
+                .map(|x| (x.pid, x.tid, x.comm.clone(), end.saturating_sub(x.ts_ns) as f64 / 1e9)),
+            holders: sock.map(|s| s.owners.clone()).unwrap_or_default(),
+        });
+    }
+    episodes.sort_by(|a, b| a.start_s.total_cmp(&b.start_s));
+    (episodes, facts)
+}
+
+/// LISTEN sockets on `port` in namespaces other than `netns`, as "netns N: ADDR (comm pid P)"
+/// (one sock_diag listing of every namespace).
+fn listening_elsewhere(port: u16, netns: u32) -> Vec<String> {
+    let Some(sample) = crate::listeners::LiveListeners::new(None, false).sample() else { return Vec::new() };
+    sample
+        .listeners
+        .iter()
+        .filter(|d| d.lport == port && d.netns != netns)
+        .map(|d| {
+            let owner = d.owners.first().map_or_else(|| "owner unknown".to_owned(), |(pid, comm)| format!("{comm} pid {pid}"));
+            format!("netns {}: {} ({owner})", d.netns, d.laddr)
+        })
+        .collect()
 }
 
 fn print_reports(out: &mut impl Write, reports: &[Report], md: bool, window: f64, diag_ok: bool) -> anyhow::Result<()> {
