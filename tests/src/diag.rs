@@ -10,6 +10,10 @@ use serde_json::Value;
 
 use crate::{Cgroup, Counters, NetNs, Socktrace, monotonic_ns, probes};
 
+/// How long before a window's end the scenarios stop their traffic, so that the counters read
+/// after diagnose exits hold nothing from after its window.
+pub const QUIET: Duration = Duration::from_millis(600);
+
 /// A running `diagnose --json`.
 pub struct Diagnose<'a> {
     proc: Socktrace,
@@ -64,6 +68,13 @@ impl<'a> Diagnose<'a> {
     pub fn sleep_until_end_minus(&self, before: Duration) {
         let at = self.window_end().checked_sub(before).unwrap_or(self.ready_at);
         std::thread::sleep(at.saturating_duration_since(Instant::now()));
+    }
+
+    /// Stops `traffic` (drops it) [`QUIET`] before the window's end, then waits for the report.
+    pub fn stop_and_finish<T>(self, traffic: T) -> anyhow::Result<Outcome> {
+        self.sleep_until_end_minus(QUIET);
+        drop(traffic);
+        self.finish()
     }
 
     /// Waits for the report; reads the counters again.

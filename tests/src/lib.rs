@@ -103,6 +103,20 @@ impl NetNs {
         })
     }
 
+    /// Packet loss: nftables drops `percent` % of the segments from port `sport` longer than 120
+    /// bytes (data, not bare ACKs or handshakes) on this namespace's INPUT hook (drops on OUTPUT
+    /// would be local send errors, which TCP does not retransmit).
+    pub fn drop_segments_from(&self, sport: u16, percent: u32) -> anyhow::Result<()> {
+        let rules = format!(
+            "table inet socktrace_loss {{\n chain input {{\n  type filter hook input priority 0; policy accept;\n  tcp sport {sport} meta length > 120 numgen random mod 100 < {percent} drop\n }}\n}}\n"
+        );
+        let file = std::env::temp_dir().join(format!("socktrace-loss-{}-{}.nft", self.name, monotonic_ns()));
+        fs::write(&file, rules)?;
+        let r = self.exec(&["nft", "-f", &file.to_string_lossy()]);
+        let _ = fs::remove_file(&file);
+        r.map(drop)
+    }
+
     pub fn exec(&self, args: &[&str]) -> anyhow::Result<String> {
         run(Command::new("ip").args(["netns", "exec", &self.name]).args(args))
     }

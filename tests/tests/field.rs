@@ -23,23 +23,6 @@ use verdicts::{Order::TrafficFirst, episodes, scen};
 
 const SCENARIO: &str = env!("CARGO_BIN_EXE_st-scenario");
 
-/// Time the traffic stops before a diagnose window ends: what the counters read after diagnose
-/// exits then holds nothing from after its window.
-const QUIET: Duration = Duration::from_millis(600);
-
-/// Loss on the namespace's INPUT hook for segments from port `port` longer than 120 bytes
-/// (data, not bare ACKs or handshakes), `percent` % of them, in table `socktrace_field_loss`.
-fn add_loss(ns: &NetNs, port: u16, percent: u32) {
-    let rules = format!(
-        "table inet socktrace_field_loss {{\n chain input {{\n  type filter hook input priority 0; policy accept;\n  tcp sport {port} meta length > 120 numgen random mod 100 < {percent} drop\n }}\n}}\n"
-    );
-    let file = std::env::temp_dir().join(format!("socktrace-field-loss-{}-{port}.nft", std::process::id()));
-    std::fs::write(&file, rules).unwrap();
-    let r = ns.exec(&["nft", "-f", &file.to_string_lossy()]);
-    let _ = std::fs::remove_file(&file);
-    r.unwrap();
-}
-
 /// One nginx worker, a steady load, diagnose attached; ~1.7 s later the worker is stopped
 /// (SIGSTOP) for the rest of the window. The healthy start must not hide the stall.
 #[test]
@@ -66,9 +49,7 @@ fn nginx_worker_stopped_mid_window_is_accept_stall() {
     let a2 = nginx.accepts(&ns, "127.0.0.1").unwrap();
     nginx.signal(worker, libc::SIGSTOP);
     let stopped_ns = monotonic_ns();
-    d.sleep_until_end_minus(QUIET);
-    drop((arrivals, load));
-    let o = d.finish().unwrap();
+    let o = d.stop_and_finish((arrivals, load)).unwrap();
     nginx.signal(worker, libc::SIGCONT);
     drop(nginx);
     let l = o.listener(ns.inode(), port);
@@ -127,9 +108,7 @@ fn pausing_acceptor_is_intermittent_accept_stall() {
     let clients = scen(&["clients", "--netns", &ns.name, "--addr", &addr, "--rate", &rate_arg, "--duration-ms", "30000", "--hold-ms", "30", "--connect-timeout-ms", "3000"]);
     std::thread::sleep(Duration::from_secs(1));
     let d = Diagnose::start(&ns, &cg, port, 7, true).unwrap();
-    d.sleep_until_end_minus(QUIET);
-    drop(clients);
-    let o = d.finish().unwrap();
+    let o = d.stop_and_finish(clients).unwrap();
     let pauses = server.lines().iter().filter(|l| l["event"] == "pause" && l["start_ns"].as_u64() >= Some(o.ready_ns)).count();
     drop(server);
     let l = o.listener(ns.inode(), port);
@@ -182,9 +161,7 @@ fn redis_above_somaxconn_is_somaxconn_cap() {
     let bench = redis_benchmark(&ns, port, 160, 2_000_000, true).unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     let d = Diagnose::start(&ns, &cg, port, 6, true).unwrap();
-    d.sleep_until_end_minus(QUIET);
-    drop(bench);
-    let o = d.finish().unwrap();
+    let o = d.stop_and_finish(bench).unwrap();
     let log = redis.log();
     drop(redis);
     assert!(log.contains("cannot be enforced"), "redis warns about the cap: {log}");
@@ -220,12 +197,10 @@ fn nginx_keepalive_loss_attached_mid_flight_is_packet_loss() {
     let cg = Cgroup::new("floss").unwrap();
     let nginx = Nginx::start(&ns, Some(&cg), &NginxConfig { addr: "127.0.0.1", port, backlog: 90, workers: 2, reuseport: false, big_bytes: 9000 }).unwrap();
     let load = wrk(&ns, &format!("http://127.0.0.1:{port}/big"), 1, 6, 30, false).unwrap();
-    add_loss(&ns, port, 5);
+    ns.drop_segments_from(port, 5).unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     let d = Diagnose::start(&ns, &cg, port, 6, true).unwrap();
-    d.sleep_until_end_minus(QUIET);
-    drop(load);
-    let o = d.finish().unwrap();
+    let o = d.stop_and_finish(load).unwrap();
     drop(nginx);
     let l = o.listener(ns.inode(), port);
     let (inner, outer) = o.delta("TcpRetransSegs");
@@ -258,9 +233,7 @@ fn haproxy_in_netns_by_port_only_is_healthy_and_no_listener_nowhere() {
     let load = wrk(&ns, &format!("http://127.0.0.1:{front}/"), 1, 8, 30, true).unwrap();
     std::thread::sleep(Duration::from_secs(1));
     let d = Diagnose::start(&ns, &cg, front, 5, false).unwrap();
-    d.sleep_until_end_minus(QUIET);
-    drop(load);
-    let o = d.finish().unwrap();
+    let o = d.stop_and_finish(load).unwrap();
     let hp = haproxy.pid();
     drop((haproxy, nginx));
     assert_eq!(o.delta("TcpExtListenOverflows").1, 0, "healthy: the kernel dropped nothing");
@@ -367,7 +340,7 @@ fn top_and_serve_count_retransmits_of_connections_accepted_before_tracing() {
     let top = Socktrace::start(&["top", "--json", "--interval", "1s", "--iterations", "6", "--netns", &inode, "--port", &port.to_string(), "--cgroup", &cgp], "tracing started").unwrap();
     let serve = Serve::start(19474, &["--netns", &inode, "--cgroup", &cgp]).unwrap();
     let before = ns.counters().unwrap();
-    add_loss(&ns, port, 8);
+    ns.drop_segments_from(port, 8).unwrap();
     std::thread::sleep(Duration::from_millis(2500));
     // Ending the clients resets the connections: no retransmit after this.
     drop(clients);

@@ -34,23 +34,20 @@ const SERVER_PACKAGES: &[(&str, &str)] = &[
 
 pub fn all() -> anyhow::Result<()> {
     build_deps()?;
-    let missing: Vec<&str> = TEST_PACKAGES
-        .iter()
-        .filter(|(_, bin)| !std::path::Path::new(bin).exists())
-        .map(|(pkg, _)| *pkg)
-        .collect();
+    let missing = not_installed(TEST_PACKAGES);
     if !missing.is_empty() {
         apt_install(&missing, "test tools")?;
     }
-    let servers: Vec<&str> = SERVER_PACKAGES
-        .iter()
-        .filter(|(_, bin)| !std::path::Path::new(bin).exists())
-        .map(|(pkg, _)| *pkg)
-        .collect();
+    let servers = not_installed(SERVER_PACKAGES);
     if !servers.is_empty() {
         without_service_start(|| apt_install(&servers, "field trials: real servers and load generators, not started as services"))?;
     }
     Ok(())
+}
+
+/// The packages of `list` whose program is missing.
+fn not_installed<'a>(list: &[(&'a str, &str)]) -> Vec<&'a str> {
+    list.iter().filter(|(_, bin)| !std::path::Path::new(bin).exists()).map(|(pkg, _)| *pkg).collect()
 }
 
 /// Runs `f` with `/usr/sbin/policy-rc.d` answering 101 ("action forbidden"), which invoke-rc.d

@@ -12,7 +12,7 @@ use std::{path::Path, time::Duration};
 use serde_json::Value;
 use socktrace_tests::{
     Cgroup, NetNs, Scenario,
-    diag::{Diagnose, Outcome, all_evidence, assert_drops_match, assert_within, drops_in, evidence, number_before, summary, verdicts},
+    diag::{Diagnose, Outcome, QUIET, all_evidence, assert_drops_match, assert_within, drops_in, evidence, number_before, summary, verdicts},
     veth_pair,
 };
 
@@ -21,10 +21,6 @@ const SCENARIO: &str = env!("CARGO_BIN_EXE_st-scenario");
 /// Time between the start of the traffic and the fault's main phase (traffic first: diagnose
 /// attaches at its end).
 const LEAD: Duration = Duration::from_millis(700);
-
-/// The traffic stops this long before the window ends, so that the counters read after diagnose
-/// exits hold nothing that happened after its window.
-const QUIET: Duration = Duration::from_millis(600);
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Order {
@@ -67,6 +63,11 @@ impl<'a> Attach<'a> {
         self.diag.as_ref().expect("traffic_running() attaches diagnose").sleep_until_end_minus(QUIET);
     }
 
+    /// Stops `traffic` (drops it) [`QUIET`] before the window's end, then waits for the report.
+    pub fn stop_and_finish<T>(self, traffic: T) -> Outcome {
+        self.diag.expect("traffic_running() attaches diagnose").stop_and_finish(traffic).unwrap()
+    }
+
     pub fn finish(self) -> Outcome {
         self.diag.expect("traffic_running() attaches diagnose").finish().unwrap()
     }
@@ -82,9 +83,7 @@ pub fn healthy(order: Order, port: u16) {
     let server = scen(&["server", "--netns", &ns.name, "--cgroup", &cgp, "--addr", &addr, "--backlog", "100", "--run-ms", "15000"]);
     let clients = scen(&["clients", "--netns", &ns.name, "--addr", &addr, "--count", "4", "--bursts", "40", "--burst-gap-ms", "450", "--hold-ms", "150"]);
     a.traffic_running();
-    a.until_quiet();
-    drop(clients);
-    let o = a.finish();
+    let o = a.stop_and_finish(clients);
     drop(server);
     let l = o.listener(ns.inode(), port);
     summary(&format!("healthy {order:?}"), &l, "");
@@ -120,9 +119,7 @@ pub fn accept_stall(order: Order, port: u16) {
         "--connect-timeout-ms", "2500",
     ]);
     a.traffic_running();
-    a.until_quiet();
-    drop(clients);
-    let o = a.finish();
+    let o = a.stop_and_finish(clients);
     drop(server);
     let l = o.listener(ns.inode(), port);
     summary(&format!("accept_stall {order:?}"), &l, &drops_line(&l, &o));
@@ -154,9 +151,7 @@ fn bursty(order: Order, tag: &str, port: u16, backlog: &str, somaxconn: Option<&
     let first = scen(&["clients", "--netns", &ns.name, "--addr", &addr, "--count", "40", "--hold-ms", "100"]);
     a.traffic_running();
     let clients = scen(&["clients", "--netns", &ns.name, "--addr", &addr, "--count", "40", "--bursts", "3", "--burst-gap-ms", "1200", "--hold-ms", "100"]);
-    a.until_quiet();
-    drop((first, clients));
-    let o = a.finish();
+    let o = a.stop_and_finish((first, clients));
     let accepted = o.count_in_window(&server.accept_times());
     drop(server);
     let l = o.listener(ns.inode(), port);
@@ -198,9 +193,7 @@ pub fn syn_flood(order: Order, port: u16) {
     let server = scen(&["server", "--netns", &victim.name, "--addr", &addr, "--backlog", "128", "--run-ms", "20000"]);
     let flood = scen(&["synflood", "--netns", &attacker.name, "--addr", &addr, "--src-net", "10.78", "--rate", "2000", "--duration-ms", "15000"]);
     a.traffic_running();
-    a.until_quiet();
-    drop(flood);
-    let o = a.finish();
+    let o = a.stop_and_finish(flood);
     drop(server);
     let l = o.listener(victim.inode(), port);
     summary(&format!("syn_flood {order:?}"), &l, &format!("kernel SyncookiesSent (ready, spawn) {:?}", o.delta("TcpExtSyncookiesSent")));
@@ -215,13 +208,7 @@ pub fn packet_loss(order: Order, port: u16) {
     let ns = NetNs::new(&tag).unwrap();
     let cg = Cgroup::new(&tag).unwrap();
     let addr = format!("127.0.0.1:{port}");
-    let rules = format!(
-        "table inet socktrace_loss {{\n chain input {{\n  type filter hook input priority 0; policy accept;\n  tcp sport {port} meta length > 120 numgen random mod 100 < 10 drop\n }}\n}}\n"
-    );
-    let file = std::env::temp_dir().join(format!("socktrace-{tag}-{}.nft", std::process::id()));
-    std::fs::write(&file, rules).unwrap();
-    ns.exec(&["nft", "-f", &file.to_string_lossy()]).unwrap();
-    let _ = std::fs::remove_file(&file);
+    ns.drop_segments_from(port, 10).unwrap();
     let mut a = Attach::new(order, &ns, &cg, port, 7);
     let server = scen(&[
         "server", "--netns", &ns.name, "--addr", &addr, "--backlog", "128", "--drain", "--reply-chunks", "6000", "--chunk-bytes", "200", "--max-accepts", "10",
@@ -229,9 +216,7 @@ pub fn packet_loss(order: Order, port: u16) {
     ]);
     let clients = scen(&["clients", "--netns", &ns.name, "--addr", &addr, "--count", "10", "--hold-ms", "30000"]);
     a.traffic_running();
-    a.until_quiet();
-    drop(clients);
-    let o = a.finish();
+    let o = a.stop_and_finish(clients);
     drop(server);
     let l = o.listener(ns.inode(), port);
     summary(&format!("packet_loss {order:?}"), &l, &format!("kernel TcpRetransSegs (ready, spawn) {:?}", o.delta("TcpRetransSegs")));
