@@ -195,21 +195,31 @@ pub fn drop_bound(cg: &Cgroup, delta: i64) -> i64 {
     if hooks.get("syn_drop").and_then(Option::as_deref) == Some("cgroup_skb") { (delta * 8 / 100).max(3) } else { 0 }
 }
 
-/// Asserts `seen` lies between the kernel's inner and outer deltas of `key`, give or take `slack`.
+/// Asserts `seen` lies between the kernel's inner and outer deltas of `key`, allowing `below`
+/// less than the inner and `above` more than the outer one.
 ///
 /// # Panics
 ///
 /// When it does not.
-pub fn assert_within(what: &str, seen: i64, o: &Outcome, key: &str, slack: i64) {
+pub fn assert_within(what: &str, seen: i64, o: &Outcome, key: &str, (below, above): (i64, i64)) {
     let (inner, outer) = o.delta(key);
     assert!(
-        seen >= inner - slack && seen <= outer + slack,
-        "{what}: socktrace says {seen}, kernel {key} delta {inner} from the ready line, {outer} from the spawn (slack {slack})"
+        seen >= inner - below && seen <= outer + above,
+        "{what}: socktrace says {seen}, kernel {key} delta {inner} from the ready line, {outer} from the spawn (allowed {below} below, {above} above)"
     );
+}
+
+/// The shortfall allowed for retransmit counts, as in the privileged suite's
+/// `retransmits_match_kernel_counter`: on the 6.18 host a run is now and then one segment short
+/// with no ring-buffer loss, read error, recursion miss or unsent retransmit (cause not found):
+/// 2 % of the kernel's count, at least 1. Never more than the kernel counted.
+pub fn retransmit_shortfall(kernel: i64) -> i64 {
+    (kernel * 2 / 100).max(1)
 }
 
 /// Drops in the evidence against `TcpExtListenOverflows` (bounded on the `cgroup_skb` fallback).
 pub fn assert_drops_match(ev: &str, o: &Outcome, cg: &Cgroup) {
     let (_, outer) = o.delta("TcpExtListenOverflows");
-    assert_within("drops", drops_in(ev), o, "TcpExtListenOverflows", drop_bound(cg, outer));
+    let bound = drop_bound(cg, outer);
+    assert_within("drops", drops_in(ev), o, "TcpExtListenOverflows", (bound, bound));
 }
