@@ -337,14 +337,17 @@ fn top_and_serve_count_retransmits_of_connections_accepted_before_tracing() {
         assert!(std::time::Instant::now() < deadline, "the server never accepted its 8 clients");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let top = Socktrace::start(&["top", "--json", "--interval", "1s", "--iterations", "6", "--netns", &inode, "--port", &port.to_string(), "--cgroup", &cgp], "tracing started").unwrap();
+    let top = Socktrace::start(&["top", "--json", "--interval", "1s", "--iterations", "7", "--netns", &inode, "--port", &port.to_string(), "--cgroup", &cgp], "tracing started").unwrap();
     let serve = Serve::start(19474, &["--netns", &inode, "--cgroup", &cgp]).unwrap();
     let before = ns.counters().unwrap();
     ns.drop_segments_from(port, 8).unwrap();
     std::thread::sleep(Duration::from_millis(2500));
-    // Ending the clients resets the connections: no retransmit after this.
+    // The loss ends, lost segments are recovered; then the clients end, which resets the
+    // connections: no retransmit after this.
+    ns.exec(&["nft", "delete", "table", "inet", "socktrace_loss"]).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
     drop(clients);
-    std::thread::sleep(Duration::from_millis(400));
+    std::thread::sleep(Duration::from_millis(300));
     let after = ns.counters().unwrap();
     let delta = after.delta(&before, "TcpRetransSegs");
     let (status, metrics) = http_get(&serve.addr, "/metrics", Duration::from_secs(5)).unwrap();
