@@ -17,25 +17,12 @@ use std::{
 use serde::Serialize;
 use tokio::signal::unix::SignalKind;
 
+use crate::cli::SortKey;
 use crate::{
     agent::Agent,
     model::{Listener, SocketRow},
     system,
 };
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum SortKey {
-    /// Drops (overflows + SYN drops) in the interval.
-    Drops,
-    /// Queue peak relative to backlog.
-    Queue,
-    /// Accept-queue wait p99.
-    Wait,
-    /// Accepts in the interval.
-    Accepts,
-    /// Port.
-    Port,
-}
 
 pub struct TopOptions {
     pub interval: Duration,
