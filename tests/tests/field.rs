@@ -13,9 +13,9 @@ use std::{path::Path, time::Duration};
 
 use serde_json::Value;
 use socktrace_tests::{
-    Cgroup, NetNs, Scenario, Serve, Socktrace,
+    Cgroup, NetNs, Scenario, Serve, Socktrace, Watch,
     diag::{Diagnose, all_evidence, assert_drops_match, drops_in, evidence, finding, number_before, summary, verdicts},
-    http_get, monotonic_ns, privileged,
+    http_get, monotonic_ns, of_kind, privileged,
     servers::{Haproxy, Nginx, NginxConfig, Redis, host_listens, listen_queue, redis_benchmark, wrk},
     time_scale,
 };
@@ -309,10 +309,10 @@ fn scraped_retransmits(metrics: &str, netns: u32, port: u16) -> Option<i64> {
     (!vals.is_empty()).then(|| vals.iter().sum())
 }
 
-/// Streams on connections all accepted before `top` and `serve` start; loss injected after they
-/// are up: both must count the retransmits of those old connections.
+/// Streams on connections all accepted before `top`, `serve` and `watch` start; loss injected
+/// after they are up: each must count the retransmits of those old connections.
 #[test]
-fn top_and_serve_count_retransmits_of_connections_accepted_before_tracing() {
+fn top_serve_and_watch_count_retransmits_of_connections_accepted_before_tracing() {
     if !privileged() {
         return;
     }
@@ -339,6 +339,7 @@ fn top_and_serve_count_retransmits_of_connections_accepted_before_tracing() {
     }
     let top = Socktrace::start(&["top", "--json", "--interval", "1s", "--iterations", "7", "--netns", &inode, "--port", &port.to_string(), "--cgroup", &cgp], "tracing started").unwrap();
     let serve = Serve::start(19474, &["--netns", &inode, "--cgroup", &cgp]).unwrap();
+    let watch = Watch::start(&["--netns", &inode, "--port", &port.to_string(), "--cgroup", &cgp]).unwrap();
     let before = ns.counters().unwrap();
     ns.drop_segments_from(port, 8).unwrap();
     std::thread::sleep(Duration::from_millis(2500));
@@ -352,7 +353,9 @@ fn top_and_serve_count_retransmits_of_connections_accepted_before_tracing() {
     let delta = after.delta(&before, "TcpRetransSegs");
     let (status, metrics) = http_get(&serve.addr, "/metrics", Duration::from_secs(5)).unwrap();
     let lines = top.wait(Duration::from_secs(30)).unwrap();
+    let records = watch.finish().unwrap();
     drop((serve, server));
+    let watched: i64 = of_kind(&records, "retransmit").iter().filter(|r| r["lport"] == port).map(|r| r["segs"].as_i64().unwrap_or(1)).sum();
     assert_eq!(status, 200);
     let rows: Vec<Value> = lines
         .iter()
@@ -361,9 +364,10 @@ fn top_and_serve_count_retransmits_of_connections_accepted_before_tracing() {
         .collect();
     let top_rtx: i64 = rows.iter().filter_map(|r| r["retransmits"].as_i64()).sum();
     let scraped = scraped_retransmits(&metrics, ns.inode(), port);
-    eprintln!("SUMMARY top_and_serve_mid_flight: TcpRetransSegs delta {delta}; top --json {top_rtx}; serve {scraped:?}");
+    eprintln!("SUMMARY top_serve_watch_mid_flight: TcpRetransSegs delta {delta}; top --json {top_rtx}; serve {scraped:?}; watch {watched}");
     assert!(delta >= 50, "the loss must cause retransmits: {delta}");
     assert!(top_rtx * 100 >= delta * 95 && top_rtx <= delta, "top counted {top_rtx} retransmits, the kernel {delta}: {rows:?}");
     let scraped = scraped.unwrap_or_else(|| panic!("no socktrace_retransmits_total for port {port}:\n{metrics}"));
     assert!(scraped * 100 >= delta * 95 && scraped <= delta, "serve exported {scraped} retransmits, the kernel {delta}");
+    assert!(watched * 100 >= delta * 95 && watched <= delta, "watch showed {watched} retransmitted segments, the kernel {delta}");
 }
