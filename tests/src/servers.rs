@@ -99,24 +99,6 @@ impl Group {
         Ok(())
     }
 
-    /// Waits (bounded) for the program to exit by itself, successfully; kills the group past `limit`.
-    pub fn wait(&mut self, limit: Duration) -> anyhow::Result<String> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(s) = self.child.try_wait()? {
-                if !s.success() {
-                    bail!("{} exited with {s}: {}", self.name, self.stderr());
-                }
-                return Ok(self.stdout());
-            }
-            if Instant::now() > deadline {
-                self.kill();
-                bail!("{} did not finish within {limit:?}: {}", self.name, self.stderr());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
     /// Sends `sig` to the whole group.
     pub fn signal_group(&self, sig: i32) {
         // SAFETY: signalling a process group this guard created.
@@ -357,10 +339,6 @@ impl Redis {
         Ok(r)
     }
 
-    pub fn pid(&self) -> u32 {
-        self.group.pid()
-    }
-
     /// What redis-server logged (its log goes to stdout).
     pub fn log(&self) -> String {
         self.group.stdout()
@@ -393,9 +371,4 @@ pub fn redis_benchmark(ns: &NetNs, port: u16, clients: u32, requests: u32, recon
 /// A distinct tag for temp dirs of clients started more than once per test process.
 fn monotonic_tag() -> u64 {
     crate::monotonic_ns() / 1000
-}
-
-/// `wrk`'s "N requests in" count from its summary.
-pub fn wrk_requests(summary: &str) -> Option<u64> {
-    summary.lines().find_map(|l| l.trim().split_once(" requests in ")?.0.trim().parse().ok())
 }
