@@ -47,6 +47,7 @@ fn nginx_worker_stopped_mid_window_is_accept_stall() {
     let a1 = nginx.accepts(&ns, "127.0.0.1").unwrap();
     std::thread::sleep(Duration::from_millis(1700));
     let a2 = nginx.accepts(&ns, "127.0.0.1").unwrap();
+    let healthy_phase = ns.counters().unwrap();
     nginx.signal(worker, libc::SIGSTOP);
     let stopped_ns = monotonic_ns();
     let o = d.stop_and_finish((arrivals, load)).unwrap();
@@ -68,6 +69,7 @@ fn nginx_worker_stopped_mid_window_is_accept_stall() {
             secs_between(o.ready_ns, stopped_ns)
         ),
     );
+    assert_eq!(healthy_phase.delta(&o.spawned, "TcpExtListenOverflows"), 0, "the scenario: no drops before the worker stops");
     assert!(inner > 0, "the stopped worker must make the queue overflow");
     assert_eq!(l["verdict"], "accept_stall", "{l}");
     let ev = evidence(&l, "accept_stall");
