@@ -84,15 +84,17 @@ pub fn healthy(order: Order, port: u16) {
     let clients = scen(&["clients", "--netns", &ns.name, "--addr", &addr, "--count", "4", "--bursts", "40", "--burst-gap-ms", "450", "--hold-ms", "150"]);
     a.traffic_running();
     let o = a.stop_and_finish(clients);
+    let (inner, outer) = o.count_in_window(&server.accept_times());
     drop(server);
     let l = o.listener(ns.inode(), port);
-    summary(&format!("healthy {order:?}"), &l, "");
+    let counts = &l["window_counts"];
+    summary(&format!("healthy {order:?}"), &l, &format!("window_counts {counts}; server accepted (ready, spawn) ({inner}, {outer})"));
     assert_eq!(l["verdict"], "healthy", "{l}");
     assert!(verdicts(&l).is_empty(), "{l}");
-    let accepts = l["window_counts"]["accepts"].as_u64();
-    if let Some(n) = accepts {
-        assert!(n > 0, "healthy traffic was accepted in the window: {l}");
-    }
+    assert_eq!(o.delta("TcpExtListenOverflows").1, 0, "the scenario: nothing dropped");
+    let accepts = counts["accepts"].as_i64().unwrap_or_else(|| panic!("window_counts.accepts: {l}"));
+    assert!(inner > 0 && accepts >= inner && accepts <= outer, "window_counts.accepts {accepts}; the server accepted {inner} after the ready line, {outer} after the spawn");
+    assert_eq!((counts["overflows"].as_i64(), counts["syn_drops"].as_i64()), (Some(0), Some(0)), "{l}");
 }
 
 /// Drops in the report's evidence (if any finding counts them) against the kernel's.
