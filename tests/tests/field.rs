@@ -88,9 +88,10 @@ fn nginx_worker_stopped_mid_window_is_accept_stall() {
     assert!(start_s >= stop_s - 0.5 && start_s <= stop_s + tol, "episode starts at {start_s:.2} s, worker stopped at {stop_s:.2} s: {l}");
 }
 
-/// Seconds from `from_ns` to `to_ns` (`CLOCK_MONOTONIC`).
+/// Seconds from `from_ns` to `to_ns` (`CLOCK_MONOTONIC`), negative when `to_ns` is earlier.
 fn secs_between(from_ns: u64, to_ns: u64) -> f64 {
-    Duration::from_nanos(to_ns.saturating_sub(from_ns)).as_secs_f64()
+    let ahead = Duration::from_nanos(to_ns.saturating_sub(from_ns)).as_secs_f64();
+    ahead - Duration::from_nanos(from_ns.saturating_sub(to_ns)).as_secs_f64()
 }
 
 /// A server that stops accepting for 450 ms every 1.4 s under 100 arrivals/s with backlog 20:
@@ -111,7 +112,16 @@ fn pausing_acceptor_is_intermittent_accept_stall() {
     std::thread::sleep(Duration::from_secs(1));
     let d = Diagnose::start(&ns, &cg, port, 7, true).unwrap();
     let o = d.stop_and_finish(clients).unwrap();
-    let pauses = server.lines().iter().filter(|l| l["event"] == "pause" && l["start_ns"].as_u64() >= Some(o.ready_ns)).count();
+    // Pauses overlapping the window (a pause is printed when it ends: wait for one in progress).
+    std::thread::sleep(Duration::from_millis(pause_ms + 100));
+    let overlaps = |l: &Value| l["end_ns"].as_u64().is_some_and(|e| e >= o.ready_ns) && l["start_ns"].as_u64().is_some_and(|b| b <= o.end_ns);
+    let pause_starts: Vec<f64> = server
+        .lines()
+        .iter()
+        .filter(|l| l["event"] == "pause" && overlaps(l))
+        .filter_map(|l| Some(secs_between(o.ready_ns, l["start_ns"].as_u64()?)))
+        .collect();
+    let pauses = pause_starts.len();
     drop(server);
     let l = o.listener(ns.inode(), port);
     let ev_all = all_evidence(&l);
@@ -119,7 +129,7 @@ fn pausing_acceptor_is_intermittent_accept_stall() {
         "pausing_acceptor",
         &l,
         &format!(
-            "{pauses} pauses in the window; evidence drops {:?} vs kernel (ready, spawn) {:?}",
+            "pauses at {pause_starts:.2?} s; evidence drops {:?} vs kernel (ready, spawn) {:?}",
             ev_all.contains("SYN drops").then(|| drops_in(&ev_all)),
             o.delta("TcpExtListenOverflows")
         ),
@@ -130,7 +140,14 @@ fn pausing_acceptor_is_intermittent_accept_stall() {
     assert!(ev.contains("intermittent"), "{ev}");
     assert_drops_match(&ev, &o, &cg);
     let ep = episodes(&l);
-    assert!(ep.len() >= 2 && ep.len() <= pauses + 1, "{} episodes for {pauses} pauses: {l}", ep.len());
+    assert!(ep.len() >= 2 && ep.len() <= pauses, "{} episodes for {pauses} pauses in the window: {l}", ep.len());
+    // Each episode lines up with one of the server's own pauses (start within 0.3 s, relative to
+    // the window start; the pauses are 450 ms long).
+    let tol = 0.3 * f64::from(u32::try_from(time_scale()).unwrap_or(1));
+    for e in &ep {
+        let start = e["start_s"].as_f64().unwrap_or(f64::NAN);
+        assert!(pause_starts.iter().any(|p| (p - start).abs() <= tol), "episode at {start:.2} s, pauses at {pause_starts:.2?} s: {e}");
+    }
     // The backlog that absorbs one pause is arrival rate × pause, offered as a mitigation.
     let line = ev.lines().find(|l| l.contains("absorb"));
     let absorb = number_after(line.unwrap_or_else(|| panic!("no backlog suggested to absorb a pause: {ev}")), "at least");
