@@ -10,6 +10,7 @@ mod agent;
 mod cli;
 mod diagnose;
 mod event;
+mod generate;
 mod listeners;
 mod model;
 mod offsets;
@@ -108,6 +109,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
         Command::Snapshot(args) => snapshot::run(&args),
+        Command::Generate(what) => generate::run(&what, &mut std::io::stdout().lock()),
     }
 }
 

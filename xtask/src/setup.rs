@@ -19,6 +19,10 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("util-linux", "/usr/bin/setpriv"),
     ("prometheus", "/usr/bin/prometheus"),
     ("tmux", "/usr/bin/tmux"),
+    // `socktrace generate` tests: the man pages render, the completion scripts parse.
+    ("groff-base", "/usr/bin/groff"),
+    ("zsh", "/usr/bin/zsh"),
+    ("fish", "/usr/bin/fish"),
 ];
 
 pub fn all() -> anyhow::Result<()> {
@@ -120,7 +124,7 @@ fn apt(args: &[&str]) -> Command {
     c
 }
 
-fn apt_install(pkgs: &[&str], why: &str) -> anyhow::Result<()> {
+pub fn apt_install(pkgs: &[&str], why: &str) -> anyhow::Result<()> {
     eprintln!("xtask: installing Debian packages {} ({why})", pkgs.join(" "));
     status(&mut apt(&["update", "-q"]))?;
     let mut install = apt(&["install", "-y", "-q"]);
