@@ -163,9 +163,17 @@ pub fn parse_commit(version_line: &str) -> Option<&str> {
     rest.split(')').next().filter(|c| !c.is_empty())
 }
 
+/// Debian packages the packaging tests use besides `setup::all`'s: `systemd-analyze verify` of the
+/// installed unit (systemd need not run), `file` (is the binary static), podman (the image).
+const TEST_PACKAGES: &[(&str, &str)] = &[("systemd", "/usr/bin/systemd-analyze"), ("file", "/usr/bin/file"), ("podman", "/usr/bin/podman")];
+
 /// Builds the package, the static binary and the image, then runs the tests that check them.
 pub fn test_packages(args: &[String]) -> anyhow::Result<()> {
     setup::all()?;
+    let missing: Vec<&str> = TEST_PACKAGES.iter().filter(|(_, bin)| !Path::new(bin).exists()).map(|(pkg, _)| *pkg).collect();
+    if !missing.is_empty() {
+        setup::apt_install(&missing, "packaging tests: unit verification, static check, image")?;
+    }
     let deb = deb()?;
     let image = image()?;
     let static_bin = workspace().join("target").join(MUSL).join("release/socktrace");
