@@ -5,6 +5,9 @@
 //! On a terminal it is a TUI (sortable, rows highlighted where the queue hit its backlog, a
 //! sparkline of the selected listener's queue peaks); with `--once` or when stdout is not a
 //! terminal, plain text; with `--json`, one JSON object per interval.
+//!
+//! A port with several LISTEN sockets (SO_REUSEPORT workers, v4 + v6) is a group row followed by
+//! one indented row per socket: its own queue, backlog, accepts, drops and who accepts from it.
 
 use std::{
     io::{IsTerminal as _, Write},
@@ -14,25 +17,12 @@ use std::{
 use serde::Serialize;
 use tokio::signal::unix::SignalKind;
 
+use crate::cli::SortKey;
 use crate::{
     agent::Agent,
-    model::Listener,
+    model::{Listener, SocketRow},
     system,
 };
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum SortKey {
-    /// Drops (overflows + SYN drops) in the interval.
-    Drops,
-    /// Queue peak relative to backlog.
-    Queue,
-    /// Accept-queue wait p99.
-    Wait,
-    /// Accepts in the interval.
-    Accepts,
-    /// Port.
-    Port,
-}
 
 pub struct TopOptions {
     pub interval: Duration,
@@ -67,6 +57,68 @@ pub struct Row {
     pub syn_drops_total: u64,
     pub sk_drops: Option<u64>,
     pub last_acceptor: Option<(u32, u32, String)>,
+    /// Every LISTEN socket on the port (one for a plain listener).
+    pub sockets: Vec<SocketJson>,
+}
+
+/// A process (or thread) in `--json`.
+#[derive(Serialize, Debug, PartialEq, Eq)]
+pub struct Task {
+    pub pid: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tid: Option<u32>,
+    pub comm: String,
+}
+
+/// One LISTEN socket of a port in one interval: the `sockets` entries of `--json`.
+#[derive(Serialize, Debug)]
+pub struct SocketJson {
+    pub inode: u32,
+    /// Socket cookie (null until sock_diag listed it).
+    pub cookie: Option<u64>,
+    pub laddr: Option<String>,
+    pub listening: bool,
+    pub queue_len: Option<u32>,
+    pub queue_peak: Option<u32>,
+    pub queue_max: Option<u32>,
+    pub accepts: u64,
+    pub overflows: u64,
+    pub syn_drops: u64,
+    pub synack_retransmits: u64,
+    pub accepts_total: u64,
+    pub overflows_total: u64,
+    pub syn_drops_total: u64,
+    pub sk_drops: Option<u64>,
+    /// The queue passed its backlog in the interval.
+    pub saturated: bool,
+    /// Threads that accepted from it (latest first) and, apart, the processes holding its fd.
+    pub acceptors: Vec<Task>,
+    pub holders: Vec<Task>,
+}
+
+impl SocketJson {
+    pub fn of(s: &SocketRow) -> SocketJson {
+        SocketJson {
+            inode: s.inode,
+            cookie: (s.cookie != 0).then_some(s.cookie),
+            laddr: s.laddr.map(|a| a.to_string()),
+            listening: s.listening,
+            queue_len: s.queue_len,
+            queue_peak: s.queue_peak,
+            queue_max: s.backlog,
+            accepts: s.interval.accepts,
+            overflows: s.interval.overflows,
+            syn_drops: s.interval.syn_drops,
+            synack_retransmits: s.interval.synack_retransmits,
+            accepts_total: s.total.accepts,
+            overflows_total: s.total.overflows,
+            syn_drops_total: s.total.syn_drops,
+            sk_drops: s.drops,
+            saturated: s.saturated(),
+            acceptors: s.acceptors.iter().map(|a| Task { pid: a.pid, tid: Some(a.tid), comm: a.comm.clone() }).collect(),
+            holders: s.owners.iter().map(|(pid, comm)| Task { pid: *pid, tid: None, comm: comm.clone() }).collect(),
+        }
+    }
 }
 
 impl Row {
@@ -97,6 +149,7 @@ impl Row {
             syn_drops_total: l.total.syn_drops,
             sk_drops: l.drops,
             last_acceptor: l.last_acceptor.as_ref().map(|a| (a.pid, a.tid, a.comm.clone())),
+            sockets: l.sockets.values().map(SocketJson::of).collect(),
         }
     }
 }
@@ -130,6 +183,40 @@ fn opt<T: ToString>(v: Option<T>) -> String {
 
 pub const HEADER: [&str; 13] =
     ["NETNS", "LISTEN", "PROCESS", "Q-NOW", "PEAK", "BACKLOG", "ACC/s", "WAIT-P50", "WAIT-P99", "WAIT-MAX", "OVF (TOT)", "SYNDROP (TOT)", "SYNACK/RTX"];
+
+/// The table lines of one port: its group row, then (with several sockets) one row per socket.
+pub fn lines(r: &Row, secs: f64) -> Vec<([String; 13], bool)> {
+    let mut out = vec![(cells(r, secs), false)];
+    if r.sockets.len() > 1 {
+        let n = r.sockets.len();
+        out.extend(r.sockets.iter().enumerate().map(|(i, s)| (member_cells(s, i + 1 == n, secs), s.saturated)));
+    }
+    out
+}
+
+/// A socket's row under its port: who accepts from it (else who holds it, marked), its queue.
+fn member_cells(s: &SocketJson, last: bool, secs: f64) -> [String; 13] {
+    let who = match (s.acceptors.first(), s.holders.first()) {
+        (Some(a), _) => format!("{}/{}", a.comm, a.tid.unwrap_or(a.pid)),
+        (None, Some(h)) => format!("held: {}/{} (no accept)", h.comm, h.pid),
+        (None, None) => "no accept".into(),
+    };
+    [
+        String::new(),
+        format!("{} ino {}", if last { "└" } else { "├" }, s.inode),
+        who,
+        opt(s.queue_len),
+        opt(s.queue_peak),
+        opt(s.queue_max),
+        format!("{:.0}", s.accepts as f64 / secs),
+        "-".into(),
+        "-".into(),
+        "-".into(),
+        format!("{} ({})", s.overflows, s.overflows_total),
+        format!("{} ({})", s.syn_drops, s.syn_drops_total),
+        format!("{}/-", s.synack_retransmits),
+    ]
+}
 
 pub fn cells(r: &Row, secs: f64) -> [String; 13] {
     let listen = match &r.laddr {
@@ -206,7 +293,13 @@ fn print_interval(out: &mut impl Write, agent: &Agent, opts: &TopOptions) -> any
         return Ok(());
     }
     let mut table: Vec<[String; 13]> = vec![HEADER.map(str::to_owned)];
-    table.extend(rows.iter().map(|(r, _, _)| cells(r, secs)));
+    let mut hot = vec![false];
+    for (r, saturated, _) in &rows {
+        for (i, (line, member_hot)) in lines(r, secs).into_iter().enumerate() {
+            table.push(line);
+            hot.push(if i == 0 { *saturated } else { member_hot });
+        }
+    }
     let mut widths = [0usize; 13];
     for row in &table {
         for (w, c) in widths.iter_mut().zip(row) {
@@ -222,7 +315,7 @@ fn print_interval(out: &mut impl Write, agent: &Agent, opts: &TopOptions) -> any
         if agent.diag_ok { "" } else { " (sock_diag unavailable: queue now/backlog/owner unknown)" }
     )?;
     for (i, row) in table.iter().enumerate() {
-        let mark = if i > 0 && rows[i - 1].1 { "!" } else { " " };
+        let mark = if hot[i] { "!" } else { " " };
         let line: Vec<String> = row.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
         writeln!(out, "{mark}{}", line.join("  ").trim_end())?;
     }
