@@ -81,7 +81,9 @@ fn nginx_reuseport_stopped_worker_is_accept_stall_on_its_socket() {
     let inodes = ss_listen_inodes(&ns, port).unwrap();
     assert_eq!(inodes.len(), 3, "one LISTEN socket per worker: {inodes:?}");
     let owner = worker_sockets(&nginx, &inodes);
-    let load = wrk(&ns, &format!("http://127.0.0.1:{port}/"), 1, 24, 30, true).unwrap();
+    // wrk keeps 6 connections busy (fewer than one backlog even if they all hashed to one socket,
+    // so a slow but running worker never overflows); the arrivals keep every socket supplied.
+    let load = wrk(&ns, &format!("http://127.0.0.1:{port}/"), 1, 6, 30, true).unwrap();
     let addr = format!("127.0.0.1:{port}");
     let arrivals = scen(&["clients", "--netns", &ns.name, "--addr", &addr, "--rate", "60", "--duration-ms", "30000", "--hold-ms", "20", "--connect-timeout-ms", "3000"]);
     std::thread::sleep(Duration::from_millis(1200));
@@ -102,12 +104,14 @@ fn nginx_reuseport_stopped_worker_is_accept_stall_on_its_socket() {
     let l = o.listener(ns.inode(), port);
     let ev_all = all_evidence(&l);
     let (inner, outer) = o.delta("TcpExtListenOverflows");
+    let top_lost = top_lines.iter().filter_map(|x| serde_json::from_str::<Value>(x).ok()?["lost"].as_u64()).max();
     summary(
         "nginx_reuseport_stopped_worker",
         &l,
         &format!(
-            "sockets (inode → worker) {owner:?}, stopped {victim} (inode {victim_ino}); evidence drops {:?} vs kernel ListenOverflows (ready, spawn) ({inner}, {outer})",
+            "sockets (inode → worker) {owner:?}, stopped {victim} (inode {victim_ino}); evidence drops {:?} vs kernel ListenOverflows (ready, spawn) ({inner}, {outer}); window accepts {}; events lost by the concurrent top {top_lost:?}",
             ev_all.contains("SYN drops").then(|| drops_in(&ev_all)),
+            l["window_counts"]["accepts"],
         ),
     );
     assert!(inner > 0, "the stopped worker's queue must overflow");
