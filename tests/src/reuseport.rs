@@ -1,4 +1,4 @@
-//! Harness for the SO_REUSEPORT tests (tests/tests/reuseport.rs): the `st-reuseport` server driven
+//! Harness for the `SO_REUSEPORT` tests (tests/tests/reuseport.rs): the `st-reuseport` server driven
 //! over its stdin, and ground truth about which LISTEN socket is which, independent of socktrace:
 //! the socket inodes `ss -tlne` reports for a port, and the listening sockets a process has
 //! registered in its epoll instances (`/proc/PID/fdinfo`: an nginx worker with `reuseport` polls
@@ -140,10 +140,9 @@ pub fn epoll_watched(pid: u32, candidates: &BTreeSet<u32>) -> anyhow::Result<BTr
         for tfd in text.lines().filter_map(|l| l.strip_prefix("tfd:")?.split_whitespace().next()) {
             let Ok(link) = fs::read_link(format!("/proc/{pid}/fd/{tfd}")) else { continue };
             let link = link.to_string_lossy().into_owned();
-            if let Some(ino) = link.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')).and_then(|n| n.parse().ok()) {
-                if candidates.contains(&ino) {
-                    out.insert(ino);
-                }
+            let ino = link.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')).and_then(|n| n.parse::<u32>().ok());
+            if let Some(ino) = ino.filter(|i| candidates.contains(i)) {
+                out.insert(ino);
             }
         }
     }

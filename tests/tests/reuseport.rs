@@ -1,11 +1,11 @@
-//! SO_REUSEPORT groups (issue 11): a port with several LISTEN sockets, each with its own accept
+//! `SO_REUSEPORT` groups (issue 11): a port with several LISTEN sockets, each with its own accept
 //! queue, backlog and worker. Real nginx (`listen … reuseport`, one socket per worker) with one
 //! worker stopped, the same group healthy, and `st-reuseport` (tests/src/bin) closing and reopening
 //! one socket. As in the field trials, the server and its load start first and socktrace attaches
 //! after; each scenario has its own network namespace and cgroup.
 //!
 //! Ground truth that does not come from socktrace: the inodes `ss -tlne` reports for the port,
-//! which socket each nginx worker polls (its epoll fdinfo), the namespace's TcpExt counters,
+//! which socket each nginx worker polls (its epoll fdinfo), the namespace's `TcpExt` counters,
 //! nginx's `stub_status` accept count and st-reuseport's own accept count per socket.
 
 use std::{
@@ -215,7 +215,7 @@ fn nginx_reuseport_healthy_group_adds_up() {
     let inodes = ss_listen_inodes(&ns, port).unwrap();
     assert_eq!(inodes.len(), 4, "{inodes:?}");
     let load = wrk(&ns, &format!("http://127.0.0.1:{port}/"), 1, 8, 30, true).unwrap();
-    std::thread::sleep(Duration::from_millis(1000));
+    std::thread::sleep(Duration::from_secs(1));
     let top = start_top(&ns, &cg, port);
     let (nsi, cgp) = (ns.inode().to_string(), cg.path.to_string_lossy().into_owned());
     let serve = Serve::start(19481, &["--netns", &nsi, "--cgroup", &cgp]).unwrap();
@@ -308,7 +308,7 @@ fn scrape(serve: &Serve) -> String {
     body
 }
 
-/// st-reuseport with two SO_REUSEPORT sockets under steady arrivals; `top` and `serve` attach;
+/// st-reuseport with two `SO_REUSEPORT` sockets under steady arrivals; `top` and `serve` attach;
 /// one socket is closed, and once socktrace has let it go a new one is opened in its place. The
 /// identity follows the socket: the old inode leaves `top`'s sockets, the new one arrives counting
 /// from its own zero (exactly the server's count for it), and serve's `socket` label of the old

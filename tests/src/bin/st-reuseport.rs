@@ -1,4 +1,4 @@
-//! An SO_REUSEPORT test server for socktrace's integration tests: several LISTEN sockets on one
+//! An `SO_REUSEPORT` test server for socktrace's integration tests: several LISTEN sockets on one
 //! address and port, each in a numbered slot, accepted from by one poll loop that counts accepts
 //! per socket (the ground truth for per-socket rows). Commands on stdin, one per line, let a test
 //! close a slot's socket and open a new one in its place while the others keep serving.
@@ -169,7 +169,7 @@ fn serve_once(slots: &[Option<(OwnedFd, u64)>], accepts: &mut BTreeMap<u64, u64>
     Ok(())
 }
 
-/// A non-blocking SO_REUSEPORT listener on `addr` and its socket inode.
+/// A non-blocking `SO_REUSEPORT` listener on `addr` and its socket inode.
 fn listen(addr: SocketAddr, backlog: i32) -> anyhow::Result<(OwnedFd, u64)> {
     let family = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
     // SAFETY: plain socket syscalls on a fresh fd, owned by `fd` from here on; each sockaddr is
