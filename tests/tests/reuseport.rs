@@ -48,6 +48,17 @@ fn stop_top(mut top: Proc) -> Vec<String> {
     top.stdout_lines()
 }
 
+/// nginx with `workers` workers and `listen 127.0.0.1:PORT backlog=B reuseport` in a new
+/// namespace and cgroup, and the inodes of its LISTEN sockets (`ss`): one per worker.
+fn nginx_group(tag: &str, port: u16, backlog: u32, workers: u32) -> (NetNs, Cgroup, Nginx, BTreeSet<u32>) {
+    let ns = NetNs::new(tag).unwrap();
+    let cg = Cgroup::new(tag).unwrap();
+    let nginx = Nginx::start(&ns, Some(&cg), &NginxConfig { addr: "127.0.0.1", port, backlog, workers, reuseport: true, big_bytes: 0 }).unwrap();
+    let inodes = ss_listen_inodes(&ns, port).unwrap();
+    assert_eq!(inodes.len(), workers as usize, "one LISTEN socket per worker: {inodes:?}");
+    (ns, cg, nginx, inodes)
+}
+
 /// Which worker polls which socket: inode → worker pid, from each worker's epoll registrations.
 fn worker_sockets(nginx: &Nginx, inodes: &BTreeSet<u32>) -> BTreeMap<u32, u32> {
     let mut owner = BTreeMap::new();
@@ -75,11 +86,7 @@ fn nginx_reuseport_stopped_worker_is_accept_stall_on_its_socket() {
         return;
     }
     let (port, backlog) = (8461u16, 12u32);
-    let ns = NetNs::new("rstall").unwrap();
-    let cg = Cgroup::new("rstall").unwrap();
-    let nginx = Nginx::start(&ns, Some(&cg), &NginxConfig { addr: "127.0.0.1", port, backlog, workers: 3, reuseport: true, big_bytes: 0 }).unwrap();
-    let inodes = ss_listen_inodes(&ns, port).unwrap();
-    assert_eq!(inodes.len(), 3, "one LISTEN socket per worker: {inodes:?}");
+    let (ns, cg, nginx, inodes) = nginx_group("rstall", port, backlog, 3);
     let owner = worker_sockets(&nginx, &inodes);
     // wrk keeps 6 connections busy (fewer than one backlog even if they all hashed to one socket,
     // so a slow but running worker never overflows); the arrivals keep every socket supplied.
@@ -209,11 +216,7 @@ fn nginx_reuseport_healthy_group_adds_up() {
         return;
     }
     let (port, backlog) = (8462u16, 20u32);
-    let ns = NetNs::new("rok").unwrap();
-    let cg = Cgroup::new("rok").unwrap();
-    let nginx = Nginx::start(&ns, Some(&cg), &NginxConfig { addr: "127.0.0.1", port, backlog, workers: 4, reuseport: true, big_bytes: 0 }).unwrap();
-    let inodes = ss_listen_inodes(&ns, port).unwrap();
-    assert_eq!(inodes.len(), 4, "{inodes:?}");
+    let (ns, cg, nginx, inodes) = nginx_group("rok", port, backlog, 4);
     let load = wrk(&ns, &format!("http://127.0.0.1:{port}/"), 1, 8, 30, true).unwrap();
     std::thread::sleep(Duration::from_secs(1));
     let top = start_top(&ns, &cg, port);
