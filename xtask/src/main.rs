@@ -178,5 +178,11 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     let mut cmd = cargo();
     cmd.args(["test", "--release", "-p", "socktrace-tests", "--tests", "--", "--test-threads=1"]).args(args);
     cmd.env("SOCKTRACE_BIN", &bin);
-    status(&mut cmd)
+    status(&mut cmd)?;
+    // The Debian package, the static binary and the OCI image: built, then checked (the README's
+    // one test command runs every test; a test-name filter runs just the matching ones above).
+    if args.is_empty() {
+        package::test_packages(&[])?;
+    }
+    Ok(())
 }
