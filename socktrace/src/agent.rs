@@ -18,8 +18,8 @@ use socktrace_common::{AF_INET, AF_INET6, Control, ListenerStats, SOCKET_KEY, ki
 use tokio::io::unix::AsyncFd;
 
 use crate::{
-    cli::Filter,
     event::{self, Record},
+    filter::Filter,
     model::{DiagSample, ListenerKey, Model},
     probes::Tracer,
     ring::{Stats, ring},
@@ -82,7 +82,8 @@ impl Agent {
         };
         agent.write_control()?;
         // Listeners that already exist get their kernel rows before anything else happens.
-        if let Some(sample) = (agent.diag)() {
+        if let Some(mut sample) = (agent.diag)() {
+            agent.filter.select_listeners(&mut sample);
             agent.seed(&sample, &HashSet::new());
         }
         Ok(agent)
@@ -137,7 +138,7 @@ impl Agent {
     /// Waits for ring-buffer data and feeds it to the model (cancel-safe: use in `select!`).
     pub async fn pump(&mut self) -> anyhow::Result<()> {
         let mut guard = self.ring.readable_mut().await?;
-        feed(guard.get_inner_mut(), &self.filter, &mut self.model)?;
+        feed(guard.get_inner_mut(), &mut self.filter, &mut self.model)?;
         guard.clear_ready();
         Ok(())
     }
@@ -150,7 +151,7 @@ impl Agent {
             system::release_freed_heap();
             self.trimmed = Instant::now();
         }
-        feed(self.ring.get_mut(), &self.filter, &mut self.model)?;
+        feed(self.ring.get_mut(), &mut self.filter, &mut self.model)?;
         let ended = self.epoch;
         self.epoch = ended.wrapping_add(1).max(1);
         self.write_control()?;
@@ -161,9 +162,6 @@ impl Agent {
         for item in self.listeners.iter() {
             let (k, s) = item.context("reading LISTENERS")?;
             present.insert(k);
-            if !self.filter.matches_listener(s.netns, s.lport) {
-                continue;
-            }
             let peak = (s.peak_epoch[slot] == ended).then_some(s.peak[slot]);
             if k & SOCKET_KEY == 0 {
                 kernel.push((ListenerKey { netns: s.netns, lport: s.lport }, s, peak));
@@ -172,9 +170,12 @@ impl Agent {
             }
         }
         let diag = (self.diag)().map(|mut sample| {
-            sample.listeners.retain(|d| self.filter.matches_listener(d.netns, d.lport));
+            self.filter.select_listeners(&mut sample);
             sample
         });
+        // After the sample: with a `src` term, it tells which ports and sockets match.
+        kernel.retain(|(k, _, _)| self.filter.matches_listener(k.netns, k.lport));
+        sockets.retain(|(inode, s, _)| self.filter.matches_listener_socket(s.netns, s.lport, *inode));
         self.diag_ok = diag.is_some();
         if let Some(sample) = &diag {
             self.seed(sample, &present);
@@ -188,19 +189,13 @@ impl Agent {
     }
 }
 
-fn feed(rb: &mut RingBuf<MapData>, filter: &Filter, model: &mut Model) -> anyhow::Result<()> {
+fn feed(rb: &mut RingBuf<MapData>, filter: &mut Filter, model: &mut Model) -> anyhow::Result<()> {
     while let Some(item) = rb.next() {
         let rec = Record::from_event(&event::parse(&item)?);
-        if filter.matches_listener(rec.netns, rec.lport) {
+        // Accept and listen events carry the listening socket's own address, port and inode.
+        if filter.matches_listen_event(&rec) {
             model.on_event(&rec);
         }
     }
     Ok(())
-}
-
-impl Filter {
-    /// Listener-level filter (interval views have no per-event pid).
-    pub fn matches_listener(&self, netns: u32, lport: u16) -> bool {
-        self.port.is_none_or(|p| p == lport) && self.netns.is_none_or(|n| n == netns)
-    }
 }

@@ -337,6 +337,23 @@ impl Listener {
     }
 }
 
+/// A row's kernel-side fields: totals, last interval, its high-water mark, backlog, last activity.
+type KernelFields<'a> = (&'a mut Counts, &'a mut Counts, &'a mut Option<u32>, &'a mut Option<u32>, &'a mut u64);
+
+/// One interval's kernel counters (`delta`), high-water mark and backlog into a port or socket row.
+fn absorb(row: KernelFields<'_>, delta: Counts, peak: Option<u32>, queue_max: u32, now: u64) {
+    let (total, interval, queue_peak, backlog, seen) = row;
+    total.add(&delta);
+    *interval = delta;
+    *queue_peak = peak;
+    if queue_max != 0 && backlog.is_none() {
+        *backlog = Some(queue_max);
+    }
+    if delta != Counts::default() {
+        *seen = now;
+    }
+}
+
 /// How long (in intervals) a row with no listener and no activity is kept.
 pub const GRACE_INTERVALS: u64 = 30;
 
@@ -449,15 +466,7 @@ impl Model {
             }
             let row = self.row(key);
             let sock = row.sockets.entry(*inode).or_insert_with(|| SocketRow::new(*inode, now));
-            sock.total.add(&delta);
-            sock.interval = delta;
-            sock.queue_peak = *peak;
-            if stats.queue_max != 0 && sock.backlog.is_none() {
-                sock.backlog = Some(stats.queue_max);
-            }
-            if delta != Counts::default() {
-                sock.seen = now;
-            }
+            absorb((&mut sock.total, &mut sock.interval, &mut sock.queue_peak, &mut sock.backlog, &mut sock.seen), delta, *peak, stats.queue_max, now);
         }
         for (key, stats, peak) in kernel {
             let counts = Counts::of(stats);
@@ -466,15 +475,7 @@ impl Model {
                 continue;
             }
             let row = self.row(*key);
-            row.total.add(&delta);
-            row.interval = delta;
-            row.queue_peak = *peak;
-            if stats.queue_max != 0 && row.backlog.is_none() {
-                row.backlog = Some(stats.queue_max);
-            }
-            if delta != Counts::default() {
-                row.seen = now;
-            }
+            absorb((&mut row.total, &mut row.interval, &mut row.queue_peak, &mut row.backlog, &mut row.seen), delta, *peak, stats.queue_max, now);
         }
         if let Some(sample) = diag {
             let diag = &sample.listeners;

@@ -17,25 +17,12 @@ use std::{
 use serde::Serialize;
 use tokio::signal::unix::SignalKind;
 
+use crate::cli::SortKey;
 use crate::{
     agent::Agent,
     model::{Listener, SocketRow},
     system,
 };
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum SortKey {
-    /// Drops (overflows + SYN drops) in the interval.
-    Drops,
-    /// Queue peak relative to backlog.
-    Queue,
-    /// Accept-queue wait p99.
-    Wait,
-    /// Accepts in the interval.
-    Accepts,
-    /// Port.
-    Port,
-}
 
 pub struct TopOptions {
     pub interval: Duration,
@@ -81,6 +68,9 @@ pub struct Task {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tid: Option<u32>,
     pub comm: String,
+    /// Acceptors: CLOCK_MONOTONIC of its latest accept from this socket.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_accept_ns: Option<u64>,
 }
 
 /// One LISTEN socket of a port in one interval: the `sockets` entries of `--json`.
@@ -128,8 +118,8 @@ impl SocketJson {
             syn_drops_total: s.total.syn_drops,
             sk_drops: s.drops,
             saturated: s.saturated(),
-            acceptors: s.acceptors.iter().map(|a| Task { pid: a.pid, tid: Some(a.tid), comm: a.comm.clone() }).collect(),
-            holders: s.owners.iter().map(|(pid, comm)| Task { pid: *pid, tid: None, comm: comm.clone() }).collect(),
+            acceptors: s.acceptors.iter().map(|a| Task { pid: a.pid, tid: Some(a.tid), comm: a.comm.clone(), last_accept_ns: Some(a.ts_ns) }).collect(),
+            holders: s.owners.iter().map(|(pid, comm)| Task { pid: *pid, tid: None, comm: comm.clone(), last_accept_ns: None }).collect(),
         }
     }
 }

@@ -14,7 +14,8 @@ use tokio::signal::unix::SignalKind;
 
 use crate::{
     agent::Agent,
-    top::{HEADER, SortKey, TopOptions, lines, sorted_rows},
+    cli::SortKey,
+    top::{HEADER, TopOptions, lines, sorted_rows},
 };
 
 const SORTS: [SortKey; 5] = [SortKey::Drops, SortKey::Queue, SortKey::Wait, SortKey::Accepts, SortKey::Port];

@@ -13,20 +13,12 @@ use socktrace_common::stat;
 use tokio::signal::unix::SignalKind;
 
 use crate::{
-    cli::Filter,
     event::{self, Record},
+    filter::Filter,
     probes::Tracer,
     ring::{Stats, ring},
     system,
 };
-
-impl Filter {
-    pub fn matches(&self, r: &Record) -> bool {
-        self.port.is_none_or(|p| r.lport == p || r.rport == p)
-            && self.pid.is_none_or(|p| r.pid == Some(p))
-            && self.netns.is_none_or(|n| r.netns == n)
-    }
-}
 
 pub async fn run(mut tracer: Tracer, filter: Filter, json: bool, duration: Option<Duration>) -> anyhow::Result<()> {
     let stats = Stats::new(&mut tracer)?;
@@ -98,7 +90,7 @@ fn write_all(rb: &mut RingBuf<MapData>, out: &mut impl Write, filter: &Filter, j
     let mut n = 0;
     while let Some(item) = rb.next() {
         let rec = Record::from_event(&event::parse(&item)?);
-        if filter.matches(&rec) {
+        if filter.matches_event(&rec) {
             n += 1;
             write_record(out, &rec, json, start_ns)?;
         }

@@ -18,6 +18,7 @@ use tokio::signal::unix::SignalKind;
 
 use crate::{
     agent::Agent,
+    cli::Format,
     model::{self, ListenerKey},
     snapshot::netns,
     system,
@@ -27,13 +28,6 @@ use socktrace_common::kind;
 
 /// sock_diag / interval sampling period.
 pub const SAMPLE: Duration = Duration::from_millis(200);
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Format {
-    Text,
-    Markdown,
-    Json,
-}
 
 /// Per-netns counters and sysctls.
 #[derive(Clone, Debug, Default)]
@@ -85,6 +79,7 @@ struct Acc {
     backlog: Option<u32>,
     drops_intervals: u32,
     max_burst: u64,
+    max_drops: u64,
     syn_recv_max: Option<u32>,
     accepts: u64,
     overflows: u64,
@@ -140,6 +135,7 @@ fn take_interval(
             a.drops_intervals += 1;
         }
         a.max_burst = a.max_burst.max(i.accepts + i.overflows + i.syn_drops);
+        a.max_drops = a.max_drops.max(i.overflows + i.syn_drops);
         a.accepts += i.accepts;
         a.overflows += i.overflows;
         a.syn_drops += i.syn_drops;
@@ -172,6 +168,8 @@ struct Report {
     findings: Vec<Finding>,
     /// Stall episodes found in the window's time series.
     episodes: Vec<Episode>,
+    /// Drop events with a time (since tracing started; the window's counts are in `window_counts`).
+    drop_events: u64,
     /// What the kernel aggregates counted for this listener during the window.
     window_counts: WindowCounts,
 }
@@ -207,6 +205,11 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
             before.insert(inode, f);
         }
     }
+    // The kernel aggregates' baseline: an interval closed now, and not counted, so that the
+    // window's counts start here (rows created at start-up already hold what came before).
+    agent.close_interval()?;
+    let t0 = system::monotonic_ns();
+    let t0_unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok().and_then(|d| u64::try_from(d.as_millis()).ok());
     // Only once the baseline counters are read: scripts start traffic on this line.
     eprintln!("socktrace: observing for {:.1} s", duration.as_secs_f64());
     let mut accs: BTreeMap<ListenerKey, Acc> = BTreeMap::new();
@@ -215,8 +218,6 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
     let deadline = tokio::time::sleep(duration);
     tokio::pin!(deadline);
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
-    let t0 = system::monotonic_ns();
-    let t0_unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok().and_then(|d| u64::try_from(d.as_millis()).ok());
     loop {
         tokio::select! {
             r = agent.pump() => r?,
@@ -269,6 +270,7 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
             syn_drops: a.syn_drops,
             intervals_with_drops: a.drops_intervals,
             max_burst: a.max_burst,
+            max_interval_drops: a.max_drops,
             wait_p50_ns: waits.map(|w| w.0),
             wait_p99_ns: waits.map(|w| w.1),
             wait_max_ns: waits.map(|w| w.2),
@@ -281,7 +283,7 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
             last_accept_ago_secs: l.last_acceptor.as_ref().map(|x| now.saturating_sub(x.ts_ns) as f64 / 1e9),
             acceptor: l.last_acceptor.as_ref().map(|x| (x.tid, x.comm.clone())),
             episodes,
-            drop_events: timeline.drops.len() as u64,
+            drop_events: timeline.drops.iter().filter(|d| **d >= t0).count() as u64,
             accepts_unknown_wait: l.accepts_unknown_wait,
             window_start_unix_ms: t0_unix_ms,
             all_namespaces: false,
@@ -299,6 +301,7 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
             verdict: findings.first().map_or("healthy", |f| f.verdict),
             findings,
             episodes: e.episodes,
+            drop_events: e.drop_events,
             window_counts: WindowCounts {
                 accepts: a.accepts,
                 overflows: a.overflows,
@@ -338,6 +341,7 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
                 verdict: "no_listener",
                 findings,
                 episodes: Vec::new(),
+                drop_events: 0,
                 window_counts: WindowCounts::default(),
             });
         }
@@ -345,10 +349,13 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
     let mut out = std::io::stdout().lock();
     match format {
         Format::Json => {
-            serde_json::to_writer(&mut out, &serde_json::json!({ "window_s": window, "sock_diag": agent.diag_ok, "listeners": reports }))?;
+            serde_json::to_writer(
+                &mut out,
+                &serde_json::json!({ "window_s": window, "sock_diag": agent.diag_ok, "events_lost": agent.lost(), "listeners": reports }),
+            )?;
             writeln!(out)?;
         }
-        Format::Text | Format::Markdown => print_reports(&mut out, &reports, format == Format::Markdown, window, agent.diag_ok)?,
+        Format::Text | Format::Markdown => print_reports(&mut out, &reports, format == Format::Markdown, window, agent.diag_ok, agent.lost())?,
     }
     Ok(())
 }
@@ -375,10 +382,18 @@ fn socket_episodes(l: &model::Listener, a: &Acc, t0: u64, end: u64) -> (Vec<Epis
                 .and_then(|s| s.acceptors.first())
                 .map(|x| (x.pid, x.tid, x.comm.clone(), end.saturating_sub(x.ts_ns) as f64 / 1e9)),
             holders: sock.map(|s| s.owners.clone()).unwrap_or_default(),
+            holder_states: sock.map(|s| s.owners.iter().filter_map(|(pid, _)| Some((*pid, process_state(*pid)?))).collect()).unwrap_or_default(),
+            acceptor_pids: sock.map(|s| s.acceptors.iter().map(|a| a.pid).collect()).unwrap_or_default(),
         });
     }
     episodes.sort_by(|a, b| a.start_s.total_cmp(&b.start_s));
     (episodes, facts)
+}
+
+/// Scheduler state of a process (`/proc/PID/stat`, the field after the parenthesised comm).
+fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
 }
 
 /// LISTEN sockets on `port` in namespaces other than `netns`, as "netns N: ADDR (comm pid P)"
@@ -396,7 +411,7 @@ fn listening_elsewhere(port: u16, netns: u32) -> Vec<String> {
         .collect()
 }
 
-fn print_reports(out: &mut impl Write, reports: &[Report], md: bool, window: f64, diag_ok: bool) -> anyhow::Result<()> {
+fn print_reports(out: &mut impl Write, reports: &[Report], md: bool, window: f64, diag_ok: bool, lost: u64) -> anyhow::Result<()> {
     let healthy: BTreeSet<String> =
         reports.iter().filter(|r| r.findings.is_empty()).map(|r| format!("{}:{}", r.netns, r.lport)).collect();
     if md {
@@ -406,6 +421,13 @@ fn print_reports(out: &mut impl Write, reports: &[Report], md: bool, window: f64
     }
     if !diag_ok {
         writeln!(out, "{}sock_diag was unavailable: queue-now, backlog and owner evidence is missing", if md { "> " } else { "note: " })?;
+    }
+    if lost > 0 {
+        writeln!(
+            out,
+            "{}{lost} events were lost in the ring buffer: counts are exact (kernel aggregates), but episode timing misses those events",
+            if md { "> " } else { "note: " }
+        )?;
     }
     for r in reports.iter().filter(|r| !r.findings.is_empty()) {
         let who = match (&r.comm, r.pid) {

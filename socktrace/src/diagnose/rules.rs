@@ -6,6 +6,8 @@
 //! begins after a healthy start, or one that comes back every few seconds, is an `accept_stall`,
 //! and `backlog_too_small` is kept for drops while the application keeps accepting.
 
+use std::fmt::Write as _;
+
 use serde::Serialize;
 
 use crate::model::Timeline;
@@ -23,8 +25,8 @@ pub struct Point {
 /// A stall episode: the application accepted nothing while its accept queue was full.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Episode {
-    /// Seconds from the window's start to the last accept before the stall (0 with
-    /// `from_window_start`).
+    /// Seconds from the window's start to the last accept before the stall (negative when that
+    /// accept came before the window; 0 with `from_window_start`).
     pub start_s: f64,
     pub duration_s: f64,
     /// Seconds from the window's start at which the queue was first seen full in it.
@@ -33,7 +35,7 @@ pub struct Episode {
     pub drops: u64,
     /// Accepts inside it: none, by definition (kept for readers lining it up with their logs).
     pub accepts: u64,
-    /// No accept before it in the window: it may have begun before tracing.
+    /// No accept seen before it since tracing started: it may have begun before tracing.
     pub from_window_start: bool,
     /// Still going when the window ended.
     pub ongoing: bool,
@@ -52,8 +54,36 @@ pub struct SocketFacts {
     pub drops: u64,
     /// The thread that last accepted from it: (pid, tid, comm, seconds before the window's end).
     pub last_acceptor: Option<(u32, u32, String, f64)>,
-    /// Processes holding its fd.
+    /// Processes holding its fd, with their scheduler state (`/proc/PID/stat`: R, S, D, T, …).
     pub holders: Vec<(u32, String)>,
+    pub holder_states: Vec<(u32, char)>,
+    /// Processes seen accepting from it.
+    pub acceptor_pids: Vec<u32>,
+}
+
+/// A holder of a stalled socket that is probably its worker: it accepts from no other socket of
+/// the group, and preferably it is stopped (T) or blocked in the kernel (D).
+fn likely_worker<'a>(s: &'a SocketFacts, all: &[SocketFacts]) -> Option<(&'a (u32, String), Option<char>)> {
+    let others: Vec<u32> = all.iter().filter(|o| o.inode != s.inode).flat_map(|o| o.acceptor_pids.iter().copied()).collect();
+    let state = |pid: u32| s.holder_states.iter().find(|(p, _)| *p == pid).map(|(_, c)| *c);
+    let candidates: Vec<&(u32, String)> = s.holders.iter().filter(|(pid, _)| !others.contains(pid)).collect();
+    let blocked: Vec<&&(u32, String)> = candidates.iter().filter(|(pid, _)| matches!(state(*pid), Some('T' | 't' | 'D'))).collect();
+    match (blocked.as_slice(), candidates.as_slice()) {
+        ([one], _) => Some((one, state(one.0))),
+        ([], [one]) => Some((one, state(one.0))),
+        _ => None,
+    }
+}
+
+fn state_name(c: char) -> &'static str {
+    match c {
+        'T' | 't' => "stopped",
+        'D' => "blocked in the kernel (uninterruptible)",
+        'R' => "running",
+        'S' => "sleeping",
+        'Z' => "zombie",
+        _ => "unknown",
+    }
 }
 
 /// Stall episodes of one listener over the window `[t0, t1]` (monotonic ns): gaps between accepts
@@ -62,21 +92,22 @@ pub struct SocketFacts {
 /// that shrinks is being drained by accepts this tracer cannot see, e.g. io_uring).
 pub fn find_episodes(tl: &Timeline, points: &[Point], t0: u64, t1: u64, t: &Thresholds) -> Vec<Episode> {
     let min = tl.median_gap_ns().map_or(t.stall_min_ns, |g| g.saturating_mul(t.stall_gap_factor).max(t.stall_min_ns));
-    // Candidate gaps (start, end, from_window_start, ongoing), clipped to the window.
+    // Candidate gaps (start, end, from_window_start, ongoing) that reach into the window. The
+    // timeline begins when tracing did, a little before the window: a gap may start before it.
     let mut gaps: Vec<(u64, u64, bool, bool)> = Vec::new();
     match (tl.first_accept_ns, tl.last_accept_ns) {
         (Some(first), Some(last)) => {
             if first > t0 {
                 gaps.push((t0, first, true, false));
             }
-            gaps.extend(tl.gaps.iter().filter(|(_, e)| *e > t0).map(|&(s, e)| (s.max(t0), e, s <= t0, false)));
+            gaps.extend(tl.gaps.iter().filter(|(_, e)| *e > t0).map(|&(s, e)| (s, e, false, false)));
             if t1 > last {
-                gaps.push((last.max(t0), t1, last <= t0, true));
+                gaps.push((last, t1, false, true));
             }
         }
         _ => gaps.push((t0, t1, true, true)),
     }
-    let secs = |ns: u64| ns.saturating_sub(t0) as f64 / 1e9;
+    let secs = |ns: u64| (ns as f64 - t0 as f64) / 1e9;
     let mut out = Vec::new();
     for (s, e, from_start, ongoing) in gaps {
         if e.saturating_sub(s) < min {
@@ -86,10 +117,11 @@ pub fn find_episodes(tl: &Timeline, points: &[Point], t0: u64, t1: u64, t: &Thre
         if inside.windows(2).any(|w| matches!((w[0].queue_len, w[1].queue_len), (Some(a), Some(b)) if b < a)) {
             continue;
         }
-        let drops_in: Vec<u64> = tl.drops.iter().copied().filter(|d| *d >= s && *d <= e).collect();
+        // Drops in the window only (they are what the window's counts hold).
+        let drops_in: Vec<u64> = tl.drops.iter().copied().filter(|d| *d >= s.max(t0) && *d <= e).collect();
         let full_sample = inside.iter().find(|p| matches!((p.queue_len, p.backlog), (Some(q), Some(b)) if b > 0 && q >= b)).map(|p| p.t_ns);
         let Some(full_from) = drops_in.iter().copied().min().into_iter().chain(full_sample).min() else { continue };
-        if e.saturating_sub(full_from) < min {
+        if e.saturating_sub(full_from.max(t0)) < min {
             continue;
         }
         out.push(Episode {
@@ -130,6 +162,8 @@ pub struct Evidence {
     /// one sample interval.
     pub intervals_with_drops: u32,
     pub max_burst: u64,
+    /// Most drops in one sample interval.
+    pub max_interval_drops: u64,
     pub wait_p50_ns: Option<u64>,
     pub wait_p99_ns: Option<u64>,
     pub wait_max_ns: Option<u64>,
@@ -447,9 +481,9 @@ fn clock(unix_ms: u64) -> String {
 
 /// When an episode began: wall clock (when known) and offset into the window.
 fn episode_when(e: &Evidence, x: &Episode) -> String {
-    let offset = format!("+{:.1} s", x.start_s);
+    let offset = if x.start_s < 0.0 { format!("{:.1} s before the window", -x.start_s) } else { format!("+{:.1} s", x.start_s) };
     match e.window_start_unix_ms {
-        Some(ms) => format!("{} ({offset})", clock(ms + (x.start_s * 1000.0) as u64)),
+        Some(ms) => format!("{} ({offset})", clock(u64::try_from(ms as i64 + (x.start_s * 1000.0) as i64).unwrap_or(0))),
         None => offset,
     }
 }
@@ -515,7 +549,8 @@ fn stall_finding(e: &Evidence, base: &[String], saturated: bool, top: &str, targ
         by_socket.entry(x.socket).or_default().push(x);
     }
     let worst: Vec<&Episode> = by_socket.into_values().max_by_key(Vec::len).unwrap_or_default();
-    let stalled_s: f64 = worst.iter().map(|x| x.duration_s).sum();
+    // Only the part inside the window (an episode may have begun before it).
+    let stalled_s: f64 = worst.iter().map(|x| x.duration_s + x.start_s.min(0.0)).sum();
     let ongoing = e.episodes.iter().any(|x| x.ongoing);
     let intermittent = worst.len() >= 2;
     let drops = e.overflows + e.syn_drops;
@@ -539,15 +574,15 @@ fn stall_finding(e: &Evidence, base: &[String], saturated: bool, top: &str, targ
         for (i, x) in e.episodes.iter().enumerate().take(EPISODES_SHOWN) {
             let mut line = format!("stall {}: {} for {:.1} s", i + 1, episode_when(e, x), x.duration_s);
             if let Some(ino) = x.socket {
-                line.push_str(&format!(" on socket inode {ino}"));
+                let _ = write!(line, " on socket inode {ino}");
             }
             if x.from_window_start {
-                line.push_str(" (already stalled when the window began: no accept seen before)");
+                line.push_str(" (already stalled when tracing began: no accept seen since)");
             }
             if x.ongoing {
                 line.push_str(" (still stalled when the window ended)");
             }
-            line.push_str(&format!(", {} drops, {} accepts, queue full from +{:.1} s", x.drops, x.accepts, x.full_from_s));
+            let _ = write!(line, ", {} drops, {} accepts, queue full from +{:.1} s", x.drops, x.accepts, x.full_from_s);
             evidence.push(line);
         }
         if n > EPISODES_SHOWN {
@@ -571,6 +606,12 @@ fn stall_finding(e: &Evidence, base: &[String], saturated: bool, top: &str, targ
     } else {
         for s in &stalled_sockets {
             evidence.push(format!("stalled socket inode {} ({}, backlog {} of its own): {} drops, {} accepts in the window; {}", s.inode, s.addr, opt_num(s.backlog), s.drops, s.accepts, accepted_from(s)));
+            if let (None, Some(((pid, comm), st))) = (&s.last_acceptor, likely_worker(s, &e.sockets)) {
+                evidence.push(format!(
+                    "likely its worker: {comm} pid {pid} ({}): it holds the socket and accepts from no other socket of this port",
+                    st.map_or("state unknown", state_name)
+                ));
+            }
         }
         let draining: Vec<&SocketFacts> = e.sockets.iter().filter(|s| !stalled_sockets.iter().any(|x| x.inode == s.inode)).collect();
         if !draining.is_empty() {
@@ -590,11 +631,18 @@ fn stall_finding(e: &Evidence, base: &[String], saturated: bool, top: &str, targ
                 "worker {comm} pid {pid} (thread {tid}) stopped accepting from socket inode {}: check its state (`ps -o pid,stat,wchan:30 -T -p {pid}`: T = stopped, D = blocked in the kernel), its logs and a stack dump; restart or replace that worker — the other workers are healthy",
                 s.inode
             ),
-            None => format!(
-                "nobody accepted from socket inode {} during the window; it is held by {}: find which of these should accept from it (each SO_REUSEPORT worker owns one socket) and why it does not",
-                s.inode,
-                holders(s)
-            ),
+            None => match likely_worker(s, &e.sockets) {
+                Some(((pid, comm), st)) => format!(
+                    "worker {comm} pid {pid} ({}) is the likely owner of socket inode {}, which nobody drains: check it (`ps -o pid,stat,wchan:30 -T -p {pid}`), its logs and a stack dump; restart or replace that worker",
+                    st.map_or("state unknown", state_name),
+                    s.inode
+                ),
+                None => format!(
+                    "nobody accepted from socket inode {} during the window; it is held by {}: find which of these should accept from it (each SO_REUSEPORT worker owns one socket) and why it does not",
+                    s.inode,
+                    holders(s)
+                ),
+            },
         });
     }
     let mut severity = Severity::Critical;
@@ -648,7 +696,9 @@ fn backlog_finding(e: &Evidence, base: &[String], t: &Thresholds, top: &str, tar
         evidence.push(format!("{} of {} timed drop events happened while the application was accepting (outside stall episodes)", e.drop_events - inside, e.drop_events));
     }
     let backlog = e.backlog.unwrap_or(0);
-    let suggested = (e.max_burst.max(u64::from(backlog) * 2)).next_power_of_two().max(128);
+    // The queue had to hold its backlog plus what was dropped in the worst sample interval.
+    let suggested = (u64::from(backlog) + e.max_interval_drops).max(u64::from(backlog) * 2).next_power_of_two().max(128);
+    evidence.push(format!("most drops in one sample interval: {} (a queue of about backlog + that would have held them)", e.max_interval_drops));
     if !bursty {
         evidence.push("ambiguous: the queue was full often but accepts kept up — a slow consumer and bursts both fit".into());
     }
@@ -678,7 +728,7 @@ fn somaxconn_finding(e: &Evidence, top: &str, target: &Target) -> Finding {
         .requested_backlog
         .unwrap_or(0)
         .max(somax.saturating_mul(2))
-        .max(u32::try_from(e.max_burst).unwrap_or(u32::MAX).checked_next_power_of_two().unwrap_or(u32::MAX));
+        .max(u32::try_from(u64::from(somax) + e.max_interval_drops).unwrap_or(u32::MAX).checked_next_power_of_two().unwrap_or(u32::MAX));
     let mut evidence = vec![format!(
         "backlog {} = net.core.somaxconn {somax}; the application asked for {}",
         e.backlog.unwrap_or(0),
@@ -881,6 +931,32 @@ mod tests {
         }
         let pts = points(3000, |_| 9, 8);
         assert!(find_episodes(&tl, &pts, 0, 3000 * MS, &THRESHOLDS).is_empty());
+    }
+
+    #[test]
+    fn a_stuck_reuseport_socket_names_its_likely_worker() {
+        let sock = |inode, accepts, drops, acceptors: Vec<u32>| SocketFacts {
+            inode,
+            addr: "0.0.0.0:80".into(),
+            backlog: Some(16),
+            accepts,
+            drops,
+            last_acceptor: None,
+            holders: vec![(10, "nginx".into()), (11, "nginx".into()), (12, "nginx".into()), (13, "nginx".into())],
+            holder_states: vec![(10, 'S'), (11, 'S'), (12, 'T'), (13, 'S')],
+            acceptor_pids: acceptors,
+        };
+        // Master 10 never accepts; 11 and 13 accept from the healthy sockets; 12 is stopped.
+        let sockets = vec![sock(1, 500, 0, vec![11]), sock(2, 0, 40, vec![]), sock(3, 480, 0, vec![13])];
+        let ep = Episode { start_s: 0.0, duration_s: 5.0, full_from_s: 0.1, drops: 40, from_window_start: true, ongoing: true, socket: Some(2), ..Episode::default() };
+        let e = Evidence { accepts: 980, syn_drops: 40, drop_events: 40, episodes: vec![ep], sockets, window_secs: 5.0, ..base() };
+        let f = diagnose(&e, &THRESHOLDS, &target());
+        assert_eq!(f[0].verdict, "accept_stall");
+        let text = f[0].evidence.join("\n");
+        assert!(text.contains("stalled socket inode 2"), "{text}");
+        assert!(text.contains("likely its worker: nginx pid 12 (stopped)"), "{text}");
+        assert!(text.contains("the other 2 of the 3 sockets on this port kept draining: 980 accepts"), "{text}");
+        assert!(f[0].fix[0].contains("worker nginx pid 12 (stopped)"), "{:?}", f[0].fix);
     }
 
     #[test]

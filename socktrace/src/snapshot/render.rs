@@ -274,7 +274,7 @@ impl Grid {
 
     /// Writes the header and the rows. `trailing` names an unaligned last column whose text
     /// `tail(row, line)` appends (the process list: long, and known only after the /proc scan).
-    fn write(&self, out: &mut impl Write, trailing: Option<&str>, mut tail: impl FnMut(usize, &mut String)) -> io::Result<()> {
+    fn write(&self, out: &mut impl Write, header: bool, trailing: Option<&str>, mut tail: impl FnMut(usize, &mut String)) -> io::Result<()> {
         // Trailing spaces go, whether or not the last column printed anything.
         let end_line = |line: &mut String| {
             let end = line.trim_end().len();
@@ -295,7 +295,9 @@ impl Grid {
             line.push_str(t);
         }
         end_line(&mut line);
-        out.write_all(line.as_bytes())?;
+        if header {
+            out.write_all(line.as_bytes())?;
+        }
         let mut start = 0;
         let mut i = 0;
         for row in 0..self.rows() {
@@ -344,6 +346,8 @@ fn users(owners: &Owners, inode: u32, s: &mut String) {
 /// are formatted as they are pushed; only the padding waits for [`Table::write`].
 pub struct Table {
     info: bool,
+    /// Print the header line (not with ss's -H).
+    header: bool,
     listen: Grid,
     other: Grid,
     /// Socket inode per row of each section, for the process column.
@@ -354,7 +358,7 @@ pub struct Table {
 }
 
 impl Table {
-    pub fn new(info: bool) -> Table {
+    pub fn new(info: bool, header: bool) -> Table {
         use Align::{Addr, Left, Right};
         let listen = Grid::new(vec![
             ("State", Left),
@@ -369,7 +373,7 @@ impl Table {
             headers.extend([("RTT(ms)", Right), ("Cwnd", Right), ("Retrans", Right)]);
         }
         headers.push(("Netns", Left));
-        Table { info, listen, other: Grid::new(headers), listen_inodes: Vec::new(), other_inodes: Vec::new(), listen_keys: Vec::new() }
+        Table { info, header, listen, other: Grid::new(headers), listen_inodes: Vec::new(), other_inodes: Vec::new(), listen_keys: Vec::new() }
     }
 
     pub fn push(&mut self, ns: &Netns, r: &Record) {
@@ -430,10 +434,10 @@ impl Table {
         let groups = listen_groups(self.listen_keys.iter().copied());
         let sections = [(&self.listen, &self.listen_inodes, true), (&self.other, &self.other_inodes, false)];
         for (i, (grid, inodes, listen)) in sections.into_iter().filter(|(g, _, _)| g.rows() > 0).enumerate() {
-            if i > 0 {
+            if i > 0 && self.header {
                 w.write_all(b"\n")?;
             }
-            grid.write(&mut w, trailing, |row, line| {
+            grid.write(&mut w, self.header, trailing, |row, line| {
                 // SO_REUSEPORT: several sockets, each with its own queue, on one address and port.
                 let n = if listen { self.listen_keys.get(row).and_then(|k| groups.get(k)).copied().unwrap_or(1) } else { 1 };
                 if n > 1 {
