@@ -17,6 +17,7 @@ use anyhow::{Context as _, bail};
 use serde_json::Value;
 
 pub mod diag;
+pub mod reuseport;
 pub mod servers;
 
 /// Whether privileged tests may run. Without root they skip with a printed reason, unless

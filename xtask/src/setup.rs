@@ -19,6 +19,10 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("util-linux", "/usr/bin/setpriv"),
     ("prometheus", "/usr/bin/prometheus"),
     ("tmux", "/usr/bin/tmux"),
+    // `socktrace generate` tests: the man pages render, the completion scripts parse.
+    ("groff-base", "/usr/bin/groff"),
+    ("zsh", "/usr/bin/zsh"),
+    ("fish", "/usr/bin/fish"),
 ];
 
 /// Real servers and load generators of the field-trial suite (tests/tests/field.rs), which starts
@@ -158,7 +162,7 @@ fn as_root(argv: &[&str]) -> Command {
     c
 }
 
-fn apt_install(pkgs: &[&str], why: &str) -> anyhow::Result<()> {
+pub fn apt_install(pkgs: &[&str], why: &str) -> anyhow::Result<()> {
     eprintln!("xtask: installing Debian packages {} ({why})", pkgs.join(" "));
     status(&mut apt(&["update", "-q"]))?;
     let mut install = apt(&["install", "-y", "-q"]);

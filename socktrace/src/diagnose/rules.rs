@@ -6,6 +6,8 @@
 //! begins after a healthy start, or one that comes back every few seconds, is an `accept_stall`,
 //! and `backlog_too_small` is kept for drops while the application keeps accepting.
 
+use std::fmt::Write as _;
+
 use serde::Serialize;
 
 use crate::model::Timeline;
@@ -572,7 +574,7 @@ fn stall_finding(e: &Evidence, base: &[String], saturated: bool, top: &str, targ
         for (i, x) in e.episodes.iter().enumerate().take(EPISODES_SHOWN) {
             let mut line = format!("stall {}: {} for {:.1} s", i + 1, episode_when(e, x), x.duration_s);
             if let Some(ino) = x.socket {
-                line.push_str(&format!(" on socket inode {ino}"));
+                let _ = write!(line, " on socket inode {ino}");
             }
             if x.from_window_start {
                 line.push_str(" (already stalled when tracing began: no accept seen since)");
@@ -580,7 +582,7 @@ fn stall_finding(e: &Evidence, base: &[String], saturated: bool, top: &str, targ
             if x.ongoing {
                 line.push_str(" (still stalled when the window ended)");
             }
-            line.push_str(&format!(", {} drops, {} accepts, queue full from +{:.1} s", x.drops, x.accepts, x.full_from_s));
+            let _ = write!(line, ", {} drops, {} accepts, queue full from +{:.1} s", x.drops, x.accepts, x.full_from_s);
             evidence.push(line);
         }
         if n > EPISODES_SHOWN {
@@ -604,13 +606,11 @@ fn stall_finding(e: &Evidence, base: &[String], saturated: bool, top: &str, targ
     } else {
         for s in &stalled_sockets {
             evidence.push(format!("stalled socket inode {} ({}, backlog {} of its own): {} drops, {} accepts in the window; {}", s.inode, s.addr, opt_num(s.backlog), s.drops, s.accepts, accepted_from(s)));
-            if s.last_acceptor.is_none() {
-                if let Some(((pid, comm), st)) = likely_worker(s, &e.sockets) {
-                    evidence.push(format!(
-                        "likely its worker: {comm} pid {pid} ({}): it holds the socket and accepts from no other socket of this port",
-                        st.map_or("state unknown", state_name)
-                    ));
-                }
+            if let (None, Some(((pid, comm), st))) = (&s.last_acceptor, likely_worker(s, &e.sockets)) {
+                evidence.push(format!(
+                    "likely its worker: {comm} pid {pid} ({}): it holds the socket and accepts from no other socket of this port",
+                    st.map_or("state unknown", state_name)
+                ));
             }
         }
         let draining: Vec<&SocketFacts> = e.sockets.iter().filter(|s| !stalled_sockets.iter().any(|x| x.inode == s.inode)).collect();
