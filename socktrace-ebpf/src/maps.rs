@@ -56,8 +56,11 @@ pub fn count(index: u32) {
 pub fn emit(ev: &mut Event) {
     crate::aggregate::name_socket(ev);
     crate::aggregate::record(ev);
-    let mute = CONTROL.get(0).map_or(0, |c| c.mute);
-    if mute & (1 << (ev.kind & 31)) != 0 {
+    let Some(c) = CONTROL.get(0) else { return };
+    if c.mute & (1 << (ev.kind & 31)) != 0
+        || (c.netns != 0 && ev.netns != c.netns)
+        || (c.port != 0 && u32::from(ev.lport) != c.port && u32::from(ev.rport) != c.port)
+    {
         return;
     }
     let flags = wakeup_flags(ev.ts_ns);

@@ -20,6 +20,9 @@ pub struct Point {
     /// Accept queue now and backlog (sock_diag), when listed.
     pub queue_len: Option<u32>,
     pub backlog: Option<u32>,
+    /// Accepts the kernel counted in the sample interval ending here (exact even when events
+    /// are lost).
+    pub accepts: u64,
 }
 
 /// A stall episode: the application accepted nothing while its accept queue was full.
@@ -124,6 +127,11 @@ pub fn find_episodes(tl: &Timeline, points: &[Point], t0: u64, t1: u64, t: &Thre
         }
         let inside: Vec<&Point> = points.iter().filter(|p| p.t_ns > s && p.t_ns < e).collect();
         if inside.windows(2).any(|w| matches!((w[0].queue_len, w[1].queue_len), (Some(a), Some(b)) if b < a)) {
+            continue;
+        }
+        // The kernel's own counter accepted during the gap (a sample interval wholly inside it):
+        // accept events went missing (ring buffer loss), this is no stall.
+        if points.windows(2).any(|w| w[0].t_ns >= s && w[1].t_ns <= e && w[1].accepts > 0) {
             continue;
         }
         // Drops in the window only (they are what the window's counts hold).
@@ -854,7 +862,7 @@ mod tests {
     }
 
     fn points(to_ms: u64, queue: impl Fn(u64) -> u32, backlog: u32) -> Vec<Point> {
-        (1..=to_ms / 200).map(|i| Point { t_ns: i * 200 * MS, queue_len: Some(queue(i * 200)), backlog: Some(backlog) }).collect()
+        (1..=to_ms / 200).map(|i| Point { t_ns: i * 200 * MS, queue_len: Some(queue(i * 200)), backlog: Some(backlog), accepts: 0 }).collect()
     }
 
     #[test]
@@ -987,6 +995,25 @@ mod tests {
         let ep = find_episodes(&tl, &full, 0, 3000 * MS, &THRESHOLDS);
         assert_eq!(ep.len(), 1);
         assert!(ep[0].from_window_start && ep[0].ongoing);
+    }
+
+    #[test]
+    fn accepts_the_kernel_counted_inside_a_gap_contradict_it() {
+        // The events of 2 s of accepts were lost: the timeline shows a gap, the queue was full,
+        // but the kernel's counter went on: no stall.
+        let mut tl = Timeline::default();
+        accepts(&mut tl, 0, 1000, 5, &[(1000, 1000)]);
+        accepts(&mut tl, 3000, 4000, 5, &[]);
+        for d in (1000..3000).step_by(50) {
+            tl.drop_at(d * MS);
+        }
+        let full = |t: u64| if t > 1000 && t < 3000 { 9 } else { 2 };
+        let mut pts = points(4000, full, 8);
+        assert_eq!(find_episodes(&tl, &pts, 0, 4000 * MS, &THRESHOLDS).len(), 1, "events alone: a stall");
+        for p in &mut pts {
+            p.accepts = 40;
+        }
+        assert!(find_episodes(&tl, &pts, 0, 4000 * MS, &THRESHOLDS).is_empty());
     }
 
     #[test]
