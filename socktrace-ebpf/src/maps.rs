@@ -26,9 +26,10 @@ pub static ENQUEUED: LruHashMap<u64, u64> = LruHashMap::with_max_entries(65536, 
 #[map]
 pub static ACCEPTING: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, 0);
 
-/// Per-listener aggregates, keyed by `listener_key(netns, lport)`. LRU: listeners come and go.
+/// Per-listener aggregates: a row per port (`listener_key`) and per LISTEN socket (`socket_key`),
+/// so twice the listeners it can hold. LRU: listeners come and go.
 #[map]
-pub static LISTENERS: LruHashMap<u64, ListenerStats> = LruHashMap::with_max_entries(16384, 0);
+pub static LISTENERS: LruHashMap<u64, ListenerStats> = LruHashMap::with_max_entries(32768, 0);
 
 
 /// Per CPU: when this CPU last let an event wake the reader (see [`emit`]).
