@@ -253,7 +253,11 @@ fn nginx_reuseport_healthy_group_adds_up() {
     for (_, row) in &rows {
         assert_eq!(socket_inodes(row), inodes, "{row}");
         let by_socket: u64 = row["sockets"].as_array().into_iter().flatten().filter_map(|s| s["accepts"].as_u64()).sum();
-        assert_eq!(Some(by_socket), row["accepts"].as_u64(), "the sockets' accepts add up to the port's: {row}");
+        // The port row and the socket rows are read one after the other while accepts go on: an
+        // accept between the two reads lands in one interval's port count and the next one's socket
+        // count (seen: 1 in 16536).
+        let port_accepts = row["accepts"].as_u64().unwrap_or(0);
+        assert!(by_socket.abs_diff(port_accepts) <= 3, "the sockets' accepts add up to the port's: {by_socket} vs {port_accepts}: {row}");
         assert_eq!(u32_of(&row["queue_max"]), Some(backlog), "{row}");
         for s in row["sockets"].as_array().into_iter().flatten() {
             assert_eq!(u32_of(&s["queue_max"]), Some(backlog), "{s}");
@@ -353,12 +357,19 @@ fn reuseport_socket_closed_and_reopened_keeps_its_own_identity() {
     let moving: Vec<&String> = m_b.iter().filter(|(k, v)| m_a.get(*k).is_some_and(|a| *v > a)).map(|(k, _)| k).collect();
     assert!(still.len() == 1 && moving.len() == 1, "one series stops (the closed socket), one goes on: {m_a:?} → {m_b:?}");
     let (old_label, kept_label) = (still[0].clone(), moving[0].clone());
-    // With one socket left the port has no per-socket series; wait until serve lets it go.
+    // With one socket left the port keeps its per-socket series (it had several): the closed
+    // socket's goes, the kept one's stays and goes on counting.
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while !socket_series(&scrape(&serve), &ns, port).is_empty() {
-        assert!(std::time::Instant::now() < deadline, "serve still exports per-socket series 15 s after the close");
+    let m_one = loop {
+        let m = socket_series(&scrape(&serve), &ns, port);
+        if !m.contains_key(&old_label) {
+            break m;
+        }
+        assert!(std::time::Instant::now() < deadline, "serve still exports the closed socket's series 15 s after the close: {m:?}");
         std::thread::sleep(Duration::from_millis(300));
-    }
+    };
+    assert_eq!(m_one.keys().collect::<Vec<_>>(), [&kept_label], "only the kept socket's series while it is alone: {m_one:?}");
+    assert!(m_one[&kept_label] >= m_b[&kept_label], "the kept socket's counter goes on: {m_b:?} → {m_one:?}");
     assert_eq!(snapshot_groups(&ns, port), [(kept_ino, 1)].into(), "snapshot: one socket left, a group of 1");
     let opened = server.command("open 0", "opened").unwrap();
     let opened_ns = monotonic_ns();
@@ -388,10 +399,8 @@ fn reuseport_socket_closed_and_reopened_keeps_its_own_identity() {
     let (lo, hi) = (count(&b1, new_ino) as f64, count(&a1, new_ino) as f64);
     let new_value = m1[&old_label];
     assert!(new_value >= lo && new_value <= hi, "the new socket takes the freed label {old_label} and counts from its own zero: {new_value}, server {lo}..{hi}; {m1:?}");
-    // The kept socket keeps its label. While it was the port's only socket it had no per-socket
-    // series; re-exported, its counter starts again (a reset to Prometheus), so only its label and
-    // that it counts are checked here.
-    assert!(m1[&kept_label] > 0.0, "the kept socket keeps its label {kept_label}: {m_b:?} → {m1:?}");
+    // The kept socket keeps its label and its counter never restarted.
+    assert!(m1[&kept_label] >= m_one[&kept_label], "the kept socket keeps its label {kept_label} and counts on: {m_one:?} → {m1:?}");
 
     // top: the old inode leaves, the new one arrives counting from its own zero.
     let rows = top_rows(&top_lines, ns.inode(), port);
