@@ -422,3 +422,38 @@ fn reuseport_socket_closed_and_reopened_keeps_its_own_identity() {
     assert_eq!(running, count(&fin, new_ino), "top counted every accept from the new socket, no more: {with_new:?}");
     assert!(running > 0, "the new socket must get arrivals");
 }
+
+/// 66 `SO_REUSEPORT` sockets on one port (more than serve's per-port limit of 64), a few
+/// connections: serve exports per-socket series for 64 of them, labelled `0`…`63`, and counts the
+/// other 2 in `socktrace_sockets_not_exported`; the port's series are still there.
+#[test]
+fn serve_bounds_per_socket_series() {
+    if !privileged() {
+        return;
+    }
+    let (port, n) = (8464u16, 66u32);
+    let ns = NetNs::new("rmany").unwrap();
+    let cg = Cgroup::new("rmany").unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let server = ReuseportServer::start(Path::new(REUSEPORT), &ns, &cg, &addr, n, 8).unwrap();
+    assert_eq!(ss_listen_inodes(&ns, port).unwrap().len(), n as usize);
+    let (nsi, cgp) = (ns.inode().to_string(), cg.path.to_string_lossy().into_owned());
+    let serve = Serve::start(19483, &["--netns", &nsi, "--cgroup", &cgp]).unwrap();
+    let clients = scen(&["clients", "--netns", &ns.name, "--addr", &addr, "--count", "40", "--hold-ms", "5"]);
+    let _ = clients.wait(Duration::from_secs(30)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = scrape(&serve);
+    let m = scrape(&serve);
+    drop((serve, server));
+    let labels = [("netns", nsi.as_str()), ("lport", &port.to_string())];
+    let idx: BTreeSet<u32> =
+        samples(&m, "socktrace_socket_accept_queue_max", &labels).iter().filter_map(|(ls, _)| label(ls, "socket")?.parse().ok()).collect();
+    let not_exported: Option<f64> = m.lines().find_map(|l| l.strip_prefix("socktrace_sockets_not_exported ")?.trim().parse().ok());
+    let port_acc = sum(&samples(&m, "socktrace_accepts_total", &labels));
+    let sock_acc = sum(&samples(&m, "socktrace_socket_accepts_total", &labels));
+    eprintln!("SUMMARY serve_bounds: {} socket labels (max {:?}), not exported {not_exported:?}, accepts port {port_acc} sockets {sock_acc}", idx.len(), idx.last());
+    assert_eq!(idx, (0..64).collect(), "labels 0..63");
+    assert_eq!(not_exported, Some(2.0), "the 2 sockets over the limit are counted");
+    assert!((port_acc - 40.0).abs() < 0.5, "the port counts all 40 accepts: {port_acc}");
+    assert!(sock_acc <= port_acc, "sockets {sock_acc}, port {port_acc}");
+}
