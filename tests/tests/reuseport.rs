@@ -22,7 +22,7 @@ use socktrace_tests::{
     http_get, monotonic_ns, privileged,
     reuseport::{ReuseportServer, epoll_watched, label, samples, socket_inodes, socket_of, ss_listen_inodes, top_rows},
     servers::{Nginx, NginxConfig, wrk},
-    socktrace_bin, suite_hooks,
+    socktrace_bin, suite_hooks, time_scale,
 };
 
 const SCENARIO: &str = env!("CARGO_BIN_EXE_st-scenario");
@@ -130,6 +130,11 @@ fn nginx_reuseport_stopped_worker_is_accept_stall_on_its_socket() {
     assert!(stalled.starts_with(&format!("stalled socket inode {victim_ino} (127.0.0.1:{port}, backlog {backlog} of its own)")), "{stalled}");
     assert!(stalled.contains(&format!("last accepted by nginx pid {victim} thread {victim}")), "{stalled}");
     assert_eq!(ev.lines().filter(|x| x.starts_with("stalled socket inode")).count(), 1, "{ev}");
+    // "…, N s before the window ended": the worker's last accept was when it was stopped.
+    let ago: f64 = stalled.rsplit_once(", ").and_then(|(_, t)| t.strip_suffix(" s before the window ended")?.parse().ok()).unwrap_or_else(|| panic!("{stalled}"));
+    let expected = Duration::from_nanos(o.end_ns.saturating_sub(stopped_ns)).as_secs_f64();
+    let tol = 0.6 * f64::from(u32::try_from(time_scale()).unwrap_or(1));
+    assert!(ago >= expected - tol && ago <= expected + tol, "last accept {ago} s before the end; the worker was stopped {expected:.2} s before the nominal end: {stalled}");
     let own_drops = number_before(stalled, "drops,");
     assert!(own_drops > 0 && own_drops <= drops_in(&ev), "the stalled socket's drops ({own_drops}) are the port's ({}) or fewer (SYN-cookie overflows count on the port only): {ev}", drops_in(&ev));
     // The other two sockets drained, each of them.
@@ -174,9 +179,14 @@ fn nginx_reuseport_stopped_worker_is_accept_stall_on_its_socket() {
         assert_eq!(u32_of(&s["queue_max"]), Some(backlog), "{s}");
         assert!(u32_of(&s["queue_len"]).is_some_and(|q| q >= backlog), "{s}");
         assert_eq!(s["accepts"], 0, "{s}");
+        // Its worker's last accept was before the stop (the signal may land while one accept
+        // completes: 50 ms of slack); the other workers accepted after it.
+        let last_ns = |s: &Value| s["acceptors"].as_array().and_then(|a| a.iter().filter_map(|x| x["last_accept_ns"].as_u64()).max());
+        assert!(last_ns(s).is_some_and(|t| t <= stopped_ns + 50_000_000), "the stopped worker accepted after the stop: {s}");
         for ino in inodes.iter().filter(|&&i| i != victim_ino) {
             let s = socket_of(row, *ino).unwrap();
             assert!(s["accepts"].as_u64().unwrap_or(0) > 0 && s["saturated"] == false, "socket {ino} keeps draining: {s}");
+            assert!(last_ns(s).is_some_and(|t| t > stopped_ns), "{s}");
             assert_eq!(u32_of(&s["queue_max"]), Some(backlog), "{s}");
         }
     }
@@ -420,4 +430,39 @@ fn reuseport_socket_closed_and_reopened_keeps_its_own_identity() {
     }
     assert_eq!(running, count(&fin, new_ino), "top counted every accept from the new socket, no more: {with_new:?}");
     assert!(running > 0, "the new socket must get arrivals");
+}
+
+/// 66 `SO_REUSEPORT` sockets on one port (more than serve's per-port limit of 64), a few
+/// connections: serve exports per-socket series for 64 of them, labelled `0`…`63`, and counts the
+/// other 2 in `socktrace_sockets_not_exported`; the port's series are still there.
+#[test]
+fn serve_bounds_per_socket_series() {
+    if !privileged() {
+        return;
+    }
+    let (port, n) = (8464u16, 66u32);
+    let ns = NetNs::new("rmany").unwrap();
+    let cg = Cgroup::new("rmany").unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let server = ReuseportServer::start(Path::new(REUSEPORT), &ns, &cg, &addr, n, 8).unwrap();
+    assert_eq!(ss_listen_inodes(&ns, port).unwrap().len(), n as usize);
+    let (nsi, cgp) = (ns.inode().to_string(), cg.path.to_string_lossy().into_owned());
+    let serve = Serve::start(19483, &["--netns", &nsi, "--cgroup", &cgp]).unwrap();
+    let clients = scen(&["clients", "--netns", &ns.name, "--addr", &addr, "--count", "40", "--hold-ms", "5"]);
+    let _ = clients.wait(Duration::from_secs(30)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = scrape(&serve);
+    let m = scrape(&serve);
+    drop((serve, server));
+    let labels = [("netns", nsi.as_str()), ("lport", &port.to_string())];
+    let idx: BTreeSet<u32> =
+        samples(&m, "socktrace_socket_accept_queue_max", &labels).iter().filter_map(|(ls, _)| label(ls, "socket")?.parse().ok()).collect();
+    let not_exported: Option<f64> = m.lines().find_map(|l| l.strip_prefix("socktrace_sockets_not_exported ")?.trim().parse().ok());
+    let port_acc = sum(&samples(&m, "socktrace_accepts_total", &labels));
+    let sock_acc = sum(&samples(&m, "socktrace_socket_accepts_total", &labels));
+    eprintln!("SUMMARY serve_bounds: {} socket labels (max {:?}), not exported {not_exported:?}, accepts port {port_acc} sockets {sock_acc}", idx.len(), idx.last());
+    assert_eq!(idx, (0..64).collect(), "labels 0..63");
+    assert_eq!(not_exported, Some(2.0), "the 2 sockets over the limit are counted");
+    assert!((port_acc - 40.0).abs() < 0.5, "the port counts all 40 accepts: {port_acc}");
+    assert!(sock_acc <= port_acc, "sockets {sock_acc}, port {port_acc}");
 }
