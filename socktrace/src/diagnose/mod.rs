@@ -108,7 +108,9 @@ fn take_interval(
     paths: &mut BTreeMap<u32, Option<netns::Netns>>,
 ) -> anyhow::Result<()> {
     agent.close_interval()?;
-    let t_ns = system::monotonic_ns();
+    // When the counters were read (the sock_diag sample and the owner scan that follow can take
+    // a while on a busy host: the kernel counts must line up with the events' times).
+    let t_ns = agent.kernel_read_ns;
     let diag_ok = agent.diag_ok;
     for (key, l) in &agent.model.listeners {
         if !before.contains_key(&key.netns) {
