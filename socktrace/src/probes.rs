@@ -15,7 +15,7 @@ use aya::{
     },
 };
 
-use crate::offsets::KernelLayout;
+use crate::offsets::{ACCEPT_PARAMS, KernelLayout};
 
 /// The kinds of kernel hook, in the order the user can name them in `--hooks`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -117,6 +117,8 @@ struct Candidate {
 enum Need {
     Nothing,
     ListenOverflowReason,
+    /// `inet_csk_accept`'s parameter count from BTF, one the fexit program can read past.
+    AcceptParams,
 }
 
 /// The signals socktrace traces.
@@ -163,7 +165,7 @@ impl Signal {
                 Candidate { kind: HookKind::RawTp, progs: &[Prog { name: "enqueue_raw", attach: Attach::RawTp("inet_sock_set_state") }], needs: Need::Nothing },
             ],
             Signal::Accept => &[
-                Candidate { kind: HookKind::Fexit, progs: &[Prog { name: "accept_fexit", attach: Attach::FExit("inet_csk_accept") }], needs: Need::Nothing },
+                Candidate { kind: HookKind::Fexit, progs: &[Prog { name: "accept_fexit", attach: Attach::FExit("inet_csk_accept") }], needs: Need::AcceptParams },
                 Candidate {
                     kind: HookKind::Kprobe,
                     progs: &[
@@ -280,7 +282,7 @@ pub struct LoadOptions {
 pub enum LoadError {
     #[error("this binary was built without its eBPF object (AYA_BUILD_SKIP was set); rebuild normally")]
     NoObject,
-    #[error("cannot parse kernel BTF {path}: {message}")]
+    #[error("kernel BTF {path} is not usable ({message}); {hint}", hint = crate::offsets::BTF_HINT)]
     Btf { path: PathBuf, message: String },
     #[error("loading the eBPF object failed: {0}")]
     Object(String),
@@ -319,13 +321,7 @@ pub fn load(layout: &KernelLayout, opts: &LoadOptions) -> Result<Tracer, LoadErr
         };
         for cand in signal.candidates() {
             let at = cand.progs.iter().map(|p| p.attach.to_string()).collect::<Vec<_>>().join(" + ");
-            let skip = if !opts.allowed.contains(&cand.kind) {
-                Some("disabled by --hooks".to_owned())
-            } else if cand.needs == Need::ListenOverflowReason && !layout.has_listen_overflow_reason {
-                Some("kernel has no SKB_DROP_REASON_TCP_LISTEN_OVERFLOW with rx_sk in kfree_skb".to_owned())
-            } else {
-                None
-            };
+            let skip = if opts.allowed.contains(&cand.kind) { unmet(cand.needs, layout) } else { Some("disabled by --hooks".to_owned()) };
             let result = match skip {
                 Some(reason) => Err(reason),
                 None => attach_all(&mut ebpf, cand.progs, &btf, cgroup.as_ref(), opts),
@@ -343,6 +339,24 @@ pub fn load(layout: &KernelLayout, opts: &LoadOptions) -> Result<Tracer, LoadErr
         report.push(rep);
     }
     Ok(Tracer { ebpf, report })
+}
+
+/// Why a kernel lacks what a candidate needs (`None`: it has it).
+fn unmet(need: Need, layout: &KernelLayout) -> Option<String> {
+    match need {
+        Need::Nothing => None,
+        Need::ListenOverflowReason => (!layout.has_listen_overflow_reason)
+            .then(|| "kernel has no SKB_DROP_REASON_TCP_LISTEN_OVERFLOW with rx_sk in kfree_skb".to_owned()),
+        Need::AcceptParams => match layout.accept_params {
+            Some(n) if ACCEPT_PARAMS.contains(&n) => None,
+            Some(n) => Some(format!(
+                "inet_csk_accept has {n} parameters in BTF; the fexit program reads the return value after {}-{} only",
+                ACCEPT_PARAMS.start(),
+                ACCEPT_PARAMS.end()
+            )),
+            None => Some("kernel BTF has no function inet_csk_accept".to_owned()),
+        },
+    }
 }
 
 fn notes(signal: Signal, kind: HookKind, layout: &KernelLayout) -> Vec<String> {

@@ -418,3 +418,51 @@ fn ipv6_listener_accepts_and_overflows() {
     }
     assert!(accepts.iter().all(|a| a["accept_wait_ns"].as_u64().is_some()), "waits known");
 }
+
+/// A kernel without usable BTF: tracing commands fail with one line naming what is missing and how
+/// to supply `--btf`; with `--btf` naming a copy of the BTF they work; `snapshot` needs none.
+/// "No BTF" is simulated three ways: a missing file, a truncated copy, and the kernel's own
+/// `/sys/kernel/btf` hidden under an empty tmpfs in a private mount namespace (`unshare -m`), as on a
+/// kernel built without CONFIG_DEBUG_INFO_BTF.
+#[test]
+fn missing_kernel_btf_is_one_line_with_hint() {
+    if !privileged() {
+        return;
+    }
+    let bin = socktrace_bin();
+    let sys_btf = Path::new("/sys/kernel/btf/vmlinux");
+    let full = std::fs::read(sys_btf).expect("this test needs the kernel's BTF to copy");
+    let dir = std::env::temp_dir().join(format!("socktrace-btf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let copy = dir.join("vmlinux.btf");
+    std::fs::write(&copy, &full).unwrap();
+    let truncated = dir.join("truncated.btf");
+    std::fs::write(&truncated, &full[..full.len() / 3]).unwrap();
+    let (copy_s, trunc_s) = (copy.to_string_lossy().into_owned(), truncated.to_string_lossy().into_owned());
+
+    one_line_error(Command::new(&bin).args(["probes", "--btf", "/nonexistent/vmlinux"]), 1, "no kernel BTF at /nonexistent/vmlinux");
+    one_line_error(Command::new(&bin).args(["watch", "--btf", "/nonexistent/vmlinux"]), 1, "pass --btf FILE");
+    one_line_error(Command::new(&bin).args(["watch", "--btf", &trunc_s]), 1, "truncated");
+    one_line_error(Command::new(&bin).args(["top", "--once", "--btf", &trunc_s]), 1, "pass --btf FILE");
+
+    // Hidden: the same commands in a mount namespace where /sys/kernel/btf is an empty tmpfs.
+    let hidden = |args: &[&str]| {
+        let mut c = Command::new("unshare");
+        c.args(["-m", "sh", "-c", r#"mount -t tmpfs socktrace-nobtf /sys/kernel/btf && exec "$@""#, "sh"]).arg(&bin).args(args);
+        c
+    };
+    one_line_error(&mut hidden(&["probes"]), 1, "no kernel BTF at /sys/kernel/btf/vmlinux");
+    one_line_error(&mut hidden(&["diagnose", "--duration", "1s"]), 1, "pass --btf FILE");
+    let with_copy = hidden(&["probes", "--json", "--btf", &copy_s]).output().unwrap();
+    assert!(with_copy.status.success(), "probes --btf COPY with /sys/kernel/btf hidden: {}", String::from_utf8_lossy(&with_copy.stderr));
+    let normal = Command::new(&bin).args(["probes", "--json"]).output().unwrap();
+    let hooks = |out: &[u8]| -> Vec<(String, Option<String>)> {
+        let v: Value = serde_json::from_slice(out).unwrap();
+        v.as_array().unwrap().iter().map(|s| (s["signal"].as_str().unwrap().to_owned(), s["hook"].as_str().map(str::to_owned))).collect()
+    };
+    assert_eq!(hooks(&with_copy.stdout), hooks(&normal.stdout), "--btf COPY must pick the same hooks as the kernel's own BTF");
+    let snap = hidden(&["snapshot", "-l", "--no-processes", "--json"]).output().unwrap();
+    assert!(snap.status.success(), "snapshot without BTF: {}", String::from_utf8_lossy(&snap.stderr));
+    assert!(serde_json::from_slice::<Value>(&snap.stdout).unwrap().is_array());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
