@@ -502,7 +502,50 @@ fn short(e: ProgramError) -> String {
     }
 }
 
+/// Which counted signals have a hook: the views show an untraced signal's counts as unavailable
+/// (`-`, `null`, absent series), never as 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Traced {
+    pub accept: bool,
+    pub listen_overflow: bool,
+    pub syn_drop: bool,
+    pub retransmit: bool,
+    pub synack_retransmit: bool,
+}
+
+impl Traced {
+    /// Names of the counted signals without a hook, for notes in the views.
+    pub fn missing(self) -> Vec<&'static str> {
+        [
+            (self.accept, Signal::Accept),
+            (self.listen_overflow, Signal::ListenOverflow),
+            (self.syn_drop, Signal::SynDrop),
+            (self.retransmit, Signal::Retransmit),
+            (self.synack_retransmit, Signal::SynackRetransmit),
+        ]
+        .into_iter()
+        .filter(|(on, _)| !on)
+        .map(|(_, s)| s.name())
+        .collect()
+    }
+}
+
 impl Tracer {
+    /// Whether `signal` has a hook.
+    pub fn has(&self, signal: Signal) -> bool {
+        self.report.iter().any(|r| r.signal == signal.name() && r.hook.is_some())
+    }
+
+    pub fn traced(&self) -> Traced {
+        Traced {
+            accept: self.has(Signal::Accept),
+            listen_overflow: self.has(Signal::ListenOverflow),
+            syn_drop: self.has(Signal::SynDrop),
+            retransmit: self.has(Signal::Retransmit),
+            synack_retransmit: self.has(Signal::SynackRetransmit),
+        }
+    }
+
     /// One line for stderr once everything is attached.
     pub fn summary(&self) -> String {
         let parts: Vec<String> = self

@@ -17,6 +17,7 @@ use tokio::signal::unix::SignalKind;
 use crate::{
     agent::Agent,
     model::Listener,
+    probes::Traced,
     system,
 };
 
@@ -55,22 +56,23 @@ pub struct Row {
     pub queue_len: Option<u32>,
     pub queue_peak: Option<u32>,
     pub queue_max: Option<u32>,
-    pub accepts: u64,
+    /// Counts of a signal no hook traces on this kernel are `None` (null), never 0.
+    pub accepts: Option<u64>,
     pub accept_wait_p50_ns: Option<u64>,
     pub accept_wait_p99_ns: Option<u64>,
     pub accept_wait_max_ns: Option<u64>,
-    pub overflows: u64,
-    pub syn_drops: u64,
-    pub synack_retransmits: u64,
-    pub retransmits: u64,
-    pub overflows_total: u64,
-    pub syn_drops_total: u64,
+    pub overflows: Option<u64>,
+    pub syn_drops: Option<u64>,
+    pub synack_retransmits: Option<u64>,
+    pub retransmits: Option<u64>,
+    pub overflows_total: Option<u64>,
+    pub syn_drops_total: Option<u64>,
     pub sk_drops: Option<u64>,
     pub last_acceptor: Option<(u32, u32, String)>,
 }
 
 impl Row {
-    pub fn of(l: &Listener) -> Row {
+    pub fn of(l: &Listener, traced: Traced) -> Row {
         let q = l.wait_quantiles();
         let owner = l.owners.first().cloned().or_else(|| l.last_acceptor.as_ref().map(|a| (a.pid, a.comm.clone())));
         let laddrs: Vec<String> = l.laddrs.iter().map(ToString::to_string).collect();
@@ -85,16 +87,16 @@ impl Row {
             queue_len: l.queue_len,
             queue_peak: l.queue_peak,
             queue_max: l.backlog,
-            accepts: l.interval.accepts,
+            accepts: traced.accept.then_some(l.interval.accepts),
             accept_wait_p50_ns: q.map(|q| q.0),
             accept_wait_p99_ns: q.map(|q| q.1),
             accept_wait_max_ns: q.map(|q| q.2),
-            overflows: l.interval.overflows,
-            syn_drops: l.interval.syn_drops,
-            synack_retransmits: l.interval.synack_retransmits,
-            retransmits: l.interval.retransmits,
-            overflows_total: l.total.overflows,
-            syn_drops_total: l.total.syn_drops,
+            overflows: traced.listen_overflow.then_some(l.interval.overflows),
+            syn_drops: traced.syn_drop.then_some(l.interval.syn_drops),
+            synack_retransmits: traced.synack_retransmit.then_some(l.interval.synack_retransmits),
+            retransmits: traced.retransmit.then_some(l.interval.retransmits),
+            overflows_total: traced.listen_overflow.then_some(l.total.overflows),
+            syn_drops_total: traced.syn_drop.then_some(l.total.syn_drops),
             sk_drops: l.drops,
             last_acceptor: l.last_acceptor.as_ref().map(|a| (a.pid, a.tid, a.comm.clone())),
         }
@@ -102,16 +104,20 @@ impl Row {
 }
 
 pub fn sorted_rows(agent: &Agent, sort: SortKey) -> Vec<(Row, bool, Vec<u32>)> {
-    let mut rows: Vec<_> = agent.model.listeners.values().map(|l| (Row::of(l), l.saturated(), l.history.clone())).collect();
+    let traced = agent.tracer.traced();
+    let mut rows: Vec<_> = agent.model.listeners.values().map(|l| (Row::of(l, traced), l.saturated(), l.history.clone())).collect();
     let fill = |r: &Row| match (r.queue_peak, r.queue_max) {
         (Some(p), Some(m)) if m > 0 => f64::from(p) / f64::from(m),
         _ => 0.0,
     };
     match sort {
-        SortKey::Drops => rows.sort_by_key(|(r, _, _)| std::cmp::Reverse((r.overflows + r.syn_drops, r.overflows_total + r.syn_drops_total))),
+        SortKey::Drops => rows.sort_by_key(|(r, _, _)| {
+            let n = |v: Option<u64>| v.unwrap_or(0);
+            std::cmp::Reverse((n(r.overflows) + n(r.syn_drops), n(r.overflows_total) + n(r.syn_drops_total)))
+        }),
         SortKey::Queue => rows.sort_by(|a, b| fill(&b.0).total_cmp(&fill(&a.0))),
         SortKey::Wait => rows.sort_by_key(|(r, _, _)| std::cmp::Reverse(r.accept_wait_p99_ns.unwrap_or(0))),
-        SortKey::Accepts => rows.sort_by_key(|(r, _, _)| std::cmp::Reverse(r.accepts)),
+        SortKey::Accepts => rows.sort_by_key(|(r, _, _)| std::cmp::Reverse(r.accepts.unwrap_or(0))),
         SortKey::Port => rows.sort_by_key(|(r, _, _)| (r.lport, r.netns)),
     }
     rows
@@ -148,13 +154,13 @@ pub fn cells(r: &Row, secs: f64) -> [String; 13] {
         opt(r.queue_len),
         opt(r.queue_peak),
         opt(r.queue_max),
-        format!("{:.0}", r.accepts as f64 / secs),
+        r.accepts.map_or_else(|| "-".into(), |a| format!("{:.0}", a as f64 / secs)),
         ms(r.accept_wait_p50_ns),
         ms(r.accept_wait_p99_ns),
         ms(r.accept_wait_max_ns),
-        format!("{} ({})", r.overflows, r.overflows_total),
-        format!("{} ({})", r.syn_drops, r.syn_drops_total),
-        format!("{}/{}", r.synack_retransmits, r.retransmits),
+        format!("{} ({})", opt(r.overflows), opt(r.overflows_total)),
+        format!("{} ({})", opt(r.syn_drops), opt(r.syn_drops_total)),
+        format!("{}/{}", opt(r.synack_retransmits), opt(r.retransmits)),
     ]
 }
 
@@ -199,6 +205,7 @@ fn print_interval(out: &mut impl Write, agent: &Agent, opts: &TopOptions) -> any
             "interval_ns": u64::try_from(opts.interval.as_nanos()).unwrap_or(u64::MAX),
             "lost": agent.lost(),
             "sock_diag": agent.diag_ok,
+            "untraced": agent.tracer.traced().missing(),
             "listeners": listeners,
         });
         writeln!(out, "{v}")?;
@@ -213,13 +220,15 @@ fn print_interval(out: &mut impl Write, agent: &Agent, opts: &TopOptions) -> any
             *w = (*w).max(c.len());
         }
     }
+    let untraced = agent.tracer.traced().missing();
     writeln!(
         out,
-        "socktrace top: {} listeners, interval {:.1}s, events lost {}{}",
+        "socktrace top: {} listeners, interval {:.1}s, events lost {}{}{}",
         rows.len(),
         secs,
         agent.lost(),
-        if agent.diag_ok { "" } else { " (sock_diag unavailable: queue now/backlog/owner unknown)" }
+        if agent.diag_ok { "" } else { " (sock_diag unavailable: queue now/backlog/owner unknown)" },
+        if untraced.is_empty() { String::new() } else { format!(" (UNAVAILABLE on this kernel, shown as -: {})", untraced.join(", ")) }
     )?;
     for (i, row) in table.iter().enumerate() {
         let mark = if i > 0 && rows[i - 1].1 { "!" } else { " " };

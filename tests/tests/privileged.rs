@@ -7,8 +7,8 @@ use std::{collections::HashMap, path::Path, process::Command, time::Duration};
 
 use serde_json::Value;
 use socktrace_tests::{
-    Cgroup, NetNs, Scenario, Watch, assert_expected_hooks, monotonic_ns, of_kind, privileged, probes, recursion_misses,
-    socktrace_bin, time_scale,
+    Cgroup, NetNs, Scenario, Serve, Socktrace, Watch, assert_expected_hooks, http_get, monotonic_ns, of_kind, privileged,
+    probes, recursion_misses, socktrace_bin, time_scale,
 };
 
 /// Expected hooks (`signal=hook,…`) of tests on the suite's hooks and of the fallback-hooks test;
@@ -465,4 +465,66 @@ fn missing_kernel_btf_is_one_line_with_hint() {
     assert!(snap.status.success(), "snapshot without BTF: {}", String::from_utf8_lossy(&snap.stderr));
     assert!(serde_json::from_slice::<Value>(&snap.stdout).unwrap().is_array());
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A signal with no hook (here `syn_drop`: `--hooks` without fentry, kprobe and cgroup_skb; on
+/// kernels without the overflow drop reason `listen_overflow` too) is `null` in `top --json` and
+/// absent from `/metrics`, never 0; the traced ones are numbers.
+#[test]
+fn untraced_signals_are_unavailable_not_zero() {
+    if !privileged() {
+        return;
+    }
+    let limited = ["--hooks", "tp_btf,raw_tp,tracepoint"];
+    let hooks = probes(&limited).unwrap();
+    assert_eq!(hooks["syn_drop"], None, "syn_drop needs fentry, kprobe or cgroup_skb: {hooks:?}");
+    let ns = NetNs::new("untr").unwrap();
+    let inode = ns.inode().to_string();
+    let mut args = vec!["top", "--json", "--interval", "1s", "--iterations", "4", "--netns", &inode];
+    args.extend(limited);
+    let top = Socktrace::start(&args, "tracing started").unwrap();
+    let mut serve_args = vec!["--netns", inode.as_str()];
+    serve_args.extend(limited);
+    let serve = Serve::start(19470, &serve_args).unwrap();
+    let server = Scenario::start(
+        Path::new(SCENARIO),
+        &s(&["server", "--netns", &ns.name, "--addr", "127.0.0.1:9250", "--backlog", "2", "--accept-after-ms", "400", "--max-accepts", "10", "--run-ms", "4000"]),
+    )
+    .unwrap();
+    let clients = Scenario::start(Path::new(SCENARIO), &s(&["clients", "--netns", &ns.name, "--addr", "127.0.0.1:9250", "--count", "10", "--hold-ms", "200"])).unwrap();
+    clients.wait(Duration::from_secs(60)).unwrap();
+    let (code, metrics) = http_get(&serve.addr, "/metrics", Duration::from_secs(10 * time_scale().unsigned_abs())).unwrap();
+    let lines = top.wait(Duration::from_secs(60)).unwrap();
+    drop(server);
+    let traced = |signal: &str| hooks[signal].is_some();
+    let fields = [
+        ("accepts", "accept"),
+        ("overflows", "listen_overflow"),
+        ("overflows_total", "listen_overflow"),
+        ("syn_drops", "syn_drop"),
+        ("syn_drops_total", "syn_drop"),
+        ("synack_retransmits", "synack_retransmit"),
+        ("retransmits", "retransmit"),
+    ];
+    let mut rows = 0;
+    for v in lines.iter().map(|l| serde_json::from_str::<Value>(l).unwrap()) {
+        let untraced: Vec<&str> = v["untraced"].as_array().expect("untraced list").iter().filter_map(Value::as_str).collect();
+        for (_, signal) in fields {
+            assert_eq!(untraced.contains(&signal), !traced(signal), "untraced {untraced:?} vs probes {hooks:?}");
+        }
+        for r in v["listeners"].as_array().unwrap().iter().filter(|r| r["lport"] == 9250) {
+            rows += 1;
+            for (field, signal) in fields {
+                assert_eq!(r[field].is_u64(), traced(signal), "{field} ({signal} {:?}): {r}", hooks[signal]);
+                assert_eq!(r[field].is_null(), !traced(signal), "{field}: {r}");
+            }
+        }
+    }
+    assert!(rows > 0, "top showed no row for the listener");
+    assert_eq!(code, 200);
+    assert!(metrics.contains(r#"socktrace_probe_info{signal="syn_drop",hook="unavailable"} 0"#), "{metrics}");
+    assert!(metrics.contains("socktrace_accepts_total{"), "the listener's traced counters are exported: {metrics}");
+    for absent in ["socktrace_syn_drops_total{", "socktrace_listen_overflows_total{"] {
+        assert!(!metrics.contains(absent), "{absent} exported although syn_drop is untraced: {metrics}");
+    }
 }

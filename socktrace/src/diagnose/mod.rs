@@ -254,17 +254,19 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
         }
     }
     let mut out = std::io::stdout().lock();
+    // Signals no hook traces on this kernel: their counts are unknown, not 0.
+    let untraced = agent.tracer.traced().missing();
     match format {
         Format::Json => {
-            serde_json::to_writer(&mut out, &serde_json::json!({ "window_s": window, "sock_diag": agent.diag_ok, "listeners": reports }))?;
+            serde_json::to_writer(&mut out, &serde_json::json!({ "window_s": window, "sock_diag": agent.diag_ok, "untraced": untraced, "listeners": reports }))?;
             writeln!(out)?;
         }
-        Format::Text | Format::Markdown => print_reports(&mut out, &reports, format == Format::Markdown, window, agent.diag_ok)?,
+        Format::Text | Format::Markdown => print_reports(&mut out, &reports, format == Format::Markdown, window, agent.diag_ok, &untraced)?,
     }
     Ok(())
 }
 
-fn print_reports(out: &mut impl Write, reports: &[Report], md: bool, window: f64, diag_ok: bool) -> anyhow::Result<()> {
+fn print_reports(out: &mut impl Write, reports: &[Report], md: bool, window: f64, diag_ok: bool, untraced: &[&str]) -> anyhow::Result<()> {
     let healthy: BTreeSet<String> =
         reports.iter().filter(|r| r.findings.is_empty()).map(|r| format!("{}:{}", r.netns, r.lport)).collect();
     if md {
@@ -274,6 +276,14 @@ fn print_reports(out: &mut impl Write, reports: &[Report], md: bool, window: f64
     }
     if !diag_ok {
         writeln!(out, "{}sock_diag was unavailable: queue-now, backlog and owner evidence is missing", if md { "> " } else { "note: " })?;
+    }
+    if !untraced.is_empty() {
+        writeln!(
+            out,
+            "{}UNAVAILABLE on this kernel (`socktrace probes` says why): {} — their counts are unknown, not 0, and verdicts resting on them cannot be reached",
+            if md { "> " } else { "note: " },
+            untraced.join(", ")
+        )?;
     }
     for r in reports.iter().filter(|r| !r.findings.is_empty()) {
         let who = match (&r.comm, r.pid) {
