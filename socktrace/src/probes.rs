@@ -505,6 +505,7 @@ fn short(e: ProgramError) -> String {
 /// Which counted signals have a hook: the views show an untraced signal's counts as unavailable
 /// (`-`, `null`, absent series), never as 0.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[expect(clippy::struct_excessive_bools, reason = "one flag per counted signal, read by name in the views")]
 pub struct Traced {
     pub accept: bool,
     pub listen_overflow: bool,

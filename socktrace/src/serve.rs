@@ -135,7 +135,7 @@ impl Metrics {
         [&self.accepts, &self.overflows, &self.syn_drops, &self.synack, &self.retrans]
     }
 
-    /// Per family of [`Self::families`]: whether its signals are traced (listen_overflows needs
+    /// Per family of [`Self::families`]: whether its signals are traced (`listen_overflows` needs
     /// both drop signals).
     fn traced_families(&self) -> [bool; 5] {
         let t = self.traced;

@@ -480,12 +480,13 @@ fn untraced_signals_are_unavailable_not_zero() {
     assert_eq!(hooks["syn_drop"], None, "syn_drop needs fentry, kprobe or cgroup_skb: {hooks:?}");
     let ns = NetNs::new("untr").unwrap();
     let inode = ns.inode().to_string();
-    let mut args = vec!["top", "--json", "--interval", "1s", "--iterations", "4", "--netns", &inode];
-    args.extend(limited);
-    let top = Socktrace::start(&args, "tracing started").unwrap();
     let mut serve_args = vec!["--netns", inode.as_str()];
     serve_args.extend(limited);
     let serve = Serve::start(19470, &serve_args).unwrap();
+    // top last: its intervals must cover the scenario that follows.
+    let mut args = vec!["top", "--json", "--interval", "1s", "--iterations", "6", "--netns", &inode];
+    args.extend(limited);
+    let top = Socktrace::start(&args, "tracing started").unwrap();
     let server = Scenario::start(
         Path::new(SCENARIO),
         &s(&["server", "--netns", &ns.name, "--addr", "127.0.0.1:9250", "--backlog", "2", "--accept-after-ms", "400", "--max-accepts", "10", "--run-ms", "4000"]),
