@@ -2,8 +2,9 @@
 //! this machine's kernel refuses (fentry/fexit, kprobes) are proven on real distribution kernels.
 //!
 //! Per kernel: the Debian package is fetched once into `<workspace>/.vm-cache` (`apt-get download`,
-//! `dpkg -x`); the host's release binaries (`socktrace`, `st-scenario`, the `privileged` test
-//! binary) and the tools the tests call (ip, nft, setpriv, bpftool) are copied with the shared
+//! from another Debian release through private apt sources; `dpkg -x`); the host's release binaries
+//! (`socktrace`, `st-scenario`, the `privileged` test binary) and the tools the tests call (ip, nft,
+//! setpriv, bpftool, unshare) are copied with the shared
 //! libraries `ldd` names, at their host paths, into a busybox initramfs together with the kernel
 //! modules the tests need (decompressed, loaded in dependency order by `/init`). The guest runs
 //! `socktrace probes` and the tests once per hook mode and prints one result marker per mode on the
