@@ -78,7 +78,10 @@ pub struct Event {
     pub family: u16,
     pub lport: u16,
     pub rport: u16,
-    pub _pad: [u8; 6],
+    pub _pad: u16,
+    /// Inode number of the listening socket (what sock_diag reports) for listener-side events
+    /// (accept, listen_overflow, syn_drop, synack_retransmit, listen); 0 when unknown.
+    pub sock_ino: u32,
     pub laddr: [u8; 16],
     pub raddr: [u8; 16],
     pub comm: [u8; TASK_COMM_LEN],
@@ -101,7 +104,8 @@ impl Event {
         family: 0,
         lport: 0,
         rport: 0,
-        _pad: [0; 6],
+        _pad: 0,
+        sock_ino: 0,
         laddr: [0; 16],
         raddr: [0; 16],
         comm: [0; TASK_COMM_LEN],
@@ -168,6 +172,12 @@ pub struct KernelOffsets {
     /// Offsets of `fd` and `backlog` in the `syscalls:sys_enter_listen` record.
     pub tp_listen_fd: u32,
     pub tp_listen_backlog: u32,
+    /// `struct sock` → `sk_socket`, then the inode of that socket: `struct socket_alloc` →
+    /// `vfs_inode`, `struct inode` → `i_ino` (the inode sock_diag reports).
+    pub sk_socket: u32,
+    pub socket_alloc_inode: u32,
+    pub inode_ino: u32,
+    pub _pad_offsets: u32,
     /// `struct net` → `mib.net_statistics` (a per-CPU `struct linux_mib *`) and the index of
     /// `LINUX_MIB_LISTENOVERFLOWS` in its `mibs[]` (unsigned long each).
     pub net_mib_net_statistics: u32,
@@ -223,6 +233,10 @@ impl KernelOffsets {
         tp_accept_ret: 16,
         tp_listen_fd: 16,
         tp_listen_backlog: 24,
+        sk_socket: Self::ABSENT,
+        socket_alloc_inode: Self::ABSENT,
+        inode_ino: Self::ABSENT,
+        _pad_offsets: 0,
         net_mib_net_statistics: Self::ABSENT,
         mib_listen_overflows: Self::ABSENT,
         per_cpu_offset: 0,
@@ -232,8 +246,11 @@ impl KernelOffsets {
 }
 
 /// Per-listener aggregates kept in the kernel (`LISTENERS` map), so `top`/`serve` do not depend on
-/// the event rate. Keyed by [`listener_key`]: a listener is a TCP port in a network namespace
-/// (sockets sharing it — v4 and v6, SO_REUSEPORT groups — are aggregated together).
+/// the event rate. Two kinds of rows: per port ([`listener_key`]: a TCP port in a network
+/// namespace, every socket on it together, plus the retransmits of its connections) and per
+/// listening socket ([`socket_key`]: its inode; SO_REUSEPORT groups have one per member, each with
+/// its own queue). Retransmits are only in the port row (a connection's listener socket is not
+/// known at retransmit time).
 /// Counters are monotonic since the programs were loaded; the agent computes deltas.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -278,9 +295,17 @@ impl ListenerStats {
     };
 }
 
-/// Key of the `LISTENERS` map: netns inode and local port.
+/// Key of a port row of the `LISTENERS` map: netns inode and local port.
 pub const fn listener_key(netns: u32, lport: u16) -> u64 {
     ((netns as u64) << 16) | lport as u64
+}
+
+/// Marks a socket row's key (port keys stay below 2^48).
+pub const SOCKET_KEY: u64 = 1 << 63;
+
+/// Key of a socket row of the `LISTENERS` map: the listening socket's inode.
+pub const fn socket_key(inode: u32) -> u64 {
+    SOCKET_KEY | inode as u64
 }
 
 /// Settings the agent changes while running (single-entry `CONTROL` array).
@@ -323,10 +348,13 @@ mod tests {
 
     #[test]
     fn layout_has_no_implicit_padding() {
-        assert_eq!(core::mem::size_of::<Event>(), 8 * 3 + 4 * 9 + 2 * 3 + 6 + 16 * 2 + 16);
+        assert_eq!(core::mem::size_of::<Event>(), 8 * 3 + 4 * 9 + 2 * 4 + 4 + 16 * 2 + 16);
+        assert_eq!(core::mem::offset_of!(Event, sock_ino) % 4, 0);
         assert_eq!(core::mem::size_of::<Event>() % 8, 0);
-        assert_eq!(core::mem::size_of::<KernelOffsets>(), 4 * 38 + 8 * 5);
+        assert_eq!(core::mem::size_of::<KernelOffsets>(), 4 * 42 + 8 * 5);
         assert_eq!(core::mem::size_of::<ListenerStats>(), 8 * 7 + 4 * 6 + 2 * 2 + 4);
         assert_eq!(listener_key(1, 80), (1 << 16) | 80);
+        assert!(listener_key(u32::MAX, u16::MAX) & SOCKET_KEY == 0);
+        assert_eq!(socket_key(7), SOCKET_KEY | 7);
     }
 }

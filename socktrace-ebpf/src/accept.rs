@@ -150,7 +150,7 @@ fn try_listen(ctx: &TracePointContext) -> Result<u32, i64> {
     ev.queue_max = backlog.clamp(0, i64::from(u32::MAX)) as u32;
     ev.flags |= flags::HAS_QUEUE;
     fill_task(&mut ev);
-    emit(&ev);
+    emit(&mut ev);
     Ok(0)
 }
 
@@ -175,6 +175,6 @@ fn emit_accept(listener: u64, child: u64, via: u32) -> Result<u32, i64> {
         ev.accept_wait_ns = ev.ts_ns.saturating_sub(start);
         ev.flags |= flags::HAS_WAIT;
     }
-    emit(&ev);
+    emit(&mut ev);
     Ok(0)
 }

@@ -1,11 +1,15 @@
 //! In-kernel per-listener aggregation (`LISTENERS`): counters and the accept-queue high-water mark
-//! per epoch, updated on every event whether or not the event itself is sent to userspace.
+//! per epoch, updated on every event whether or not the event itself is sent to userspace, in the
+//! port's row and in the listening socket's own row (SO_REUSEPORT members each have one).
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
-use socktrace_common::{Event, ListenerStats, flags, kind, listener_key};
+use socktrace_common::{Event, KernelOffsets, ListenerStats, flags, kind, listener_key, socket_key};
 
-use crate::maps::{CONTROL, LISTENERS};
+use crate::{
+    kernel::{off, read},
+    maps::{CONTROL, LISTENERS},
+};
 
 #[inline(always)]
 fn add(field: *mut u64, n: u64) {
@@ -45,6 +49,22 @@ fn peak(s: *mut ListenerStats, len: u32, max: u32) {
     }
 }
 
+/// Sets `sock_ino` of a listener-side event (`sock_id` is then the listening socket):
+/// `sk->sk_socket`, the inode around that `struct socket`, its `i_ino`. Left 0 when unknown.
+#[inline(always)]
+pub fn name_socket(ev: &mut Event) {
+    if ev.sock_id == 0 || ev.kind == kind::RETRANSMIT || off!(inode_ino) == KernelOffsets::ABSENT {
+        return;
+    }
+    let Ok(socket) = read::<u64>(ev.sock_id, off!(sk_socket)) else { return };
+    if socket == 0 {
+        return;
+    }
+    if let Ok(ino) = read::<u64>(socket, off!(socket_alloc_inode) + off!(inode_ino)) {
+        ev.sock_ino = ino as u32;
+    }
+}
+
 #[inline(always)]
 pub fn record(ev: &Event) {
     if ev.kind == kind::LISTEN {
@@ -54,8 +74,26 @@ pub fn record(ev: &Event) {
     // A passive connection keeps its listener's local port (connect() never picks a port a listener
     // has bound), so a retransmit is the listener's when a listener row exists for that port; it
     // never creates one (every outgoing connection's port would get a row).
-    let s = if ev.kind == kind::RETRANSMIT { LISTENERS.get_ptr_mut(key) } else { entry(key, ev) };
-    let Some(s) = s else { return };
+    if ev.kind == kind::RETRANSMIT {
+        if let Some(s) = LISTENERS.get_ptr_mut(key) {
+            // SAFETY: `s` is a live map value.
+            unsafe { add(&raw mut (*s).retransmits, u64::from(ev.segs)) };
+        }
+        return;
+    }
+    if let Some(s) = entry(key, ev) {
+        apply(s, ev);
+    }
+    if ev.sock_ino != 0 {
+        if let Some(s) = entry(socket_key(ev.sock_ino), ev) {
+            apply(s, ev);
+        }
+    }
+}
+
+/// One listener-side event into one row.
+#[inline(always)]
+fn apply(s: *mut ListenerStats, ev: &Event) {
     let has_queue = ev.flags & flags::HAS_QUEUE != 0;
     // SAFETY: `s` is a live map value; fields are addressed without creating references.
     unsafe {
@@ -87,7 +125,6 @@ pub fn record(ev: &Event) {
                     peak(s, ev.queue_len, ev.queue_max);
                 }
             }
-            kind::RETRANSMIT => add(&raw mut (*s).retransmits, u64::from(ev.segs)),
             _ => {}
         }
     }

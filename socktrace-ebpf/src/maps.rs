@@ -50,16 +50,18 @@ pub fn count(index: u32) {
     }
 }
 
-/// Aggregates an event for its listener, then sends it unless its kind is muted; a full ring
-/// buffer is counted, never silent.
+/// Aggregates an event for its listener (naming the listening socket's inode first), then sends
+/// it unless its kind is muted; a full ring buffer is counted, never silent.
 #[inline(always)]
-pub fn emit(ev: &Event) {
+pub fn emit(ev: &mut Event) {
+    crate::aggregate::name_socket(ev);
     crate::aggregate::record(ev);
     let mute = CONTROL.get(0).map_or(0, |c| c.mute);
     if mute & (1 << (ev.kind & 31)) != 0 {
         return;
     }
-    if EVENTS.output::<Event>(ev, wakeup_flags(ev.ts_ns)).is_err() {
+    let flags = wakeup_flags(ev.ts_ns);
+    if EVENTS.output::<Event>(&*ev, flags).is_err() {
         count(stat::LOST);
     }
 }

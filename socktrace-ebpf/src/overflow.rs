@@ -64,7 +64,7 @@ fn try_cookie_overflow(skb: u64, location: u64, via: u32) -> Result<u32, i64> {
     ev.kind = kind::LISTEN_OVERFLOW;
     ev.hook = via;
     let _ = fill_from_packet(&mut ev, skb);
-    emit(&ev);
+    emit(&mut ev);
     Ok(0)
 }
 
@@ -136,7 +136,7 @@ fn syn_recv_sock_entry<C: Args>(ctx: &C, slot: u32, via: u32) -> Result<u32, i64
     }
     let mut ev = new_overflow(listener, skb, via);
     let _ = fill_queue(&mut ev, listener);
-    emit(&ev);
+    emit(&mut ev);
     Ok(0)
 }
 
@@ -150,7 +150,7 @@ fn syn_recv_sock_exit(slot: u32, via: u32) -> Result<u32, i64> {
     };
     let mut ev = new_overflow(p.listener, p.skb, via);
     counted::fill_full_queue(&mut ev, &p);
-    emit(&ev);
+    emit(&mut ev);
     Ok(0)
 }
 
@@ -175,6 +175,6 @@ fn emit_overflow(listener: u64, skb: u64, via: u32) -> Result<u32, i64> {
     if listener != 0 {
         let _ = fill_queue(&mut ev, listener);
     }
-    emit(&ev);
+    emit(&mut ev);
     Ok(0)
 }

@@ -45,7 +45,7 @@ fn try_retransmit<C: Args>(ctx: &C, via: u32) -> Result<u32, i64> {
     fill_remote(&mut ev, sk)?;
     let segs: u16 = read(skb, off!(skb_cb) + off!(tcb_gso_segs))?;
     ev.segs = u32::from(segs).max(1);
-    emit(&ev);
+    emit(&mut ev);
     Ok(0)
 }
 
@@ -74,6 +74,6 @@ fn try_synack<C: Args>(ctx: &C, via: u32) -> Result<u32, i64> {
     // request_sock starts with struct sock_common: the same offsets name the peer.
     fill_remote(&mut ev, req)?;
     let _ = fill_queue(&mut ev, listener);
-    emit(&ev);
+    emit(&mut ev);
     Ok(0)
 }

@@ -60,7 +60,7 @@ fn conn_request_entry<C: Args>(ctx: &C, via: u32) -> Result<u32, i64> {
     let mut ev = new_syn_drop(listener, via);
     let _ = fill_queue(&mut ev, listener);
     let _ = fill_remote_from_skb(&mut ev, skb);
-    emit(&ev);
+    emit(&mut ev);
     Ok(0)
 }
 
@@ -75,7 +75,7 @@ fn conn_request_exit(via: u32) -> Result<u32, i64> {
     let mut ev = new_syn_drop(p.listener, via);
     counted::fill_full_queue(&mut ev, &p);
     let _ = fill_remote_from_skb(&mut ev, p.skb);
-    emit(&ev);
+    emit(&mut ev);
     Ok(0)
 }
 
@@ -147,6 +147,6 @@ fn try_cgroup_skb(ctx: &SkBuffContext) -> Result<u32, i64> {
         let a: [u8; 4] = ctx.load(12).map_err(i64::from)?;
         ev.raddr[..4].copy_from_slice(&a);
     }
-    emit(&ev);
+    emit(&mut ev);
     Ok(0)
 }

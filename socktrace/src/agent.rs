@@ -1,21 +1,29 @@
 //! The long-running agent behind `top` (and every interval-based view): it owns the loaded
 //! programs, feeds ring-buffer events into the [`Model`], and closes an interval on demand by
 //! bumping the kernel's peak epoch, reading the `LISTENERS` aggregates and a sock_diag listing.
+//!
+//! Attaching to a busy system is the normal case: every listener sock_diag reports gets its
+//! kernel-side row when the agent starts and whenever a new one appears, so retransmits on
+//! connections accepted before tracing began (which never create a row themselves) count from
+//! the first instant.
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::HashSet,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
 use aya::maps::{Array, HashMap, MapData, RingBuf};
-use socktrace_common::{Control, ListenerStats, kind, stat};
+use socktrace_common::{AF_INET, AF_INET6, Control, ListenerStats, SOCKET_KEY, kind, listener_key, socket_key, stat};
 use tokio::io::unix::AsyncFd;
 
 use crate::{
-    cli::Filter,
     event::{self, Record},
+    filter::Filter,
     model::{DiagSample, ListenerKey, Model},
     probes::Tracer,
+    ring::{Stats, ring},
     system,
-    watch::{Stats, ring},
 };
 
 /// Where LISTEN sockets come from (sock_diag); `None` from it means "unavailable this time".
@@ -36,7 +44,12 @@ pub struct Agent {
     pub diag_ok: bool,
     /// When freed heap was last given back to the OS.
     trimmed: Instant,
+    /// Kernel rows the agent could not create for a listener (reported once on stderr).
+    pub seed_errors: u64,
 }
+
+/// `BPF_NOEXIST` flag of a map update: create only.
+const BPF_NOEXIST: u64 = 1;
 
 /// How often a long-running agent gives freed heap back ([`system::release_freed_heap`]).
 const TRIM_EVERY: Duration = Duration::from_secs(1);
@@ -65,9 +78,57 @@ impl Agent {
             diag,
             diag_ok: false,
             trimmed: Instant::now(),
+            seed_errors: 0,
         };
         agent.write_control()?;
+        // Listeners that already exist get their kernel rows before anything else happens.
+        if let Some(mut sample) = (agent.diag)() {
+            agent.filter.select_listeners(&mut sample);
+            agent.seed(&sample, &HashSet::new());
+        }
         Ok(agent)
+    }
+
+    /// Lets events of these kinds through to the ring buffer (they are aggregated in the kernel
+    /// either way); `diagnose` needs drop times.
+    pub fn unmute(&mut self, kinds: &[u32]) -> anyhow::Result<()> {
+        for k in kinds {
+            self.mute &= !(1 << k);
+        }
+        self.write_control()
+    }
+
+    /// Creates the kernel row of every listener in `sample` (within the filter) that has none
+    /// (`present`: keys seen in the map). A row that appeared meanwhile is left as it is.
+    fn seed(&mut self, sample: &DiagSample, present: &HashSet<u64>) {
+        for d in &sample.listeners {
+            if !self.filter.matches_listener(d.netns, d.lport) {
+                continue;
+            }
+            let mut row = ListenerStats::ZERO;
+            row.netns = d.netns;
+            row.lport = d.lport;
+            row.family = if d.laddr.is_ipv4() { AF_INET } else { AF_INET6 };
+            row.queue_max = d.backlog;
+            let port = listener_key(d.netns, d.lport);
+            let socket = (d.inode != 0).then(|| socket_key(d.inode));
+            for key in [Some(port), socket].into_iter().flatten().filter(|k| !present.contains(k)) {
+                self.seed_row(key, &row, d);
+            }
+        }
+    }
+
+    fn seed_row(&mut self, key: u64, row: &ListenerStats, d: &crate::model::DiagListener) {
+        // BPF_NOEXIST: never reset a row a kernel program created in the meantime.
+        if let Err(e) = self.listeners.insert(key, row, BPF_NOEXIST) {
+            let exists = matches!(&e, aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::EEXIST));
+            if !exists {
+                if self.seed_errors == 0 {
+                    eprintln!("socktrace: warning: no kernel row for listener netns {} port {} (inode {}): {e}", d.netns, d.lport, d.inode);
+                }
+                self.seed_errors += 1;
+            }
+        }
     }
 
     fn write_control(&mut self) -> anyhow::Result<()> {
@@ -77,7 +138,7 @@ impl Agent {
     /// Waits for ring-buffer data and feeds it to the model (cancel-safe: use in `select!`).
     pub async fn pump(&mut self) -> anyhow::Result<()> {
         let mut guard = self.ring.readable_mut().await?;
-        feed(guard.get_inner_mut(), &self.filter, &mut self.model)?;
+        feed(guard.get_inner_mut(), &mut self.filter, &mut self.model)?;
         guard.clear_ready();
         Ok(())
     }
@@ -90,26 +151,36 @@ impl Agent {
             system::release_freed_heap();
             self.trimmed = Instant::now();
         }
-        feed(self.ring.get_mut(), &self.filter, &mut self.model)?;
+        feed(self.ring.get_mut(), &mut self.filter, &mut self.model)?;
         let ended = self.epoch;
         self.epoch = ended.wrapping_add(1).max(1);
         self.write_control()?;
         let slot = (ended & 1) as usize;
         let mut kernel = Vec::new();
+        let mut sockets = Vec::new();
+        let mut present = HashSet::new();
         for item in self.listeners.iter() {
-            let (_, s) = item.context("reading LISTENERS")?;
-            if !self.filter.matches_listener(s.netns, s.lport) {
-                continue;
-            }
+            let (k, s) = item.context("reading LISTENERS")?;
+            present.insert(k);
             let peak = (s.peak_epoch[slot] == ended).then_some(s.peak[slot]);
-            kernel.push((ListenerKey { netns: s.netns, lport: s.lport }, s, peak));
+            if k & SOCKET_KEY == 0 {
+                kernel.push((ListenerKey { netns: s.netns, lport: s.lport }, s, peak));
+            } else {
+                sockets.push((u32::try_from(k & u64::from(u32::MAX)).unwrap_or(0), s, peak));
+            }
         }
         let diag = (self.diag)().map(|mut sample| {
-            sample.listeners.retain(|d| self.filter.matches_listener(d.netns, d.lport));
+            self.filter.select_listeners(&mut sample);
             sample
         });
+        // After the sample: with a `src` term, it tells which ports and sockets match.
+        kernel.retain(|(k, _, _)| self.filter.matches_listener(k.netns, k.lport));
+        sockets.retain(|(inode, s, _)| self.filter.matches_listener_socket(s.netns, s.lport, *inode));
         self.diag_ok = diag.is_some();
-        self.model.close_interval(&kernel, diag.as_ref());
+        if let Some(sample) = &diag {
+            self.seed(sample, &present);
+        }
+        self.model.close_interval(&kernel, &sockets, diag.as_ref());
         Ok(())
     }
 
@@ -118,19 +189,13 @@ impl Agent {
     }
 }
 
-fn feed(rb: &mut RingBuf<MapData>, filter: &Filter, model: &mut Model) -> anyhow::Result<()> {
+fn feed(rb: &mut RingBuf<MapData>, filter: &mut Filter, model: &mut Model) -> anyhow::Result<()> {
     while let Some(item) = rb.next() {
         let rec = Record::from_event(&event::parse(&item)?);
-        if filter.matches_listener(rec.netns, rec.lport) {
+        // Accept and listen events carry the listening socket's own address, port and inode.
+        if filter.matches_listen_event(&rec) {
             model.on_event(&rec);
         }
     }
     Ok(())
-}
-
-impl Filter {
-    /// Listener-level filter (interval views have no per-event pid).
-    pub fn matches_listener(&self, netns: u32, lport: u16) -> bool {
-        self.port.is_none_or(|p| p == lport) && self.netns.is_none_or(|n| n == netns)
-    }
 }

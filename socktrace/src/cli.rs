@@ -1,14 +1,19 @@
-//! Command-line surface: raw arguments as clap parses them, and their validation into the config
-//! the commands use. Usage errors are one line and exit with status 2.
+//! Command-line surface: raw arguments as clap parses them (every option type the commands
+//! take is defined here, views import them), and their validation into the config the commands
+//! use. Usage errors are one line and exit with status 2.
 
 use std::{collections::BTreeSet, path::PathBuf, time::Duration};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::{probes::HookKind, system};
+use crate::{
+    filter::{self, Filter, FilterError, Scope},
+    probes::HookKind,
+    system,
+};
 
 #[derive(Debug, Parser)]
-#[command(name = "socktrace", version, about = "eBPF TCP listener tracer: why won't the service accept connections?")]
+#[command(name = "socktrace", version = env!("SOCKTRACE_VERSION"), about = "eBPF TCP listener tracer: why won't the service accept connections?")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -57,7 +62,7 @@ pub enum Command {
         iterations: Option<u64>,
         /// Sort order.
         #[arg(long, value_enum, default_value = "drops")]
-        sort: crate::top::SortKey,
+        sort: SortKey,
     },
     /// Observe listeners for a while, then give a verdict per listener with evidence, fix, check.
     Diagnose {
@@ -70,7 +75,7 @@ pub enum Command {
         duration: Duration,
         /// Output format.
         #[arg(long, value_enum, default_value = "text")]
-        format: crate::diagnose::Format,
+        format: Format,
         /// Same as --format json.
         #[arg(long)]
         json: bool,
@@ -93,7 +98,33 @@ pub enum Command {
     },
     /// List TCP sockets in every network namespace (like `ss -tanpe` in each), from
     /// NETLINK_SOCK_DIAG: queues, backlog, drops, owning processes. Needs no eBPF and no root.
-    Snapshot(crate::snapshot::SnapshotArgs),
+    Snapshot(SnapshotArgs),
+    /// Print shell completions (bash, zsh, fish) or a man page (roff) on stdout.
+    #[command(subcommand)]
+    Generate(crate::generate::Target),
+}
+
+/// `top --sort`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SortKey {
+    /// Drops (overflows + SYN drops) in the interval.
+    Drops,
+    /// Queue peak relative to backlog.
+    Queue,
+    /// Accept-queue wait p99.
+    Wait,
+    /// Accepts in the interval.
+    Accepts,
+    /// Port.
+    Port,
+}
+
+/// `diagnose --format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Text,
+    Markdown,
+    Json,
 }
 
 /// How the tracer is loaded (shared by every tracing command).
@@ -115,36 +146,209 @@ pub struct TraceArgs {
     pub ring_buffer_kib: u32,
 }
 
-/// Event filters.
+/// What a tracing command shows: the shorthands and the filter expression (all must match).
 #[derive(Debug, Args, Clone, Default)]
 #[command(next_help_heading = "Filters")]
 pub struct FilterArgs {
-    /// Only events whose local or remote port is PORT.
+    /// Only this port: the listener's (top, serve, diagnose) or either end's (watch).
     #[arg(long, value_name = "PORT", value_parser = parse_port)]
     pub port: Option<u16>,
-    /// Only events caused by this process (events with no process context are left out).
+    /// watch only: events caused by this process (events with no process context are left out).
     #[arg(long, value_name = "PID")]
     pub pid: Option<u32>,
     /// Only this network namespace: inode number, path (/run/netns/NAME, /proc/PID/ns/net) or name.
     #[arg(long, value_name = "NETNS")]
     pub netns: Option<String>,
+    /// ss's filter expression, e.g. `sport = :8080 and not src 10.0.0.0/8`: `sport`/`dport`
+    /// (`= != < > <= >=`), `src`/`dst` (address[/prefix][:port]), `netns NS`, `and`/`or`/`not`,
+    /// parentheses, and ss's leading `state NAME`/`exclude NAME`. Listener views (top, serve,
+    /// diagnose) take sport, src, netns and states that include listening; watch takes no state.
+    #[arg(value_name = "FILTER")]
+    pub filter: Vec<String>,
 }
 
-/// Validated filter.
-#[derive(Clone, Debug, Default)]
-pub struct Filter {
-    pub port: Option<u16>,
-    pub pid: Option<u32>,
-    pub netns: Option<u32>,
+/// A usage error found after clap (a bad filter, an option the command cannot apply): one line,
+/// exit status 2.
+#[derive(Debug, thiserror::Error)]
+pub enum UsageError {
+    #[error(transparent)]
+    Filter(#[from] FilterError),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The filter arguments parsed and checked for `scope`, `netns` terms looked up.
+pub fn parse_filter(args: &[String], scope: Scope, command: &str) -> anyhow::Result<filter::Parsed> {
+    let mut parsed = filter::parse(args).map_err(UsageError::from)?;
+    parsed.check(scope, command).map_err(UsageError::from)?;
+    parsed.resolve_netns(system::netns_inode)?;
+    Ok(parsed)
 }
 
 impl FilterArgs {
-    pub fn validate(&self) -> Result<Filter, system::SystemError> {
-        Ok(Filter {
-            port: self.port,
-            pid: self.pid,
-            netns: self.netns.as_deref().map(system::netns_inode).transpose()?,
-        })
+    /// `command` is the subcommand's name (for messages); `watch` filters events, the others
+    /// listeners.
+    pub fn validate(&self, command: &str) -> anyhow::Result<Filter> {
+        let scope = if command == "watch" { Scope::Events } else { Scope::Listeners };
+        if scope == Scope::Listeners && self.pid.is_some() {
+            return Err(UsageError::Other(format!("--pid: {command} shows listeners, not events (--pid applies to watch)")).into());
+        }
+        let parsed = parse_filter(&self.filter, scope, command)?;
+        let netns = self.netns.as_deref().map(system::netns_inode).transpose()?;
+        Ok(Filter::new(self.port, self.pid, netns, parsed.expr))
+    }
+}
+
+/// `snapshot`'s raw arguments: socktrace's own and ss's (so ss command lines paste).
+#[derive(Debug, Args)]
+#[expect(clippy::struct_excessive_bools, reason = "independent command-line flags")]
+pub struct SnapshotArgs {
+    /// Only listening sockets (same as `--state listening`).
+    #[arg(short = 'l', long, conflicts_with = "state")]
+    pub listening: bool,
+    /// Every state (ss -a). Without -a, -l, --state or `state`, an ss command line (one with
+    /// -t, -a, -n, -p, -e, -H or -A) lists what ss lists: all but listening, time-wait and syn-recv;
+    /// otherwise every state is listed.
+    #[arg(short = 'a', long)]
+    pub all: bool,
+    /// Only sockets in these states (comma-separated or repeated; default: all).
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "STATE")]
+    pub state: Vec<StateArg>,
+    /// Only this network namespace: inode number, path (/run/netns/NAME, /proc/PID/ns/net) or name.
+    #[arg(short = 'N', long, value_name = "NETNS")]
+    pub netns: Option<String>,
+    /// Show TCP internals from `tcp_info`: rtt, cwnd, retransmits (and more in --json).
+    #[arg(short = 'i', long)]
+    pub info: bool,
+    /// Only IPv4 sockets.
+    #[arg(short = '4', long)]
+    pub ipv4: bool,
+    /// Only IPv6 sockets.
+    #[arg(short = '6', long)]
+    pub ipv6: bool,
+    /// Per network namespace: TCP sockets by state and in total, and the namespace's
+    /// listen overflows, listen drops and SYN cookies sent since it was created (ss -s).
+    #[arg(short = 's', long)]
+    pub summary: bool,
+    /// No header line (ss -H).
+    #[arg(short = 'H', long)]
+    pub no_header: bool,
+    /// Print a JSON array of objects instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Do not look up owning processes (skips the /proc/*/fd scan, the slowest part on hosts
+    /// with many open files; JSON `processes` is then null).
+    #[arg(long)]
+    pub no_processes: bool,
+    /// TCP (ss -t): the only protocol socktrace lists.
+    #[arg(short = 't', long)]
+    pub tcp: bool,
+    /// Numeric (ss -n): the only output socktrace has.
+    #[arg(short = 'n', long)]
+    pub numeric: bool,
+    /// Processes (ss -p): shown by default.
+    #[arg(short = 'p', long)]
+    pub processes: bool,
+    /// Extended (ss -e): uid and inode are in --json.
+    #[arg(short = 'e', long)]
+    pub extended: bool,
+    /// Socket tables (ss -A): only `tcp` is listed by socktrace.
+    #[arg(short = 'A', long = "query", visible_alias = "socket", value_name = "QUERY")]
+    pub query: Option<String>,
+    /// Address family (ss -f): inet or inet6.
+    #[arg(short = 'f', long, value_name = "FAMILY")]
+    pub family: Option<String>,
+    /// ss's flags for other protocols: refused with a one-line error.
+    #[command(flatten)]
+    pub other: OtherProtocols,
+    /// -l given after -a (the last of the two wins, as in ss); set from clap's argument indices.
+    #[arg(skip)]
+    pub listening_after_all: bool,
+    /// ss's filter: leading `state NAME`/`exclude NAME` clauses, then an expression over
+    /// `sport`/`dport` (`= == != eq neq < > <= >=`, a port like `:8080`), `src`/`dst` (an address
+    /// like `10.0.0.0/8`, `[::1]:80`, `:8080`) and `netns NS`, combined with `and`, `or`,
+    /// `not`/`!` and parentheses. Example: `state established '( dport = :443 or sport = :443 )'`.
+    #[arg(value_name = "FILTER")]
+    pub filter: Vec<String>,
+}
+
+/// ss's flags for protocols socktrace does not list.
+#[derive(Debug, Args)]
+#[expect(clippy::struct_excessive_bools, reason = "independent command-line flags")]
+pub struct OtherProtocols {
+    #[arg(short = 'u', long, hide = true)]
+    pub udp: bool,
+    #[arg(short = 'x', long, hide = true)]
+    pub unix: bool,
+    #[arg(short = 'w', long, hide = true)]
+    pub raw: bool,
+    #[arg(short = 'd', long, hide = true)]
+    pub dccp: bool,
+    #[arg(short = 'S', long, hide = true)]
+    pub sctp: bool,
+    #[arg(short = '0', long, hide = true)]
+    pub packet: bool,
+    #[arg(short = 'M', long, hide = true)]
+    pub mptcp: bool,
+    #[arg(long, hide = true)]
+    pub vsock: bool,
+    #[arg(long, hide = true)]
+    pub tipc: bool,
+    #[arg(long, hide = true)]
+    pub xdp: bool,
+}
+
+impl OtherProtocols {
+    /// The first flag given, as `-u (UDP)`.
+    pub fn first(&self) -> Option<&'static str> {
+        [
+            (self.udp, "-u (UDP)"),
+            (self.unix, "-x (Unix sockets)"),
+            (self.raw, "-w (raw sockets)"),
+            (self.dccp, "-d (DCCP)"),
+            (self.sctp, "-S (SCTP)"),
+            (self.packet, "-0 (packet sockets)"),
+            (self.mptcp, "-M (MPTCP)"),
+            (self.vsock, "--vsock"),
+            (self.tipc, "--tipc"),
+            (self.xdp, "--xdp"),
+        ]
+        .into_iter()
+        .find_map(|(on, name)| on.then_some(name))
+    }
+}
+
+/// `--state` values, named as ss names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum StateArg {
+    Established,
+    Listening,
+    #[value(name = "syn-recv")]
+    SynRecv,
+    #[value(name = "syn-sent")]
+    SynSent,
+    #[value(name = "time-wait")]
+    TimeWait,
+    #[value(name = "close-wait")]
+    CloseWait,
+    #[value(name = "fin-wait-1")]
+    FinWait1,
+    #[value(name = "fin-wait-2")]
+    FinWait2,
+    #[value(name = "last-ack")]
+    LastAck,
+    Closing,
+    All,
+    Connected,
+    Synchronized,
+    Bucket,
+    Big,
+}
+
+impl StateArg {
+    /// The states (bits by kernel state number), as ss's `state NAME` selects them.
+    pub fn mask(self) -> u32 {
+        self.to_possible_value().and_then(|v| filter::state_by_name(v.get_name())).unwrap_or(0)
     }
 }
 

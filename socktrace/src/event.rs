@@ -31,6 +31,8 @@ pub struct Record {
     pub accept_wait_ns: Option<u64>,
     pub segs: u32,
     pub hook: &'static str,
+    /// Inode of the listening socket (listener-side events), as sock_diag and `ss -e` report it.
+    pub inode: Option<u32>,
 }
 
 pub fn kind_name(k: u32) -> &'static str {
@@ -91,6 +93,7 @@ impl Record {
             accept_wait_ns: has(flags::HAS_WAIT).then_some(ev.accept_wait_ns),
             segs: ev.segs,
             hook: HookKind::from_event(ev.hook),
+            inode: (ev.sock_ino != 0).then_some(ev.sock_ino),
         }
     }
 }

@@ -142,6 +142,8 @@ impl LiveListeners {
                     backlog: r.send_q,
                     owners,
                     drops: r.drops.map(u64::from),
+                    inode: r.inode,
+                    cookie: r.cookie,
                 }
             })
             .collect();

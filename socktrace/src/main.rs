@@ -10,10 +10,13 @@ mod agent;
 mod cli;
 mod diagnose;
 mod event;
+mod filter;
+mod generate;
 mod listeners;
 mod model;
 mod offsets;
 mod probes;
+mod ring;
 mod serve;
 mod snapshot;
 mod system;
@@ -24,12 +27,23 @@ mod watch;
 use std::{io::Write as _, process::ExitCode};
 
 use anyhow::Context as _;
-use clap::Parser as _;
+use clap::{CommandFactory as _, FromArgMatches as _};
 
 use crate::cli::{Cli, Command, TraceArgs};
 
+/// Parses the command line; ss's `-a` and `-l` on `snapshot`: the later one wins.
+fn parse_cli<I: IntoIterator<Item = T>, T: Into<std::ffi::OsString> + Clone>(args: I) -> Result<Cli, clap::Error> {
+    let matches = Cli::command().try_get_matches_from(args)?;
+    let mut cli = Cli::from_arg_matches(&matches)?;
+    if let (Command::Snapshot(args), Some(("snapshot", m))) = (&mut cli.command, matches.subcommand()) {
+        let at = |id: &str| if m.value_source(id) == Some(clap::parser::ValueSource::CommandLine) { m.index_of(id) } else { None };
+        args.listening_after_all = at("listening") > at("all");
+    }
+    Ok(cli)
+}
+
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match parse_cli(std::env::args_os()) {
         Ok(cli) => cli,
         Err(e) => {
             use clap::error::ErrorKind;
@@ -50,7 +64,7 @@ fn main() -> ExitCode {
             if is_broken_pipe(&e) {
                 return ExitCode::SUCCESS;
             }
-            if let Some(usage) = e.downcast_ref::<snapshot::UsageError>() {
+            if let Some(usage) = e.downcast_ref::<cli::UsageError>() {
                 eprintln!("socktrace: {usage}");
                 return ExitCode::from(2);
             }
@@ -71,7 +85,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print_probes(&tracer, json)
         }
         Command::Watch { trace, filter, json, duration } => {
-            let filter = filter.validate()?;
+            let filter = filter.validate("watch")?;
             let tracer = start(&trace)?;
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
             rt.block_on(watch::run(tracer, filter, json, duration))
@@ -80,7 +94,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if !listen.ip().is_loopback() && !allow_remote {
                 return Err(RemoteRefused(listen).into());
             }
-            let filter = filter.validate()?;
+            let filter = filter.validate("serve")?;
             let tracer = start(&trace)?;
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
             rt.block_on(async move {
@@ -89,9 +103,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
         Command::Diagnose { trace, filter, duration, format, json } => {
-            let filter = filter.validate()?;
+            let filter = filter.validate("diagnose")?;
             let tracer = start(&trace)?;
-            let format = if json { diagnose::Format::Json } else { format };
+            let format = if json { cli::Format::Json } else { format };
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
             rt.block_on(async move {
                 let agent = agent::Agent::new(tracer, filter.clone(), diag_source(filter.netns, true))?;
@@ -99,7 +113,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
         Command::Top { trace, filter, interval, once, json, iterations, sort } => {
-            let filter = filter.validate()?;
+            let filter = filter.validate("top")?;
             let tracer = start(&trace)?;
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
             rt.block_on(async move {
@@ -108,6 +122,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
         Command::Snapshot(args) => snapshot::run(&args),
+        Command::Generate(what) => generate::run(&what, &mut std::io::stdout().lock()),
     }
 }
 
@@ -162,4 +177,51 @@ fn print_probes(tracer: &probes::Tracer, json: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot_args(line: &str) -> cli::SnapshotArgs {
+        let args = ["socktrace", "snapshot"].into_iter().chain(line.split_whitespace());
+        match parse_cli(args).unwrap_or_else(|e| panic!("{line}: {e}")).command {
+            Command::Snapshot(a) => a,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn ss_flag_clusters_parse() {
+        let a = snapshot_args("-tlnp");
+        assert!(a.tcp && a.listening && a.numeric && a.processes && !a.all);
+        let a = snapshot_args("-tan state established ( dport = :443 or sport = :443 )");
+        assert!(a.tcp && a.all && a.numeric);
+        assert_eq!(a.filter.join(" "), "state established ( dport = :443 or sport = :443 )");
+        let a = snapshot_args("-4tanieH -N blue");
+        assert!(a.ipv4 && a.info && a.extended && a.no_header);
+        assert_eq!(a.netns.as_deref(), Some("blue"));
+        // The later of -a and -l wins, as in ss.
+        assert!(snapshot_args("-tal").listening_after_all);
+        assert!(!snapshot_args("-tla").listening_after_all);
+        assert!(snapshot_args("-a -l").listening_after_all);
+        // Options after the expression still count (clap, like ss's getopt, permutes).
+        let a = snapshot_args("sport = :80 -H");
+        assert!(a.no_header);
+        assert_eq!(a.filter.join(" "), "sport = :80");
+        assert!(snapshot_args("-u").other.udp);
+    }
+
+    #[test]
+    fn filter_is_a_trailing_argument_of_every_tracing_command() {
+        for cmd in ["watch", "top", "diagnose", "serve"] {
+            let cli = parse_cli(["socktrace", cmd, "--port", "80", "sport", "=", ":80", "or", "src 10.0.0.0/8"]).unwrap();
+            let f = match cli.command {
+                Command::Watch { filter, .. } | Command::Top { filter, .. } | Command::Diagnose { filter, .. } | Command::Serve { filter, .. } => filter,
+                other => panic!("{other:?}"),
+            };
+            assert_eq!(f.port, Some(80));
+            assert_eq!(f.filter.join(" "), "sport = :80 or src 10.0.0.0/8");
+        }
+    }
 }

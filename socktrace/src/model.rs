@@ -6,6 +6,11 @@
 //! Counters are monotonic across intervals and across listener churn: a new listener on the same
 //! port continues the same row. Rows for ports that no longer listen and saw no events are
 //! dropped after a grace period.
+//!
+//! A listener row is a group: every LISTEN socket on the port (SO_REUSEPORT members, v4 and v6
+//! sockets) is a [`SocketRow`] of its own, keyed by inode, with its own queue, backlog, counters
+//! and the threads that accept from it. The group's queue and backlog are those of its fullest
+//! member, never a sum (each socket drops on its own queue).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -37,6 +42,9 @@ pub struct DiagListener {
     pub owners: Vec<(u32, String)>,
     /// `sk_drops` (SK_MEMINFO_DROPS), when the kernel reported it.
     pub drops: Option<u64>,
+    /// The socket's inode and cookie (its identity; 0 when not reported).
+    pub inode: u32,
+    pub cookie: u64,
 }
 
 /// One sock_diag sample: LISTEN sockets, and per port the request sockets (SYN_RECV) waiting for
@@ -90,6 +98,69 @@ impl Counts {
     }
 }
 
+/// When a listener accepted and dropped, over a `diagnose` window: the time series the episode
+/// rules read ([`Model::keep_timeline`]). Only long gaps between accepts are kept, with the drop
+/// times (bounded) that fall anywhere in the window.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Timeline {
+    pub first_accept_ns: Option<u64>,
+    pub last_accept_ns: Option<u64>,
+    /// Gaps between consecutive accepts (start, end) of at least [`Timeline::KEEP_GAP_NS`].
+    pub gaps: Vec<(u64, u64)>,
+    /// Gaps shorter than that (only counted: the rules need the median gap).
+    pub short_gaps: u64,
+    /// Times of listen overflows and SYN drops, at most [`Timeline::MAX_DROPS`] of them.
+    pub drops: Vec<u64>,
+    /// Drop events past that bound (counted, not timed).
+    pub drops_untimed: u64,
+}
+
+impl Timeline {
+    /// Gaps shorter than this are never part of a stall episode (the rules' floor is higher).
+    pub const KEEP_GAP_NS: u64 = 20_000_000;
+    pub const MAX_DROPS: usize = 1 << 20;
+
+    pub(crate) fn accept(&mut self, ts: u64) {
+        if let Some(last) = self.last_accept_ns {
+            // Events of different CPUs can arrive slightly out of order.
+            if ts < last {
+                return;
+            }
+            if ts - last >= Self::KEEP_GAP_NS {
+                self.gaps.push((last, ts));
+            } else {
+                self.short_gaps += 1;
+            }
+        }
+        self.first_accept_ns.get_or_insert(ts);
+        self.last_accept_ns = Some(ts);
+    }
+
+    pub(crate) fn drop_at(&mut self, ts: u64) {
+        if self.drops.len() < Self::MAX_DROPS {
+            self.drops.push(ts);
+        } else {
+            self.drops_untimed += 1;
+        }
+    }
+
+    /// Median gap between consecutive accepts (ns), when there were at least two accepts: exact
+    /// when it is a kept gap, else "shorter than [`Timeline::KEEP_GAP_NS`]" (reported as that).
+    pub fn median_gap_ns(&self) -> Option<u64> {
+        let n = self.short_gaps + self.gaps.len() as u64;
+        if n == 0 {
+            return None;
+        }
+        let mid = n / 2;
+        if mid < self.short_gaps {
+            return Some(Self::KEEP_GAP_NS);
+        }
+        let mut long: Vec<u64> = self.gaps.iter().map(|(a, b)| b - a).collect();
+        long.sort_unstable();
+        long.get(usize::try_from(mid - self.short_gaps).unwrap_or(usize::MAX)).copied()
+    }
+}
+
 /// Who last accepted from a listener.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Acceptor {
@@ -98,6 +169,72 @@ pub struct Acceptor {
     pub comm: String,
     pub ts_ns: u64,
 }
+
+/// Threads remembered per socket (the most recent accepters).
+pub const MAX_ACCEPTORS: usize = 16;
+
+/// One LISTEN socket of a listener group.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SocketRow {
+    pub inode: u32,
+    /// Socket cookie from sock_diag (0: not listed yet).
+    pub cookie: u64,
+    pub laddr: Option<IpAddr>,
+    /// Listed by the last sock_diag sample.
+    pub listening: bool,
+    pub queue_len: Option<u32>,
+    pub backlog: Option<u32>,
+    /// Accept-queue high-water mark in the last closed interval.
+    pub queue_peak: Option<u32>,
+    pub drops: Option<u64>,
+    /// Processes holding its file descriptor (they need not accept from it).
+    pub owners: Vec<(u32, String)>,
+    pub total: Counts,
+    pub interval: Counts,
+    /// Threads that accepted from it since the agent started, latest accept each, newest first.
+    pub acceptors: Vec<Acceptor>,
+    /// Accept gaps and drop times ([`Model::keep_timeline`]).
+    pub timeline: Option<Timeline>,
+    seen: u64,
+}
+
+impl SocketRow {
+    fn new(inode: u32, now: u64) -> SocketRow {
+        SocketRow {
+            inode,
+            cookie: 0,
+            laddr: None,
+            listening: false,
+            queue_len: None,
+            backlog: None,
+            queue_peak: None,
+            drops: None,
+            owners: Vec::new(),
+            total: Counts::default(),
+            interval: Counts::default(),
+            acceptors: Vec::new(),
+            timeline: None,
+            seen: now,
+        }
+    }
+
+    fn accepted_by(&mut self, a: Acceptor) {
+        self.acceptors.retain(|x| x.tid != a.tid);
+        self.acceptors.insert(0, a);
+        self.acceptors.truncate(MAX_ACCEPTORS);
+    }
+
+    /// The queue passed its backlog (the kernel drops at `len > backlog`) in the last interval.
+    pub fn saturated(&self) -> bool {
+        match (self.queue_peak, self.backlog) {
+            (Some(p), Some(b)) => p > b,
+            _ => self.interval.overflows + self.interval.syn_drops > 0,
+        }
+    }
+}
+
+/// Socket rows not listed and idle for this many intervals are dropped.
+const SOCKET_GRACE_INTERVALS: u64 = 2;
 
 /// One listener's state.
 pub struct Listener {
@@ -126,10 +263,16 @@ pub struct Listener {
     /// ([`Model::keep_total_waits`]).
     pub waits_total: Option<Histogram<u64>>,
     pub last_acceptor: Option<Acceptor>,
+    /// Accepts whose queue wait cannot be known: the connection was queued before tracing started.
+    pub accepts_unknown_wait: u64,
+    /// Accept gaps and drop times ([`Model::keep_timeline`]).
+    pub timeline: Option<Timeline>,
     /// Backlog passed to listen(2), when that call was traced.
     pub requested_backlog: Option<u32>,
     /// Queue high-water per interval, newest last (for sparklines).
     pub history: Vec<u32>,
+    /// The LISTEN sockets of this port, by inode.
+    pub sockets: BTreeMap<u32, SocketRow>,
     /// Interval number in which this row last had activity or was listening.
     seen: u64,
 }
@@ -171,8 +314,11 @@ impl Listener {
             waits: None,
             waits_total: None,
             last_acceptor: None,
+            accepts_unknown_wait: 0,
+            timeline: None,
             requested_backlog: None,
             history: Vec::new(),
+            sockets: BTreeMap::new(),
             seen: 0,
         }
     }
@@ -191,6 +337,23 @@ impl Listener {
     }
 }
 
+/// A row's kernel-side fields: totals, last interval, its high-water mark, backlog, last activity.
+type KernelFields<'a> = (&'a mut Counts, &'a mut Counts, &'a mut Option<u32>, &'a mut Option<u32>, &'a mut u64);
+
+/// One interval's kernel counters (`delta`), high-water mark and backlog into a port or socket row.
+fn absorb(row: KernelFields<'_>, delta: Counts, peak: Option<u32>, queue_max: u32, now: u64) {
+    let (total, interval, queue_peak, backlog, seen) = row;
+    total.add(&delta);
+    *interval = delta;
+    *queue_peak = peak;
+    if queue_max != 0 && backlog.is_none() {
+        *backlog = Some(queue_max);
+    }
+    if delta != Counts::default() {
+        *seen = now;
+    }
+}
+
 /// How long (in intervals) a row with no listener and no activity is kept.
 pub const GRACE_INTERVALS: u64 = 30;
 
@@ -199,10 +362,14 @@ pub struct Model {
     pub listeners: BTreeMap<ListenerKey, Listener>,
     /// Kernel counters at the last read, per key (kept even for rows that were dropped).
     kernel_last: BTreeMap<ListenerKey, Counts>,
+    /// The same per socket inode.
+    kernel_last_socket: BTreeMap<u32, Counts>,
     interval: u64,
     /// Also keep every wait since start per listener (`diagnose`; `top` and `serve` need only the
     /// last interval's).
     pub keep_total_waits: bool,
+    /// Also keep each listener's [`Timeline`] (`diagnose`, which then also needs drop events).
+    pub keep_timeline: bool,
 }
 
 impl Model {
@@ -223,11 +390,29 @@ impl Model {
             row.requested_backlog = r.queue_max;
             return;
         }
+        let keep_timeline = self.keep_timeline;
+        let now = self.interval;
+        if r.kind == "listen_overflow" || r.kind == "syn_drop" {
+            if keep_timeline {
+                let row = self.row(ListenerKey { netns: r.netns, lport: r.lport });
+                row.timeline.get_or_insert_default().drop_at(r.ts_ns);
+                if let Some(ino) = r.inode {
+                    row.sockets.entry(ino).or_insert_with(|| SocketRow::new(ino, now)).timeline.get_or_insert_default().drop_at(r.ts_ns);
+                }
+            }
+            return;
+        }
         if r.kind != "accept" {
             return;
         }
         let keep_total = self.keep_total_waits;
         let row = self.row(ListenerKey { netns: r.netns, lport: r.lport });
+        if keep_timeline {
+            row.timeline.get_or_insert_default().accept(r.ts_ns);
+        }
+        if r.accept_wait_ns.is_none() {
+            row.accepts_unknown_wait += 1;
+        }
         if let Some(w) = r.accept_wait_ns {
             let w = w.clamp(1_000, MAX_WAIT_NS);
             // Auto-resizing: only fails if the counts array cannot be allocated.
@@ -237,7 +422,15 @@ impl Model {
             }
         }
         if let (Some(pid), Some(tid), Some(comm)) = (r.pid, r.tid, r.comm.clone()) {
-            row.last_acceptor = Some(Acceptor { pid, tid, comm, ts_ns: r.ts_ns });
+            let a = Acceptor { pid, tid, comm, ts_ns: r.ts_ns };
+            if let Some(ino) = r.inode {
+                let sock = row.sockets.entry(ino).or_insert_with(|| SocketRow::new(ino, now));
+                sock.accepted_by(a.clone());
+                if keep_timeline {
+                    sock.timeline.get_or_insert_default().accept(r.ts_ns);
+                }
+            }
+            row.last_acceptor = Some(a);
         }
         if let Some(a) = r.laddr {
             row.laddrs.insert(a);
@@ -246,12 +439,34 @@ impl Model {
 
     /// Closes an interval: `kernel` is every `LISTENERS` entry with the high-water mark of the
     /// epoch that just ended, `diag` the current LISTEN sockets (None: sock_diag unavailable).
-    pub fn close_interval(&mut self, kernel: &[(ListenerKey, ListenerStats, Option<u32>)], diag: Option<&DiagSample>) {
+    /// `sockets` is every socket row (inode, counters, high-water mark) the same way.
+    pub fn close_interval(
+        &mut self,
+        kernel: &[(ListenerKey, ListenerStats, Option<u32>)],
+        sockets: &[(u32, ListenerStats, Option<u32>)],
+        diag: Option<&DiagSample>,
+    ) {
         self.interval += 1;
         let now = self.interval;
         for l in self.listeners.values_mut() {
             l.interval = Counts::default();
             l.queue_peak = None;
+            for s in l.sockets.values_mut() {
+                s.interval = Counts::default();
+                s.queue_peak = None;
+            }
+        }
+        for (inode, stats, peak) in sockets {
+            let counts = Counts::of(stats);
+            let delta = counts.since(&self.kernel_last_socket.insert(*inode, counts).unwrap_or_default());
+            let key = ListenerKey { netns: stats.netns, lport: stats.lport };
+            let known = self.listeners.get(&key).is_some_and(|l| l.sockets.contains_key(inode));
+            if delta == Counts::default() && peak.is_none() && !known {
+                continue;
+            }
+            let row = self.row(key);
+            let sock = row.sockets.entry(*inode).or_insert_with(|| SocketRow::new(*inode, now));
+            absorb((&mut sock.total, &mut sock.interval, &mut sock.queue_peak, &mut sock.backlog, &mut sock.seen), delta, *peak, stats.queue_max, now);
         }
         for (key, stats, peak) in kernel {
             let counts = Counts::of(stats);
@@ -260,15 +475,7 @@ impl Model {
                 continue;
             }
             let row = self.row(*key);
-            row.total.add(&delta);
-            row.interval = delta;
-            row.queue_peak = *peak;
-            if stats.queue_max != 0 && row.backlog.is_none() {
-                row.backlog = Some(stats.queue_max);
-            }
-            if delta != Counts::default() {
-                row.seen = now;
-            }
+            absorb((&mut row.total, &mut row.interval, &mut row.queue_peak, &mut row.backlog, &mut row.seen), delta, *peak, stats.queue_max, now);
         }
         if let Some(sample) = diag {
             let diag = &sample.listeners;
@@ -276,31 +483,57 @@ impl Model {
                 l.listening = false;
                 l.syn_recv = Some(sample.syn_recv.get(&l.key).copied().unwrap_or(0));
             }
-            // Several sockets can share a port (v4 + v6, SO_REUSEPORT): sum queues, keep all owners.
-            let mut fresh: BTreeMap<ListenerKey, (u32, u32, Vec<(u32, String)>, BTreeSet<IpAddr>, Option<u64>)> = BTreeMap::new();
-            for d in diag {
-                let e = fresh.entry(ListenerKey { netns: d.netns, lport: d.lport }).or_default();
-                e.0 += d.queue_len;
-                e.1 += d.backlog;
-                for o in &d.owners {
-                    if !e.2.contains(o) {
-                        e.2.push(o.clone());
-                    }
-                }
-                e.3.insert(d.laddr);
-                if let Some(x) = d.drops {
-                    e.4 = Some(e.4.unwrap_or(0) + x);
+            for l in self.listeners.values_mut() {
+                for sock in l.sockets.values_mut() {
+                    sock.listening = false;
                 }
             }
-            for (key, (q, b, owners, addrs, drops)) in fresh {
+            // Several sockets can share a port (v4 + v6, SO_REUSEPORT): each is a socket row; the
+            // group shows its fullest member's queue and backlog, every owner, the sum of sk_drops.
+            let mut fresh: BTreeMap<ListenerKey, Vec<&DiagListener>> = BTreeMap::new();
+            for d in diag {
+                fresh.entry(ListenerKey { netns: d.netns, lport: d.lport }).or_default().push(d);
+            }
+            for (key, members) in fresh {
                 let row = self.row(key);
                 row.listening = true;
                 row.seen = now;
-                row.queue_len = Some(q);
-                row.backlog = Some(b);
-                row.owners = owners;
-                row.laddrs = addrs;
-                row.drops = drops;
+                let fullest = members
+                    .iter()
+                    .max_by(|a, b| {
+                        let fill = |d: &DiagListener| f64::from(d.queue_len) / f64::from(d.backlog.max(1));
+                        fill(a).total_cmp(&fill(b)).then(a.queue_len.cmp(&b.queue_len))
+                    })
+                    .copied();
+                row.queue_len = fullest.map(|d| d.queue_len);
+                row.backlog = fullest.map(|d| d.backlog);
+                row.owners.clear();
+                row.laddrs.clear();
+                row.drops = None;
+                for d in &members {
+                    for o in &d.owners {
+                        if !row.owners.contains(o) {
+                            row.owners.push(o.clone());
+                        }
+                    }
+                    row.laddrs.insert(d.laddr);
+                    if let Some(x) = d.drops {
+                        row.drops = Some(row.drops.unwrap_or(0) + x);
+                    }
+                    if d.inode != 0 {
+                        let sock = row.sockets.entry(d.inode).or_insert_with(|| SocketRow::new(d.inode, now));
+                        sock.listening = true;
+                        sock.seen = now;
+                        sock.cookie = d.cookie;
+                        sock.laddr = Some(d.laddr);
+                        sock.queue_len = Some(d.queue_len);
+                        sock.backlog = Some(d.backlog);
+                        sock.drops = d.drops;
+                        sock.owners.clone_from(&d.owners);
+                        sock.queue_peak = Some(sock.queue_peak.map_or(d.queue_len, |p| p.max(d.queue_len)));
+                    }
+                }
+                let q = row.queue_len.unwrap_or(0);
                 row.queue_peak = Some(row.queue_peak.map_or(q, |p| p.max(q)));
                 row.syn_recv = Some(sample.syn_recv.get(&key).copied().unwrap_or(0));
             }
@@ -314,6 +547,9 @@ impl Model {
             if l.history.len() > 120 {
                 l.history.remove(0);
             }
+        }
+        for l in self.listeners.values_mut() {
+            l.sockets.retain(|_, s| s.listening || now - s.seen <= SOCKET_GRACE_INTERVALS);
         }
         self.listeners.retain(|_, l| l.listening || now - l.seen <= GRACE_INTERVALS);
     }
@@ -344,39 +580,124 @@ mod tests {
     fn interval_deltas_and_monotonic_totals() {
         let key = ListenerKey { netns: 1, lport: 80 };
         let mut m = Model::default();
-        m.close_interval(&[(key, stats(5, 1), Some(9))], None);
+        m.close_interval(&[(key, stats(5, 1), Some(9))], &[], None);
         assert_eq!(m.listeners[&key].interval.accepts, 5);
         assert_eq!(m.listeners[&key].queue_peak, Some(9));
-        m.close_interval(&[(key, stats(7, 1), None)], None);
+        m.close_interval(&[(key, stats(7, 1), None)], &[], None);
         let l = &m.listeners[&key];
         assert_eq!((l.interval.accepts, l.interval.overflows, l.total.accepts), (2, 0, 7));
         assert_eq!(l.queue_peak, None, "no event in the interval: no kernel peak");
         // The kernel entry was evicted and recreated: counting restarts, totals stay monotonic.
-        m.close_interval(&[(key, stats(3, 0), None)], None);
+        m.close_interval(&[(key, stats(3, 0), None)], &[], None);
         assert_eq!(m.listeners[&key].total.accepts, 10);
     }
 
-    #[test]
-    fn diag_merges_sockets_sharing_a_port_and_peak_includes_queue_now() {
-        let key = ListenerKey { netns: 1, lport: 80 };
-        let d = |a: &str, q| DiagListener {
+    fn diag(addr: &str, inode: u32, q: u32, backlog: u32, owner: (u32, &str)) -> DiagListener {
+        DiagListener {
             netns: 1,
-            laddr: a.parse().unwrap(),
+            laddr: addr.parse().unwrap(),
             lport: 80,
             queue_len: q,
-            backlog: 128,
-            owners: vec![(10, "nginx".into())],
+            backlog,
+            owners: vec![(owner.0, owner.1.into())],
             drops: Some(1),
-        };
+            inode,
+            cookie: u64::from(inode) << 8,
+        }
+    }
+
+    #[test]
+    fn sockets_sharing_a_port_are_members_and_the_group_is_never_a_sum() {
+        let key = ListenerKey { netns: 1, lport: 80 };
         let mut m = Model::default();
-        let sample = DiagSample { listeners: vec![d("0.0.0.0", 2), d("::", 4)], syn_recv: BTreeMap::from([(key, 5)]) };
-        m.close_interval(&[(key, stats(0, 0), Some(3))], Some(&sample));
+        let sample = DiagSample {
+            listeners: vec![diag("0.0.0.0", 11, 2, 128, (10, "nginx")), diag("::", 12, 4, 128, (10, "nginx"))],
+            syn_recv: BTreeMap::from([(key, 5)]),
+        };
+        m.close_interval(&[(key, stats(0, 0), Some(3))], &[], Some(&sample));
         let l = &m.listeners[&key];
-        assert_eq!((l.queue_len, l.backlog, l.drops), (Some(6), Some(256), Some(2)));
-        assert_eq!(l.queue_peak, Some(6));
+        assert_eq!((l.queue_len, l.backlog, l.drops), (Some(4), Some(128), Some(2)));
+        assert_eq!(l.queue_peak, Some(4));
         assert_eq!(l.owners.len(), 1);
         assert_eq!(l.laddrs.len(), 2);
         assert_eq!(l.syn_recv, Some(5));
+        assert_eq!(l.sockets.len(), 2);
+        assert_eq!((l.sockets[&12].queue_len, l.sockets[&12].cookie), (Some(4), 12 << 8));
+    }
+
+    #[test]
+    fn reuseport_members_keep_their_own_counters_and_acceptors() {
+        let key = ListenerKey { netns: 1, lport: 80 };
+        let mut m = Model::default();
+        // Three workers' sockets, backlog 16 each; the third is stuck with a full queue.
+        let sample = DiagSample {
+            listeners: vec![
+                diag("0.0.0.0", 21, 0, 16, (100, "nginx")),
+                diag("0.0.0.0", 22, 1, 16, (100, "nginx")),
+                diag("0.0.0.0", 23, 17, 16, (100, "nginx")),
+            ],
+            syn_recv: BTreeMap::new(),
+        };
+        let accept = |ino: u32, tid: u32| Record {
+            kind: "accept",
+            ts_ns: 5,
+            netns: 1,
+            pid: Some(tid),
+            tid: Some(tid),
+            comm: Some("nginx".into()),
+            family: Some("ipv4"),
+            laddr: Some("0.0.0.0".parse().unwrap()),
+            lport: 80,
+            raddr: None,
+            rport: 1,
+            queue_len: Some(0),
+            queue_max: Some(16),
+            accept_wait_ns: Some(1000),
+            segs: 1,
+            hook: "tracepoint",
+            inode: Some(ino),
+        };
+        m.on_event(&accept(21, 101));
+        m.on_event(&accept(22, 102));
+        m.on_event(&accept(21, 101));
+        let member = |accepts, overflows| ListenerStats { netns: 1, lport: 80, ..stats(accepts, overflows) };
+        let socks = [(21, member(40, 0), Some(2)), (22, member(38, 0), Some(3)), (23, member(0, 9), Some(17))];
+        m.close_interval(&[(key, stats(78, 9), Some(17))], &socks, Some(&sample));
+        let l = &m.listeners[&key];
+        assert_eq!((l.queue_len, l.backlog), (Some(17), Some(16)));
+        assert!(l.saturated());
+        assert_eq!(l.sockets[&23].interval.overflows, 9);
+        assert!(l.sockets[&23].acceptors.is_empty() && l.sockets[&23].saturated());
+        assert_eq!(l.sockets[&21].acceptors.iter().map(|a| a.tid).collect::<Vec<_>>(), [101]);
+        assert!(!l.sockets[&21].saturated());
+        let sum: u64 = l.sockets.values().map(|s| s.interval.accepts).sum();
+        assert_eq!(sum, l.interval.accepts);
+        // The stuck socket is closed and reopened: a new inode, the old row goes after its grace.
+        let reopened = DiagSample { listeners: vec![diag("0.0.0.0", 21, 0, 16, (100, "nginx")), diag("0.0.0.0", 22, 0, 16, (100, "nginx")), diag("0.0.0.0", 24, 0, 16, (100, "nginx"))], syn_recv: BTreeMap::new() };
+        for _ in 0..=SOCKET_GRACE_INTERVALS {
+            m.close_interval(&[(key, stats(78, 9), None)], &socks, Some(&reopened));
+        }
+        let inodes: Vec<u32> = m.listeners[&key].sockets.keys().copied().collect();
+        assert_eq!(inodes, [21, 22, 24]);
+    }
+
+    #[test]
+    fn timeline_keeps_long_gaps_and_drops() {
+        let mut t = Timeline::default();
+        for ts in [0, 1_000_000, 2_000_000, 502_000_000, 503_000_000] {
+            t.accept(ts);
+        }
+        t.drop_at(300_000_000);
+        assert_eq!(t.gaps, [(2_000_000, 502_000_000)]);
+        assert_eq!(t.short_gaps, 3);
+        assert_eq!(t.median_gap_ns(), Some(Timeline::KEEP_GAP_NS), "most gaps are short");
+        assert_eq!((t.first_accept_ns, t.last_accept_ns), (Some(0), Some(503_000_000)));
+        let mut slow = Timeline::default();
+        for ts in [0, 100_000_000, 200_000_000, 900_000_000] {
+            slow.accept(ts);
+        }
+        assert_eq!(slow.median_gap_ns(), Some(100_000_000));
+        assert_eq!(slow.drops, Vec::<u64>::new());
     }
 
     #[test]
@@ -384,12 +705,12 @@ mod tests {
         let key = ListenerKey { netns: 1, lport: 80 };
         let mut m = Model::default();
         let none = DiagSample::default();
-        m.close_interval(&[(key, stats(1, 0), None)], Some(&none));
+        m.close_interval(&[(key, stats(1, 0), None)], &[], Some(&none));
         for _ in 0..GRACE_INTERVALS {
-            m.close_interval(&[(key, stats(1, 0), None)], Some(&none));
+            m.close_interval(&[(key, stats(1, 0), None)], &[], Some(&none));
         }
         assert!(m.listeners.contains_key(&key));
-        m.close_interval(&[(key, stats(1, 0), None)], Some(&none));
+        m.close_interval(&[(key, stats(1, 0), None)], &[], Some(&none));
         assert!(!m.listeners.contains_key(&key));
     }
 }

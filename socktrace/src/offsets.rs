@@ -88,6 +88,14 @@ pub fn resolve(btf_path: &Path, tracefs: &Path) -> Result<KernelLayout, OffsetEr
     o.skb_refdst = l.offset("sk_buff", &["_skb_refdst"])?;
     o.dst_dev = l.offset("dst_entry", &["dev"])?;
     o.tcb_gso_segs = l.offset("tcp_skb_cb", &["tcp_gso_segs"])?;
+    // Per-socket rows need the listener's inode; without it they stay empty (port rows still work).
+    if let (Ok(sock), Ok(inode), Ok(ino)) =
+        (l.offset("sock", &["sk_socket"]), l.offset("socket_alloc", &["vfs_inode"]), l.offset("inode", &["i_ino"]))
+    {
+        o.sk_socket = sock;
+        o.socket_alloc_inode = inode;
+        o.inode_ino = ino;
+    }
 
     let reason = l.enum_value("skb_drop_reason", "SKB_DROP_REASON_TCP_LISTEN_OVERFLOW");
     // btf_trace_kfree_skb(void *ctx, skb, location, reason[, rx_sk]): rx_sk is argument 3.
@@ -390,6 +398,7 @@ mod tests {
         assert_eq!(o.skc_daddr, 0);
         assert_eq!(o.skc_rcv_saddr, 4);
         assert!(o.sk_max_ack_backlog > o.skc_v6_rcv_saddr);
+        assert!(o.sk_socket != KernelOffsets::ABSENT && o.socket_alloc_inode > 0 && o.inode_ino != KernelOffsets::ABSENT);
         assert_ne!(o.net_ns_inum, 0);
         // inet_csk_accept: 4 parameters before 6.10, 2 since; the fexit reads the slot after them.
         let n = l.accept_params.expect("inet_csk_accept in BTF");

@@ -6,11 +6,15 @@
 //! sampling), `socktrace_accept_queue_peak` is the high-water mark since the previous scrape.
 //! Cardinality: one series set per listening port and netns, capped by `--max-listeners`
 //! (default 1000); listeners that vanish are dropped after the model's grace period (30 scrapes).
+//! A port with several LISTEN sockets (SO_REUSEPORT) also gets `socktrace_socket_*` series per
+//! socket, labelled `socket` = its index within the port (0, 1, …; stable while the socket lives,
+//! a freed index is reused by the next new socket), at most [`MAX_SOCKETS_PER_PORT`] per port.
+//! The port's queue gauges are those of its fullest socket, never a sum.
 //! The HTTP side is hardened against slow or malformed clients: header read timeout, request size
 //! limit, a cap on concurrent connections and on each connection's lifetime.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet, HashSet},
     convert::Infallible,
     net::SocketAddr,
     sync::{
@@ -56,6 +60,18 @@ struct Labels {
     comm: String,
 }
 
+/// One LISTEN socket of a port with several.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SocketLabels {
+    netns: String,
+    laddr: String,
+    lport: String,
+    socket: String,
+}
+
+/// Sockets of one port exported at most (more are counted in `sockets_not_exported`).
+pub const MAX_SOCKETS_PER_PORT: usize = 64;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProbeLabels {
     signal: String,
@@ -82,6 +98,16 @@ struct Metrics {
     lost_seen: u64,
     skipped: Gauge,
     exported: BTreeMap<ListenerKey, Labels>,
+    sock_queue_len: Family<SocketLabels, Gauge>,
+    sock_queue_max: Family<SocketLabels, Gauge>,
+    sock_queue_peak: Family<SocketLabels, Gauge>,
+    sock_accepts: Family<SocketLabels, Counter>,
+    sock_overflows: Family<SocketLabels, Counter>,
+    sock_syn_drops: Family<SocketLabels, Counter>,
+    sockets_skipped: Gauge,
+    /// Per port: socket inode → its `socket` label index.
+    socket_index: BTreeMap<ListenerKey, BTreeMap<u32, u32>>,
+    exported_sockets: HashSet<SocketLabels>,
     /// Counters of a signal with no hook are not exported (absent, not 0).
     traced: Traced,
 }
@@ -104,11 +130,27 @@ impl Metrics {
             lost_seen: 0,
             skipped: Gauge::default(),
             exported: BTreeMap::new(),
+            sock_queue_len: Family::default(),
+            sock_queue_max: Family::default(),
+            sock_queue_peak: Family::default(),
+            sock_accepts: Family::default(),
+            sock_overflows: Family::default(),
+            sock_syn_drops: Family::default(),
+            sockets_skipped: Gauge::default(),
+            socket_index: BTreeMap::new(),
+            exported_sockets: HashSet::new(),
             traced: agent.tracer.traced(),
         };
-        registry.register("accept_queue_length", "Connections in the accept queue now (sock_diag)", m.queue_len.clone());
-        registry.register("accept_queue_max", "Accept queue limit (listen backlog)", m.queue_max.clone());
-        registry.register("accept_queue_peak", "Accept queue high-water mark since the previous scrape (eBPF)", m.queue_peak.clone());
+        registry.register("accept_queue_length", "Connections in the accept queue now (sock_diag; the port's fullest socket)", m.queue_len.clone());
+        registry.register("accept_queue_max", "Accept queue limit (listen backlog) of the port's fullest socket", m.queue_max.clone());
+        registry.register("accept_queue_peak", "Accept queue high-water mark since the previous scrape (eBPF; highest of the port's sockets)", m.queue_peak.clone());
+        registry.register("socket_accept_queue_length", "Per LISTEN socket of a port with several (SO_REUSEPORT): connections in its accept queue now", m.sock_queue_len.clone());
+        registry.register("socket_accept_queue_max", "Per LISTEN socket of a port with several: its backlog", m.sock_queue_max.clone());
+        registry.register("socket_accept_queue_peak", "Per LISTEN socket of a port with several: high-water mark since the previous scrape", m.sock_queue_peak.clone());
+        registry.register("socket_accepts", "Per LISTEN socket of a port with several: connections accepted from it", m.sock_accepts.clone());
+        registry.register("socket_listen_overflows", "Per LISTEN socket of a port with several: connections dropped because its queue was full", m.sock_overflows.clone());
+        registry.register("socket_syn_drops", "Per LISTEN socket of a port with several: SYNs dropped because its queue was full", m.sock_syn_drops.clone());
+        registry.register("sockets_not_exported", "LISTEN sockets beyond the per-port limit, not exported per socket", m.sockets_skipped.clone());
         registry.register("accept_wait_seconds", "Time connections waited in the accept queue", m.wait.clone());
         registry.register("accepts", "Connections accepted", m.accepts.clone());
         registry.register(
@@ -163,7 +205,9 @@ impl Metrics {
         self.lost.inc_by(lost.saturating_sub(self.lost_seen));
         self.lost_seen = lost;
         let mut current = BTreeMap::new();
+        let mut current_sockets = HashSet::new();
         let mut skipped = 0i64;
+        let mut sockets_skipped = 0i64;
         for (key, l) in &agent.model.listeners {
             if current.len() >= max_listeners {
                 skipped += 1;
@@ -207,23 +251,87 @@ impl Metrics {
                     c.get_or_create(&labels).inc_by(n);
                 }
             }
-            let h = self.wait.get_or_create(&labels);
-            for v in l.waits.iter().flat_map(|w| w.iter_recorded()) {
-                let secs = v.value_iterated_to() as f64 / 1e9;
-                for _ in 0..v.count_at_value() {
-                    h.observe(secs);
+            {
+                let h = self.wait.get_or_create(&labels);
+                for v in l.waits.iter().flat_map(|w| w.iter_recorded()) {
+                    let secs = v.value_iterated_to() as f64 / 1e9;
+                    for _ in 0..v.count_at_value() {
+                        h.observe(secs);
+                    }
                 }
             }
             current.insert(*key, labels);
+            sockets_skipped += self.update_sockets(*key, l, &mut current_sockets);
         }
         for (key, labels) in &self.exported {
             if !current.contains_key(key) {
                 self.remove(labels);
             }
         }
+        self.socket_index.retain(|k, _| current.contains_key(k));
+        for labels in self.exported_sockets.difference(&current_sockets) {
+            for g in [&self.sock_queue_len, &self.sock_queue_max, &self.sock_queue_peak] {
+                g.remove(labels);
+            }
+            for c in [&self.sock_accepts, &self.sock_overflows, &self.sock_syn_drops] {
+                c.remove(labels);
+            }
+        }
+        self.exported_sockets = current_sockets;
         self.exported = current;
         self.skipped.set(skipped);
+        self.sockets_skipped.set(sockets_skipped);
         Ok(())
+    }
+
+    /// The `socktrace_socket_*` series of one port with several LISTEN sockets; returns how many
+    /// sockets were over the limit.
+    fn update_sockets(&mut self, key: ListenerKey, l: &crate::model::Listener, exported: &mut HashSet<SocketLabels>) -> i64 {
+        let [accepts, overflows, syn_drops, ..] = self.traced_families();
+        let index = self.socket_index.entry(key).or_default();
+        index.retain(|ino, _| l.sockets.contains_key(ino));
+        for ino in l.sockets.keys() {
+            if !index.contains_key(ino) {
+                let used: BTreeSet<u32> = index.values().copied().collect();
+                let free = (0..).find(|i| !used.contains(i)).unwrap_or(0);
+                index.insert(*ino, free);
+            }
+        }
+        if l.sockets.len() < 2 {
+            return 0;
+        }
+        let mut over = 0;
+        for (ino, s) in &l.sockets {
+            let i = index.get(ino).copied().unwrap_or(0);
+            if i as usize >= MAX_SOCKETS_PER_PORT {
+                over += 1;
+                continue;
+            }
+            let labels = SocketLabels {
+                netns: key.netns.to_string(),
+                laddr: s.laddr.map_or_else(|| "*".into(), |a| a.to_string()),
+                lport: key.lport.to_string(),
+                socket: i.to_string(),
+            };
+            for (g, v) in [(&self.sock_queue_len, s.queue_len), (&self.sock_queue_max, s.backlog), (&self.sock_queue_peak, s.queue_peak)] {
+                match v {
+                    Some(v) => {
+                        g.get_or_create(&labels).set(i64::from(v));
+                    }
+                    None => {
+                        g.remove(&labels);
+                    }
+                }
+            }
+            let i = &s.interval;
+            for ((c, n), on) in [&self.sock_accepts, &self.sock_overflows, &self.sock_syn_drops].into_iter().zip([i.accepts, i.overflows + i.syn_drops, i.syn_drops]).zip([accepts, overflows, syn_drops]) {
+                if on {
+                    c.get_or_create(&labels).inc_by(n);
+                }
+            }
+            exported.insert(labels);
+        }
+        over
     }
 
     fn encode(&self) -> anyhow::Result<String> {

@@ -5,6 +5,9 @@
 //! On a terminal it is a TUI (sortable, rows highlighted where the queue hit its backlog, a
 //! sparkline of the selected listener's queue peaks); with `--once` or when stdout is not a
 //! terminal, plain text; with `--json`, one JSON object per interval.
+//!
+//! A port with several LISTEN sockets (SO_REUSEPORT workers, v4 + v6) is a group row followed by
+//! one indented row per socket: its own queue, backlog, accepts, drops and who accepts from it.
 
 use std::{
     io::{IsTerminal as _, Write},
@@ -14,26 +17,13 @@ use std::{
 use serde::Serialize;
 use tokio::signal::unix::SignalKind;
 
+use crate::cli::SortKey;
 use crate::{
     agent::Agent,
-    model::Listener,
+    model::{Listener, SocketRow},
     probes::Traced,
     system,
 };
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum SortKey {
-    /// Drops (overflows + SYN drops) in the interval.
-    Drops,
-    /// Queue peak relative to backlog.
-    Queue,
-    /// Accept-queue wait p99.
-    Wait,
-    /// Accepts in the interval.
-    Accepts,
-    /// Port.
-    Port,
-}
 
 pub struct TopOptions {
     pub interval: Duration,
@@ -69,6 +59,72 @@ pub struct Row {
     pub syn_drops_total: Option<u64>,
     pub sk_drops: Option<u64>,
     pub last_acceptor: Option<(u32, u32, String)>,
+    /// Every LISTEN socket on the port (one for a plain listener).
+    pub sockets: Vec<SocketJson>,
+}
+
+/// A process (or thread) in `--json`.
+#[derive(Serialize, Debug, PartialEq, Eq)]
+pub struct Task {
+    pub pid: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tid: Option<u32>,
+    pub comm: String,
+    /// Acceptors: CLOCK_MONOTONIC of its latest accept from this socket.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_accept_ns: Option<u64>,
+}
+
+/// One LISTEN socket of a port in one interval: the `sockets` entries of `--json`.
+#[derive(Serialize, Debug)]
+pub struct SocketJson {
+    pub inode: u32,
+    /// Socket cookie (null until sock_diag listed it).
+    pub cookie: Option<u64>,
+    pub laddr: Option<String>,
+    pub listening: bool,
+    pub queue_len: Option<u32>,
+    pub queue_peak: Option<u32>,
+    pub queue_max: Option<u32>,
+    /// As in [`Row`]: `None` for a signal no hook traces.
+    pub accepts: Option<u64>,
+    pub overflows: Option<u64>,
+    pub syn_drops: Option<u64>,
+    pub synack_retransmits: Option<u64>,
+    pub accepts_total: Option<u64>,
+    pub overflows_total: Option<u64>,
+    pub syn_drops_total: Option<u64>,
+    pub sk_drops: Option<u64>,
+    /// The queue passed its backlog in the interval.
+    pub saturated: bool,
+    /// Threads that accepted from it (latest first) and, apart, the processes holding its fd.
+    pub acceptors: Vec<Task>,
+    pub holders: Vec<Task>,
+}
+
+impl SocketJson {
+    pub fn of(s: &SocketRow, traced: Traced) -> SocketJson {
+        SocketJson {
+            inode: s.inode,
+            cookie: (s.cookie != 0).then_some(s.cookie),
+            laddr: s.laddr.map(|a| a.to_string()),
+            listening: s.listening,
+            queue_len: s.queue_len,
+            queue_peak: s.queue_peak,
+            queue_max: s.backlog,
+            accepts: traced.accept.then_some(s.interval.accepts),
+            overflows: traced.listen_overflow.then_some(s.interval.overflows),
+            syn_drops: traced.syn_drop.then_some(s.interval.syn_drops),
+            synack_retransmits: traced.synack_retransmit.then_some(s.interval.synack_retransmits),
+            accepts_total: traced.accept.then_some(s.total.accepts),
+            overflows_total: traced.listen_overflow.then_some(s.total.overflows),
+            syn_drops_total: traced.syn_drop.then_some(s.total.syn_drops),
+            sk_drops: s.drops,
+            saturated: s.saturated(),
+            acceptors: s.acceptors.iter().map(|a| Task { pid: a.pid, tid: Some(a.tid), comm: a.comm.clone(), last_accept_ns: Some(a.ts_ns) }).collect(),
+            holders: s.owners.iter().map(|(pid, comm)| Task { pid: *pid, tid: None, comm: comm.clone(), last_accept_ns: None }).collect(),
+        }
+    }
 }
 
 impl Row {
@@ -99,6 +155,7 @@ impl Row {
             syn_drops_total: traced.syn_drop.then_some(l.total.syn_drops),
             sk_drops: l.drops,
             last_acceptor: l.last_acceptor.as_ref().map(|a| (a.pid, a.tid, a.comm.clone())),
+            sockets: l.sockets.values().map(|s| SocketJson::of(s, traced)).collect(),
         }
     }
 }
@@ -136,6 +193,40 @@ fn opt<T: ToString>(v: Option<T>) -> String {
 
 pub const HEADER: [&str; 13] =
     ["NETNS", "LISTEN", "PROCESS", "Q-NOW", "PEAK", "BACKLOG", "ACC/s", "WAIT-P50", "WAIT-P99", "WAIT-MAX", "OVF (TOT)", "SYNDROP (TOT)", "SYNACK/RTX"];
+
+/// The table lines of one port: its group row, then (with several sockets) one row per socket.
+pub fn lines(r: &Row, secs: f64) -> Vec<([String; 13], bool)> {
+    let mut out = vec![(cells(r, secs), false)];
+    if r.sockets.len() > 1 {
+        let n = r.sockets.len();
+        out.extend(r.sockets.iter().enumerate().map(|(i, s)| (member_cells(s, i + 1 == n, secs), s.saturated)));
+    }
+    out
+}
+
+/// A socket's row under its port: who accepts from it (else who holds it, marked), its queue.
+fn member_cells(s: &SocketJson, last: bool, secs: f64) -> [String; 13] {
+    let who = match (s.acceptors.first(), s.holders.first()) {
+        (Some(a), _) => format!("{}/{}", a.comm, a.tid.unwrap_or(a.pid)),
+        (None, Some(h)) => format!("held: {}/{} (no accept)", h.comm, h.pid),
+        (None, None) => "no accept".into(),
+    };
+    [
+        String::new(),
+        format!("{} ino {}", if last { "└" } else { "├" }, s.inode),
+        who,
+        opt(s.queue_len),
+        opt(s.queue_peak),
+        opt(s.queue_max),
+        s.accepts.map_or_else(|| "-".into(), |a| format!("{:.0}", a as f64 / secs)),
+        "-".into(),
+        "-".into(),
+        "-".into(),
+        format!("{} ({})", opt(s.overflows), opt(s.overflows_total)),
+        format!("{} ({})", opt(s.syn_drops), opt(s.syn_drops_total)),
+        format!("{}/-", opt(s.synack_retransmits)),
+    ]
+}
 
 pub fn cells(r: &Row, secs: f64) -> [String; 13] {
     let listen = match &r.laddr {
@@ -213,7 +304,13 @@ fn print_interval(out: &mut impl Write, agent: &Agent, opts: &TopOptions) -> any
         return Ok(());
     }
     let mut table: Vec<[String; 13]> = vec![HEADER.map(str::to_owned)];
-    table.extend(rows.iter().map(|(r, _, _)| cells(r, secs)));
+    let mut hot = vec![false];
+    for (r, saturated, _) in &rows {
+        for (i, (line, member_hot)) in lines(r, secs).into_iter().enumerate() {
+            table.push(line);
+            hot.push(if i == 0 { *saturated } else { member_hot });
+        }
+    }
     let mut widths = [0usize; 13];
     for row in &table {
         for (w, c) in widths.iter_mut().zip(row) {
@@ -231,7 +328,7 @@ fn print_interval(out: &mut impl Write, agent: &Agent, opts: &TopOptions) -> any
         if untraced.is_empty() { String::new() } else { format!(" (UNAVAILABLE on this kernel, shown as -: {})", untraced.join(", ")) }
     )?;
     for (i, row) in table.iter().enumerate() {
-        let mark = if i > 0 && rows[i - 1].1 { "!" } else { " " };
+        let mark = if hot[i] { "!" } else { " " };
         let line: Vec<String> = row.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
         writeln!(out, "{mark}{}", line.join("  ").trim_end())?;
     }

@@ -14,7 +14,8 @@ use tokio::signal::unix::SignalKind;
 
 use crate::{
     agent::Agent,
-    top::{HEADER, SortKey, TopOptions, cells, sorted_rows},
+    cli::SortKey,
+    top::{HEADER, TopOptions, lines, sorted_rows},
 };
 
 const SORTS: [SortKey; 5] = [SortKey::Drops, SortKey::Queue, SortKey::Wait, SortKey::Accepts, SortKey::Port];
@@ -72,7 +73,13 @@ async fn ui_loop(agent: &mut Agent, opts: &mut TopOptions, terminal: &mut ratatu
 fn draw(terminal: &mut ratatui::DefaultTerminal, agent: &Agent, opts: &TopOptions, state: &mut TableState) -> anyhow::Result<()> {
     let rows = sorted_rows(agent, opts.sort);
     let secs = opts.interval.as_secs_f64();
-    let selected = state.selected().unwrap_or(0).min(rows.len().saturating_sub(1));
+    // A port's group row, then its sockets' rows (several LISTEN sockets on one port).
+    let flat: Vec<(usize, [String; 13], bool)> = rows
+        .iter()
+        .enumerate()
+        .flat_map(|(g, (r, hot, _))| lines(r, secs).into_iter().enumerate().map(move |(i, (c, h))| (g, c, if i == 0 { *hot } else { h })))
+        .collect();
+    let selected = flat.get(state.selected().unwrap_or(0).min(flat.len().saturating_sub(1))).map_or(0, |f| f.0);
     terminal.draw(|f| {
         let [title, table_area, spark_area] =
             Layout::vertical([Constraint::Length(1), Constraint::Min(3), Constraint::Length(5)]).areas(f.area());
@@ -88,8 +95,8 @@ fn draw(terminal: &mut ratatui::DefaultTerminal, agent: &Agent, opts: &TopOption
             title,
         );
         let header = TRow::new(HEADER.iter().map(|h| Cell::from(*h))).style(Style::new().add_modifier(Modifier::BOLD));
-        let body = rows.iter().map(|(r, hot, _)| {
-            let row = TRow::new(cells(r, secs).into_iter().map(Cell::from));
+        let body = flat.iter().map(|(_, c, hot)| {
+            let row = TRow::new(c.iter().map(|x| Cell::from(x.as_str())));
             if *hot { row.style(Style::new().fg(Color::Red).add_modifier(Modifier::BOLD)) } else { row }
         });
         let widths = [10, 24, 18, 6, 6, 8, 7, 10, 10, 10, 10, 14, 11].map(Constraint::Length);

@@ -8,48 +8,17 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Context as _;
-use aya::maps::{MapData, PerCpuArray, RingBuf};
+use aya::maps::{MapData, RingBuf};
 use socktrace_common::stat;
-use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
+use tokio::signal::unix::SignalKind;
 
 use crate::{
-    cli::Filter,
     event::{self, Record},
+    filter::Filter,
     probes::Tracer,
+    ring::{Stats, ring},
     system,
 };
-
-/// Kernel-side counters (summed over CPUs).
-pub struct Stats {
-    map: PerCpuArray<MapData, u64>,
-}
-
-impl Stats {
-    pub fn new(tracer: &mut Tracer) -> anyhow::Result<Stats> {
-        let map = tracer.ebpf.take_map("STATS").context("STATS map missing")?;
-        Ok(Stats { map: PerCpuArray::try_from(map)? })
-    }
-
-    pub fn get(&self, index: u32) -> u64 {
-        self.map.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0)
-    }
-}
-
-pub fn ring(tracer: &mut Tracer) -> anyhow::Result<AsyncFd<RingBuf<MapData>>> {
-    let map = tracer.ebpf.take_map("EVENTS").context("EVENTS map missing")?;
-    let ring = RingBuf::try_from(map)?;
-    // SAFETY: the ring buffer owns its fd for as long as the AsyncFd holds it; nothing else closes it.
-    Ok(unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }?)
-}
-
-impl Filter {
-    pub fn matches(&self, r: &Record) -> bool {
-        self.port.is_none_or(|p| r.lport == p || r.rport == p)
-            && self.pid.is_none_or(|p| r.pid == Some(p))
-            && self.netns.is_none_or(|n| r.netns == n)
-    }
-}
 
 pub async fn run(mut tracer: Tracer, filter: Filter, json: bool, duration: Option<Duration>) -> anyhow::Result<()> {
     let stats = Stats::new(&mut tracer)?;
@@ -121,7 +90,7 @@ fn write_all(rb: &mut RingBuf<MapData>, out: &mut impl Write, filter: &Filter, j
     let mut n = 0;
     while let Some(item) = rb.next() {
         let rec = Record::from_event(&event::parse(&item)?);
-        if filter.matches(&rec) {
+        if filter.matches_event(&rec) {
             n += 1;
             write_record(out, &rec, json, start_ns)?;
         }

@@ -529,3 +529,226 @@ fn large_namespace_split_dump_matches_ss() {
     }
     drop(held);
 }
+
+// ---- ss command lines pasted after `socktrace snapshot` (issue 12) ----
+
+const P_HALF: u16 = 40006; // 127.0.0.1 and [::1]: the handshake's final ACK is dropped, so SYN-RECV
+const P_V6B: u16 = 40007; // [::1]: one established pair and one in TIME-WAIT
+
+/// The scenario of [`build`] plus SYN-RECV sockets (v4 and v6: nftables in the namespace drops the
+/// clients' pure ACKs to [`P_HALF`], so the server keeps request sockets while the clients think
+/// they are connected) and IPv6 established and TIME-WAIT sockets.
+fn build_all_states(ns: &NetNs) -> Held {
+    let mut held = build(ns);
+    let rules = format!(
+        "table inet st {{\n chain in {{\n  type filter hook input priority 0;\n  tcp dport {P_HALF} tcp flags & (syn | ack | fin | rst) == ack drop\n }}\n}}\n"
+    );
+    let nft = Command::new("ip").args(["netns", "exec", &ns.name, "nft", "-f", "-"]).stdin(std::process::Stdio::piped()).spawn();
+    let mut nft = nft.expect("nft (nftables) is needed");
+    nft.stdin.take().unwrap().write_all(rules.as_bytes()).unwrap();
+    assert!(nft.wait().unwrap().success(), "nft rules");
+    let more = ns
+        .within(|| {
+            let mut h = Held::default();
+            let half4 = listen(SocketAddr::from((Ipv4Addr::LOCALHOST, P_HALF)), 16);
+            let half6 = listen(SocketAddr::from((Ipv6Addr::LOCALHOST, P_HALF)), 16);
+            for _ in 0..2 {
+                h.streams.push(TcpStream::connect((Ipv4Addr::LOCALHOST, P_HALF)).unwrap());
+                h.streams.push(TcpStream::connect((Ipv6Addr::LOCALHOST, P_HALF)).unwrap());
+            }
+            let v6 = listen(SocketAddr::from((Ipv6Addr::LOCALHOST, P_V6B)), 16);
+            let c = TcpStream::connect((Ipv6Addr::LOCALHOST, P_V6B)).unwrap();
+            let (s, _) = v6.accept().unwrap();
+            h.streams.extend([c, s]);
+            let c = TcpStream::connect((Ipv6Addr::LOCALHOST, P_V6B)).unwrap();
+            let (s, _) = v6.accept().unwrap();
+            drop(c);
+            std::thread::sleep(Duration::from_millis(50));
+            drop(s);
+            h.listeners.extend([half4, half6, v6]);
+            std::thread::sleep(Duration::from_millis(100));
+            h
+        })
+        .unwrap();
+    held.listeners.extend(more.listeners);
+    held.streams.extend(more.streams);
+    held
+}
+
+/// `ss -H …` output: one line per socket (`tcp_info` continuation lines start with white space);
+/// the State column is left out when the filter selects one state. Keys of the sockets, with
+/// their state when ss printed it.
+fn parse_ss_h(text: &str) -> BTreeSet<(Option<String>, IpAddr, u16, IpAddr, u16)> {
+    let mut out = BTreeSet::new();
+    for line in text.lines().filter(|l| !l.is_empty() && !l.starts_with(char::is_whitespace)) {
+        let t: Vec<&str> = line.split_whitespace().collect();
+        let (state, rest) = if t[0].parse::<u64>().is_ok() { (None, &t[..]) } else { (Some(ss_state(t[0])), &t[1..]) };
+        let (lip, lport) = ss_addr(rest[2]);
+        let (rip, rport) = ss_addr(rest[3]);
+        assert!(out.insert((state, lip, lport, rip, rport)), "duplicate ss line {line}");
+    }
+    out
+}
+
+/// Runs the same ss command line through `ss -H` and `socktrace snapshot --json` in the
+/// namespace; the socket sets must be equal. Returns (sockets, states seen).
+fn same_as_ss(ns: &NetNs, line: &[&str]) -> (usize, BTreeSet<String>) {
+    let mut ss = vec!["ss", "-H"];
+    ss.extend_from_slice(line);
+    let want = parse_ss_h(&ns.exec(&ss).unwrap());
+    let with_state = want.iter().all(|k| k.0.is_some());
+    let mut ours = vec!["-N", ns.name.as_str()];
+    ours.extend_from_slice(line);
+    let rows = snapshot_json(&ours);
+    let states: BTreeSet<String> = rows.iter().map(|r| r["state"].as_str().unwrap().to_owned()).collect();
+    let got: BTreeSet<_> = rows
+        .iter()
+        .map(|r| {
+            let (state, lip, lport, rip, rport) = json_key(r);
+            (with_state.then_some(state), lip, lport, rip, rport)
+        })
+        .collect();
+    assert_eq!(got.len(), rows.len(), "a socket listed twice for {line:?}");
+    assert_eq!(got, want, "socktrace snapshot {line:?} vs ss -H {line:?}");
+    if !with_state {
+        assert!(states.len() <= 1, "ss printed no State column (one state), socktrace listed {states:?} for {line:?}");
+    }
+    (got.len(), states)
+}
+
+#[test]
+fn ss_command_lines_select_what_ss_selects() {
+    if !privileged() {
+        return;
+    }
+    let ns = NetNs::new("sscl").unwrap();
+    let held = build_all_states(&ns);
+    // The scenario has every state the table relies on, in both families.
+    let rows = snapshot_json(&["-N", &ns.name]);
+    for (state, v6) in [("listen", false), ("listen", true), ("established", false), ("established", true), ("time-wait", false), ("time-wait", true), ("syn-recv", false), ("syn-recv", true)] {
+        let n = rows.iter().filter(|r| r["state"] == state && r["laddr"].as_str().unwrap().contains(':') == v6).count();
+        assert!(n > 0, "scenario lacks {state} ({})", if v6 { "IPv6" } else { "IPv4" });
+    }
+    let lines: &[&[&str]] = &[
+        &["-tan"],
+        &["-tn"],
+        &["-tnp"],
+        &["-tln"],
+        &["-tlnp"],
+        &["-tanp"],
+        &["-tnpe"],
+        &["-tani"],
+        &["-tal"],
+        &["-tla"],
+        &["-4tan"],
+        &["-tan6"],
+        &["-A", "tcp", "-an"],
+        &["-tan", "-f", "inet6"],
+        &["-tan", "state", "established"],
+        &["-tn", "state", "time-wait"],
+        &["-tn", "state", "syn-recv"],
+        &["-tn", "state", "syn-rcv", "state", "listening"],
+        &["-tan", "state", "connected"],
+        &["-tan", "state", "synchronized"],
+        &["-tan", "state", "bucket"],
+        &["-tan", "state", "big"],
+        &["-tan", "state", "all"],
+        &["-tn", "state", "all", "exclude", "listening"],
+        &["-tan", "exclude", "established"],
+        &["-tan", "exclude", "bucket", "exclude", "listening"],
+        &["-tan", "state", "established", "( dport = :40001 or sport = :40001 )"],
+        &["-tan", "state", "established", "(", "dport", "=", ":40007", "or", "sport", "=", ":40007", ")"],
+        &["-tn", "sport = :40006 or dport = :40006"],
+        &["-tan", "dst [::1]"],
+        &["-tan", "src 127.0.0.1 and ! dport = :0"],
+        &["-tn", "state", "established", "dst 127.0.0.0/8 and sport > :40000"],
+        &["-tan", "sport >= :40003 and sport < :40006"],
+        &["-tan", "exclude", "time-wait", "( src [::1] or src 127.0.0.1:40006 )"],
+        &["-tlnH", "src *:40004"],
+    ];
+    let mut covered = BTreeSet::new();
+    for line in lines {
+        let (n, states) = same_as_ss(&ns, line);
+        eprintln!("{n:>3} sockets, {states:?}: ss {}", line.join(" "));
+        covered.extend(states);
+    }
+    for s in ["listen", "established", "time-wait", "syn-recv", "close-wait", "fin-wait-2"] {
+        assert!(covered.contains(s), "no command line selected a {s} socket");
+    }
+    drop(held);
+}
+
+#[test]
+fn summary_counts_match_ss_s_and_the_namespace_counters() {
+    if !privileged() {
+        return;
+    }
+    let ns = NetNs::new("sssum").unwrap();
+    let held = build_all_states(&ns);
+    let out = snapshot(&["-s", "--json", "-N", &ns.name]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ss = ns.exec(&["ss", "-s"]).unwrap();
+    let counters = ns.counters().unwrap();
+    let listing = snapshot_json(&["-N", &ns.name]);
+    eprintln!("{}\n{ss}", serde_json::to_string_pretty(&v).unwrap());
+    let all = v.as_array().unwrap();
+    assert_eq!(all.len(), 1);
+    let s = &all[0];
+    assert_eq!(s["netns"].as_u64(), Some(u64::from(ns.inode())));
+    assert_eq!(s["netns_name"], ns.name.as_str());
+    let state = |k: &str| s["states"][k].as_u64().unwrap_or_else(|| panic!("no {k} in {s}"));
+    // ss -s: "TCP:   N (estab E, closed C, orphaned O, timewait T)" (estab is the namespace's
+    // CurrEstab: established and close-wait sockets; timewait its sockstat tw) and the transport
+    // table's "TCP  TOTAL IP IPv6" (hashed full sockets: everything but TIME-WAIT and request
+    // sockets). The first number, closed and orphaned mix in host-wide counters.
+    let tcp_line = ss.lines().find(|l| l.starts_with("TCP:")).unwrap();
+    let field = |name: &str| -> u64 {
+        let at = tcp_line.find(name).unwrap() + name.len();
+        tcp_line[at..].trim_start().split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
+    };
+    assert_eq!(state("established") + state("close-wait"), field("estab"), "estab");
+    assert_eq!(state("time-wait"), field("timewait"), "timewait");
+    let transport: u64 = ss.lines().find(|l| l.starts_with("TCP\t") || l.starts_with("TCP ")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    let total = s["total"].as_u64().unwrap();
+    assert_eq!(total - state("time-wait") - state("syn-recv"), transport, "hashed sockets");
+    // Total and per state: what the listing shows.
+    assert_eq!(total, u64::try_from(listing.len()).unwrap());
+    let states = s["states"].as_object().unwrap();
+    assert_eq!(states.values().map(|n| n.as_u64().unwrap()).sum::<u64>(), total);
+    for (k, n) in states {
+        assert_eq!(n.as_u64().unwrap(), u64::try_from(listing.iter().filter(|r| r["state"] == k.as_str()).count()).unwrap(), "{k}");
+    }
+    assert!(state("syn-recv") >= 4 && state("time-wait") >= 2 && state("listen") == 8, "{s}");
+    for k in ["ListenOverflows", "ListenDrops", "SyncookiesSent"] {
+        assert_eq!(s["counters"][k].as_i64(), Some(counters.get(&format!("TcpExt{k}"))), "{k}");
+    }
+    assert!(s["counters"]["ListenDrops"].as_i64().unwrap() >= 1, "the overflowed listener dropped SYNs");
+    // The text form says the same.
+    let text = String::from_utf8(snapshot(&["-s", "-N", &ns.name]).stdout).unwrap();
+    assert!(text.contains(&format!("TCP: {total} (")) && text.contains(&format!("time-wait {}", state("time-wait"))), "{text}");
+    drop(held);
+}
+
+#[test]
+fn ss_flags_for_other_protocols_and_bad_lines_are_one_line_errors() {
+    for (args, needle) in [
+        (&["-u"][..], "-u (UDP): socktrace lists TCP sockets only"),
+        (&["-tuln"], "-u (UDP)"),
+        (&["-x"], "-x (Unix sockets)"),
+        (&["-w"], "-w (raw sockets)"),
+        (&["-A", "udp"], "TCP sockets only"),
+        (&["-f", "unix"], "TCP sockets only"),
+        (&["-tan", "state", "bogus"], "bad filter at 7: unknown state \"bogus\""),
+        (&["-tan", "sport = :1", "state", "listening"], "bad filter at 12: \"state\" comes before the expression"),
+        (&["--state", "established", "state", "listening"], "give one of them"),
+        (&["-tan", "netns"], "bad filter at 6: expected a network namespace"),
+    ] {
+        let out = snapshot(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "one line for {args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(out.stdout.is_empty());
+    }
+}

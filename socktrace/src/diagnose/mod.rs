@@ -18,21 +18,16 @@ use tokio::signal::unix::SignalKind;
 
 use crate::{
     agent::Agent,
+    cli::Format,
     model::{self, ListenerKey},
     snapshot::netns,
     system,
 };
-use rules::{Evidence, Finding, THRESHOLDS, Target};
+use rules::{Episode, Evidence, Finding, Point, SocketFacts, THRESHOLDS, Target};
+use socktrace_common::kind;
 
 /// sock_diag / interval sampling period.
 pub const SAMPLE: Duration = Duration::from_millis(200);
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Format {
-    Text,
-    Markdown,
-    Json,
-}
 
 /// Per-netns counters and sysctls.
 #[derive(Clone, Debug, Default)]
@@ -84,12 +79,24 @@ struct Acc {
     backlog: Option<u32>,
     drops_intervals: u32,
     max_burst: u64,
+    max_drops: u64,
     syn_recv_max: Option<u32>,
     accepts: u64,
     overflows: u64,
     syn_drops: u64,
     synack: u64,
     retrans: u64,
+    /// One point per sample: the time series the episode rules read.
+    points: Vec<Point>,
+    /// The same per LISTEN socket (inode), with its accepts and drops in the window.
+    sockets: BTreeMap<u32, SocketAcc>,
+}
+
+#[derive(Default)]
+struct SocketAcc {
+    points: Vec<Point>,
+    accepts: u64,
+    drops: u64,
 }
 
 /// Closes an interval of the agent and adds it to each listener's accumulator (netns facts are
@@ -101,6 +108,8 @@ fn take_interval(
     paths: &mut BTreeMap<u32, Option<netns::Netns>>,
 ) -> anyhow::Result<()> {
     agent.close_interval()?;
+    let t_ns = system::monotonic_ns();
+    let diag_ok = agent.diag_ok;
     for (key, l) in &agent.model.listeners {
         if !before.contains_key(&key.netns) {
             if let Some(f) = facts_of(key.netns, paths) {
@@ -126,6 +135,7 @@ fn take_interval(
             a.drops_intervals += 1;
         }
         a.max_burst = a.max_burst.max(i.accepts + i.overflows + i.syn_drops);
+        a.max_drops = a.max_drops.max(i.overflows + i.syn_drops);
         a.accepts += i.accepts;
         a.overflows += i.overflows;
         a.syn_drops += i.syn_drops;
@@ -133,6 +143,15 @@ fn take_interval(
         a.retrans += i.retransmits;
         if let Some(n) = l.syn_recv {
             a.syn_recv_max = Some(a.syn_recv_max.map_or(n, |x| x.max(n)));
+        }
+        let listed = diag_ok && l.listening;
+        a.points.push(Point { t_ns, queue_len: l.queue_len.filter(|_| listed), backlog: l.backlog.filter(|_| listed) });
+        for (ino, sock) in &l.sockets {
+            let sa = a.sockets.entry(*ino).or_default();
+            let listed = diag_ok && sock.listening;
+            sa.points.push(Point { t_ns, queue_len: sock.queue_len.filter(|_| listed), backlog: sock.backlog.filter(|_| listed) });
+            sa.accepts += sock.interval.accepts;
+            sa.drops += sock.interval.overflows + sock.interval.syn_drops;
         }
     }
     Ok(())
@@ -147,11 +166,29 @@ struct Report {
     comm: Option<String>,
     verdict: &'static str,
     findings: Vec<Finding>,
+    /// Stall episodes found in the window's time series.
+    episodes: Vec<Episode>,
+    /// Drop events with a time (since tracing started; the window's counts are in `window_counts`).
+    drop_events: u64,
+    /// What the kernel aggregates counted for this listener during the window.
+    window_counts: WindowCounts,
+}
+
+#[derive(Default, Serialize)]
+struct WindowCounts {
+    accepts: u64,
+    overflows: u64,
+    syn_drops: u64,
+    retransmits: u64,
+    synack_retransmits: u64,
 }
 
 pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow::Result<()> {
     eprintln!("{}", agent.tracer.summary());
     agent.model.keep_total_waits = true;
+    // Episodes need when accepts and drops happened, not only how many.
+    agent.model.keep_timeline = true;
+    agent.unmute(&[kind::LISTEN_OVERFLOW, kind::SYN_DROP])?;
     let mut paths = BTreeMap::new();
     let mut before: BTreeMap<u32, NetnsFacts> = BTreeMap::new();
     let scope_netns = agent.filter.netns.or_else(system::own_netns);
@@ -168,6 +205,11 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
             before.insert(inode, f);
         }
     }
+    // The kernel aggregates' baseline: an interval closed now, and not counted, so that the
+    // window's counts start here (rows created at start-up already hold what came before).
+    agent.close_interval()?;
+    let t0 = system::monotonic_ns();
+    let t0_unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok().and_then(|d| u64::try_from(d.as_millis()).ok());
     // Only once the baseline counters are read: scripts start traffic on this line.
     eprintln!("socktrace: observing for {:.1} s", duration.as_secs_f64());
     let mut accs: BTreeMap<ListenerKey, Acc> = BTreeMap::new();
@@ -176,7 +218,6 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
     let deadline = tokio::time::sleep(duration);
     tokio::pin!(deadline);
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
-    let t0 = system::monotonic_ns();
     loop {
         tokio::select! {
             r = agent.pump() => r?,
@@ -199,10 +240,19 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
         Some(after.get(&n)?.counters.get(k)? - before.get(&n)?.counters.get(k)?)
     };
     let mut reports = Vec::new();
+    let no_timeline = model::Timeline::default();
     for (key, a) in &accs {
         let Some(l) = agent.model.listeners.get(key) else { continue };
         let facts = after.get(&key.netns);
         let waits = l.waits_total.as_ref().and_then(model::quantiles);
+        let timeline = l.timeline.as_ref().unwrap_or(&no_timeline);
+        // A port with several LISTEN sockets is judged socket by socket: one stuck SO_REUSEPORT
+        // worker leaves no gap in the port's accepts (the others keep accepting).
+        let (episodes, sockets) = if a.sockets.len() > 1 {
+            socket_episodes(l, a, t0, now)
+        } else {
+            (rules::find_episodes(timeline, &a.points, t0, now, &THRESHOLDS), Vec::new())
+        };
         let e = Evidence {
             window_secs: window,
             // Seen in a sock_diag sample, or it accepted during the window (a short-lived listener can
@@ -220,6 +270,7 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
             syn_drops: a.syn_drops,
             intervals_with_drops: a.drops_intervals,
             max_burst: a.max_burst,
+            max_interval_drops: a.max_drops,
             wait_p50_ns: waits.map(|w| w.0),
             wait_p99_ns: waits.map(|w| w.1),
             wait_max_ns: waits.map(|w| w.2),
@@ -231,6 +282,13 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
             out_rsts: delta(key.netns, "TcpOutRsts"),
             last_accept_ago_secs: l.last_acceptor.as_ref().map(|x| now.saturating_sub(x.ts_ns) as f64 / 1e9),
             acceptor: l.last_acceptor.as_ref().map(|x| (x.tid, x.comm.clone())),
+            episodes,
+            drop_events: timeline.drops.iter().filter(|d| **d >= t0).count() as u64,
+            accepts_unknown_wait: l.accepts_unknown_wait,
+            window_start_unix_ms: t0_unix_ms,
+            all_namespaces: false,
+            listening_elsewhere: Vec::new(),
+            sockets,
         };
         let findings = rules::diagnose(&e, &THRESHOLDS, &Target { netns: key.netns, lport: key.lport });
         let owner = l.owners.first().cloned().or_else(|| l.last_acceptor.as_ref().map(|x| (x.pid, x.comm.clone())));
@@ -242,15 +300,50 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
             comm: owner.map(|o| o.1),
             verdict: findings.first().map_or("healthy", |f| f.verdict),
             findings,
+            episodes: e.episodes,
+            drop_events: e.drop_events,
+            window_counts: WindowCounts {
+                accepts: a.accepts,
+                overflows: a.overflows,
+                syn_drops: a.syn_drops,
+                retransmits: a.retrans,
+                synack_retransmits: a.synack,
+            },
         });
     }
-    // A port asked for by --port with no listener in scope: connections to it are refused.
-    if let (Some(port), Some(netns)) = (agent.filter.port, scope_netns) {
-        let listening = accs.iter().any(|(k, a)| k.lport == port && k.netns == netns && a.listening);
-        if !listening && agent.diag_ok && !reports.iter().any(|r| r.lport == port && r.netns == netns) {
-            let e = Evidence { listening: false, out_rsts: delta(netns, "TcpOutRsts"), window_secs: window, ..Evidence::default() };
+    // A port asked for by --port with no listener in scope: connections to it are refused. Without
+    // --netns the scope is every namespace: only when none listens; with --netns, the other
+    // namespaces where the port does listen are named.
+    if let (Some(port), Some(netns), true) = (agent.filter.port, scope_netns, agent.diag_ok) {
+        let listening = |ns: Option<u32>| accs.iter().any(|(k, a)| k.lport == port && ns.is_none_or(|n| k.netns == n) && a.listening);
+        let reported = |ns: Option<u32>| reports.iter().any(|r| r.lport == port && ns.is_none_or(|n| r.netns == n));
+        let scope = agent.filter.netns;
+        if !listening(scope) && !reported(scope) {
+            let elsewhere = match scope {
+                Some(n) => listening_elsewhere(port, n),
+                None => Vec::new(),
+            };
+            let e = Evidence {
+                listening: false,
+                out_rsts: delta(netns, "TcpOutRsts"),
+                window_secs: window,
+                all_namespaces: scope.is_none(),
+                listening_elsewhere: elsewhere,
+                ..Evidence::default()
+            };
             let findings = rules::diagnose(&e, &THRESHOLDS, &Target { netns, lport: port });
-            reports.push(Report { netns, laddr: None, lport: port, pid: None, comm: None, verdict: "no_listener", findings });
+            reports.push(Report {
+                netns,
+                laddr: None,
+                lport: port,
+                pid: None,
+                comm: None,
+                verdict: "no_listener",
+                findings,
+                episodes: Vec::new(),
+                drop_events: 0,
+                window_counts: WindowCounts::default(),
+            });
         }
     }
     let mut out = std::io::stdout().lock();
@@ -258,15 +351,71 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
     let untraced = agent.tracer.traced().missing();
     match format {
         Format::Json => {
-            serde_json::to_writer(&mut out, &serde_json::json!({ "window_s": window, "sock_diag": agent.diag_ok, "untraced": untraced, "listeners": reports }))?;
+            serde_json::to_writer(
+                &mut out,
+                &serde_json::json!({ "window_s": window, "sock_diag": agent.diag_ok, "events_lost": agent.lost(), "untraced": untraced, "listeners": reports }),
+            )?;
             writeln!(out)?;
         }
-        Format::Text | Format::Markdown => print_reports(&mut out, &reports, format == Format::Markdown, window, agent.diag_ok, &untraced)?,
+        Format::Text | Format::Markdown => {
+            print_reports(&mut out, &reports, format == Format::Markdown, window, agent.diag_ok, agent.lost(), &untraced)?;
+        }
     }
     Ok(())
 }
 
-fn print_reports(out: &mut impl Write, reports: &[Report], md: bool, window: f64, diag_ok: bool, untraced: &[&str]) -> anyhow::Result<()> {
+/// Episodes of each LISTEN socket of a port (tagged with its inode) and the sockets' facts.
+fn socket_episodes(l: &model::Listener, a: &Acc, t0: u64, end: u64) -> (Vec<Episode>, Vec<SocketFacts>) {
+    let none = model::Timeline::default();
+    let mut episodes = Vec::new();
+    let mut facts = Vec::new();
+    for (ino, sa) in &a.sockets {
+        let sock = l.sockets.get(ino);
+        let tl = sock.and_then(|s| s.timeline.as_ref()).unwrap_or(&none);
+        for mut x in rules::find_episodes(tl, &sa.points, t0, end, &THRESHOLDS) {
+            x.socket = Some(*ino);
+            episodes.push(x);
+        }
+        facts.push(SocketFacts {
+            inode: *ino,
+            addr: sock.and_then(|s| s.laddr).map_or_else(|| format!("*:{}", l.key.lport), |ip| std::net::SocketAddr::new(ip, l.key.lport).to_string()),
+            backlog: sock.and_then(|s| s.backlog),
+            accepts: sa.accepts,
+            drops: sa.drops,
+            last_acceptor: sock
+                .and_then(|s| s.acceptors.first())
+                .map(|x| (x.pid, x.tid, x.comm.clone(), end.saturating_sub(x.ts_ns) as f64 / 1e9)),
+            holders: sock.map(|s| s.owners.clone()).unwrap_or_default(),
+            holder_states: sock.map(|s| s.owners.iter().filter_map(|(pid, _)| Some((*pid, process_state(*pid)?))).collect()).unwrap_or_default(),
+            acceptor_pids: sock.map(|s| s.acceptors.iter().map(|a| a.pid).collect()).unwrap_or_default(),
+        });
+    }
+    episodes.sort_by(|a, b| a.start_s.total_cmp(&b.start_s));
+    (episodes, facts)
+}
+
+/// Scheduler state of a process (`/proc/PID/stat`, the field after the parenthesised comm).
+fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+/// LISTEN sockets on `port` in namespaces other than `netns`, as "netns N: ADDR (comm pid P)"
+/// (one sock_diag listing of every namespace).
+fn listening_elsewhere(port: u16, netns: u32) -> Vec<String> {
+    let Some(sample) = crate::listeners::LiveListeners::new(None, false).sample() else { return Vec::new() };
+    sample
+        .listeners
+        .iter()
+        .filter(|d| d.lport == port && d.netns != netns)
+        .map(|d| {
+            let owner = d.owners.first().map_or_else(|| "owner unknown".to_owned(), |(pid, comm)| format!("{comm} pid {pid}"));
+            format!("netns {}: {} ({owner})", d.netns, d.laddr)
+        })
+        .collect()
+}
+
+fn print_reports(out: &mut impl Write, reports: &[Report], md: bool, window: f64, diag_ok: bool, lost: u64, untraced: &[&str]) -> anyhow::Result<()> {
     let healthy: BTreeSet<String> =
         reports.iter().filter(|r| r.findings.is_empty()).map(|r| format!("{}:{}", r.netns, r.lport)).collect();
     if md {
@@ -276,6 +425,13 @@ fn print_reports(out: &mut impl Write, reports: &[Report], md: bool, window: f64
     }
     if !diag_ok {
         writeln!(out, "{}sock_diag was unavailable: queue-now, backlog and owner evidence is missing", if md { "> " } else { "note: " })?;
+    }
+    if lost > 0 {
+        writeln!(
+            out,
+            "{}{lost} events were lost in the ring buffer: counts are exact (kernel aggregates), but episode timing misses those events",
+            if md { "> " } else { "note: " }
+        )?;
     }
     if !untraced.is_empty() {
         writeln!(

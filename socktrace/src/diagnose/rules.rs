@@ -1,7 +1,142 @@
 //! The diagnosis itself: evidence about one listener over a window in, findings out. Pure and
 //! deterministic; every threshold lives in [`Thresholds`] (documented in the README).
+//!
+//! Verdicts come from the window's time series, not its averages: [`find_episodes`] finds the
+//! stretches where the application accepted nothing while its queue was full, so a stall that
+//! begins after a healthy start, or one that comes back every few seconds, is an `accept_stall`,
+//! and `backlog_too_small` is kept for drops while the application keeps accepting.
+
+use std::fmt::Write as _;
 
 use serde::Serialize;
+
+use crate::model::Timeline;
+
+/// One diagnose sample of a listener (every [`super::SAMPLE`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Point {
+    /// CLOCK_MONOTONIC of the sample, ns.
+    pub t_ns: u64,
+    /// Accept queue now and backlog (sock_diag), when listed.
+    pub queue_len: Option<u32>,
+    pub backlog: Option<u32>,
+}
+
+/// A stall episode: the application accepted nothing while its accept queue was full.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Episode {
+    /// Seconds from the window's start to the last accept before the stall (negative when that
+    /// accept came before the window; 0 with `from_window_start`).
+    pub start_s: f64,
+    pub duration_s: f64,
+    /// Seconds from the window's start at which the queue was first seen full in it.
+    pub full_from_s: f64,
+    /// Drops (listen overflows + SYN drops) inside it, from the drop events.
+    pub drops: u64,
+    /// Accepts inside it: none, by definition (kept for readers lining it up with their logs).
+    pub accepts: u64,
+    /// No accept seen before it since tracing started: it may have begun before tracing.
+    pub from_window_start: bool,
+    /// Still going when the window ended.
+    pub ongoing: bool,
+    /// The listening socket (inode) that stalled, for a port with several sockets.
+    pub socket: Option<u32>,
+}
+
+/// One LISTEN socket of a port with several (SO_REUSEPORT members, v4 + v6), over the window.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SocketFacts {
+    pub inode: u32,
+    /// "ADDR:PORT".
+    pub addr: String,
+    pub backlog: Option<u32>,
+    pub accepts: u64,
+    pub drops: u64,
+    /// The thread that last accepted from it: (pid, tid, comm, seconds before the window's end).
+    pub last_acceptor: Option<(u32, u32, String, f64)>,
+    /// Processes holding its fd, with their scheduler state (`/proc/PID/stat`: R, S, D, T, …).
+    pub holders: Vec<(u32, String)>,
+    pub holder_states: Vec<(u32, char)>,
+    /// Processes seen accepting from it.
+    pub acceptor_pids: Vec<u32>,
+}
+
+/// A holder of a stalled socket that is probably its worker: it accepts from no other socket of
+/// the group, and preferably it is stopped (T) or blocked in the kernel (D).
+fn likely_worker<'a>(s: &'a SocketFacts, all: &[SocketFacts]) -> Option<(&'a (u32, String), Option<char>)> {
+    let others: Vec<u32> = all.iter().filter(|o| o.inode != s.inode).flat_map(|o| o.acceptor_pids.iter().copied()).collect();
+    let state = |pid: u32| s.holder_states.iter().find(|(p, _)| *p == pid).map(|(_, c)| *c);
+    let candidates: Vec<&(u32, String)> = s.holders.iter().filter(|(pid, _)| !others.contains(pid)).collect();
+    let blocked: Vec<&&(u32, String)> = candidates.iter().filter(|(pid, _)| matches!(state(*pid), Some('T' | 't' | 'D'))).collect();
+    match (blocked.as_slice(), candidates.as_slice()) {
+        ([one], _) => Some((one, state(one.0))),
+        ([], [one]) => Some((one, state(one.0))),
+        _ => None,
+    }
+}
+
+fn state_name(c: char) -> &'static str {
+    match c {
+        'T' | 't' => "stopped",
+        'D' => "blocked in the kernel (uninterruptible)",
+        'R' => "running",
+        'S' => "sleeping",
+        'Z' => "zombie",
+        _ => "unknown",
+    }
+}
+
+/// Stall episodes of one listener over the window `[t0, t1]` (monotonic ns): gaps between accepts
+/// of at least `max(stall_min_ns, stall_gap_factor × median gap)` in which the queue was full
+/// (a drop, or a sample at the backlog) for at least that long, and never seen shrinking (a queue
+/// that shrinks is being drained by accepts this tracer cannot see, e.g. io_uring).
+pub fn find_episodes(tl: &Timeline, points: &[Point], t0: u64, t1: u64, t: &Thresholds) -> Vec<Episode> {
+    let min = tl.median_gap_ns().map_or(t.stall_min_ns, |g| g.saturating_mul(t.stall_gap_factor).max(t.stall_min_ns));
+    // Candidate gaps (start, end, from_window_start, ongoing) that reach into the window. The
+    // timeline begins when tracing did, a little before the window: a gap may start before it.
+    let mut gaps: Vec<(u64, u64, bool, bool)> = Vec::new();
+    match (tl.first_accept_ns, tl.last_accept_ns) {
+        (Some(first), Some(last)) => {
+            if first > t0 {
+                gaps.push((t0, first, true, false));
+            }
+            gaps.extend(tl.gaps.iter().filter(|(_, e)| *e > t0).map(|&(s, e)| (s, e, false, false)));
+            if t1 > last {
+                gaps.push((last, t1, false, true));
+            }
+        }
+        _ => gaps.push((t0, t1, true, true)),
+    }
+    let secs = |ns: u64| (ns as f64 - t0 as f64) / 1e9;
+    let mut out = Vec::new();
+    for (s, e, from_start, ongoing) in gaps {
+        if e.saturating_sub(s) < min {
+            continue;
+        }
+        let inside: Vec<&Point> = points.iter().filter(|p| p.t_ns > s && p.t_ns < e).collect();
+        if inside.windows(2).any(|w| matches!((w[0].queue_len, w[1].queue_len), (Some(a), Some(b)) if b < a)) {
+            continue;
+        }
+        // Drops in the window only (they are what the window's counts hold).
+        let drops_in: Vec<u64> = tl.drops.iter().copied().filter(|d| *d >= s.max(t0) && *d <= e).collect();
+        let full_sample = inside.iter().find(|p| matches!((p.queue_len, p.backlog), (Some(q), Some(b)) if b > 0 && q >= b)).map(|p| p.t_ns);
+        let Some(full_from) = drops_in.iter().copied().min().into_iter().chain(full_sample).min() else { continue };
+        if e.saturating_sub(full_from.max(t0)) < min {
+            continue;
+        }
+        out.push(Episode {
+            start_s: secs(s),
+            duration_s: (e - s) as f64 / 1e9,
+            full_from_s: secs(full_from),
+            drops: drops_in.len() as u64,
+            accepts: 0,
+            from_window_start: from_start,
+            ongoing,
+            socket: None,
+        });
+    }
+    out
+}
 
 /// Everything observed about one listener during the window.
 #[derive(Clone, Debug, Default)]
@@ -27,6 +162,8 @@ pub struct Evidence {
     /// one sample interval.
     pub intervals_with_drops: u32,
     pub max_burst: u64,
+    /// Most drops in one sample interval.
+    pub max_interval_drops: u64,
     pub wait_p50_ns: Option<u64>,
     pub wait_p99_ns: Option<u64>,
     pub wait_max_ns: Option<u64>,
@@ -41,6 +178,20 @@ pub struct Evidence {
     /// Seconds since the last accept, and who did it.
     pub last_accept_ago_secs: Option<f64>,
     pub acceptor: Option<(u32, String)>,
+    /// Stall episodes ([`find_episodes`]).
+    pub episodes: Vec<Episode>,
+    /// Drop events seen with a time (the episodes' drops are among them).
+    pub drop_events: u64,
+    /// Accepts of connections queued before tracing started (their wait is unknowable).
+    pub accepts_unknown_wait: u64,
+    /// Wall-clock time (Unix ms) of the window's start, for episode timestamps.
+    pub window_start_unix_ms: Option<u64>,
+    /// `no_listener` only: the scope was every network namespace on the host.
+    pub all_namespaces: bool,
+    /// `no_listener` only: where else the port listens ("netns N: ADDR (owner)").
+    pub listening_elsewhere: Vec<String>,
+    /// The port's LISTEN sockets when it has several (their episodes carry `socket`).
+    pub sockets: Vec<SocketFacts>,
 }
 
 /// Every threshold of the diagnosis, in one place.
@@ -64,6 +215,18 @@ pub struct Thresholds {
     /// Retransmits (segments on accepted connections + SYN-ACKs) at least this many, with no
     /// queue trouble: packet loss.
     pub loss_retransmits: u64,
+    /// A stall episode lasts at least this long (ns) and at least `stall_gap_factor` times the
+    /// listener's median gap between accepts (a slow but steady consumer is not stalling).
+    pub stall_min_ns: u64,
+    pub stall_gap_factor: u64,
+    /// Drops outside stall episodes at least this many and this share of all drops: the queue
+    /// also overflows while the application accepts (a backlog problem besides the stalls).
+    pub outside_drops_min: u64,
+    pub outside_drops_share: f64,
+    /// SO_REUSEPORT spread: with at least `imbalance_min_arrivals` per socket on average, the
+    /// busiest socket receiving at least `imbalance_ratio` times the quietest one's arrivals.
+    pub imbalance_min_arrivals: u64,
+    pub imbalance_ratio: f64,
 }
 
 pub const THRESHOLDS: Thresholds = Thresholds {
@@ -76,6 +239,12 @@ pub const THRESHOLDS: Thresholds = Thresholds {
     flood_min_cookies: 50,
     flood_cookie_completion: 0.1,
     loss_retransmits: 10,
+    stall_min_ns: 100_000_000,
+    stall_gap_factor: 10,
+    outside_drops_min: 3,
+    outside_drops_share: 0.1,
+    imbalance_min_arrivals: 50,
+    imbalance_ratio: 2.0,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -117,7 +286,7 @@ fn queue_lines(e: &Evidence) -> Vec<String> {
     if let Some(b) = e.backlog {
         let share = if e.samples > 0 { 100.0 * f64::from(e.samples_full) / f64::from(e.samples) } else { 0.0 };
         v.push(format!(
-            "accept queue at its backlog {}/{b} for {share:.0} % of the window ({} of {} samples)",
+            "accept queue at its backlog {}/{b} (peak) in {} of {} sample intervals ({share:.0} %)",
             e.queue_peak.map_or_else(|| "?".into(), |p| p.to_string()),
             e.samples_full,
             e.samples
@@ -160,18 +329,26 @@ pub fn diagnose(e: &Evidence, t: &Thresholds, target: &Target) -> Vec<Finding> {
     let mut out = Vec::new();
     let top = format!("socktrace top {}", target.args());
     if !e.listening {
-        let mut evidence = vec![format!("no socket is listening on port {} in netns {}", target.lport, target.netns)];
+        let mut evidence = vec![if e.all_namespaces {
+            format!("no socket is listening on port {} in any network namespace of this host", target.lport)
+        } else {
+            format!("no socket is listening on port {} in netns {}", target.lport, target.netns)
+        }];
         if let Some(r) = e.out_rsts.filter(|r| *r > 0) {
-            evidence.push(format!("{r} TCP resets sent in that netns during the window (refused connections)"));
+            evidence.push(format!("{r} TCP resets sent in netns {} during the window (refused connections)", target.netns));
         }
+        let mut fix = Vec::new();
+        if !e.listening_elsewhere.is_empty() {
+            evidence.push(format!("port {} listens in other network namespaces: {}", target.lport, e.listening_elsewhere.join("; ")));
+            fix.push("the clients reach the wrong network namespace: check the container/pod networking, port mapping or service that should lead them to the one above".into());
+        }
+        fix.push("start the service, or check it binds this port and address in this network namespace (container/pod)".into());
+        fix.push("check the process did not exit or fail to bind: its logs, `ss -tlnp` inside the namespace".into());
         out.push(Finding {
             verdict: "no_listener",
             severity: Severity::Critical,
             evidence,
-            fix: vec![
-                "start the service, or check it binds this port and address in this network namespace (container/pod)".into(),
-                "check the process did not exit or fail to bind: its logs, `ss -tlnp` inside the namespace".into(),
-            ],
+            fix,
             verify: vec![format!("socktrace snapshot -l --netns {} sport = :{}", target.netns, target.lport)],
         });
         return out;
@@ -181,11 +358,16 @@ pub fn diagnose(e: &Evidence, t: &Thresholds, target: &Target) -> Vec<Finding> {
     let full_share = if e.samples > 0 { f64::from(e.samples_full) / f64::from(e.samples) } else { 0.0 };
     let accept_share = if arrivals > 0 { e.accepts as f64 / arrivals as f64 } else { 1.0 };
     let long_wait = e.wait_p99_ns.is_some_and(|w| w >= t.stall_wait_ns);
-    let stalled = full_share >= t.stall_full_share && (accept_share <= t.stall_accept_share || long_wait);
     let mut base = queue_lines(e);
     base.push(rate_line(e));
     if let Some(w) = wait_line(e) {
         base.push(w);
+    }
+    if e.accepts_unknown_wait > 0 {
+        base.push(format!(
+            "{} accepted connections were queued before tracing started: their accept-queue wait is unknown (not in the wait figures)",
+            e.accepts_unknown_wait
+        ));
     }
 
     // SYN flood: half-open connections pile up and handshakes do not complete.
@@ -220,65 +402,38 @@ pub fn diagnose(e: &Evidence, t: &Thresholds, target: &Target) -> Vec<Finding> {
         });
     }
 
+    // Stalls: episodes in the time series first; a queue that stays full under a consumer far
+    // slower than the arrivals (the window-wide rule) second.
+    let episode_drops: u64 = e.episodes.iter().map(|x| x.drops).sum();
+    let outside = e.drop_events.saturating_sub(episode_drops);
+    let drops_while_accepting = if e.episodes.is_empty() {
+        drops > 0
+    } else {
+        outside >= t.outside_drops_min && outside as f64 >= t.outside_drops_share * e.drop_events as f64
+    };
+    let saturated = e.episodes.is_empty() && full_share >= t.stall_full_share && (accept_share <= t.stall_accept_share || long_wait);
+    let stalled = !e.episodes.is_empty() || saturated;
     if stalled {
-        let mut evidence = base.clone();
-        if drops > 0 {
-            evidence.push(drop_line(e));
+        out.push(stall_finding(e, &base, saturated, &top, target));
+    }
+    let capped = e.somaxconn.is_some_and(|s| Some(s) == e.backlog) && e.requested_backlog.is_none_or(|r| Some(r) > e.backlog);
+    if drops > 0 && drops_while_accepting && !saturated {
+        let mut f = if capped { somaxconn_finding(e, &top, target) } else { backlog_finding(e, &base, t, &top, target, full_share) };
+        if stalled {
+            // Secondary to the stall: worth knowing, not the reason connections fail.
+            f.severity = Severity::Low;
         }
-        match (&e.acceptor, e.last_accept_ago_secs) {
-            (Some((pid, comm)), Some(ago)) => evidence.push(format!("accepting thread {pid} ({comm}) last accepted {ago:.1} s ago")),
-            _ => evidence.push("no accept() seen during the window".into()),
-        }
-        out.push(Finding {
-            verdict: "accept_stall",
-            severity: Severity::Critical,
-            evidence,
-            fix: vec![
-                "find why the application stopped calling accept(): thread dump / `perf top -p PID` of the owning process; look for a blocked or saturated accept loop (lock, full worker pool, GC pause, blocking I/O on the accept thread)".into(),
-                "raising the backlog or net.core.somaxconn alone only delays the drops: a queue that is not drained fills up whatever its size".into(),
-            ],
-            verify: vec![
-                format!("{top}   # ACC/s back up, PEAK below BACKLOG, OVF/SYNDROP 0"),
-                format!("socktrace diagnose {} --duration 30s   # verdict healthy", target.args()),
-            ],
-        });
-    } else if drops > 0 {
-        let bursty = full_share <= t.burst_full_share && e.wait_p99_ns.is_none_or(|w| w < t.burst_wait_ns);
-        let mut evidence = base.clone();
-        evidence.push(drop_line(e));
-        evidence.push(format!("largest arrival burst: {} connections in one sample interval", e.max_burst));
-        let backlog = e.backlog.unwrap_or(0);
-        let suggested = (e.max_burst.max(u64::from(backlog) * 2)).next_power_of_two().max(128);
-        let capped = e.somaxconn.is_some_and(|s| Some(s) == e.backlog);
-        let severity = if bursty { Severity::High } else { Severity::Medium };
-        if !bursty {
-            evidence.push("ambiguous: the queue was full often but accepts kept up — a slow consumer and bursts both fit".into());
-        }
-        out.push(Finding {
-            verdict: "backlog_too_small",
-            severity,
-            evidence,
-            fix: vec![
-                format!("raise the application's listen() backlog from {backlog} to at least {suggested}"),
-                format!(
-                    "raise net.core.somaxconn to at least {suggested} in this netns (now {}): the kernel caps the backlog at it",
-                    e.somaxconn.map_or_else(|| "unknown".into(), |v| v.to_string())
-                ),
-                "do both together, then restart the listener (the backlog is read at listen())".into(),
-            ],
-            verify: vec![
-                format!("{top}   # BACKLOG shows the new value; OVF/SYNDROP stay 0 through bursts"),
-                format!("socktrace watch {} | grep -E 'syn_drop|listen_overflow'   # nothing", target.args()),
-            ],
-        });
-        if capped {
-            out.push(somaxconn_finding(e, &top, target));
-        }
-    } else if e.somaxconn.is_some_and(|s| Some(s) == e.backlog)
+        out.push(f);
+    } else if !stalled
+        && e.somaxconn.is_some_and(|s| Some(s) == e.backlog)
         && e.requested_backlog.is_some_and(|r| Some(r) > e.backlog)
         && full_share > 0.0
     {
         out.push(somaxconn_finding(e, &top, target));
+    }
+
+    if !stalled && drops == 0 {
+        out.extend(imbalance_finding(e, t, &top));
     }
 
     // Packet loss: retransmits while the queue itself is fine.
@@ -318,34 +473,298 @@ pub fn diagnose(e: &Evidence, t: &Thresholds, target: &Target) -> Vec<Finding> {
     out
 }
 
+/// `HH:MM:SS.mmm UTC` of a Unix time in ms.
+fn clock(unix_ms: u64) -> String {
+    let day_ms = unix_ms % 86_400_000;
+    format!("{:02}:{:02}:{:02}.{:03} UTC", day_ms / 3_600_000, day_ms / 60_000 % 60, day_ms / 1000 % 60, day_ms % 1000)
+}
+
+/// When an episode began: wall clock (when known) and offset into the window.
+fn episode_when(e: &Evidence, x: &Episode) -> String {
+    let offset = if x.start_s < 0.0 { format!("{:.1} s before the window", -x.start_s) } else { format!("+{:.1} s", x.start_s) };
+    match e.window_start_unix_ms {
+        Some(ms) => format!("{} ({offset})", clock(u64::try_from(ms as i64 + (x.start_s * 1000.0) as i64).unwrap_or(0))),
+        None => offset,
+    }
+}
+
+fn opt_num(v: Option<u32>) -> String {
+    v.map_or_else(|| "?".into(), |x| x.to_string())
+}
+
+fn holders(s: &SocketFacts) -> String {
+    if s.holders.is_empty() {
+        return "no process found".into();
+    }
+    s.holders.iter().map(|(pid, comm)| format!("{comm} pid {pid}")).collect::<Vec<_>>().join(", ")
+}
+
+/// Who accepted from a socket last, or who holds it when nobody did.
+fn accepted_from(s: &SocketFacts) -> String {
+    match &s.last_acceptor {
+        Some((pid, tid, comm, ago)) => format!("last accepted by {comm} pid {pid} thread {tid}, {ago:.1} s before the window ended"),
+        None => format!("nobody accepted from it during the window (held by {})", holders(s)),
+    }
+}
+
+/// SO_REUSEPORT members receiving very different shares of the arrivals while all of them drain.
+fn imbalance_finding(e: &Evidence, t: &Thresholds, top: &str) -> Option<Finding> {
+    let n = e.sockets.len() as u64;
+    let arrivals: Vec<u64> = e.sockets.iter().map(|s| s.accepts + s.drops).collect();
+    let total: u64 = arrivals.iter().sum();
+    let (min, max) = (arrivals.iter().copied().min()?, arrivals.iter().copied().max()?);
+    if n < 2 || total < t.imbalance_min_arrivals * n || (max as f64) < t.imbalance_ratio * (min.max(1) as f64) {
+        return None;
+    }
+    let shares = e
+        .sockets
+        .iter()
+        .zip(&arrivals)
+        .map(|(s, a)| format!("inode {}: {a} ({:.0} %)", s.inode, 100.0 * *a as f64 / total as f64))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Some(Finding {
+        verdict: "reuseport_imbalance",
+        severity: Severity::Low,
+        evidence: vec![
+            format!("{n} SO_REUSEPORT sockets on this port, every one draining; arrivals per socket in the window: {shares}"),
+            format!("the busiest socket got {:.1}× the arrivals of the quietest", max as f64 / min.max(1) as f64),
+        ],
+        fix: vec![
+            "the kernel spreads connections by a hash of the 4-tuple: few distinct clients (one load balancer, a fixed source port range) hash unevenly; more client addresses/ports even it out".into(),
+            "for an even spread across workers consider a BPF reuseport selector (SO_ATTACH_REUSEPORT_EBPF) or a single shared accept queue; this is not a backlog problem".into(),
+        ],
+        verify: vec![format!("{top}   # the sockets' ACC/s rows come closer")],
+    })
+}
+
+/// Episodes listed in the evidence at most; the rest are summed up in one line.
+const EPISODES_SHOWN: usize = 8;
+
+fn stall_finding(e: &Evidence, base: &[String], saturated: bool, top: &str, target: &Target) -> Finding {
+    let n = e.episodes.len();
+    // The socket with the most episodes (all of them for a single-socket port) sets the pattern.
+    let mut by_socket: std::collections::BTreeMap<Option<u32>, Vec<&Episode>> = std::collections::BTreeMap::new();
+    for x in &e.episodes {
+        by_socket.entry(x.socket).or_default().push(x);
+    }
+    let worst: Vec<&Episode> = by_socket.into_values().max_by_key(Vec::len).unwrap_or_default();
+    // Only the part inside the window (an episode may have begun before it).
+    let stalled_s: f64 = worst.iter().map(|x| x.duration_s + x.start_s.min(0.0)).sum();
+    let ongoing = e.episodes.iter().any(|x| x.ongoing);
+    let intermittent = worst.len() >= 2;
+    let drops = e.overflows + e.syn_drops;
+    let mut evidence = Vec::new();
+    if saturated {
+        evidence.push("the queue stayed at its backlog while the application accepted far fewer connections than arrived (a consumer much slower than the arrivals)".into());
+    } else {
+        let pattern = if intermittent {
+            "intermittent"
+        } else if ongoing {
+            "ongoing"
+        } else {
+            "one stall"
+        };
+        evidence.push(format!(
+            "{pattern}: {n} stall episode{} (no accept while the accept queue was full), {stalled_s:.1} s of the {:.1} s window{}",
+            if n == 1 { "" } else { "s" },
+            e.window_secs,
+            if e.sockets.len() > 1 { " on the worst socket" } else { "" }
+        ));
+        for (i, x) in e.episodes.iter().enumerate().take(EPISODES_SHOWN) {
+            let mut line = format!("stall {}: {} for {:.1} s", i + 1, episode_when(e, x), x.duration_s);
+            if let Some(ino) = x.socket {
+                let _ = write!(line, " on socket inode {ino}");
+            }
+            if x.from_window_start {
+                line.push_str(" (already stalled when tracing began: no accept seen since)");
+            }
+            if x.ongoing {
+                line.push_str(" (still stalled when the window ended)");
+            }
+            let _ = write!(line, ", {} drops, {} accepts, queue full from +{:.1} s", x.drops, x.accepts, x.full_from_s);
+            evidence.push(line);
+        }
+        if n > EPISODES_SHOWN {
+            evidence.push(format!("… and {} more episodes", n - EPISODES_SHOWN));
+        }
+    }
+    evidence.extend(base.iter().cloned());
+    if drops > 0 {
+        evidence.push(drop_line(e));
+        if !saturated {
+            let inside: u64 = e.episodes.iter().map(|x| x.drops).sum();
+            evidence.push(format!("{inside} of {} timed drop events fell inside the stall episodes", e.drop_events));
+        }
+    }
+    let stalled_sockets: Vec<&SocketFacts> = e.sockets.iter().filter(|s| e.episodes.iter().any(|x| x.socket == Some(s.inode))).collect();
+    if stalled_sockets.is_empty() {
+        match (&e.acceptor, e.last_accept_ago_secs) {
+            (Some((tid, comm)), Some(ago)) => evidence.push(format!("accepting thread {tid} ({comm}) last accepted {ago:.1} s before the window ended")),
+            _ => evidence.push("no accept() seen during the window".into()),
+        }
+    } else {
+        for s in &stalled_sockets {
+            evidence.push(format!("stalled socket inode {} ({}, backlog {} of its own): {} drops, {} accepts in the window; {}", s.inode, s.addr, opt_num(s.backlog), s.drops, s.accepts, accepted_from(s)));
+            if let (None, Some(((pid, comm), st))) = (&s.last_acceptor, likely_worker(s, &e.sockets)) {
+                evidence.push(format!(
+                    "likely its worker: {comm} pid {pid} ({}): it holds the socket and accepts from no other socket of this port",
+                    st.map_or("state unknown", state_name)
+                ));
+            }
+        }
+        let draining: Vec<&SocketFacts> = e.sockets.iter().filter(|s| !stalled_sockets.iter().any(|x| x.inode == s.inode)).collect();
+        if !draining.is_empty() {
+            evidence.push(format!(
+                "the other {} of the {} sockets on this port kept draining: {} accepts in the window ({})",
+                draining.len(),
+                e.sockets.len(),
+                draining.iter().map(|s| s.accepts).sum::<u64>(),
+                draining.iter().map(|s| format!("inode {}: {}", s.inode, s.accepts)).collect::<Vec<_>>().join(", ")
+            ));
+        }
+    }
+    let mut fix = Vec::new();
+    for s in &stalled_sockets {
+        fix.push(match &s.last_acceptor {
+            Some((pid, tid, comm, _)) => format!(
+                "worker {comm} pid {pid} (thread {tid}) stopped accepting from socket inode {}: check its state (`ps -o pid,stat,wchan:30 -T -p {pid}`: T = stopped, D = blocked in the kernel), its logs and a stack dump; restart or replace that worker — the other workers are healthy",
+                s.inode
+            ),
+            None => match likely_worker(s, &e.sockets) {
+                Some(((pid, comm), st)) => format!(
+                    "worker {comm} pid {pid} ({}) is the likely owner of socket inode {}, which nobody drains: check it (`ps -o pid,stat,wchan:30 -T -p {pid}`), its logs and a stack dump; restart or replace that worker",
+                    st.map_or("state unknown", state_name),
+                    s.inode
+                ),
+                None => format!(
+                    "nobody accepted from socket inode {} during the window; it is held by {}: find which of these should accept from it (each SO_REUSEPORT worker owns one socket) and why it does not",
+                    s.inode,
+                    holders(s)
+                ),
+            },
+        });
+    }
+    let mut severity = Severity::Critical;
+    if intermittent {
+        // The arrival rate while healthy and the longest pause give the queue that absorbs one.
+        let healthy_s = (e.window_secs - stalled_s).max(0.001);
+        let rate = e.accepts as f64 / healthy_s;
+        let longest = worst.iter().map(|x| x.duration_s).fold(0.0, f64::max);
+        let period = (worst[worst.len() - 1].start_s - worst[0].start_s) / (worst.len() - 1) as f64;
+        let absorb = (rate * longest).ceil() as u64;
+        evidence.push(format!(
+            "pauses every {period:.1} s on average, the longest {longest:.1} s; arrivals while accepting {rate:.0}/s: a backlog of at least {absorb} (arrival rate × longest pause) would absorb one pause"
+        ));
+        if !ongoing && stalled_s < e.window_secs / 2.0 {
+            severity = Severity::High;
+        }
+        fix.push(format!("find what pauses the accept loop every ~{period:.1} s for up to {longest:.1} s: GC pauses (GC logs), a blocking call on the event loop or accept thread, a periodic job (flush, log rotation, cache rebuild) — correlate the stall timestamps above with the application's logs"));
+        fix.push(format!(
+            "mitigation, not the cause: raise the listen() backlog (and net.core.somaxconn, now {}) to at least {} so a pause is absorbed instead of dropping connections",
+            e.somaxconn.map_or_else(|| "unknown".into(), |v| v.to_string()),
+            absorb.max(u64::from(e.backlog.unwrap_or(0)) + 1)
+        ));
+    } else {
+        if !ongoing && !saturated {
+            severity = Severity::High;
+        }
+        if stalled_sockets.is_empty() {
+            fix.push("find why the application stopped calling accept(): thread dump / `perf top -p PID` of the owning process; look for a blocked or saturated accept loop (lock, full worker pool, GC pause, blocking I/O on the accept thread), or a stopped process (state T in `ps`)".into());
+        }
+        fix.push("raising the backlog or net.core.somaxconn alone only delays the drops: a queue that is not drained fills up whatever its size".into());
+    }
+    Finding {
+        verdict: "accept_stall",
+        severity,
+        evidence,
+        fix,
+        verify: vec![
+            format!("{top}   # ACC/s steady, PEAK below BACKLOG, OVF/SYNDROP 0"),
+            format!("socktrace diagnose {} --duration 30s   # verdict healthy, no stall episodes", target.args()),
+        ],
+    }
+}
+
+fn backlog_finding(e: &Evidence, base: &[String], t: &Thresholds, top: &str, target: &Target, full_share: f64) -> Finding {
+    let bursty = full_share <= t.burst_full_share && e.wait_p99_ns.is_none_or(|w| w < t.burst_wait_ns);
+    let mut evidence = base.to_vec();
+    evidence.push(drop_line(e));
+    evidence.push(format!("largest arrival burst: {} connections in one sample interval", e.max_burst));
+    if !e.episodes.is_empty() {
+        let inside: u64 = e.episodes.iter().map(|x| x.drops).sum();
+        evidence.push(format!("{} of {} timed drop events happened while the application was accepting (outside stall episodes)", e.drop_events - inside, e.drop_events));
+    }
+    let backlog = e.backlog.unwrap_or(0);
+    // The queue had to hold its backlog plus what was dropped in the worst sample interval.
+    let suggested = (u64::from(backlog) + e.max_interval_drops).max(u64::from(backlog) * 2).next_power_of_two().max(128);
+    evidence.push(format!("most drops in one sample interval: {} (a queue of about backlog + that would have held them)", e.max_interval_drops));
+    if !bursty {
+        evidence.push("ambiguous: the queue was full often but accepts kept up — a slow consumer and bursts both fit".into());
+    }
+    Finding {
+        verdict: "backlog_too_small",
+        severity: if bursty { Severity::High } else { Severity::Medium },
+        evidence,
+        fix: vec![
+            format!("raise the application's listen() backlog from {backlog} to at least {suggested}"),
+            format!(
+                "raise net.core.somaxconn to at least {suggested} in this netns (now {}): the kernel caps the backlog at it",
+                e.somaxconn.map_or_else(|| "unknown".into(), |v| v.to_string())
+            ),
+            "do both together, then restart the listener (the backlog is read at listen())".into(),
+        ],
+        verify: vec![
+            format!("{top}   # BACKLOG shows the new value; OVF/SYNDROP stay 0 through bursts"),
+            format!("socktrace watch {} | grep -E 'syn_drop|listen_overflow'   # nothing", target.args()),
+        ],
+    }
+}
+
 fn somaxconn_finding(e: &Evidence, top: &str, target: &Target) -> Finding {
     let somax = e.somaxconn.unwrap_or(0);
+    let drops = e.overflows + e.syn_drops;
+    let wanted = e
+        .requested_backlog
+        .unwrap_or(0)
+        .max(somax.saturating_mul(2))
+        .max(u32::try_from(u64::from(somax) + e.max_interval_drops).unwrap_or(u32::MAX).checked_next_power_of_two().unwrap_or(u32::MAX));
+    let mut evidence = vec![format!(
+        "backlog {} = net.core.somaxconn {somax}; the application asked for {}",
+        e.backlog.unwrap_or(0),
+        e.requested_backlog.map_or_else(
+            || "an unknown value (listen() was called before tracing started; a backlog exactly at somaxconn means it asked for at least that and was capped)".into(),
+            |r| r.to_string()
+        )
+    )];
+    evidence.push(format!("the queue reached its backlog in {} of {} samples", e.samples_full, e.samples));
+    if drops > 0 {
+        evidence.push(rate_line(e));
+        evidence.push(drop_line(e));
+        evidence.push(format!("largest arrival burst: {} connections in one sample interval", e.max_burst));
+    }
     Finding {
         verdict: "somaxconn_cap",
         severity: Severity::High,
-        evidence: vec![
-            format!(
-                "backlog {} = net.core.somaxconn {somax}; the application asked for {}",
-                e.backlog.unwrap_or(0),
-                e.requested_backlog.map_or_else(|| "an unknown value (listen() was called before tracing started)".into(), |r| r.to_string())
-            ),
-            format!("the queue reached its backlog in {} of {} samples", e.samples_full, e.samples),
-        ],
+        evidence,
         fix: vec![
             format!(
-                "raise net.core.somaxconn in netns {} to at least {} (sysctl -w net.core.somaxconn=N, per network namespace)",
-                target.netns,
-                e.requested_backlog.unwrap_or(somax.saturating_mul(2)).max(somax.saturating_mul(2))
+                "raise net.core.somaxconn in netns {} to at least {wanted} (sysctl -w net.core.somaxconn=N, per network namespace): the application's own backlog setting cannot take effect above it",
+                target.netns
             ),
-            "then restart the listener: the cap is applied at listen()".into(),
+            format!("check the application asks for at least {wanted} in listen() (its backlog setting), then restart the listener: the cap is applied at listen()"),
         ],
-        verify: vec![format!("{top}   # BACKLOG shows the requested value")],
+        verify: vec![
+            format!("{top}   # BACKLOG shows the requested value"),
+            format!("socktrace diagnose {} --duration 30s   # no drops", target.args()),
+        ],
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Timeline;
 
     fn target() -> Target {
         Target { netns: 1, lport: 80 }
@@ -386,10 +805,168 @@ mod tests {
     fn bursts_are_backlog_too_small_and_cap_is_named() {
         let e = Evidence { samples_full: 3, queue_peak: Some(9), syn_drops: 30, intervals_with_drops: 3, max_burst: 40, ..base() };
         assert_eq!(verdicts(&e), ["backlog_too_small"]);
-        let capped = Evidence { somaxconn: Some(8), ..e };
-        assert_eq!(verdicts(&capped), ["backlog_too_small", "somaxconn_cap"]);
-        let f = diagnose(&capped, &THRESHOLDS, &target());
+        let f = diagnose(&e, &THRESHOLDS, &target());
         assert!(f[0].fix[0].contains("from 8 to at least 128"), "{:?}", f[0].fix);
+        // At the cap, raising the application's backlog alone cannot help: the cap is the verdict.
+        let capped = Evidence { somaxconn: Some(8), ..e.clone() };
+        assert_eq!(verdicts(&capped), ["somaxconn_cap"]);
+        let f = diagnose(&capped, &THRESHOLDS, &target());
+        assert!(f[0].evidence.iter().any(|l| l.contains("30 SYN drops")), "{:?}", f[0].evidence);
+        // The application asked for exactly the cap: its own backlog is the problem too.
+        let asked = Evidence { somaxconn: Some(8), requested_backlog: Some(8), ..e };
+        assert_eq!(verdicts(&asked), ["backlog_too_small"]);
+    }
+
+    const MS: u64 = 1_000_000;
+
+    /// A timeline of accepts every `every` ms over `[from, to)` ms, skipping `[pause_from, pause_to)`.
+    fn accepts(tl: &mut Timeline, from: u64, to: u64, every: u64, pauses: &[(u64, u64)]) {
+        let mut t = from;
+        while t < to {
+            if !pauses.iter().any(|&(a, b)| t >= a && t < b) {
+                tl.accept(t * MS);
+            }
+            t += every;
+        }
+    }
+
+    fn points(to_ms: u64, queue: impl Fn(u64) -> u32, backlog: u32) -> Vec<Point> {
+        (1..=to_ms / 200).map(|i| Point { t_ns: i * 200 * MS, queue_len: Some(queue(i * 200)), backlog: Some(backlog) }).collect()
+    }
+
+    #[test]
+    fn a_stall_after_a_healthy_start_is_one_ongoing_episode() {
+        // Busy for 1.5 s (an accept per ms), then nothing; the queue is full from 1.52 s on and SYNs drop.
+        let mut tl = Timeline::default();
+        accepts(&mut tl, 0, 1500, 1, &[]);
+        for d in (1520..6000).step_by(7) {
+            tl.drop_at(d * MS);
+        }
+        let pts = points(6000, |t| if t > 1500 { 25 } else { 3 }, 24);
+        let ep = find_episodes(&tl, &pts, 0, 6000 * MS, &THRESHOLDS);
+        assert_eq!(ep.len(), 1, "{ep:?}");
+        assert!(ep[0].ongoing && !ep[0].from_window_start);
+        assert!((ep[0].start_s - 1.499).abs() < 0.01 && (ep[0].duration_s - 4.501).abs() < 0.01, "{ep:?}");
+        assert_eq!(ep[0].drops, tl.drops.len() as u64);
+        // The window averages look healthy (most arrivals accepted, short waits): the episode decides.
+        let e = Evidence {
+            accepts: 1500,
+            syn_drops: ep[0].drops,
+            samples: 30,
+            samples_full: 22,
+            backlog: Some(24),
+            drop_events: tl.drops.len() as u64,
+            episodes: ep,
+            window_start_unix_ms: Some(3_600_000 + 61_000 + 5),
+            ..base()
+        };
+        let f = diagnose(&e, &THRESHOLDS, &target());
+        assert_eq!(f.iter().map(|f| f.verdict).collect::<Vec<_>>(), ["accept_stall"]);
+        assert_eq!(f[0].severity, Severity::Critical);
+        assert!(f[0].evidence.iter().any(|l| l.starts_with("stall 1: 01:01:02.504 UTC (+1.5 s) for 4.5 s (still stalled")), "{:?}", f[0].evidence);
+    }
+
+    #[test]
+    fn pauses_every_period_are_intermittent_with_a_mitigating_backlog() {
+        // Accept every 5 ms, but nothing in [1000,1500), [2500,3000), [4000,4500): the queue fills and drops.
+        let pauses = [(1000, 1500), (2500, 3000), (4000, 4500)];
+        let mut tl = Timeline::default();
+        accepts(&mut tl, 0, 5000, 5, &pauses);
+        for &(a, b) in &pauses {
+            for d in (a + 200..b).step_by(10) {
+                tl.drop_at(d * MS);
+            }
+        }
+        let pts = points(5000, |t| if pauses.iter().any(|&(a, b)| t > a + 200 && t < b) { 17 } else { 0 }, 16);
+        let ep = find_episodes(&tl, &pts, 0, 5000 * MS, &THRESHOLDS);
+        assert_eq!(ep.len(), 3, "{ep:?}");
+        assert!(ep.iter().all(|x| !x.ongoing && (x.duration_s - 0.5).abs() < 0.01 && x.drops == 30));
+        let e = Evidence { window_secs: 5.0, accepts: 700, syn_drops: 90, drop_events: 90, samples: 25, samples_full: 6, backlog: Some(16), episodes: ep, ..base() };
+        let f = diagnose(&e, &THRESHOLDS, &target());
+        assert_eq!(f.iter().map(|f| f.verdict).collect::<Vec<_>>(), ["accept_stall"], "no backlog_too_small: every drop was in a pause");
+        let text = f[0].evidence.join("\n");
+        assert!(text.contains("intermittent: 3 stall episodes"), "{text}");
+        // Each gap is 505 ms (last accept 5 ms before the pause): 700 accepts in 3.485 healthy
+        // seconds = 201/s; × 0.505 s = 101.4 → 102.
+        assert!(text.contains("pauses every 1.5 s on average, the longest 0.5 s; arrivals while accepting 201/s: a backlog of at least 102"), "{text}");
+        assert!(f[0].fix[1].contains("mitigation"), "{:?}", f[0].fix);
+    }
+
+    #[test]
+    fn bursts_into_a_draining_queue_are_no_episode() {
+        // 40 connections every 1.5 s, accepted every 2 ms; the drops come right before the burst's first accept.
+        let mut tl = Timeline::default();
+        for burst in 0..3u64 {
+            let at = 100 + burst * 1500;
+            for d in 0..10 {
+                tl.drop_at(at * MS - 1000 + d);
+            }
+            accepts(&mut tl, at, at + 80, 2, &[]);
+        }
+        let pts = points(4500, |_| 0, 4);
+        assert!(find_episodes(&tl, &pts, 0, 4500 * MS, &THRESHOLDS).is_empty());
+    }
+
+    #[test]
+    fn a_queue_drained_by_unseen_accepts_is_no_episode() {
+        // No accept events at all (e.g. io_uring), drops, but the queue shrinks between samples.
+        let mut tl = Timeline::default();
+        tl.drop_at(300 * MS);
+        let pts = points(3000, |t| if t % 400 == 0 { 9 } else { 4 }, 8);
+        assert!(find_episodes(&tl, &pts, 0, 3000 * MS, &THRESHOLDS).is_empty());
+        // The same with the queue only growing is a stall since the window began.
+        let full = points(3000, |t| u32::try_from(t / 200).unwrap_or(0).min(9), 8);
+        let ep = find_episodes(&tl, &full, 0, 3000 * MS, &THRESHOLDS);
+        assert_eq!(ep.len(), 1);
+        assert!(ep[0].from_window_start && ep[0].ongoing);
+    }
+
+    #[test]
+    fn a_slow_steady_consumer_has_no_episodes() {
+        // One accept every 150 ms with the queue always full: the gaps are its normal pace.
+        let mut tl = Timeline::default();
+        accepts(&mut tl, 0, 3000, 150, &[]);
+        for d in (0..3000).step_by(20) {
+            tl.drop_at(d * MS);
+        }
+        let pts = points(3000, |_| 9, 8);
+        assert!(find_episodes(&tl, &pts, 0, 3000 * MS, &THRESHOLDS).is_empty());
+    }
+
+    #[test]
+    fn a_stuck_reuseport_socket_names_its_likely_worker() {
+        let sock = |inode, accepts, drops, acceptors: Vec<u32>| SocketFacts {
+            inode,
+            addr: "0.0.0.0:80".into(),
+            backlog: Some(16),
+            accepts,
+            drops,
+            last_acceptor: None,
+            holders: vec![(10, "nginx".into()), (11, "nginx".into()), (12, "nginx".into()), (13, "nginx".into())],
+            holder_states: vec![(10, 'S'), (11, 'S'), (12, 'T'), (13, 'S')],
+            acceptor_pids: acceptors,
+        };
+        // Master 10 never accepts; 11 and 13 accept from the healthy sockets; 12 is stopped.
+        let sockets = vec![sock(1, 500, 0, vec![11]), sock(2, 0, 40, vec![]), sock(3, 480, 0, vec![13])];
+        let ep = Episode { start_s: 0.0, duration_s: 5.0, full_from_s: 0.1, drops: 40, from_window_start: true, ongoing: true, socket: Some(2), ..Episode::default() };
+        let e = Evidence { accepts: 980, syn_drops: 40, drop_events: 40, episodes: vec![ep], sockets, window_secs: 5.0, ..base() };
+        let f = diagnose(&e, &THRESHOLDS, &target());
+        assert_eq!(f[0].verdict, "accept_stall");
+        let text = f[0].evidence.join("\n");
+        assert!(text.contains("stalled socket inode 2"), "{text}");
+        assert!(text.contains("likely its worker: nginx pid 12 (stopped)"), "{text}");
+        assert!(text.contains("the other 2 of the 3 sockets on this port kept draining: 980 accepts"), "{text}");
+        assert!(f[0].fix[0].contains("worker nginx pid 12 (stopped)"), "{:?}", f[0].fix);
+    }
+
+    #[test]
+    fn no_listener_names_other_namespaces() {
+        let gone = Evidence { listening: false, listening_elsewhere: vec!["netns 7: 0.0.0.0 (haproxy pid 9)".into()], ..Evidence::default() };
+        let f = diagnose(&gone, &THRESHOLDS, &target());
+        assert!(f[0].evidence[1].contains("netns 7: 0.0.0.0 (haproxy pid 9)"), "{:?}", f[0].evidence);
+        assert!(f[0].fix[0].contains("wrong network namespace"));
+        let all = Evidence { listening: false, all_namespaces: true, ..Evidence::default() };
+        assert!(diagnose(&all, &THRESHOLDS, &target())[0].evidence[0].contains("in any network namespace"));
     }
 
     #[test]

@@ -149,6 +149,8 @@ pub struct Record {
     pub uid: u32,
     /// 0 for sockets without a file (TIME-WAIT, SYN-RECV request sockets).
     pub inode: u32,
+    /// The kernel's socket cookie (`sock_gen_cookie`, what `bpf_get_socket_cookie` returns).
+    pub cookie: u64,
     /// `sk_drops` (`SK_MEMINFO_DROPS`), when asked for ([`DumpOptions::meminfo`]).
     pub drops: Option<u32>,
     /// A full socket (the kernel attached `INET_DIAG_SHUTDOWN`). TIME-WAIT and request (SYN-RECV)
@@ -408,6 +410,8 @@ fn record(payload: &[u8]) -> Result<Option<Record>, netlink_packet_core::DecodeE
         ifindex: id.interface_id,
         uid: h.uid,
         inode: h.inode,
+        // idiag_cookie[2]: low 32 bits first, each in host order.
+        cookie: u64::from_le_bytes(id.cookie),
         drops: None,
         full: false,
         tcp: None,

@@ -8,140 +8,99 @@
 //! does not use the tracer's model: nothing here is an event.
 //!
 //! Layout: [`netns`] finds and enters namespaces, [`diag`] speaks `inet_diag`, [`procs`] maps socket
-//! inodes to processes, [`filter`] is the ss-style expression language, [`render`] prints.
+//! inodes to processes, [`render`] prints; the ss-style expression is [`crate::filter`]'s.
 
 pub(crate) mod diag;
-mod filter;
 pub(crate) mod netns;
 pub(crate) mod procs;
 mod render;
 
-use std::io::Write as _;
+use std::{collections::BTreeMap, io::Write as _};
 
 use anyhow::{Context as _, bail};
-use clap::{Args, ValueEnum};
 
-use crate::system;
+use crate::{
+    cli::{SnapshotArgs, UsageError, parse_filter},
+    filter::{self, Expr, Scope, States, Subject},
+    system,
+};
 use diag::{DiagSocket, Record, Request, TcpState};
-
-/// `snapshot`'s raw arguments.
-#[derive(Debug, Args)]
-#[expect(clippy::struct_excessive_bools, reason = "independent command-line flags")]
-pub struct SnapshotArgs {
-    /// Only listening sockets (same as `--state listening`).
-    #[arg(short = 'l', long, conflicts_with = "state")]
-    pub listening: bool,
-    /// Only sockets in these states (comma-separated or repeated; default: all).
-    #[arg(long, value_enum, value_delimiter = ',', value_name = "STATE")]
-    pub state: Vec<StateArg>,
-    /// Only this network namespace: inode number, path (/run/netns/NAME, /proc/PID/ns/net) or name.
-    #[arg(long, value_name = "NETNS")]
-    pub netns: Option<String>,
-    /// Show TCP internals from `tcp_info`: rtt, cwnd, retransmits (and more in --json).
-    #[arg(short = 'i', long)]
-    pub info: bool,
-    /// Only IPv4 sockets.
-    #[arg(short = '4', long, conflicts_with = "ipv6")]
-    pub ipv4: bool,
-    /// Only IPv6 sockets.
-    #[arg(short = '6', long)]
-    pub ipv6: bool,
-    /// Print a JSON array of objects instead of a table.
-    #[arg(long)]
-    pub json: bool,
-    /// Do not look up owning processes (skips the /proc/*/fd scan, the slowest part on hosts
-    /// with many open files; JSON `processes` is then null).
-    #[arg(long)]
-    pub no_processes: bool,
-    /// Filter expression, a subset of ss's: `sport`/`dport` with `= == != eq neq < > <= >=` and a
-    /// port (`:8080`), `src`/`dst` with an address (`10.0.0.0/8`, `[::1]:80`, `:8080`), combined
-    /// with `and`, `or`, `not`/`!` and parentheses. Example: `sport = :8080 and not dst 10.0.0.0/8`.
-    #[arg(value_name = "FILTER", trailing_var_arg = true, allow_hyphen_values = true)]
-    pub filter: Vec<String>,
-}
-
-/// `--state` values, named as ss names them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum StateArg {
-    Established,
-    Listening,
-    #[value(name = "syn-recv")]
-    SynRecv,
-    #[value(name = "syn-sent")]
-    SynSent,
-    #[value(name = "time-wait")]
-    TimeWait,
-    #[value(name = "close-wait")]
-    CloseWait,
-    #[value(name = "fin-wait-1")]
-    FinWait1,
-    #[value(name = "fin-wait-2")]
-    FinWait2,
-    #[value(name = "last-ack")]
-    LastAck,
-    Closing,
-    All,
-}
-
-impl StateArg {
-    fn states(self) -> Vec<TcpState> {
-        match self {
-            StateArg::Established => vec![TcpState::Established],
-            StateArg::Listening => vec![TcpState::Listen],
-            StateArg::SynRecv => vec![TcpState::SynRecv],
-            StateArg::SynSent => vec![TcpState::SynSent],
-            StateArg::TimeWait => vec![TcpState::TimeWait],
-            StateArg::CloseWait => vec![TcpState::CloseWait],
-            StateArg::FinWait1 => vec![TcpState::FinWait1],
-            StateArg::FinWait2 => vec![TcpState::FinWait2],
-            StateArg::LastAck => vec![TcpState::LastAck],
-            StateArg::Closing => vec![TcpState::Closing],
-            StateArg::All => TcpState::ALL.to_vec(),
-        }
-    }
-}
-
-/// A usage error found after clap (a bad filter expression): one line, exit status 2.
-#[derive(Debug, thiserror::Error)]
-#[error(transparent)]
-pub struct UsageError(#[from] filter::FilterError);
 
 /// Validated `snapshot` configuration.
 #[derive(Debug)]
+#[expect(clippy::struct_excessive_bools, reason = "independent output switches")]
 pub struct Config {
     /// `inet_diag` state mask.
     states: u32,
     netns: Option<String>,
     info: bool,
     json: bool,
+    header: bool,
+    summary: bool,
     processes: bool,
     families: Vec<u8>,
-    filter: Option<filter::Expr>,
+    filter: Option<Expr>,
 }
 
-impl SnapshotArgs {
-    pub fn validate(&self) -> Result<Config, UsageError> {
-        let states: Vec<TcpState> = if self.listening {
-            vec![TcpState::Listen]
-        } else if self.state.is_empty() {
-            TcpState::ALL.to_vec()
+fn usage(msg: impl Into<String>) -> anyhow::Error {
+    UsageError::Other(msg.into()).into()
+}
+
+impl Config {
+    /// Validates `snapshot`'s arguments, ss's state rules included (see [`SnapshotArgs::all`]).
+    pub fn from_args(args: &SnapshotArgs) -> anyhow::Result<Config> {
+        if let Some(flag) = args.other.first() {
+            return Err(usage(format!("{flag}: socktrace lists TCP sockets only (ss -t)")));
+        }
+        if let Some(q) = &args.query
+            && q.split(',').any(|t| t != "tcp")
+        {
+            return Err(usage(format!("-A {q}: socktrace lists TCP sockets only (-A tcp)")));
+        }
+        let (mut v4, mut v6) = (args.ipv4, args.ipv6);
+        match args.family.as_deref() {
+            None => {}
+            Some("inet") => v4 = true,
+            Some("inet6") => v6 = true,
+            Some(f) => return Err(usage(format!("-f {f}: socktrace lists TCP sockets only (-f inet or -f inet6)"))),
+        }
+        let parsed = parse_filter(&args.filter, Scope::Sockets, "snapshot")?;
+        let ss_line = args.tcp || args.all || args.numeric || args.processes || args.extended || args.no_header || args.query.is_some();
+        let mask = if let Some(st) = parsed.states {
+            if !args.state.is_empty() {
+                return Err(usage("--state and ss's state/exclude clauses select states: give one of them"));
+            }
+            st.mask
+        } else if !args.state.is_empty() {
+            args.state.iter().fold(0, |m, s| m | s.mask())
+        } else if args.listening && (!args.all || args.listening_after_all) {
+            1 << TcpState::Listen as u32
+        } else if args.all || args.summary || !ss_line {
+            filter::ALL_STATES
         } else {
-            self.state.iter().flat_map(|s| s.states()).collect()
+            filter::SS_CONNECTED
         };
-        let families = match (self.ipv4, self.ipv6) {
+        let families = match (v4, v6) {
             (true, false) => vec![diag::FAMILIES[0]],
             (false, true) => vec![diag::FAMILIES[1]],
             _ => diag::FAMILIES.to_vec(),
         };
         Ok(Config {
-            states: diag::state_mask(states),
-            netns: self.netns.clone(),
-            info: self.info,
-            json: self.json,
-            processes: !self.no_processes,
+            states: diag::state_mask(States::list(mask)),
+            netns: args.netns.clone(),
+            info: args.info,
+            json: args.json,
+            header: !args.no_header,
+            summary: args.summary,
+            processes: !args.no_processes,
             families,
-            filter: filter::parse(&self.filter)?,
+            filter: parsed.expr,
         })
+    }
+
+    /// Whether a socket of `ns` passes the expression.
+    fn keep(&self, ns: &netns::Netns, r: &Record) -> bool {
+        self.filter.as_ref().is_none_or(|f| f.matches(&Subject { netns: ns.inode, local: r.local.into(), peer: Some(r.peer.into()) }))
     }
 }
 
@@ -160,7 +119,7 @@ enum Rows {
 
 impl Rows {
     fn new(cfg: &Config) -> Rows {
-        if cfg.json { Rows::Records(Vec::new()) } else { Rows::Table(Box::new(render::Table::new(cfg.info))) }
+        if cfg.json { Rows::Records(Vec::new()) } else { Rows::Table(Box::new(render::Table::new(cfg.info, cfg.header))) }
     }
 
     fn push(&mut self, ns: &netns::Netns, r: Record) {
@@ -213,7 +172,7 @@ fn dump_netns(ns: &netns::Netns, socks: Vec<(Lane, DiagSocket)>, cfg: &Config) -
             .map(|(lane, mut sock)| {
                 s.spawn(move || {
                     let mut rows = Rows::new(cfg);
-                    let keep = |r: &Record| cfg.filter.as_ref().is_none_or(|f| f.matches(r.local, r.peer));
+                    let keep = |r: &Record| cfg.keep(ns, r);
                     // Listeners (with their drop counters) from the listening hash, once per family;
                     // then the rest from the established hash without counters: cheaper for the kernel.
                     let listen = TcpState::Listen.bit();
@@ -248,7 +207,10 @@ fn dump_netns(ns: &netns::Netns, socks: Vec<(Lane, DiagSocket)>, cfg: &Config) -
 }
 
 pub fn run(args: &SnapshotArgs) -> anyhow::Result<()> {
-    let cfg = args.validate()?;
+    let cfg = Config::from_args(args)?;
+    if cfg.summary {
+        return summary(&cfg);
+    }
     let own = system::own_netns();
     let (targets, unreadable) = targets(cfg.netns.as_deref())?;
     let explicit = cfg.netns.is_some();
@@ -256,7 +218,7 @@ pub fn run(args: &SnapshotArgs) -> anyhow::Result<()> {
     let (table, found, skipped, owners) = std::thread::scope(|s| -> anyhow::Result<_> {
         // The /proc scan runs beside the dumps (it is the other half of the work).
         let scan = cfg.processes.then(|| s.spawn(procs::Owners::scan));
-        let mut table = render::Table::new(cfg.info);
+        let mut table = render::Table::new(cfg.info, cfg.header);
         let mut found = Vec::new();
         let mut skipped = Vec::new();
         for ns in targets {
@@ -327,4 +289,153 @@ fn note(skipped: &[netns::EnterError], unreadable: usize, listed: usize) {
     let root = system::require_root().is_ok();
     let hint = if !root && (skipped.iter().any(netns::EnterError::is_permission) || unreadable > 0) { "; run as root to list every namespace" } else { "" };
     eprintln!("socktrace: note: listed {listed} network namespace{}; {}{hint}", if listed == 1 { "" } else { "s" }, parts.join(" and "));
+}
+
+/// `snapshot -s`: one namespace's TCP sockets by state, and its listen-queue counters.
+#[derive(serde::Serialize)]
+struct Summary {
+    netns: u32,
+    netns_name: Option<String>,
+    total: u64,
+    /// Every state asked for (all by default), zeros included.
+    states: BTreeMap<&'static str, u64>,
+    /// `TcpExt` counters since the namespace was created; `null` when unreadable.
+    counters: BTreeMap<&'static str, Option<u64>>,
+}
+
+/// The namespace counters `-s` adds to ss's.
+const SUMMARY_COUNTERS: [&str; 3] = ["ListenOverflows", "ListenDrops", "SyncookiesSent"];
+
+fn summary(cfg: &Config) -> anyhow::Result<()> {
+    let own = system::own_netns();
+    let (targets, unreadable) = targets(cfg.netns.as_deref())?;
+    let explicit = cfg.netns.is_some();
+    let mut found = Vec::new();
+    let mut skipped = Vec::new();
+    for ns in &targets {
+        let count = || -> Result<_, diag::DiagError> {
+            let mut states: BTreeMap<TcpState, u64> = BTreeMap::new();
+            let mut sock = DiagSocket::open()?;
+            for &family in &cfg.families {
+                let req = Request { family, states: cfg.states, info: false };
+                sock.dump_with(req, diag::DumpOptions { meminfo: false, split: None }, |r| {
+                    if cfg.keep(ns, &r) {
+                        *states.entry(r.state).or_default() += 1;
+                    }
+                })?;
+            }
+            Ok((states, netns::tcp_ext_counters(&SUMMARY_COUNTERS)))
+        };
+        match netns::within(ns, own, count) {
+            Ok(r) => {
+                let (counts, counters) = r.with_context(|| format!("network namespace {}", ns.path.display()))?;
+                let states: BTreeMap<&'static str, u64> = TcpState::ALL
+                    .into_iter()
+                    .filter(|s| *s != TcpState::Close && cfg.states & s.bit() != 0)
+                    .map(|s| (s.name(), counts.get(&s).copied().unwrap_or(0)))
+                    .collect();
+                found.push(Summary {
+                    netns: ns.inode,
+                    netns_name: ns.name.clone(),
+                    total: counts.values().sum(),
+                    states,
+                    counters: SUMMARY_COUNTERS.into_iter().zip(counters).collect(),
+                });
+            }
+            Err(e) if explicit => {
+                let hint = if e.is_permission() { " (entering another network namespace needs root)" } else { "" };
+                bail!("{e}{hint}");
+            }
+            Err(e) => skipped.push(e),
+        }
+    }
+    if !explicit && (!skipped.is_empty() || unreadable > 0) {
+        note(&skipped, unreadable, found.len());
+    }
+    let mut out = std::io::stdout().lock();
+    if cfg.json {
+        // Serialized first, so a closed stdout is an io::Error (a quiet exit), not a serde one.
+        let text = serde_json::to_string_pretty(&found)?;
+        writeln!(out, "{text}")?;
+    } else {
+        for (i, s) in found.iter().enumerate() {
+            if i > 0 {
+                writeln!(out)?;
+            }
+            let name = s.netns_name.as_deref().map(|n| format!(" ({n})")).unwrap_or_default();
+            writeln!(out, "netns {}{name}", s.netns)?;
+            let states: Vec<String> = s.states.iter().filter(|(_, n)| **n > 0).map(|(k, n)| format!("{k} {n}")).collect();
+            writeln!(out, "TCP: {} ({})", s.total, states.join(", "))?;
+            let counters: Vec<String> = s
+                .counters
+                .iter()
+                .map(|(k, v)| format!("{k} {}", v.map_or_else(|| "unavailable".to_owned(), |v| v.to_string())))
+                .collect();
+            writeln!(out, "since the namespace was created: {}", counters.join(", "))?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn config(line: &str) -> anyhow::Result<Config> {
+        let cli = Cli::try_parse_from(["socktrace", "snapshot"].into_iter().chain(line.split_whitespace()))?;
+        let Command::Snapshot(args) = cli.command else { unreachable!() };
+        Config::from_args(&args)
+    }
+
+    fn states(line: &str) -> Vec<TcpState> {
+        let cfg = config(line).unwrap_or_else(|e| panic!("{line}: {e}"));
+        TcpState::ALL.into_iter().filter(|s| cfg.states & s.bit() != 0).collect()
+    }
+
+    #[test]
+    fn states_follow_ss_for_ss_command_lines() {
+        use TcpState::*;
+        let all: Vec<TcpState> = TcpState::ALL.to_vec();
+        let connected = vec![Established, SynSent, FinWait1, FinWait2, CloseWait, LastAck, Closing];
+        // socktrace's own default: everything; ss's (any of its flags): connected only.
+        assert_eq!(states(""), all);
+        assert_eq!(states("-i"), all);
+        for line in ["-t", "-tn", "-tnp", "-e", "-H", "-A tcp"] {
+            assert_eq!(states(line), connected, "{line}");
+        }
+        assert_eq!(states("-tan"), all);
+        assert_eq!(states("-tln"), vec![Listen]);
+        assert_eq!(states("-tl state established"), vec![Established], "a state clause replaces -l, as in ss");
+        assert_eq!(states("-t exclude listening"), all.iter().copied().filter(|s| *s != Listen).collect::<Vec<_>>());
+        assert_eq!(states("--state time-wait,bucket"), vec![SynRecv, TimeWait]);
+        assert_eq!(states("-s"), all, "-s counts every state by default");
+        assert_eq!(states("-ts state established"), vec![Established]);
+        // v4 / v6 / both.
+        assert_eq!(config("-4").unwrap().families, vec![diag::FAMILIES[0]]);
+        assert_eq!(config("-f inet6").unwrap().families, vec![diag::FAMILIES[1]]);
+        assert_eq!(config("-46").unwrap().families, diag::FAMILIES.to_vec());
+        assert!(!config("-tH").unwrap().header);
+    }
+
+    #[test]
+    fn other_protocols_and_conflicts_are_usage_errors() {
+        for (line, want) in [
+            ("-u", "-u (UDP): socktrace lists TCP sockets only (ss -t)"),
+            ("-tux", "-u (UDP)"),
+            ("-x", "-x (Unix sockets)"),
+            ("--sctp", "-S (SCTP)"),
+            ("-A tcp,udp", "-A tcp,udp: socktrace lists TCP sockets only"),
+            ("-f link", "-f link: socktrace lists TCP sockets only"),
+            ("--state established state listening", "--state and ss's state/exclude clauses"),
+            ("state nonsense", "bad filter at 7: unknown state"),
+        ] {
+            let e = config(line).expect_err(line);
+            assert!(e.downcast_ref::<UsageError>().is_some(), "{line}: a usage error (exit 2): {e}");
+            assert!(e.to_string().starts_with(want), "{line}: {e}");
+        }
+    }
 }

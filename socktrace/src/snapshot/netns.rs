@@ -122,6 +122,16 @@ pub fn tcp_socket_counts() -> (u64, u64) {
     )
 }
 
+/// `TcpExt` counters of the calling thread's namespace (/proc/thread-self/net/netstat: a header
+/// line of names, then a line of values), in the order of `names`; `None` for one not found.
+pub fn tcp_ext_counters(names: &[&str]) -> Vec<Option<u64>> {
+    let text = fs::read_to_string("/proc/thread-self/net/netstat").unwrap_or_default();
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (Some(head), Some(vals)) = (lines.next(), lines.next()) else { return vec![None; names.len()] };
+    let pairs: Vec<(&str, &str)> = head.split_whitespace().zip(vals.split_whitespace()).skip(1).collect();
+    names.iter().map(|n| pairs.iter().find(|(k, _)| k == n).and_then(|(_, v)| v.parse().ok())).collect()
+}
+
 /// The middle of the calling thread's namespace's ephemeral port range (`ip_local_port_range`,
 /// per namespace; /proc/sys/net answers for the opener's namespace), or of Linux's default.
 pub fn ephemeral_middle() -> u16 {

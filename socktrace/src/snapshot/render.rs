@@ -5,7 +5,8 @@
 use std::{
     fmt::Write as _,
     io::{self, Write},
-    net::IpAddr,
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
 };
 
 use serde::Serialize;
@@ -65,11 +66,23 @@ struct JsonRow<'a> {
     processes: Option<Vec<JsonProcess<'a>>>,
     /// Listeners only: `sk_drops` (SYNs and completed connections dropped, e.g. on overflow).
     drops: Option<u32>,
+    /// Listeners only: how many LISTEN sockets share this namespace, address and port (an
+    /// SO_REUSEPORT group when more than 1, each with its own accept queue).
+    group_size: Option<usize>,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     info: Option<JsonInfo<'a>>,
 }
 
-fn json_row<'a>(ns: &'a Netns, r: &'a Record, owners: Option<&'a Owners>, info: bool) -> JsonRow<'a> {
+/// LISTEN sockets per (netns, address:port) — SO_REUSEPORT groups have several.
+fn listen_groups(keys: impl Iterator<Item = (u32, SocketAddr)>) -> HashMap<(u32, SocketAddr), usize> {
+    let mut n = HashMap::new();
+    for k in keys {
+        *n.entry(k).or_insert(0) += 1;
+    }
+    n
+}
+
+fn json_row<'a>(ns: &'a Netns, r: &'a Record, owners: Option<&'a Owners>, info: bool, group_size: Option<usize>) -> JsonRow<'a> {
     let listener = r.state == TcpState::Listen;
     let t = r.tcp.as_ref();
     JsonRow {
@@ -87,6 +100,7 @@ fn json_row<'a>(ns: &'a Netns, r: &'a Record, owners: Option<&'a Owners>, info: 
         uid: r.full.then_some(r.uid),
         processes: owners.map(|o| o.of(r.inode).map(|(p, fd)| JsonProcess { pid: p.pid, comm: &p.comm, fd }).collect()),
         drops: r.drops,
+        group_size,
         info: info.then(|| JsonInfo {
             rtt_us: t.and_then(|t| t.rtt_us),
             rttvar_us: t.and_then(|t| t.rttvar_us),
@@ -114,10 +128,13 @@ pub fn json(out: &mut impl Write, found: &[NsSockets], owners: Option<&Owners>, 
     w.write_all(b"[")?;
     let mut first = true;
     for ns in found {
-        for r in ns.records.iter().filter(|r| r.state == TcpState::Listen).chain(ns.records.iter().filter(|r| r.state != TcpState::Listen)) {
+        let listening = || ns.records.iter().filter(|r| r.state == TcpState::Listen);
+        let groups = listen_groups(listening().map(|r| (ns.ns.inode, r.local)));
+        for r in listening().chain(ns.records.iter().filter(|r| r.state != TcpState::Listen)) {
             w.write_all(if first { b"\n" } else { b",\n" })?;
             first = false;
-            serde_json::to_writer(&mut w, &json_row(&ns.ns, r, owners, info))?;
+            let group = (r.state == TcpState::Listen).then(|| groups.get(&(ns.ns.inode, r.local)).copied().unwrap_or(1));
+            serde_json::to_writer(&mut w, &json_row(&ns.ns, r, owners, info, group))?;
         }
     }
     w.write_all(b"\n]\n")?;
@@ -257,7 +274,7 @@ impl Grid {
 
     /// Writes the header and the rows. `trailing` names an unaligned last column whose text
     /// `tail(row, line)` appends (the process list: long, and known only after the /proc scan).
-    fn write(&self, out: &mut impl Write, trailing: Option<&str>, mut tail: impl FnMut(usize, &mut String)) -> io::Result<()> {
+    fn write(&self, out: &mut impl Write, header: bool, trailing: Option<&str>, mut tail: impl FnMut(usize, &mut String)) -> io::Result<()> {
         // Trailing spaces go, whether or not the last column printed anything.
         let end_line = |line: &mut String| {
             let end = line.trim_end().len();
@@ -278,7 +295,9 @@ impl Grid {
             line.push_str(t);
         }
         end_line(&mut line);
-        out.write_all(line.as_bytes())?;
+        if header {
+            out.write_all(line.as_bytes())?;
+        }
         let mut start = 0;
         let mut i = 0;
         for row in 0..self.rows() {
@@ -327,15 +346,19 @@ fn users(owners: &Owners, inode: u32, s: &mut String) {
 /// are formatted as they are pushed; only the padding waits for [`Table::write`].
 pub struct Table {
     info: bool,
+    /// Print the header line (not with ss's -H).
+    header: bool,
     listen: Grid,
     other: Grid,
     /// Socket inode per row of each section, for the process column.
     listen_inodes: Vec<u32>,
     other_inodes: Vec<u32>,
+    /// Namespace and address of each listener row, to mark SO_REUSEPORT groups.
+    listen_keys: Vec<(u32, SocketAddr)>,
 }
 
 impl Table {
-    pub fn new(info: bool) -> Table {
+    pub fn new(info: bool, header: bool) -> Table {
         use Align::{Addr, Left, Right};
         let listen = Grid::new(vec![
             ("State", Left),
@@ -350,7 +373,7 @@ impl Table {
             headers.extend([("RTT(ms)", Right), ("Cwnd", Right), ("Retrans", Right)]);
         }
         headers.push(("Netns", Left));
-        Table { info, listen, other: Grid::new(headers), listen_inodes: Vec::new(), other_inodes: Vec::new() }
+        Table { info, header, listen, other: Grid::new(headers), listen_inodes: Vec::new(), other_inodes: Vec::new(), listen_keys: Vec::new() }
     }
 
     pub fn push(&mut self, ns: &Netns, r: &Record) {
@@ -363,6 +386,7 @@ impl Table {
             g.addr(4, r.local.ip(), r.ifindex, Some(r.local.port()));
             g.cell(5, |s| netns_label(ns, s));
             self.listen_inodes.push(r.inode);
+            self.listen_keys.push((ns.inode, r.local));
             return;
         }
         let g = &mut self.other;
@@ -401,17 +425,24 @@ impl Table {
         self.other.append(other.other);
         self.listen_inodes.extend(other.listen_inodes);
         self.other_inodes.extend(other.other_inodes);
+        self.listen_keys.extend(other.listen_keys);
     }
 
     pub fn write(&self, out: &mut impl Write, owners: Option<&Owners>) -> io::Result<()> {
         let trailing = owners.map(|_| "Process");
         let mut w = io::BufWriter::with_capacity(1 << 16, out);
-        let sections = [(&self.listen, &self.listen_inodes), (&self.other, &self.other_inodes)];
-        for (i, (grid, inodes)) in sections.into_iter().filter(|(g, _)| g.rows() > 0).enumerate() {
-            if i > 0 {
+        let groups = listen_groups(self.listen_keys.iter().copied());
+        let sections = [(&self.listen, &self.listen_inodes, true), (&self.other, &self.other_inodes, false)];
+        for (i, (grid, inodes, listen)) in sections.into_iter().filter(|(g, _, _)| g.rows() > 0).enumerate() {
+            if i > 0 && self.header {
                 w.write_all(b"\n")?;
             }
-            grid.write(&mut w, trailing, |row, line| {
+            grid.write(&mut w, self.header, trailing, |row, line| {
+                // SO_REUSEPORT: several sockets, each with its own queue, on one address and port.
+                let n = if listen { self.listen_keys.get(row).and_then(|k| groups.get(k)).copied().unwrap_or(1) } else { 1 };
+                if n > 1 {
+                    let _ = write!(line, "[group of {n}] ");
+                }
                 if let Some(o) = owners {
                     users(o, inodes[row], line);
                 }
