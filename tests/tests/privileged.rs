@@ -423,7 +423,7 @@ fn ipv6_listener_accepts_and_overflows() {
 /// to supply `--btf`; with `--btf` naming a copy of the BTF they work; `snapshot` needs none.
 /// "No BTF" is simulated three ways: a missing file, a truncated copy, and the kernel's own
 /// `/sys/kernel/btf` hidden under an empty tmpfs in a private mount namespace (`unshare -m`), as on a
-/// kernel built without CONFIG_DEBUG_INFO_BTF.
+/// kernel built without `CONFIG_DEBUG_INFO_BTF`.
 #[test]
 fn missing_kernel_btf_is_one_line_with_hint() {
     if !privileged() {
@@ -467,7 +467,7 @@ fn missing_kernel_btf_is_one_line_with_hint() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// A signal with no hook (here `syn_drop`: `--hooks` without fentry, kprobe and cgroup_skb; on
+/// A signal with no hook (here `syn_drop`: `--hooks` without fentry, kprobe and `cgroup_skb`; on
 /// kernels without the overflow drop reason `listen_overflow` too) is `null` in `top --json` and
 /// absent from `/metrics`, never 0; the traced ones are numbers.
 #[test]
@@ -493,9 +493,9 @@ fn untraced_signals_are_unavailable_not_zero() {
     )
     .unwrap();
     let clients = Scenario::start(Path::new(SCENARIO), &s(&["clients", "--netns", &ns.name, "--addr", "127.0.0.1:9250", "--count", "10", "--hold-ms", "200"])).unwrap();
-    clients.wait(Duration::from_secs(60)).unwrap();
+    clients.wait(Duration::from_mins(1)).unwrap();
     let (code, metrics) = http_get(&serve.addr, "/metrics", Duration::from_secs(10 * time_scale().unsigned_abs())).unwrap();
-    let lines = top.wait(Duration::from_secs(60)).unwrap();
+    let lines = top.wait(Duration::from_mins(1)).unwrap();
     drop(server);
     let traced = |signal: &str| hooks[signal].is_some();
     let fields = [

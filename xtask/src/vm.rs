@@ -52,7 +52,7 @@ pub struct Expect {
 }
 
 /// Every hook kind allowed. None of the matrix kernels has `SKB_DROP_REASON_TCP_LISTEN_OVERFLOW`
-/// (it came in 6.4; 5.10's kfree_skb tracepoint has no reason at all), so `listen_overflow` is on
+/// (5.10's `kfree_skb` tracepoint has no reason at all), so `listen_overflow` is on
 /// `tcp_v{4,6}_syn_recv_sock`, never on `kfree_skb`.
 const FENTRY: Expect = Expect {
     suite: "accept=fexit,accept_wait=tp_btf,listen_overflow=fentry,syn_drop=fentry,retransmit=tp_btf,synack_retransmit=tp_btf,listen=tracepoint",
