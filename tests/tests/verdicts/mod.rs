@@ -126,7 +126,10 @@ pub fn accept_stall(order: Order, port: u16) {
     assert_eq!(l["verdict"], "accept_stall", "{l}");
     let ev = evidence(&l, "accept_stall");
     assert!(ev.contains("0 accepted"), "{ev}");
-    assert!(ev.contains("at its backlog 9/8"), "{ev}");
+    // Full: at least backlog + 1 (two CPUs completing handshakes at once can both pass the
+    // kernel's fullness check, so the queue may hold one more).
+    let peak = ev.split("at its backlog ").nth(1).and_then(|r| r.split('/').next()).and_then(|n| n.parse::<u32>().ok());
+    assert!(peak.is_some_and(|p| (9..=10).contains(&p)) && ev.contains("/8 (peak)"), "{ev}");
     assert_drops_match(&ev, &o, &cg);
     assert_eq!(l["comm"], "st-scenario");
     if order == Order::TrafficFirst {
