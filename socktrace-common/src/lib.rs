@@ -162,6 +162,10 @@ pub struct KernelOffsets {
     pub kfree_skb_rx_sk_arg: u32,
     /// Argument index of `err` in the `tcp_retransmit_skb` tracepoint.
     pub retransmit_err_arg: u32,
+    /// Index of `inet_csk_accept`'s return value in an fexit context: its parameter count (from
+    /// BTF; 4 before 6.10, 2 since). Reading it there needs no `bpf_get_func_ret` (5.17+).
+    pub accept_ret_arg: u32,
+    pub _pad0: u32,
     /// Offsets of the fd / return value in the classic `syscalls:sys_{enter,exit}_accept*` records.
     pub tp_accept_fd: u32,
     pub tp_accept_ret: u32,
@@ -223,6 +227,8 @@ impl KernelOffsets {
         reason_no_socket: Self::ABSENT,
         kfree_skb_rx_sk_arg: Self::ABSENT,
         retransmit_err_arg: Self::ABSENT,
+        accept_ret_arg: Self::ABSENT,
+        _pad0: 0,
         tp_accept_fd: 16,
         tp_accept_ret: 16,
         tp_listen_fd: 16,
