@@ -356,7 +356,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<Event>(), 8 * 3 + 4 * 9 + 2 * 4 + 4 + 16 * 2 + 16);
         assert_eq!(core::mem::offset_of!(Event, sock_ino) % 4, 0);
         assert_eq!(core::mem::size_of::<Event>() % 8, 0);
-        assert_eq!(core::mem::size_of::<KernelOffsets>(), 4 * 42 + 8 * 5);
+        assert_eq!(core::mem::size_of::<KernelOffsets>(), 4 * 44 + 8 * 5);
         assert_eq!(core::mem::size_of::<ListenerStats>(), 8 * 7 + 4 * 6 + 2 * 2 + 4);
         assert_eq!(listener_key(1, 80), (1 << 16) | 80);
         assert!(listener_key(u32::MAX, u16::MAX) & SOCKET_KEY == 0);
