@@ -162,6 +162,10 @@ pub struct KernelOffsets {
     pub kfree_skb_rx_sk_arg: u32,
     /// Argument index of `err` in the `tcp_retransmit_skb` tracepoint.
     pub retransmit_err_arg: u32,
+    /// Index of `inet_csk_accept`'s return value in an fexit context: its parameter count (from
+    /// BTF; 4 before 6.10, 2 since). Reading it there needs no `bpf_get_func_ret` (5.17+).
+    pub accept_ret_arg: u32,
+    pub _pad0: u32,
     /// Offsets of the fd / return value in the classic `syscalls:sys_{enter,exit}_accept*` records.
     pub tp_accept_fd: u32,
     pub tp_accept_ret: u32,
@@ -223,6 +227,8 @@ impl KernelOffsets {
         reason_no_socket: Self::ABSENT,
         kfree_skb_rx_sk_arg: Self::ABSENT,
         retransmit_err_arg: Self::ABSENT,
+        accept_ret_arg: Self::ABSENT,
+        _pad0: 0,
         tp_accept_fd: 16,
         tp_accept_ret: 16,
         tp_listen_fd: 16,
@@ -350,7 +356,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<Event>(), 8 * 3 + 4 * 9 + 2 * 4 + 4 + 16 * 2 + 16);
         assert_eq!(core::mem::offset_of!(Event, sock_ino) % 4, 0);
         assert_eq!(core::mem::size_of::<Event>() % 8, 0);
-        assert_eq!(core::mem::size_of::<KernelOffsets>(), 4 * 42 + 8 * 5);
+        assert_eq!(core::mem::size_of::<KernelOffsets>(), 4 * 44 + 8 * 5);
         assert_eq!(core::mem::size_of::<ListenerStats>(), 8 * 7 + 4 * 6 + 2 * 2 + 4);
         assert_eq!(listener_key(1, 80), (1 << 16) | 80);
         assert!(listener_key(u32::MAX, u16::MAX) & SOCKET_KEY == 0);

@@ -46,6 +46,9 @@ pub struct Agent {
     trimmed: Instant,
     /// Kernel rows the agent could not create for a listener (reported once on stderr).
     pub seed_errors: u64,
+    /// CLOCK_MONOTONIC right before the last interval's kernel rows were read: the counts are
+    /// as of (about) then, while the interval's sock_diag sample comes after.
+    pub kernel_read_ns: u64,
 }
 
 /// `BPF_NOEXIST` flag of a map update: create only.
@@ -79,6 +82,7 @@ impl Agent {
             diag_ok: false,
             trimmed: Instant::now(),
             seed_errors: 0,
+            kernel_read_ns: 0,
         };
         agent.write_control()?;
         // Listeners that already exist get their kernel rows before anything else happens.
@@ -167,6 +171,7 @@ impl Agent {
         let mut kernel = Vec::new();
         let mut sockets = Vec::new();
         let mut present = HashSet::new();
+        self.kernel_read_ns = system::monotonic_ns();
         for item in self.listeners.iter() {
             let (k, s) = item.context("reading LISTENERS")?;
             present.insert(k);

@@ -15,7 +15,7 @@ use aya::{
     },
 };
 
-use crate::offsets::KernelLayout;
+use crate::offsets::{ACCEPT_PARAMS, KernelLayout};
 
 /// The kinds of kernel hook, in the order the user can name them in `--hooks`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -117,6 +117,8 @@ struct Candidate {
 enum Need {
     Nothing,
     ListenOverflowReason,
+    /// `inet_csk_accept`'s parameter count from BTF, one the fexit program can read past.
+    AcceptParams,
 }
 
 /// The signals socktrace traces.
@@ -163,7 +165,7 @@ impl Signal {
                 Candidate { kind: HookKind::RawTp, progs: &[Prog { name: "enqueue_raw", attach: Attach::RawTp("inet_sock_set_state") }], needs: Need::Nothing },
             ],
             Signal::Accept => &[
-                Candidate { kind: HookKind::Fexit, progs: &[Prog { name: "accept_fexit", attach: Attach::FExit("inet_csk_accept") }], needs: Need::Nothing },
+                Candidate { kind: HookKind::Fexit, progs: &[Prog { name: "accept_fexit", attach: Attach::FExit("inet_csk_accept") }], needs: Need::AcceptParams },
                 Candidate {
                     kind: HookKind::Kprobe,
                     progs: &[
@@ -280,7 +282,7 @@ pub struct LoadOptions {
 pub enum LoadError {
     #[error("this binary was built without its eBPF object (AYA_BUILD_SKIP was set); rebuild normally")]
     NoObject,
-    #[error("cannot parse kernel BTF {path}: {message}")]
+    #[error("kernel BTF {path} is not usable ({message}); {hint}", hint = crate::offsets::BTF_HINT)]
     Btf { path: PathBuf, message: String },
     #[error("loading the eBPF object failed: {0}")]
     Object(String),
@@ -319,13 +321,7 @@ pub fn load(layout: &KernelLayout, opts: &LoadOptions) -> Result<Tracer, LoadErr
         };
         for cand in signal.candidates() {
             let at = cand.progs.iter().map(|p| p.attach.to_string()).collect::<Vec<_>>().join(" + ");
-            let skip = if !opts.allowed.contains(&cand.kind) {
-                Some("disabled by --hooks".to_owned())
-            } else if cand.needs == Need::ListenOverflowReason && !layout.has_listen_overflow_reason {
-                Some("kernel has no SKB_DROP_REASON_TCP_LISTEN_OVERFLOW with rx_sk in kfree_skb".to_owned())
-            } else {
-                None
-            };
+            let skip = if opts.allowed.contains(&cand.kind) { unmet(cand.needs, layout) } else { Some("disabled by --hooks".to_owned()) };
             let result = match skip {
                 Some(reason) => Err(reason),
                 None => attach_all(&mut ebpf, cand.progs, &btf, cgroup.as_ref(), opts),
@@ -343,6 +339,24 @@ pub fn load(layout: &KernelLayout, opts: &LoadOptions) -> Result<Tracer, LoadErr
         report.push(rep);
     }
     Ok(Tracer { ebpf, report })
+}
+
+/// Why a kernel lacks what a candidate needs (`None`: it has it).
+fn unmet(need: Need, layout: &KernelLayout) -> Option<String> {
+    match need {
+        Need::Nothing => None,
+        Need::ListenOverflowReason => (!layout.has_listen_overflow_reason)
+            .then(|| "kernel has no SKB_DROP_REASON_TCP_LISTEN_OVERFLOW with rx_sk in kfree_skb".to_owned()),
+        Need::AcceptParams => match layout.accept_params {
+            Some(n) if ACCEPT_PARAMS.contains(&n) => None,
+            Some(n) => Some(format!(
+                "inet_csk_accept has {n} parameters in BTF; the fexit program reads the return value after {}-{} only",
+                ACCEPT_PARAMS.start(),
+                ACCEPT_PARAMS.end()
+            )),
+            None => Some("kernel BTF has no function inet_csk_accept".to_owned()),
+        },
+    }
 }
 
 fn notes(signal: Signal, kind: HookKind, layout: &KernelLayout) -> Vec<String> {
@@ -488,7 +502,51 @@ fn short(e: ProgramError) -> String {
     }
 }
 
+/// Which counted signals have a hook: the views show an untraced signal's counts as unavailable
+/// (`-`, `null`, absent series), never as 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[expect(clippy::struct_excessive_bools, reason = "one flag per counted signal, read by name in the views")]
+pub struct Traced {
+    pub accept: bool,
+    pub listen_overflow: bool,
+    pub syn_drop: bool,
+    pub retransmit: bool,
+    pub synack_retransmit: bool,
+}
+
+impl Traced {
+    /// Names of the counted signals without a hook, for notes in the views.
+    pub fn missing(self) -> Vec<&'static str> {
+        [
+            (self.accept, Signal::Accept),
+            (self.listen_overflow, Signal::ListenOverflow),
+            (self.syn_drop, Signal::SynDrop),
+            (self.retransmit, Signal::Retransmit),
+            (self.synack_retransmit, Signal::SynackRetransmit),
+        ]
+        .into_iter()
+        .filter(|(on, _)| !on)
+        .map(|(_, s)| s.name())
+        .collect()
+    }
+}
+
 impl Tracer {
+    /// Whether `signal` has a hook.
+    pub fn has(&self, signal: Signal) -> bool {
+        self.report.iter().any(|r| r.signal == signal.name() && r.hook.is_some())
+    }
+
+    pub fn traced(&self) -> Traced {
+        Traced {
+            accept: self.has(Signal::Accept),
+            listen_overflow: self.has(Signal::ListenOverflow),
+            syn_drop: self.has(Signal::SynDrop),
+            retransmit: self.has(Signal::Retransmit),
+            synack_retransmit: self.has(Signal::SynackRetransmit),
+        }
+    }
+
     /// One line for stderr once everything is attached.
     pub fn summary(&self) -> String {
         let parts: Vec<String> = self

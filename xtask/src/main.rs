@@ -8,7 +8,7 @@
 //!   scenario, `--test-threads=1`); with `SOCKTRACE_REQUIRE_BPF=1` an eBPF test that would skip fails;
 //! - `bench [accept|pipeline|agent|snapshot|all]`: build, then the overhead benchmarks (see
 //!   `bench/`), which print tables and rewrite docs/BENCHMARKS.md.
-//! - `test --vm [--kernel 6.1|6.12|all] [--hooks fentry|kprobe|both]`: instead, the privileged tests
+//! - `test --vm [--kernel 5.10|6.1|6.12|all] [--hooks fentry|kprobe|both]`: instead, the privileged tests
 //!   inside qemu on Debian kernels, once per hook mode (see `vm.rs`).
 //! - `deb`, `static`, `image`, `test-packages`: the Debian package, the static binary, the OCI
 //!   image, and the tests of all three (see `package.rs`).
@@ -82,6 +82,8 @@ enum Task {
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum KernelArg {
+    #[value(name = "5.10")]
+    V5_10,
     #[value(name = "6.1")]
     V6_1,
     #[value(name = "6.12")]
@@ -112,6 +114,7 @@ fn main() -> ExitCode {
             kernels: vm::KERNELS
                 .iter()
                 .filter(|k| match kernel {
+                    KernelArg::V5_10 => k.name == "5.10",
                     KernelArg::V6_1 => k.name == "6.1",
                     KernelArg::V6_12 => k.name == "6.12",
                     KernelArg::All => true,

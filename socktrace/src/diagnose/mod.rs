@@ -108,7 +108,9 @@ fn take_interval(
     paths: &mut BTreeMap<u32, Option<netns::Netns>>,
 ) -> anyhow::Result<()> {
     agent.close_interval()?;
-    let t_ns = system::monotonic_ns();
+    // When the counters were read (the sock_diag sample and the owner scan that follow can take
+    // a while on a busy host: the kernel counts must line up with the events' times).
+    let t_ns = agent.kernel_read_ns;
     let diag_ok = agent.diag_ok;
     for (key, l) in &agent.model.listeners {
         if !before.contains_key(&key.netns) {
@@ -347,15 +349,19 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
         }
     }
     let mut out = std::io::stdout().lock();
+    // Signals no hook traces on this kernel: their counts are unknown, not 0.
+    let untraced = agent.tracer.traced().missing();
     match format {
         Format::Json => {
             serde_json::to_writer(
                 &mut out,
-                &serde_json::json!({ "window_s": window, "sock_diag": agent.diag_ok, "events_lost": agent.lost(), "listeners": reports }),
+                &serde_json::json!({ "window_s": window, "sock_diag": agent.diag_ok, "events_lost": agent.lost(), "untraced": untraced, "listeners": reports }),
             )?;
             writeln!(out)?;
         }
-        Format::Text | Format::Markdown => print_reports(&mut out, &reports, format == Format::Markdown, window, agent.diag_ok, agent.lost())?,
+        Format::Text | Format::Markdown => {
+            print_reports(&mut out, &reports, format == Format::Markdown, window, agent.diag_ok, agent.lost(), &untraced)?;
+        }
     }
     Ok(())
 }
@@ -411,7 +417,7 @@ fn listening_elsewhere(port: u16, netns: u32) -> Vec<String> {
         .collect()
 }
 
-fn print_reports(out: &mut impl Write, reports: &[Report], md: bool, window: f64, diag_ok: bool, lost: u64) -> anyhow::Result<()> {
+fn print_reports(out: &mut impl Write, reports: &[Report], md: bool, window: f64, diag_ok: bool, lost: u64, untraced: &[&str]) -> anyhow::Result<()> {
     let healthy: BTreeSet<String> =
         reports.iter().filter(|r| r.findings.is_empty()).map(|r| format!("{}:{}", r.netns, r.lport)).collect();
     if md {
@@ -427,6 +433,14 @@ fn print_reports(out: &mut impl Write, reports: &[Report], md: bool, window: f64
             out,
             "{}{lost} events were lost in the ring buffer: counts are exact (kernel aggregates), but episode timing misses those events",
             if md { "> " } else { "note: " }
+        )?;
+    }
+    if !untraced.is_empty() {
+        writeln!(
+            out,
+            "{}UNAVAILABLE on this kernel (`socktrace probes` says why): {} — their counts are unknown, not 0, and verdicts resting on them cannot be reached",
+            if md { "> " } else { "note: " },
+            untraced.join(", ")
         )?;
     }
     for r in reports.iter().filter(|r| !r.findings.is_empty()) {

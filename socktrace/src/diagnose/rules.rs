@@ -92,6 +92,10 @@ fn state_name(c: char) -> &'static str {
     }
 }
 
+/// How far an event's time and the kernel count it lands in may be apart (a tracing program can be
+/// preempted between reading the clock and updating its map).
+const COUNT_MARGIN_NS: u64 = 25_000_000;
+
 /// Stall episodes of one listener over the window `[t0, t1]` (monotonic ns): gaps between accepts
 /// of at least `max(stall_min_ns, stall_gap_factor × median gap)` during which connections waited
 /// in the queue for at least that long, and the queue was full at some point (a drop, or a sample
@@ -129,9 +133,10 @@ pub fn find_episodes(tl: &Timeline, points: &[Point], t0: u64, t1: u64, t: &Thre
         if inside.windows(2).any(|w| matches!((w[0].queue_len, w[1].queue_len), (Some(a), Some(b)) if b < a)) {
             continue;
         }
-        // The kernel's own counter accepted during the gap (a sample interval wholly inside it):
-        // accept events went missing (ring buffer loss), this is no stall.
-        if points.windows(2).any(|w| w[0].t_ns >= s && w[1].t_ns <= e && w[1].accepts > 0) {
+        // The kernel's own counter accepted during the gap (a sample interval wholly inside it,
+        // with a margin for a program preempted between its event's time and its count): accept
+        // events went missing (ring buffer loss), this is no stall.
+        if points.windows(2).any(|w| w[0].t_ns >= s + COUNT_MARGIN_NS && w[1].t_ns + COUNT_MARGIN_NS <= e && w[1].accepts > 0) {
             continue;
         }
         // Drops in the window only (they are what the window's counts hold).
