@@ -3,16 +3,19 @@
 //!
 //! Hooks: tp_btf, fallback raw_tp (same arguments). Newer kernels pass `err` to
 //! tcp_retransmit_skb; a failed retransmit is not counted by the kernel's TcpRetransSegs, nor here.
+//! A retransmitted SYN of a local client (socket in SYN_SENT) is also counted per destination port
+//! in `PAST` (see `past`).
 
 use aya_ebpf::{
     macros::{btf_tracepoint, raw_tracepoint},
     programs::{BtfTracePointContext, RawTracePointContext},
 };
-use socktrace_common::{Event, hook, kind, stat};
+use socktrace_common::{AF_INET6, Event, PastKey, hook, kind, past, stat};
 
 use crate::{
-    kernel::{Args, fill_local, fill_queue, fill_remote, now, off, read},
+    kernel::{Args, TCP_SYN_SENT, fill_local, fill_queue, fill_remote, netns_of, now, off, read, read_buf},
     maps::{count, emit},
+    past::bump,
 };
 
 #[btf_tracepoint(function = "tcp_retransmit_skb")]
@@ -36,6 +39,23 @@ fn try_retransmit<C: Args>(ctx: &C, via: u32) -> Result<u32, i64> {
     }
     let sk = ctx.arg_u64(0);
     let skb = ctx.arg_u64(1);
+    // A local client re-sending its SYN: a connection attempt to that port is failing.
+    let state: u8 = read(sk, off!(skc_state))?;
+    if state == TCP_SYN_SENT {
+        let mut key = PastKey::ZERO;
+        key.netns = netns_of(sk)?;
+        let dport: u16 = read(sk, off!(skc_dport))?;
+        key.port = u16::from_be(dport);
+        key.class = past::CLIENT_SYN_RETRANS;
+        key.syn = 1;
+        key.family = read(sk, off!(skc_family))?;
+        if key.family == AF_INET6 {
+            read_buf(sk, off!(skc_v6_daddr), &mut key.addr)?;
+        } else {
+            read_buf(sk, off!(skc_daddr), &mut key.addr[..4])?;
+        }
+        bump(&key);
+    }
     let mut ev = Event::ZERO;
     ev.ts_ns = now();
     ev.kind = kind::RETRANSMIT;

@@ -36,6 +36,18 @@ pub struct KernelLayout {
     pub counted_drops: bool,
 }
 
+impl KernelLayout {
+    /// Drop reasons the packet-drop program can use, for `socktrace probes` and diagnose: kfree_skb
+    /// passes a reason and the kernel's `skb_drop_reason` names it.
+    pub fn netfilter_drops(&self) -> bool {
+        self.offsets.reason_netfilter_drop != KernelOffsets::ABSENT
+    }
+
+    pub fn no_socket_drops(&self) -> bool {
+        self.offsets.reason_no_socket_any != KernelOffsets::ABSENT
+    }
+}
+
 /// Resolves every offset the programs use. `tracefs` is where the syscall `format` files live.
 pub fn resolve(btf_path: &Path, tracefs: &Path) -> Result<KernelLayout, OffsetError> {
     let bytes = std::fs::read(btf_path)
@@ -108,6 +120,11 @@ pub fn resolve(btf_path: &Path, tracefs: &Path) -> Result<KernelLayout, OffsetEr
             o.cookie_v4_check = syms[0];
             o.cookie_v6_check = syms[1];
         }
+    }
+    // Segments that never reach a listener: kfree_skb(skb, location, reason) needs the reason argument.
+    if kfree_args >= 3 {
+        o.reason_netfilter_drop = l.enum_value("skb_drop_reason", "SKB_DROP_REASON_NETFILTER_DROP").unwrap_or(KernelOffsets::ABSENT);
+        o.reason_no_socket_any = l.enum_value("skb_drop_reason", "SKB_DROP_REASON_NO_SOCKET").unwrap_or(KernelOffsets::ABSENT);
     }
     // btf_trace_tcp_retransmit_skb(void *ctx, sk, skb[, err]).
     if l.tracepoint_arity("tcp_retransmit_skb")? >= 3 {

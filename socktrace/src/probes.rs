@@ -117,6 +117,8 @@ struct Candidate {
 enum Need {
     Nothing,
     ListenOverflowReason,
+    /// kfree_skb passes a reason and the kernel has NETFILTER_DROP or NO_SOCKET.
+    PacketDropReason,
 }
 
 /// The signals socktrace traces.
@@ -131,10 +133,12 @@ pub enum Signal {
     SynackRetransmit,
     /// listen(2) calls (the backlog asked for).
     Listen,
+    /// Segments to a port dropped before any listener: by netfilter, or for want of a socket.
+    PacketDrop,
 }
 
 impl Signal {
-    pub const ALL: [Signal; 7] = [
+    pub const ALL: [Signal; 8] = [
         Signal::Accept,
         Signal::Enqueue,
         Signal::ListenOverflow,
@@ -142,6 +146,7 @@ impl Signal {
         Signal::Retransmit,
         Signal::SynackRetransmit,
         Signal::Listen,
+        Signal::PacketDrop,
     ];
 
     pub fn name(self) -> &'static str {
@@ -153,6 +158,7 @@ impl Signal {
             Signal::Retransmit => "retransmit",
             Signal::SynackRetransmit => "synack_retransmit",
             Signal::Listen => "listen",
+            Signal::PacketDrop => "packet_drop",
         }
     }
 
@@ -237,6 +243,10 @@ impl Signal {
                 progs: &[Prog { name: "listen_enter", attach: Attach::Tracepoint("syscalls", "sys_enter_listen") }],
                 needs: Need::Nothing,
             }],
+            Signal::PacketDrop => &[
+                Candidate { kind: HookKind::TpBtf, progs: &[Prog { name: "past_btf", attach: Attach::TpBtf("kfree_skb") }], needs: Need::PacketDropReason },
+                Candidate { kind: HookKind::RawTp, progs: &[Prog { name: "past_raw", attach: Attach::RawTp("kfree_skb") }], needs: Need::PacketDropReason },
+            ],
             Signal::SynackRetransmit => &[
                 Candidate { kind: HookKind::TpBtf, progs: &[Prog { name: "synack_btf", attach: Attach::TpBtf("tcp_retransmit_synack") }], needs: Need::Nothing },
                 Candidate { kind: HookKind::RawTp, progs: &[Prog { name: "synack_raw", attach: Attach::RawTp("tcp_retransmit_synack") }], needs: Need::Nothing },
@@ -290,6 +300,8 @@ pub enum LoadError {
 pub struct Tracer {
     pub ebpf: Ebpf,
     pub report: Vec<SignalReport>,
+    /// What the programs were loaded with (which drop reasons this kernel has).
+    pub offsets: socktrace_common::KernelOffsets,
 }
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/socktrace"));
@@ -323,6 +335,8 @@ pub fn load(layout: &KernelLayout, opts: &LoadOptions) -> Result<Tracer, LoadErr
                 Some("disabled by --hooks".to_owned())
             } else if cand.needs == Need::ListenOverflowReason && !layout.has_listen_overflow_reason {
                 Some("kernel has no SKB_DROP_REASON_TCP_LISTEN_OVERFLOW with rx_sk in kfree_skb".to_owned())
+            } else if cand.needs == Need::PacketDropReason && !layout.netfilter_drops() && !layout.no_socket_drops() {
+                Some("kernel's kfree_skb has no SKB_DROP_REASON_NETFILTER_DROP or NO_SOCKET".to_owned())
             } else {
                 None
             };
@@ -342,7 +356,7 @@ pub fn load(layout: &KernelLayout, opts: &LoadOptions) -> Result<Tracer, LoadErr
         }
         report.push(rep);
     }
-    Ok(Tracer { ebpf, report })
+    Ok(Tracer { ebpf, report, offsets: layout.offsets })
 }
 
 fn notes(signal: Signal, kind: HookKind, layout: &KernelLayout) -> Vec<String> {
@@ -362,6 +376,13 @@ fn notes(signal: Signal, kind: HookKind, layout: &KernelLayout) -> Vec<String> {
         (Signal::SynDrop, HookKind::CgroupSkb) => vec![
             "sees SYNs only for listeners owned by processes in the attached cgroup; checks the queue just before the kernel does".into(),
         ],
+        (Signal::PacketDrop, _) => {
+            let mut v = Vec::new();
+            for (have, what) in [(layout.netfilter_drops(), "netfilter drops (SKB_DROP_REASON_NETFILTER_DROP)"), (layout.no_socket_drops(), "SYNs to an unbound address (SKB_DROP_REASON_NO_SOCKET)")] {
+                v.push(if have { what.to_owned() } else { format!("{what} UNAVAILABLE: the kernel has no such drop reason") });
+            }
+            v
+        }
         (Signal::Accept, HookKind::Tracepoint) => {
             vec!["accept(2)/accept4(2) syscalls only (io_uring accepts are not seen)".into()]
         }
@@ -489,6 +510,11 @@ fn short(e: ProgramError) -> String {
 }
 
 impl Tracer {
+    /// Whether `signal` (its `name()`) has a hook in use.
+    pub fn has(&self, signal: Signal) -> bool {
+        self.report.iter().any(|r| r.signal == signal.name() && r.hook.is_some())
+    }
+
     /// One line for stderr once everything is attached.
     pub fn summary(&self) -> String {
         let parts: Vec<String> = self
