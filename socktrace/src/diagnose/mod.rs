@@ -5,6 +5,7 @@
 //! samples every [`SAMPLE`], and the network namespace's own TcpExt/Tcp counters and sysctls,
 //! read from inside it. The judgement is in [`rules`], pure and unit-tested.
 
+pub mod past;
 pub mod rules;
 
 use std::{
@@ -208,6 +209,7 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
     // The kernel aggregates' baseline: an interval closed now, and not counted, so that the
     // window's counts start here (rows created at start-up already hold what came before).
     agent.close_interval()?;
+    let past_before = agent.past_counts()?;
     let t0 = system::monotonic_ns();
     let t0_unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok().and_then(|d| u64::try_from(d.as_millis()).ok());
     // Only once the baseline counters are read: scripts start traffic on this line.
@@ -228,6 +230,7 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
     }
     // The part of the window since the last sample counts too (the counters' "after" includes it).
     take_interval(&mut agent, &mut accs, &mut before, &mut paths)?;
+    let past_after = agent.past_counts()?;
     let window = (system::monotonic_ns() - t0) as f64 / 1e9;
     let now = system::monotonic_ns();
     let mut after: BTreeMap<u32, NetnsFacts> = BTreeMap::new();
@@ -289,6 +292,9 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
             all_namespaces: false,
             listening_elsewhere: Vec::new(),
             sockets,
+            past: past::of_port(&past_before, &past_after, key.netns, key.lport, &l.laddrs.iter().copied().collect::<Vec<_>>()),
+            listen_addrs: l.laddrs.iter().map(ToString::to_string).collect(),
+            netns_syn_retrans: delta(key.netns, "TcpExtTCPSynRetrans"),
         };
         let findings = rules::diagnose(&e, &THRESHOLDS, &Target { netns: key.netns, lport: key.lport });
         let owner = l.owners.first().cloned().or_else(|| l.last_acceptor.as_ref().map(|x| (x.pid, x.comm.clone())));

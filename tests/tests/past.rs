@@ -1,0 +1,173 @@
+//! `socktrace diagnose` past the accept queue: connections that never reach the listener. One
+//! scenario per verdict, each in its own network namespace with real traffic; the evidence must
+//! equal the kernel's own counters (the nftables rule's counter, TcpOutRsts, TcpExtTCPSynRetrans).
+
+use std::{path::Path, time::Duration};
+
+use serde_json::Value;
+use socktrace_tests::{Cgroup, NetNs, Scenario, Socktrace, privileged, probes, veth_pair};
+
+const SCENARIO: &str = env!("CARGO_BIN_EXE_st-scenario");
+
+fn scen(args: &[&str]) -> Scenario {
+    Scenario::start(Path::new(SCENARIO), &args.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>()).unwrap()
+}
+
+/// Starts `diagnose --json` for `port` in `ns`.
+fn diagnose(ns: &NetNs, cg: &Cgroup, port: u16, secs: u32) -> Socktrace {
+    let inode = ns.inode().to_string();
+    let port = port.to_string();
+    let dur = format!("{secs}s");
+    let cgp = cg.path.to_string_lossy().into_owned();
+    Socktrace::start(&["diagnose", "--netns", &inode, "--port", &port, "--duration", &dur, "--json", "--cgroup", &cgp], "observing for").unwrap()
+}
+
+fn report(d: Socktrace, port: u16) -> Value {
+    let out = d.wait(Duration::from_secs(120)).unwrap();
+    let v: Value = serde_json::from_str(out.last().expect("diagnose printed nothing")).unwrap();
+    let l = v["listeners"].as_array().unwrap().iter().find(|l| l["lport"] == port).cloned();
+    let l = l.unwrap_or_else(|| panic!("no report for port {port}: {v}"));
+    eprintln!("{}", serde_json::to_string_pretty(&l).unwrap());
+    l
+}
+
+fn evidence(l: &Value, verdict: &str) -> String {
+    let f = l["findings"].as_array().unwrap().iter().find(|f| f["verdict"] == verdict).unwrap_or_else(|| panic!("no {verdict} finding in {l}"));
+    assert!(!f["fix"].as_array().unwrap().is_empty() && !f["verify"].as_array().unwrap().is_empty(), "fix and verify: {f}");
+    f["evidence"].as_array().unwrap().iter().map(|e| e.as_str().unwrap()).collect::<Vec<_>>().join("\n")
+}
+
+/// The integer right before `label` in `text`.
+fn number_before(text: &str, label: &str) -> i64 {
+    let at = text.find(label).unwrap_or_else(|| panic!("{label:?} not in {text}"));
+    let head = text[..at].trim_end();
+    let digits: String = head.chars().rev().take_while(char::is_ascii_digit).collect::<Vec<_>>().into_iter().rev().collect();
+    digits.parse().unwrap_or_else(|_| panic!("no number before {label:?} in {text}"))
+}
+
+/// Loads an nftables ruleset into `ns`.
+fn nft(ns: &NetNs, tag: &str, rules: &str) {
+    let file = std::env::temp_dir().join(format!("socktrace-{tag}-{}.nft", std::process::id()));
+    std::fs::write(&file, rules).unwrap();
+    let r = ns.exec(&["nft", "-f", &file.to_string_lossy()]);
+    let _ = std::fs::remove_file(&file);
+    r.unwrap();
+}
+
+/// Packets counted by the (single) counter of `table inet NAME` (`nft -j list ruleset`).
+fn nft_counter(ns: &NetNs, table: &str) -> i64 {
+    let out = ns.exec(&["nft", "-j", "list", "table", "inet", table]).unwrap();
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let counters: Vec<i64> = v["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|o| o["rule"]["expr"].as_array())
+        .flatten()
+        .filter_map(|e| e["counter"]["packets"].as_i64())
+        .collect();
+    assert_eq!(counters.len(), 1, "one counter in {out}");
+    counters[0]
+}
+
+/// Whether the kernel can count netfilter drops (kfree_skb with reason NETFILTER_DROP).
+fn packet_drop_hook(cg: &Cgroup) -> bool {
+    let cgp = cg.path.to_string_lossy().into_owned();
+    probes(&["--cgroup", &cgp]).unwrap()["packet_drop"].is_some()
+}
+
+#[test]
+fn firewall_drop() {
+    if !privileged() {
+        return;
+    }
+    let ns = NetNs::new("pfw").unwrap();
+    let cg = Cgroup::new("pfw").unwrap();
+    // 70 % of the SYNs to the port are dropped on input; the clients retransmit theirs.
+    nft(&ns, "pfw", "table inet socktrace_fw {\n chain input {\n  type filter hook input priority 0; policy accept;\n  tcp dport 9510 tcp flags & (syn | ack) == syn numgen random mod 100 < 70 counter drop\n }\n}\n");
+    let d = diagnose(&ns, &cg, 9510, 8);
+    let before = ns.counters().unwrap();
+    let server = scen(&["server", "--netns", &ns.name, "--addr", "127.0.0.1:9510", "--backlog", "128", "--run-ms", "9000"]);
+    let clients = scen(&["clients", "--netns", &ns.name, "--addr", "127.0.0.1:9510", "--count", "20", "--hold-ms", "100", "--connect-timeout-ms", "4000"]);
+    let lines = clients.wait(Duration::from_secs(60)).unwrap();
+    let connected = lines.iter().find(|l| l["event"] == "done").unwrap()["connected"].as_i64().unwrap();
+    let l = report(d, 9510);
+    let after = ns.counters().unwrap();
+    drop(server);
+    let dropped = nft_counter(&ns, "socktrace_fw");
+    let syn_retrans = after.delta(&before, "TcpExtTCPSynRetrans");
+    eprintln!("nft dropped {dropped} SYNs, {connected} of 20 clients connected, TcpExtTCPSynRetrans +{syn_retrans}");
+    assert!(dropped > 0 && syn_retrans > 0, "the rule must drop SYNs and the clients retransmit");
+    if !packet_drop_hook(&cg) {
+        // Without the drop reason, diagnose must not say healthy: it says it cannot see why.
+        assert_eq!(l["verdict"], "connect_failures", "{l}");
+        assert!(evidence(&l, "connect_failures").contains("UNAVAILABLE"));
+        return;
+    }
+    assert_eq!(l["verdict"], "firewall_drop", "{l}");
+    let ev = evidence(&l, "firewall_drop");
+    assert_eq!(number_before(&ev, "SYNs (connection attempts)"), dropped, "{ev}");
+    assert_eq!(number_before(&ev, "other segments"), 0, "{ev}");
+    assert_eq!(number_before(&ev, "connections accepted"), connected, "{ev}");
+    assert!(ev.contains("from 1 distinct peers: 127.0.0.1"), "{ev}");
+    assert_eq!(number_before(&ev, "SYN retransmits by local clients"), syn_retrans, "{ev}");
+}
+
+#[test]
+fn wrong_address() {
+    if !privileged() {
+        return;
+    }
+    let (clients_ns, server_ns) = veth_pair("pwa").unwrap();
+    let cg = Cgroup::new("pwa").unwrap();
+    let d = diagnose(&server_ns, &cg, 9511, 5);
+    let before = server_ns.counters().unwrap();
+    // Listening on loopback only; the clients come to the veth address.
+    let server = scen(&["server", "--netns", &server_ns.name, "--addr", "127.0.0.1:9511", "--backlog", "128", "--run-ms", "6000"]);
+    let lines = scen(&["clients", "--netns", &clients_ns.name, "--addr", "10.77.0.2:9511", "--count", "9", "--hold-ms", "10", "--connect-timeout-ms", "3000"])
+        .wait(Duration::from_secs(30))
+        .unwrap();
+    assert!(lines.iter().filter(|l| l["event"] == "connect").all(|l| l["ok"] == false), "nothing listens on 10.77.0.2");
+    let l = report(d, 9511);
+    let after = server_ns.counters().unwrap();
+    drop(server);
+    let rsts = after.delta(&before, "TcpOutRsts");
+    assert!(rsts >= 9, "every attempt is refused with a RST: {rsts}");
+    if !packet_drop_hook(&cg) {
+        eprintln!("skipped the verdict: this kernel's kfree_skb has no NO_SOCKET reason");
+        return;
+    }
+    assert_eq!(l["verdict"], "wrong_address", "{l}");
+    let ev = evidence(&l, "wrong_address");
+    assert_eq!(number_before(&ev, "SYNs to 10.77.0.2 port 9511 answered with a RST"), rsts, "{ev}");
+    assert!(ev.contains("the listener is bound to 127.0.0.1 only"), "{ev}");
+    assert_eq!(number_before(&ev, "TCP resets sent"), rsts, "{ev}");
+}
+
+#[test]
+fn connect_failures_cause_not_visible() {
+    if !privileged() {
+        return;
+    }
+    // The clients' own namespace drops every SYN-ACK from the server: the listener answers each
+    // SYN, nothing is dropped for its port anywhere socktrace looks, yet no client connects.
+    let (clients_ns, server_ns) = veth_pair("pcf").unwrap();
+    let cg = Cgroup::new("pcf").unwrap();
+    nft(&clients_ns, "pcf", "table inet socktrace_cf {\n chain input {\n  type filter hook input priority 0; policy accept;\n  tcp sport 9512 tcp flags & (syn | ack) == syn | ack counter drop\n }\n}\n");
+    let d = diagnose(&server_ns, &cg, 9512, 6);
+    let before = clients_ns.counters().unwrap();
+    let server = scen(&["server", "--netns", &server_ns.name, "--addr", "10.77.0.2:9512", "--backlog", "128", "--run-ms", "7000"]);
+    let lines = scen(&["clients", "--netns", &clients_ns.name, "--addr", "10.77.0.2:9512", "--count", "3", "--hold-ms", "10", "--connect-timeout-ms", "3500"])
+        .wait(Duration::from_secs(30))
+        .unwrap();
+    assert!(lines.iter().filter(|l| l["event"] == "connect").all(|l| l["ok"] == false), "no SYN-ACK gets through");
+    let l = report(d, 9512);
+    let after = clients_ns.counters().unwrap();
+    drop(server);
+    let syn_retrans = after.delta(&before, "TcpExtTCPSynRetrans");
+    assert!(syn_retrans > 0, "the clients retransmit their SYNs");
+    assert_eq!(l["verdict"], "connect_failures", "{l}");
+    let ev = evidence(&l, "connect_failures");
+    assert!(ev.contains("cause not visible"), "{ev}");
+    assert_eq!(number_before(&ev, "SYN retransmits from local clients"), syn_retrans, "{ev}");
+}
