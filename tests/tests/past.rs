@@ -149,18 +149,36 @@ fn connect_failures_cause_not_visible() {
     if !privileged() {
         return;
     }
-    // The clients' own namespace drops every SYN-ACK from the server: the listener answers each
-    // SYN, nothing is dropped for its port anywhere socktrace looks, yet no client connects.
+    // Asymmetric routing: the clients send from 10.88.0.1, which the server's namespace routes
+    // nowhere (blackhole) and checks strictly (rp_filter = 1), so the kernel drops every SYN
+    // before any listener or netfilter sees it (reason IP_RPFILTER). No client connects.
     let (clients_ns, server_ns) = veth_pair("pcf").unwrap();
     let cg = Cgroup::new("pcf").unwrap();
-    nft(&clients_ns, "pcf", "table inet socktrace_cf {\n chain input {\n  type filter hook input priority 0; policy accept;\n  tcp sport 9512 tcp flags & (syn | ack) == syn | ack counter drop\n }\n}\n");
+    let (va, vb) = (format!("va{}", std::process::id() % 100_000), format!("vb{}", std::process::id() % 100_000));
+    let link: Value = serde_json::from_str(&server_ns.exec(&["ip", "-j", "link", "show", "dev", &vb]).unwrap()).unwrap();
+    let mac = link[0]["address"].as_str().unwrap().to_owned();
+    for cmd in [
+        vec!["ip", "addr", "add", "10.88.0.1/32", "dev", &va],
+        vec!["ip", "route", "add", "10.77.0.2/32", "dev", &va, "src", "10.88.0.1"],
+        // The server's side would not answer ARP for that source either.
+        vec!["ip", "neigh", "replace", "10.77.0.2", "lladdr", &mac, "dev", &va, "nud", "permanent"],
+    ] {
+        clients_ns.exec(&cmd).unwrap();
+    }
+    for cmd in [
+        vec!["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1"],
+        vec!["sysctl", "-qw", &format!("net.ipv4.conf.{vb}.rp_filter=1")],
+        vec!["ip", "route", "add", "blackhole", "10.88.0.0/16"],
+    ] {
+        server_ns.exec(&cmd).unwrap();
+    }
     let d = diagnose(&server_ns, &cg, 9512, 6);
     let before = clients_ns.counters().unwrap();
     let server = scen(&["server", "--netns", &server_ns.name, "--addr", "10.77.0.2:9512", "--backlog", "128", "--run-ms", "7000"]);
     let lines = scen(&["clients", "--netns", &clients_ns.name, "--addr", "10.77.0.2:9512", "--count", "3", "--hold-ms", "10", "--connect-timeout-ms", "3500"])
         .wait(Duration::from_secs(30))
         .unwrap();
-    assert!(lines.iter().filter(|l| l["event"] == "connect").all(|l| l["ok"] == false), "no SYN-ACK gets through");
+    assert!(lines.iter().filter(|l| l["event"] == "connect").all(|l| l["ok"] == false), "no SYN gets through");
     let l = report(d, 9512);
     let after = clients_ns.counters().unwrap();
     drop(server);

@@ -623,7 +623,7 @@ fn unexplained_finding(e: &Evidence, t: &Thresholds, target: &Target) -> Option<
         severity: Severity::High,
         evidence,
         fix: vec![
-            "the SYNs or the SYN-ACKs are lost on the way: check firewall rules on both ends and in between (`nft list ruleset`, `iptables-save`), conntrack (`conntrack -S`: drop, insert_failed), the route to the listener (`ip route get ADDR`), interface drops (`ip -s link`)".into(),
+            "the SYNs or the SYN-ACKs are lost on the way: check firewall rules on both ends and in between (`nft list ruleset`, `iptables-save`), conntrack (`conntrack -S`: drop, insert_failed), the route to the listener and back (`ip route get ADDR`; reverse-path filtering, rp_filter, drops SYNs that arrive on another interface than the route back to their source), interface drops (`ip -s link`)".into(),
             "check the clients connect to this host and port at all (a DNS name or a port mapping that leads elsewhere)".into(),
         ],
         verify: vec![format!("socktrace diagnose {} --duration 30s   # no connect_failures", target.args())],
