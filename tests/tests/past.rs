@@ -189,3 +189,71 @@ fn connect_failures_cause_not_visible() {
     assert!(ev.contains("cause not visible"), "{ev}");
     assert_eq!(number_before(&ev, "SYN retransmits from local clients"), syn_retrans, "{ev}");
 }
+
+const CONNTRACK_MAX: &str = "/proc/sys/net/netfilter/nf_conntrack_max";
+
+/// Lowers the global `net.netfilter.nf_conntrack_max` (read-only inside a non-initial netns)
+/// and puts the old value back on drop, also when the test fails.
+struct ConntrackMax(String);
+
+impl ConntrackMax {
+    fn lower(to: u64) -> ConntrackMax {
+        let old = std::fs::read_to_string(CONNTRACK_MAX).unwrap().trim().to_owned();
+        let guard = ConntrackMax(old);
+        std::fs::write(CONNTRACK_MAX, to.to_string()).unwrap();
+        guard
+    }
+}
+
+impl Drop for ConntrackMax {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(CONNTRACK_MAX, &self.0) {
+            eprintln!("could not restore {CONNTRACK_MAX} to {}: {e}", self.0);
+        }
+    }
+}
+
+/// `drop` of the netns's conntrack statistics, summed over CPUs (hex columns).
+fn conntrack_drops(ns: &NetNs) -> i64 {
+    ns.within(|| {
+        let text = std::fs::read_to_string("/proc/thread-self/net/stat/nf_conntrack").unwrap();
+        let mut lines = text.lines();
+        let col = lines.next().unwrap().split_whitespace().position(|c| c == "drop").unwrap();
+        lines.map(|l| i64::from_str_radix(l.split_whitespace().nth(col).unwrap(), 16).unwrap()).sum()
+    })
+    .unwrap()
+}
+
+#[test]
+fn conntrack_full() {
+    if !privileged() {
+        return;
+    }
+    let ns = NetNs::new("pct").unwrap();
+    let cg = Cgroup::new("pct").unwrap();
+    // A `ct` expression turns connection tracking on in this namespace.
+    nft(&ns, "pct", "table inet socktrace_ct {\n chain input {\n  type filter hook input priority 0; policy accept;\n  ct state new counter\n }\n}\n");
+    let used = ns.exec(&["cat", "/proc/sys/net/netfilter/nf_conntrack_count"]).unwrap();
+    assert_eq!(used.trim(), "0", "a fresh namespace tracks nothing yet");
+    let d = diagnose(&ns, &cg, 9513, 7);
+    let before = conntrack_drops(&ns);
+    let server = scen(&["server", "--netns", &ns.name, "--addr", "127.0.0.1:9513", "--backlog", "128", "--drain", "--run-ms", "8000"]);
+    // The table holds 10 entries until the window ends (the limit applies to each namespace's
+    // count against this global maximum; the initial namespace tracks nothing here). Restored on
+    // drop, also when an assertion below fails.
+    let max = ConntrackMax::lower(10);
+    let lines = scen(&["clients", "--netns", &ns.name, "--addr", "127.0.0.1:9513", "--count", "16", "--hold-ms", "4500", "--connect-timeout-ms", "3000"])
+        .wait(Duration::from_secs(30))
+        .unwrap();
+    let connected = lines.iter().find(|l| l["event"] == "done").unwrap()["connected"].as_i64().unwrap();
+    let l = report(d, 9513);
+    drop(max);
+    drop(server);
+    let drops = conntrack_drops(&ns) - before;
+    eprintln!("{connected} of 16 clients connected; conntrack dropped {drops}");
+    assert!(drops > 0 && connected < 16, "the full table must drop new connections");
+    assert_eq!(l["verdict"], "conntrack_full", "{l}");
+    let ev = evidence(&l, "conntrack_full");
+    assert_eq!(number_before(&ev, "new connections dropped"), drops, "{ev}");
+    assert!(ev.contains("limit net.netfilter.nf_conntrack_max 10"), "{ev}");
+}

@@ -36,6 +36,25 @@ struct NetnsFacts {
     counters: BTreeMap<String, i64>,
     somaxconn: Option<u32>,
     syncookies: Option<u32>,
+    /// Conntrack entries now in this netns and the (global) table limit; absent without conntrack.
+    conntrack_count: Option<u64>,
+    conntrack_max: Option<u64>,
+}
+
+/// Per-netns conntrack statistics (`/proc/net/stat/nf_conntrack`: a header, then one line of hex
+/// numbers per CPU), summed over CPUs into `counters` as `Conntrack<column>`.
+fn read_conntrack_stats(counters: &mut BTreeMap<String, i64>) {
+    let Ok(text) = std::fs::read_to_string("/proc/thread-self/net/stat/nf_conntrack") else { return };
+    let mut lines = text.lines();
+    let Some(head) = lines.next() else { return };
+    let names: Vec<&str> = head.split_whitespace().collect();
+    for line in lines {
+        for (name, v) in names.iter().zip(line.split_whitespace()) {
+            if let (Ok(v), true) = (i64::from_str_radix(v, 16), matches!(*name, "drop" | "early_drop" | "insert_failed")) {
+                *counters.entry(format!("Conntrack{name}")).or_insert(0) += v;
+            }
+        }
+    }
 }
 
 fn read_facts() -> NetnsFacts {
@@ -54,11 +73,15 @@ fn read_facts() -> NetnsFacts {
             }
         }
     }
+    read_conntrack_stats(&mut counters);
     let sysctl = |p: &str| std::fs::read_to_string(p).ok().and_then(|s| s.trim().parse().ok());
+    let sysctl64 = |p: &str| std::fs::read_to_string(p).ok().and_then(|s| s.trim().parse().ok());
     NetnsFacts {
         counters,
         somaxconn: sysctl("/proc/sys/net/core/somaxconn"),
         syncookies: sysctl("/proc/sys/net/ipv4/tcp_syncookies"),
+        conntrack_count: sysctl64("/proc/sys/net/netfilter/nf_conntrack_count"),
+        conntrack_max: sysctl64("/proc/sys/net/netfilter/nf_conntrack_max"),
     }
 }
 
@@ -295,6 +318,13 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
             past: past::of_port(&past_before, &past_after, key.netns, key.lport, &l.laddrs.iter().copied().collect::<Vec<_>>()),
             listen_addrs: l.laddrs.iter().map(ToString::to_string).collect(),
             netns_syn_retrans: delta(key.netns, "TcpExtTCPSynRetrans"),
+            conntrack: delta(key.netns, "Conntrackdrop").map(|drop| rules::Conntrack {
+                drop,
+                early_drop: delta(key.netns, "Conntrackearly_drop").unwrap_or(0),
+                insert_failed: delta(key.netns, "Conntrackinsert_failed").unwrap_or(0),
+                count: facts.and_then(|f| f.conntrack_count),
+                max: facts.and_then(|f| f.conntrack_max),
+            }),
         };
         let findings = rules::diagnose(&e, &THRESHOLDS, &Target { netns: key.netns, lport: key.lport });
         let owner = l.owners.first().cloned().or_else(|| l.last_acceptor.as_ref().map(|x| (x.pid, x.comm.clone())));

@@ -196,6 +196,21 @@ pub struct Evidence {
     pub listen_addrs: Vec<String>,
     /// Netns TcpExtTCPSynRetrans delta (every local client's SYN retransmits, any destination).
     pub netns_syn_retrans: Option<i64>,
+    /// The netns's conntrack statistics over the window (`None`: no conntrack in it).
+    pub conntrack: Option<Conntrack>,
+}
+
+/// Conntrack table of the netns: window deltas of its per-CPU statistics (summed), entries at
+/// the window's end and the table limit (`net.netfilter.nf_conntrack_max`, global).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Conntrack {
+    /// New connections dropped because the table was full (no entry could be evicted).
+    pub drop: i64,
+    /// Entries evicted to make room (the table was full; the new connection got in).
+    pub early_drop: i64,
+    pub insert_failed: i64,
+    pub count: Option<u64>,
+    pub max: Option<u64>,
 }
 
 /// Segments to a port that netfilter dropped in the window.
@@ -502,7 +517,11 @@ pub fn diagnose(e: &Evidence, t: &Thresholds, target: &Target) -> Vec<Finding> {
             verify: vec![format!("{top}   # RTX column")],
         });
     }
-    let before_queue: Vec<Finding> = firewall_finding(e, t, target).into_iter().chain(wrong_address_finding(e, target)).collect();
+    let ct = conntrack_finding(e, target);
+    // Conntrack's own drops are netfilter drops too: only what they do not explain is a rule's.
+    let ct_drops = e.conntrack.as_ref().map_or(0, |c| u64::try_from(c.drop).unwrap_or(0));
+    let firewall = firewall_finding(e, t, target).filter(|_| e.past.netfilter.as_ref().is_none_or(|n| n.syns + n.segments > ct_drops));
+    let before_queue: Vec<Finding> = ct.into_iter().chain(firewall).chain(wrong_address_finding(e, target)).collect();
     // A visible cause, or a queue problem, explains the clients' retransmits.
     if before_queue.is_empty() && !out.iter().any(|f| f.severity >= Severity::Medium) {
         out.extend(unexplained_finding(e, t, target));
@@ -563,6 +582,41 @@ fn firewall_finding(e: &Evidence, t: &Thresholds, target: &Target) -> Option<Fin
         verify: vec![
             "nft list ruleset   # the drop rule's counter stops growing".into(),
             format!("socktrace diagnose {} --duration 30s   # no firewall_drop", target.args()),
+        ],
+    })
+}
+
+/// The netns's conntrack table was full: new connections dropped (or old entries evicted).
+fn conntrack_finding(e: &Evidence, target: &Target) -> Option<Finding> {
+    let c = e.conntrack.as_ref().filter(|c| c.drop > 0 || c.early_drop > 0)?;
+    let fmt = |v: Option<u64>| v.map_or_else(|| "?".into(), |v| v.to_string());
+    let mut evidence = vec![
+        format!(
+            "conntrack table of netns {} full: {} new connections dropped, {} entries evicted early, {} insert failures during the window (every port of the namespace)",
+            target.netns, c.drop, c.early_drop, c.insert_failed
+        ),
+        format!("{} conntrack entries now, limit net.netfilter.nf_conntrack_max {}", fmt(c.count), fmt(c.max)),
+    ];
+    if let Some(nf) = &e.past.netfilter {
+        evidence.push(format!("{} SYNs to port {} dropped by netfilter in the window (conntrack's drops are among them)", nf.syns, target.lport));
+    }
+    evidence.extend(client_lines(e, target));
+    Some(Finding {
+        verdict: "conntrack_full",
+        severity: match (c.drop > 0, e.accepts == 0) {
+            (true, true) => Severity::Critical,
+            (true, false) => Severity::High,
+            _ => Severity::Low,
+        },
+        evidence,
+        fix: vec![
+            format!("raise net.netfilter.nf_conntrack_max (global: set it in the initial network namespace; now {}), and net.netfilter.nf_conntrack_buckets with it", fmt(c.max)),
+            "find what fills the table: `conntrack -L | awk '{print $3}' | sort | uniq -c` (states), many TIME_WAIT/CLOSE entries point at short connections; lower nf_conntrack_tcp_timeout_time_wait / _established if they linger".into(),
+            "exempt traffic that needs no state from tracking (`notrack` in a raw/prerouting chain) for busy listeners".into(),
+        ],
+        verify: vec![
+            "conntrack -S   # drop and early_drop stop growing".into(),
+            format!("socktrace diagnose {} --duration 30s   # no conntrack_full", target.args()),
         ],
     })
 }
@@ -1148,6 +1202,22 @@ mod tests {
         // No retransmits: healthy.
         let quiet = Evidence { past: nf(0, 0), ..base() };
         assert!(verdicts(&quiet).is_empty());
+    }
+
+    #[test]
+    fn a_full_conntrack_table_explains_its_netfilter_drops() {
+        let e = Evidence {
+            accepts: 10,
+            conntrack: Some(Conntrack { drop: 30, early_drop: 0, insert_failed: 0, count: Some(12), max: Some(12) }),
+            past: Past { netfilter: Some(NetfilterDrops { syns: 30, segments: 0, peers: vec!["127.0.0.1".into()] }), ..Past::default() },
+            ..base()
+        };
+        let f = diagnose(&e, &THRESHOLDS, &target());
+        assert_eq!(f.iter().map(|f| (f.verdict, f.severity)).collect::<Vec<_>>(), [("conntrack_full", Severity::High)]);
+        assert!(f[0].evidence[0].contains("30 new connections dropped"), "{:?}", f[0].evidence);
+        // More netfilter drops than conntrack's: a rule drops too.
+        let both = Evidence { past: Past { netfilter: Some(NetfilterDrops { syns: 50, ..NetfilterDrops::default() }), ..Past::default() }, ..e };
+        assert_eq!(verdicts(&both), ["conntrack_full", "firewall_drop"]);
     }
 
     #[test]
