@@ -569,7 +569,7 @@ fn firewall_finding(e: &Evidence, t: &Thresholds, target: &Target) -> Option<Fin
     evidence.extend(client_lines(e, target));
     Some(Finding {
         verdict: "firewall_drop",
-        severity: if share >= t.firewall_share || nf.segments > 0 && e.accepts == 0 { Severity::High } else { Severity::Low },
+        severity: if share >= t.firewall_share || e.accepts == 0 { Severity::High } else { Severity::Low },
         evidence,
         fix: vec![
             format!(
