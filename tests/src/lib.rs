@@ -483,3 +483,41 @@ pub fn recursion_misses(pid: u32, prefixes: &[&str]) -> anyhow::Result<i64> {
         .filter_map(|p| p["recursion_misses"].as_i64())
         .sum())
 }
+
+// ---- `socktrace diagnose --json` in tests: one port's report, its findings' evidence.
+
+/// Starts `diagnose --json` for `port` in `ns` for `secs` (scoped to `cg` for the cgroup SYN-drop
+/// hook); returns once it has taken its baseline ("observing for").
+pub fn diagnose(ns: &NetNs, cg: &Cgroup, port: u16, secs: u32) -> Socktrace {
+    let inode = ns.inode().to_string();
+    let port = port.to_string();
+    let dur = format!("{secs}s");
+    let cgp = cg.path.to_string_lossy().into_owned();
+    Socktrace::start(&["diagnose", "--netns", &inode, "--port", &port, "--duration", &dur, "--json", "--cgroup", &cgp], "observing for").unwrap()
+}
+
+/// Waits for `diagnose` and returns its report for `port` (printed, for failing runs).
+pub fn diagnose_report(d: Socktrace, port: u16) -> Value {
+    let out = d.wait(Duration::from_secs(120)).unwrap();
+    let v: Value = serde_json::from_str(out.last().expect("diagnose printed nothing")).unwrap();
+    let l = v["listeners"].as_array().unwrap().iter().find(|l| l["lport"] == port).cloned();
+    let l = l.unwrap_or_else(|| panic!("no report for port {port}: {v}"));
+    eprintln!("{}", serde_json::to_string_pretty(&l).unwrap());
+    l
+}
+
+/// The evidence lines of the report's `verdict` finding, joined (the finding must have a fix and
+/// a way to verify it).
+pub fn finding_evidence(l: &Value, verdict: &str) -> String {
+    let f = l["findings"].as_array().unwrap().iter().find(|f| f["verdict"] == verdict).unwrap_or_else(|| panic!("no {verdict} finding in {l}"));
+    assert!(!f["fix"].as_array().unwrap().is_empty() && !f["verify"].as_array().unwrap().is_empty(), "fix and verify: {f}");
+    f["evidence"].as_array().unwrap().iter().map(|e| e.as_str().unwrap()).collect::<Vec<_>>().join("\n")
+}
+
+/// The first integer right before `label` in `text` ("63 SYN drops" → 63 for "SYN drops").
+pub fn number_before(text: &str, label: &str) -> i64 {
+    let at = text.find(label).unwrap_or_else(|| panic!("{label:?} not in {text}"));
+    let head = text[..at].trim_end();
+    let digits: String = head.chars().rev().take_while(char::is_ascii_digit).collect::<Vec<_>>().into_iter().rev().collect();
+    digits.parse().unwrap_or_else(|_| panic!("no number before {label:?} in {text}"))
+}

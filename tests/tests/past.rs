@@ -5,44 +5,12 @@
 use std::{path::Path, time::Duration};
 
 use serde_json::Value;
-use socktrace_tests::{Cgroup, NetNs, Scenario, Socktrace, privileged, probes, veth_pair};
+use socktrace_tests::{Cgroup, NetNs, Scenario, diagnose, diagnose_report as report, finding_evidence as evidence, number_before, privileged, probes, veth_pair};
 
 const SCENARIO: &str = env!("CARGO_BIN_EXE_st-scenario");
 
 fn scen(args: &[&str]) -> Scenario {
     Scenario::start(Path::new(SCENARIO), &args.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>()).unwrap()
-}
-
-/// Starts `diagnose --json` for `port` in `ns`.
-fn diagnose(ns: &NetNs, cg: &Cgroup, port: u16, secs: u32) -> Socktrace {
-    let inode = ns.inode().to_string();
-    let port = port.to_string();
-    let dur = format!("{secs}s");
-    let cgp = cg.path.to_string_lossy().into_owned();
-    Socktrace::start(&["diagnose", "--netns", &inode, "--port", &port, "--duration", &dur, "--json", "--cgroup", &cgp], "observing for").unwrap()
-}
-
-fn report(d: Socktrace, port: u16) -> Value {
-    let out = d.wait(Duration::from_secs(120)).unwrap();
-    let v: Value = serde_json::from_str(out.last().expect("diagnose printed nothing")).unwrap();
-    let l = v["listeners"].as_array().unwrap().iter().find(|l| l["lport"] == port).cloned();
-    let l = l.unwrap_or_else(|| panic!("no report for port {port}: {v}"));
-    eprintln!("{}", serde_json::to_string_pretty(&l).unwrap());
-    l
-}
-
-fn evidence(l: &Value, verdict: &str) -> String {
-    let f = l["findings"].as_array().unwrap().iter().find(|f| f["verdict"] == verdict).unwrap_or_else(|| panic!("no {verdict} finding in {l}"));
-    assert!(!f["fix"].as_array().unwrap().is_empty() && !f["verify"].as_array().unwrap().is_empty(), "fix and verify: {f}");
-    f["evidence"].as_array().unwrap().iter().map(|e| e.as_str().unwrap()).collect::<Vec<_>>().join("\n")
-}
-
-/// The integer right before `label` in `text`.
-fn number_before(text: &str, label: &str) -> i64 {
-    let at = text.find(label).unwrap_or_else(|| panic!("{label:?} not in {text}"));
-    let head = text[..at].trim_end();
-    let digits: String = head.chars().rev().take_while(char::is_ascii_digit).collect::<Vec<_>>().into_iter().rev().collect();
-    digits.parse().unwrap_or_else(|_| panic!("no number before {label:?} in {text}"))
 }
 
 /// Loads an nftables ruleset into `ns`.

@@ -52,7 +52,7 @@ pub fn of_port(before: &PastCounts, after: &PastCounts, netns: u32, port: u16, l
             _ => {}
         }
     }
-    unbound.sort_by(|a, b| b.1.cmp(&a.1));
+    unbound.sort_by_key(|u| std::cmp::Reverse(u.1));
     nf.peers.sort();
     Past {
         netfilter: after.netfilter.then_some(nf),
