@@ -39,6 +39,43 @@ struct NetnsFacts {
     /// Conntrack entries now in this netns and the (global) table limit; absent without conntrack.
     conntrack_count: Option<u64>,
     conntrack_max: Option<u64>,
+    /// The namespace's interface addresses (`None`: could not be listed).
+    addrs: Option<Vec<std::net::IpAddr>>,
+}
+
+/// Interface addresses of the calling thread's network namespace (getifaddrs).
+fn interface_addrs() -> Option<Vec<std::net::IpAddr>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below.
+    if unsafe { libc::getifaddrs(&raw mut head) } != 0 {
+        return None;
+    }
+    let mut out = Vec::new();
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: a node of the list getifaddrs returned; ifa_addr, when set, points to a
+        // sockaddr of the family it names.
+        unsafe {
+            let sa = (*cur).ifa_addr;
+            if !sa.is_null() {
+                match i32::from((*sa).sa_family) {
+                    libc::AF_INET => {
+                        let a = &*sa.cast::<libc::sockaddr_in>();
+                        out.push(std::net::IpAddr::from(a.sin_addr.s_addr.to_ne_bytes()));
+                    }
+                    libc::AF_INET6 => {
+                        let a = &*sa.cast::<libc::sockaddr_in6>();
+                        out.push(std::net::IpAddr::from(a.sin6_addr.s6_addr));
+                    }
+                    _ => {}
+                }
+            }
+            cur = (*cur).ifa_next;
+        }
+    }
+    // SAFETY: the list getifaddrs allocated, freed once.
+    unsafe { libc::freeifaddrs(head) };
+    Some(out)
 }
 
 /// Per-netns conntrack statistics (`/proc/net/stat/nf_conntrack`: a header, then one line of hex
@@ -82,6 +119,7 @@ fn read_facts() -> NetnsFacts {
         syncookies: sysctl("/proc/sys/net/ipv4/tcp_syncookies"),
         conntrack_count: sysctl64("/proc/sys/net/netfilter/nf_conntrack_count"),
         conntrack_max: sysctl64("/proc/sys/net/netfilter/nf_conntrack_max"),
+        addrs: interface_addrs(),
     }
 }
 
@@ -315,7 +353,14 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
             all_namespaces: false,
             listening_elsewhere: Vec::new(),
             sockets,
-            past: past::of_port(&past_before, &past_after, key.netns, key.lport, &l.laddrs.iter().copied().collect::<Vec<_>>()),
+            past: past::of_port(
+                &past_before,
+                &past_after,
+                key.netns,
+                key.lport,
+                &l.laddrs.iter().copied().collect::<Vec<_>>(),
+                facts.and_then(|f| f.addrs.as_deref()),
+            ),
             listen_addrs: l.laddrs.iter().map(ToString::to_string).collect(),
             netns_syn_retrans: delta(key.netns, "TcpExtTCPSynRetrans"),
             conntrack: delta(key.netns, "Conntrackdrop").map(|drop| rules::Conntrack {
