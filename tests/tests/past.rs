@@ -79,6 +79,8 @@ fn firewall_drop() {
     assert_eq!(number_before(&ev, "connections accepted"), connected, "{ev}");
     assert!(ev.contains("from 1 distinct peers: 127.0.0.1"), "{ev}");
     assert_eq!(number_before(&ev, "SYN retransmits by local clients"), syn_retrans, "{ev}");
+    assert_eq!(l["window_counts"]["netfilter_drops"], dropped, "{l}");
+    assert_eq!(l["window_counts"]["client_syn_retransmits"], syn_retrans, "{l}");
 }
 
 #[test]
@@ -110,6 +112,7 @@ fn wrong_address() {
     assert_eq!(number_before(&ev, "SYNs to 10.77.0.2 port 9511 answered with a RST"), rsts, "{ev}");
     assert!(ev.contains("the listener is bound to 127.0.0.1 only"), "{ev}");
     assert_eq!(number_before(&ev, "TCP resets sent"), rsts, "{ev}");
+    assert_eq!(l["window_counts"]["no_socket_syns"], rsts, "{l}");
 }
 
 #[test]

@@ -243,6 +243,11 @@ struct WindowCounts {
     syn_drops: u64,
     retransmits: u64,
     synack_retransmits: u64,
+    /// Before the listener (null: this kernel cannot count it): segments to the port dropped by
+    /// netfilter, SYNs to it that found no socket, local clients' SYN retransmits to it.
+    netfilter_drops: Option<u64>,
+    no_socket_syns: Option<u64>,
+    client_syn_retransmits: Option<u64>,
 }
 
 pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow::Result<()> {
@@ -389,6 +394,9 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
                 syn_drops: a.syn_drops,
                 retransmits: a.retrans,
                 synack_retransmits: a.synack,
+                netfilter_drops: e.past.netfilter.as_ref().map(|n| n.syns + n.segments),
+                no_socket_syns: e.past.unbound_syns.as_ref().map(|u| u.iter().map(|(_, n)| n).sum()),
+                client_syn_retransmits: e.past.client_syn_retrans,
             },
         });
     }
