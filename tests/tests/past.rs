@@ -145,7 +145,9 @@ fn connect_failures_cause_not_visible() {
     }
     let d = diagnose(&server_ns, &cg, 9512, 6);
     let before = clients_ns.counters().unwrap();
-    let server = scen(&["server", "--netns", &server_ns.name, "--addr", "10.77.0.2:9512", "--backlog", "128", "--run-ms", "7000"]);
+    // Bound to every address: the clients' SYNs count for it because 10.77.0.2 is one of its
+    // namespace's addresses (a client of another host's port 9512 would not).
+    let server = scen(&["server", "--netns", &server_ns.name, "--addr", "0.0.0.0:9512", "--backlog", "128", "--run-ms", "7000"]);
     let lines = scen(&["clients", "--netns", &clients_ns.name, "--addr", "10.77.0.2:9512", "--count", "3", "--hold-ms", "10", "--connect-timeout-ms", "3500"])
         .wait(Duration::from_secs(30))
         .unwrap();

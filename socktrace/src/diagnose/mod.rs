@@ -60,11 +60,11 @@ fn interface_addrs() -> Option<Vec<std::net::IpAddr>> {
             if !sa.is_null() {
                 match i32::from((*sa).sa_family) {
                     libc::AF_INET => {
-                        let a = &*sa.cast::<libc::sockaddr_in>();
+                        let a = std::ptr::read_unaligned(sa.cast::<libc::sockaddr_in>());
                         out.push(std::net::IpAddr::from(a.sin_addr.s_addr.to_ne_bytes()));
                     }
                     libc::AF_INET6 => {
-                        let a = &*sa.cast::<libc::sockaddr_in6>();
+                        let a = std::ptr::read_unaligned(sa.cast::<libc::sockaddr_in6>());
                         out.push(std::net::IpAddr::from(a.sin6_addr.s6_addr));
                     }
                     _ => {}
