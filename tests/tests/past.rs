@@ -46,20 +46,32 @@ fn packet_drop_hook(cg: &Cgroup) -> bool {
 
 #[test]
 fn firewall_drop() {
-    if !privileged() {
-        return;
+    if privileged() {
+        firewall_scenario("pfw", "127.0.0.1", 9510);
     }
-    let ns = NetNs::new("pfw").unwrap();
-    let cg = Cgroup::new("pfw").unwrap();
-    // 70 % of the SYNs to the port are dropped on input; the clients retransmit theirs.
-    nft(&ns, "pfw", "table inet socktrace_fw {\n chain input {\n  type filter hook input priority 0; policy accept;\n  tcp dport 9510 tcp flags & (syn | ack) == syn numgen random mod 100 < 70 counter drop\n }\n}\n");
-    let d = diagnose(&ns, &cg, 9510, 8);
+}
+
+/// The same over IPv6 loopback (the program parses the IPv6 header for the port and peer).
+#[test]
+fn firewall_drop_ipv6() {
+    if privileged() {
+        firewall_scenario("pfw6", "::1", 9514);
+    }
+}
+
+/// 70 % of the SYNs to `port` dropped on input; the clients on `ip` retransmit theirs.
+fn firewall_scenario(tag: &str, ip: &str, port: u16) {
+    let ns = NetNs::new(tag).unwrap();
+    let cg = Cgroup::new(tag).unwrap();
+    nft(&ns, tag, &format!("table inet socktrace_fw {{\n chain input {{\n  type filter hook input priority 0; policy accept;\n  tcp dport {port} tcp flags & (syn | ack) == syn numgen random mod 100 < 70 counter drop\n }}\n}}\n"));
+    let addr = std::net::SocketAddr::new(ip.parse().unwrap(), port).to_string();
+    let d = diagnose(&ns, &cg, port, 8);
     let before = ns.counters().unwrap();
-    let server = scen(&["server", "--netns", &ns.name, "--addr", "127.0.0.1:9510", "--backlog", "128", "--run-ms", "9000"]);
-    let clients = scen(&["clients", "--netns", &ns.name, "--addr", "127.0.0.1:9510", "--count", "20", "--hold-ms", "100", "--connect-timeout-ms", "4000"]);
+    let server = scen(&["server", "--netns", &ns.name, "--addr", &addr, "--backlog", "128", "--run-ms", "9000"]);
+    let clients = scen(&["clients", "--netns", &ns.name, "--addr", &addr, "--count", "20", "--hold-ms", "100", "--connect-timeout-ms", "4000"]);
     let lines = clients.wait(Duration::from_secs(60)).unwrap();
     let connected = lines.iter().find(|l| l["event"] == "done").unwrap()["connected"].as_i64().unwrap();
-    let l = report(d, 9510);
+    let l = report(d, port);
     let after = ns.counters().unwrap();
     drop(server);
     let dropped = nft_counter(&ns, "socktrace_fw");
@@ -77,7 +89,7 @@ fn firewall_drop() {
     assert_eq!(number_before(&ev, "SYNs (connection attempts)"), dropped, "{ev}");
     assert_eq!(number_before(&ev, "other segments"), 0, "{ev}");
     assert_eq!(number_before(&ev, "connections accepted"), connected, "{ev}");
-    assert!(ev.contains("from 1 distinct peers: 127.0.0.1"), "{ev}");
+    assert!(ev.contains(&format!("from 1 distinct peers: {ip}")), "{ev}");
     assert_eq!(number_before(&ev, "SYN retransmits by local clients"), syn_retrans, "{ev}");
     assert_eq!(l["window_counts"]["netfilter_drops"], dropped, "{l}");
     assert_eq!(l["window_counts"]["client_syn_retransmits"], syn_retrans, "{l}");
