@@ -104,9 +104,8 @@ const VM_TESTS: &[&str] = &[
 ];
 
 /// Kernel modules the tests need when the kernel builds them as modules: nftables loss injection
-/// (`nf_tables`, `nft_numgen`), connection tracking for the conntrack_full scenario (`nft_ct`, which
-/// pulls in `nf_conntrack`), veth pairs, `sock_diag` for TCP.
-const MODULES: &[&str] = &["nf_tables", "nft_numgen", "nft_ct", "veth", "inet_diag", "tcp_diag"];
+/// (`nf_tables`, `nft_numgen`), veth pairs, `sock_diag` for TCP.
+const MODULES: &[&str] = &["nf_tables", "nft_numgen", "veth", "inet_diag", "tcp_diag"];
 
 /// Host tools the tests run, copied with their libraries.
 const TOOLS: &[&str] = &["ip", "nft", "setpriv", "bpftool"];
