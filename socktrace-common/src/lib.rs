@@ -351,6 +351,11 @@ pub struct Control {
     pub epoch: u32,
     /// Bit `1 << kind` set: do not emit events of that kind (aggregates are still kept).
     pub mute: u32,
+    /// Non-zero: only events of this netns reach the ring buffer (a `--netns` view need not
+    /// read, nor lose to a full buffer, the whole machine's events; aggregates are still kept).
+    pub netns: u32,
+    /// Non-zero: only events whose local or remote port is this one reach the ring buffer.
+    pub port: u32,
 }
 
 /// Index of the counters in the per-CPU `STATS` array.

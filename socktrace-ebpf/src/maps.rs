@@ -27,9 +27,10 @@ pub static ENQUEUED: LruHashMap<u64, u64> = LruHashMap::with_max_entries(65536, 
 #[map]
 pub static ACCEPTING: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, 0);
 
-/// Per-listener aggregates, keyed by `listener_key(netns, lport)`. LRU: listeners come and go.
+/// Per-listener aggregates: a row per port (`listener_key`) and per LISTEN socket (`socket_key`),
+/// so twice the listeners it can hold. LRU: listeners come and go.
 #[map]
-pub static LISTENERS: LruHashMap<u64, ListenerStats> = LruHashMap::with_max_entries(16384, 0);
+pub static LISTENERS: LruHashMap<u64, ListenerStats> = LruHashMap::with_max_entries(32768, 0);
 
 /// Segments to a port that never reached a listener, and local clients' SYN retransmits, per
 /// (netns, port, class, address) (see `socktrace_common::past`). LRU: a scan of many ports or
@@ -62,8 +63,11 @@ pub fn count(index: u32) {
 pub fn emit(ev: &mut Event) {
     crate::aggregate::name_socket(ev);
     crate::aggregate::record(ev);
-    let mute = CONTROL.get(0).map_or(0, |c| c.mute);
-    if mute & (1 << (ev.kind & 31)) != 0 {
+    let Some(c) = CONTROL.get(0) else { return };
+    if c.mute & (1 << (ev.kind & 31)) != 0
+        || (c.netns != 0 && ev.netns != c.netns)
+        || (c.port != 0 && u32::from(ev.lport) != c.port && u32::from(ev.rport) != c.port)
+    {
         return;
     }
     let flags = wakeup_flags(ev.ts_ns);

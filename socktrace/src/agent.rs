@@ -141,7 +141,15 @@ impl Agent {
     }
 
     fn write_control(&mut self) -> anyhow::Result<()> {
-        self.control.set(0, Control { epoch: self.epoch, mute: self.mute }, 0).context("writing CONTROL")
+        // The `--netns`/`--port` shorthands also filter in the kernel (a coarse pre-filter: the
+        // rest of the filter is applied here).
+        let control = Control {
+            epoch: self.epoch,
+            mute: self.mute,
+            netns: self.filter.netns.unwrap_or(0),
+            port: self.filter.port.map_or(0, u32::from),
+        };
+        self.control.set(0, control, 0).context("writing CONTROL")
     }
 
     /// Waits for ring-buffer data and feeds it to the model (cancel-safe: use in `select!`).

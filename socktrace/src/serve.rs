@@ -8,7 +8,8 @@
 //! (default 1000); listeners that vanish are dropped after the model's grace period (30 scrapes).
 //! A port with several LISTEN sockets (SO_REUSEPORT) also gets `socktrace_socket_*` series per
 //! socket, labelled `socket` = its index within the port (0, 1, …; stable while the socket lives,
-//! a freed index is reused by the next new socket), at most [`MAX_SOCKETS_PER_PORT`] per port.
+//! a freed index is reused by the next new socket), at most [`MAX_SOCKETS_PER_PORT`] per port; once
+//! a port had several, its socket series stay while it lives (a survivor's counter goes on).
 //! The port's queue gauges are those of its fullest socket, never a sum.
 //! The HTTP side is hardened against slow or malformed clients: header read timeout, request size
 //! limit, a cap on concurrent connections and on each connection's lifetime.
@@ -105,7 +106,9 @@ struct Metrics {
     sock_overflows: Family<SocketLabels, Counter>,
     sock_syn_drops: Family<SocketLabels, Counter>,
     sockets_skipped: Gauge,
-    /// Per port: socket inode → its `socket` label index.
+    /// Per port: socket inode → its `socket` label index. A port is in it from the first scrape
+    /// that saw it with several sockets (then its socket series stay, even while one is left, so
+    /// a surviving socket's counter never restarts), until the port goes.
     socket_index: BTreeMap<ListenerKey, BTreeMap<u32, u32>>,
     exported_sockets: HashSet<SocketLabels>,
 }
@@ -271,6 +274,9 @@ impl Metrics {
     /// The `socktrace_socket_*` series of one port with several LISTEN sockets; returns how many
     /// sockets were over the limit.
     fn update_sockets(&mut self, key: ListenerKey, l: &crate::model::Listener, exported: &mut HashSet<SocketLabels>) -> i64 {
+        if l.sockets.len() < 2 && !self.socket_index.contains_key(&key) {
+            return 0;
+        }
         let index = self.socket_index.entry(key).or_default();
         index.retain(|ino, _| l.sockets.contains_key(ino));
         for ino in l.sockets.keys() {
@@ -279,9 +285,6 @@ impl Metrics {
                 let free = (0..).find(|i| !used.contains(i)).unwrap_or(0);
                 index.insert(*ino, free);
             }
-        }
-        if l.sockets.len() < 2 {
-            return 0;
         }
         let mut over = 0;
         for (ino, s) in &l.sockets {

@@ -68,6 +68,9 @@ pub struct Task {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tid: Option<u32>,
     pub comm: String,
+    /// Acceptors: CLOCK_MONOTONIC of its latest accept from this socket.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_accept_ns: Option<u64>,
 }
 
 /// One LISTEN socket of a port in one interval: the `sockets` entries of `--json`.
@@ -115,8 +118,8 @@ impl SocketJson {
             syn_drops_total: s.total.syn_drops,
             sk_drops: s.drops,
             saturated: s.saturated(),
-            acceptors: s.acceptors.iter().map(|a| Task { pid: a.pid, tid: Some(a.tid), comm: a.comm.clone() }).collect(),
-            holders: s.owners.iter().map(|(pid, comm)| Task { pid: *pid, tid: None, comm: comm.clone() }).collect(),
+            acceptors: s.acceptors.iter().map(|a| Task { pid: a.pid, tid: Some(a.tid), comm: a.comm.clone(), last_accept_ns: Some(a.ts_ns) }).collect(),
+            holders: s.owners.iter().map(|(pid, comm)| Task { pid: *pid, tid: None, comm: comm.clone(), last_accept_ns: None }).collect(),
         }
     }
 }

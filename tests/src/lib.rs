@@ -16,6 +16,10 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 
+pub mod diag;
+pub mod reuseport;
+pub mod servers;
+
 /// Whether privileged tests may run. Without root they skip with a printed reason, unless
 /// `SOCKTRACE_REQUIRE_BPF=1`, where a skip is a failure.
 pub fn privileged() -> bool {
@@ -98,6 +102,20 @@ impl NetNs {
             }
             Counters(c)
         })
+    }
+
+    /// Packet loss: nftables drops `percent` % of the segments from port `sport` longer than 120
+    /// bytes (data, not bare ACKs or handshakes) on this namespace's INPUT hook (drops on OUTPUT
+    /// would be local send errors, which TCP does not retransmit).
+    pub fn drop_segments_from(&self, sport: u16, percent: u32) -> anyhow::Result<()> {
+        let rules = format!(
+            "table inet socktrace_loss {{\n chain input {{\n  type filter hook input priority 0; policy accept;\n  tcp sport {sport} meta length > 120 numgen random mod 100 < {percent} drop\n }}\n}}\n"
+        );
+        let file = std::env::temp_dir().join(format!("socktrace-loss-{}-{}.nft", self.name, monotonic_ns()));
+        fs::write(&file, rules)?;
+        let r = self.exec(&["nft", "-f", &file.to_string_lossy()]);
+        let _ = fs::remove_file(&file);
+        r.map(drop)
     }
 
     pub fn exec(&self, args: &[&str]) -> anyhow::Result<String> {
@@ -336,6 +354,16 @@ impl Scenario {
         self.0.pid()
     }
 
+    /// The JSON lines printed so far (the process may still run).
+    pub fn lines(&self) -> Vec<Value> {
+        self.0.stdout_lines().iter().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    }
+
+    /// `ts_ns` of the `"event": "accept"` lines printed so far (a server's accepts).
+    pub fn accept_times(&self) -> Vec<u64> {
+        self.lines().iter().filter(|l| l["event"] == "accept").filter_map(|l| l["ts_ns"].as_u64()).collect()
+    }
+
     /// Waits for exit (bounded) and returns its JSON lines.
     pub fn wait(mut self, limit: Duration) -> anyhow::Result<Vec<Value>> {
         self.0.wait(limit)?;
@@ -482,42 +510,4 @@ pub fn recursion_misses(pid: u32, prefixes: &[&str]) -> anyhow::Result<i64> {
         .filter(|p| prefixes.iter().any(|pre| p["name"].as_str().unwrap_or("").starts_with(pre)))
         .filter_map(|p| p["recursion_misses"].as_i64())
         .sum())
-}
-
-// ---- `socktrace diagnose --json` in tests: one port's report, its findings' evidence.
-
-/// Starts `diagnose --json` for `port` in `ns` for `secs` (scoped to `cg` for the cgroup SYN-drop
-/// hook); returns once it has taken its baseline ("observing for").
-pub fn diagnose(ns: &NetNs, cg: &Cgroup, port: u16, secs: u32) -> Socktrace {
-    let inode = ns.inode().to_string();
-    let port = port.to_string();
-    let dur = format!("{secs}s");
-    let cgp = cg.path.to_string_lossy().into_owned();
-    Socktrace::start(&["diagnose", "--netns", &inode, "--port", &port, "--duration", &dur, "--json", "--cgroup", &cgp], "observing for").unwrap()
-}
-
-/// Waits for `diagnose` and returns its report for `port` (printed, for failing runs).
-pub fn diagnose_report(d: Socktrace, port: u16) -> Value {
-    let out = d.wait(Duration::from_secs(120)).unwrap();
-    let v: Value = serde_json::from_str(out.last().expect("diagnose printed nothing")).unwrap();
-    let l = v["listeners"].as_array().unwrap().iter().find(|l| l["lport"] == port).cloned();
-    let l = l.unwrap_or_else(|| panic!("no report for port {port}: {v}"));
-    eprintln!("{}", serde_json::to_string_pretty(&l).unwrap());
-    l
-}
-
-/// The evidence lines of the report's `verdict` finding, joined (the finding must have a fix and
-/// a way to verify it).
-pub fn finding_evidence(l: &Value, verdict: &str) -> String {
-    let f = l["findings"].as_array().unwrap().iter().find(|f| f["verdict"] == verdict).unwrap_or_else(|| panic!("no {verdict} finding in {l}"));
-    assert!(!f["fix"].as_array().unwrap().is_empty() && !f["verify"].as_array().unwrap().is_empty(), "fix and verify: {f}");
-    f["evidence"].as_array().unwrap().iter().map(|e| e.as_str().unwrap()).collect::<Vec<_>>().join("\n")
-}
-
-/// The first integer right before `label` in `text` ("63 SYN drops" → 63 for "SYN drops").
-pub fn number_before(text: &str, label: &str) -> i64 {
-    let at = text.find(label).unwrap_or_else(|| panic!("{label:?} not in {text}"));
-    let head = text[..at].trim_end();
-    let digits: String = head.chars().rev().take_while(char::is_ascii_digit).collect::<Vec<_>>().into_iter().rev().collect();
-    digits.parse().unwrap_or_else(|_| panic!("no number before {label:?} in {text}"))
 }

@@ -5,12 +5,26 @@
 use std::{path::Path, time::Duration};
 
 use serde_json::Value;
-use socktrace_tests::{Cgroup, NetNs, Scenario, diagnose, diagnose_report as report, finding_evidence as evidence, number_before, privileged, probes, veth_pair};
+use socktrace_tests::{
+    Cgroup, NetNs, Scenario,
+    diag::{Diagnose, evidence, number_before},
+    privileged, probes, veth_pair,
+};
 
 const SCENARIO: &str = env!("CARGO_BIN_EXE_st-scenario");
 
 fn scen(args: &[&str]) -> Scenario {
     Scenario::start(Path::new(SCENARIO), &args.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>()).unwrap()
+}
+
+/// Starts `diagnose --json --netns NS --port PORT` for `secs`.
+fn diagnose<'a>(ns: &'a NetNs, cg: &Cgroup, port: u16, secs: u32) -> Diagnose<'a> {
+    Diagnose::start(ns, cg, port, secs, true).unwrap()
+}
+
+/// Its report for `port` in `ns`.
+fn report(d: Diagnose, ns: &NetNs, port: u16) -> Value {
+    d.finish().unwrap().listener(ns.inode(), port)
 }
 
 /// Loads an nftables ruleset into `ns`.
@@ -71,7 +85,7 @@ fn firewall_scenario(tag: &str, ip: &str, port: u16) {
     let clients = scen(&["clients", "--netns", &ns.name, "--addr", &addr, "--count", "20", "--hold-ms", "100", "--connect-timeout-ms", "4000"]);
     let lines = clients.wait(Duration::from_secs(60)).unwrap();
     let connected = lines.iter().find(|l| l["event"] == "done").unwrap()["connected"].as_i64().unwrap();
-    let l = report(d, port);
+    let l = report(d, &ns, port);
     let after = ns.counters().unwrap();
     drop(server);
     let dropped = nft_counter(&ns, "socktrace_fw");
@@ -110,7 +124,7 @@ fn wrong_address() {
         .wait(Duration::from_secs(30))
         .unwrap();
     assert!(lines.iter().filter(|l| l["event"] == "connect").all(|l| l["ok"] == false), "nothing listens on 10.77.0.2");
-    let l = report(d, 9511);
+    let l = report(d, &server_ns, 9511);
     let after = server_ns.counters().unwrap();
     drop(server);
     let rsts = after.delta(&before, "TcpOutRsts");
@@ -164,7 +178,7 @@ fn connect_failures_cause_not_visible() {
         .wait(Duration::from_secs(30))
         .unwrap();
     assert!(lines.iter().filter(|l| l["event"] == "connect").all(|l| l["ok"] == false), "no SYN gets through");
-    let l = report(d, 9512);
+    let l = report(d, &server_ns, 9512);
     let after = clients_ns.counters().unwrap();
     drop(server);
     let syn_retrans = after.delta(&before, "TcpExtTCPSynRetrans");
@@ -231,7 +245,7 @@ fn conntrack_full() {
         .wait(Duration::from_secs(30))
         .unwrap();
     let connected = lines.iter().find(|l| l["event"] == "done").unwrap()["connected"].as_i64().unwrap();
-    let l = report(d, 9513);
+    let l = report(d, &ns, 9513);
     drop(max);
     drop(server);
     let drops = conntrack_drops(&ns) - before;

@@ -207,11 +207,11 @@ fn take_interval(
             a.syn_recv_max = Some(a.syn_recv_max.map_or(n, |x| x.max(n)));
         }
         let listed = diag_ok && l.listening;
-        a.points.push(Point { t_ns, queue_len: l.queue_len.filter(|_| listed), backlog: l.backlog.filter(|_| listed) });
+        a.points.push(Point { t_ns, queue_len: l.queue_len.filter(|_| listed), backlog: l.backlog.filter(|_| listed), accepts: i.accepts });
         for (ino, sock) in &l.sockets {
             let sa = a.sockets.entry(*ino).or_default();
             let listed = diag_ok && sock.listening;
-            sa.points.push(Point { t_ns, queue_len: sock.queue_len.filter(|_| listed), backlog: sock.backlog.filter(|_| listed) });
+            sa.points.push(Point { t_ns, queue_len: sock.queue_len.filter(|_| listed), backlog: sock.backlog.filter(|_| listed), accepts: sock.interval.accepts });
             sa.accepts += sock.interval.accepts;
             sa.drops += sock.interval.overflows + sock.interval.syn_drops;
         }

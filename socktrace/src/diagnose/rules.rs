@@ -6,6 +6,8 @@
 //! begins after a healthy start, or one that comes back every few seconds, is an `accept_stall`,
 //! and `backlog_too_small` is kept for drops while the application keeps accepting.
 
+use std::fmt::Write as _;
+
 use serde::Serialize;
 
 use crate::model::Timeline;
@@ -18,6 +20,9 @@ pub struct Point {
     /// Accept queue now and backlog (sock_diag), when listed.
     pub queue_len: Option<u32>,
     pub backlog: Option<u32>,
+    /// Accepts the kernel counted in the sample interval ending here (exact even when events
+    /// are lost).
+    pub accepts: u64,
 }
 
 /// A stall episode: the application accepted nothing while its accept queue was full.
@@ -27,8 +32,11 @@ pub struct Episode {
     /// accept came before the window; 0 with `from_window_start`).
     pub start_s: f64,
     pub duration_s: f64,
-    /// Seconds from the window's start at which the queue was first seen full in it.
-    pub full_from_s: f64,
+    /// Seconds from the window's start at which the queue was first seen full in it (none: it
+    /// held connections but never overflowed).
+    pub full_from_s: Option<f64>,
+    /// Seconds from the window's start since which connections waited unaccepted.
+    pub waiting_from_s: f64,
     /// Drops (listen overflows + SYN drops) inside it, from the drop events.
     pub drops: u64,
     /// Accepts inside it: none, by definition (kept for readers lining it up with their logs).
@@ -85,29 +93,35 @@ fn state_name(c: char) -> &'static str {
 }
 
 /// Stall episodes of one listener over the window `[t0, t1]` (monotonic ns): gaps between accepts
-/// of at least `max(stall_min_ns, stall_gap_factor × median gap)` in which the queue was full
-/// (a drop, or a sample at the backlog) for at least that long, and never seen shrinking (a queue
-/// that shrinks is being drained by accepts this tracer cannot see, e.g. io_uring).
+/// of at least `max(stall_min_ns, stall_gap_factor × median gap)` during which connections waited
+/// in the queue for at least that long, and the queue was full at some point (a drop, or a sample
+/// at the backlog) or seen holding connections in every sample of the gap (≥ 2). Connections
+/// waited from the earliest of: the first drop or full sample, the first of the non-empty samples,
+/// the enqueue of the connection accepted right after the gap (its accept wait). A queue seen
+/// shrinking during the gap is drained by accepts this tracer cannot see (e.g. io_uring): no
+/// episode. A burst into an idle queue is none either: the queue was empty until the burst, and
+/// the burst's first connection waited only as long as the application took to wake up.
 pub fn find_episodes(tl: &Timeline, points: &[Point], t0: u64, t1: u64, t: &Thresholds) -> Vec<Episode> {
     let min = tl.median_gap_ns().map_or(t.stall_min_ns, |g| g.saturating_mul(t.stall_gap_factor).max(t.stall_min_ns));
-    // Candidate gaps (start, end, from_window_start, ongoing) that reach into the window. The
-    // timeline begins when tracing did, a little before the window: a gap may start before it.
-    let mut gaps: Vec<(u64, u64, bool, bool)> = Vec::new();
+    // Candidate gaps (start, end, wait of the accept ending it, from_window_start, ongoing) that
+    // reach into the window. The timeline begins when tracing did, a little before the window: a
+    // gap may start before it.
+    let mut gaps: Vec<(u64, u64, Option<u64>, bool, bool)> = Vec::new();
     match (tl.first_accept_ns, tl.last_accept_ns) {
         (Some(first), Some(last)) => {
             if first > t0 {
-                gaps.push((t0, first, true, false));
+                gaps.push((t0, first, None, true, false));
             }
-            gaps.extend(tl.gaps.iter().filter(|(_, e)| *e > t0).map(|&(s, e)| (s, e, false, false)));
+            gaps.extend(tl.gaps.iter().filter(|(_, e, _)| *e > t0).map(|&(s, e, w)| (s, e, w, false, false)));
             if t1 > last {
-                gaps.push((last, t1, false, true));
+                gaps.push((last, t1, None, false, true));
             }
         }
-        _ => gaps.push((t0, t1, true, true)),
+        _ => gaps.push((t0, t1, None, true, true)),
     }
     let secs = |ns: u64| (ns as f64 - t0 as f64) / 1e9;
     let mut out = Vec::new();
-    for (s, e, from_start, ongoing) in gaps {
+    for (s, e, wait, from_start, ongoing) in gaps {
         if e.saturating_sub(s) < min {
             continue;
         }
@@ -115,17 +129,28 @@ pub fn find_episodes(tl: &Timeline, points: &[Point], t0: u64, t1: u64, t: &Thre
         if inside.windows(2).any(|w| matches!((w[0].queue_len, w[1].queue_len), (Some(a), Some(b)) if b < a)) {
             continue;
         }
+        // The kernel's own counter accepted during the gap (a sample interval wholly inside it):
+        // accept events went missing (ring buffer loss), this is no stall.
+        if points.windows(2).any(|w| w[0].t_ns >= s && w[1].t_ns <= e && w[1].accepts > 0) {
+            continue;
+        }
         // Drops in the window only (they are what the window's counts hold).
         let drops_in: Vec<u64> = tl.drops.iter().copied().filter(|d| *d >= s.max(t0) && *d <= e).collect();
         let full_sample = inside.iter().find(|p| matches!((p.queue_len, p.backlog), (Some(q), Some(b)) if b > 0 && q >= b)).map(|p| p.t_ns);
-        let Some(full_from) = drops_in.iter().copied().min().into_iter().chain(full_sample).min() else { continue };
-        if e.saturating_sub(full_from.max(t0)) < min {
+        let full_from = drops_in.iter().copied().min().into_iter().chain(full_sample).min();
+        let held = inside.len() >= 2 && inside.iter().all(|p| p.queue_len.is_some_and(|q| q > 0));
+        if full_from.is_none() && !held {
+            continue;
+        }
+        let waiting_from = [full_from, held.then(|| inside[0].t_ns), wait.map(|w| e.saturating_sub(w))].into_iter().flatten().min().unwrap_or(e).max(s);
+        if e.saturating_sub(waiting_from.max(t0)) < min {
             continue;
         }
         out.push(Episode {
             start_s: secs(s),
             duration_s: (e - s) as f64 / 1e9,
-            full_from_s: secs(full_from),
+            full_from_s: full_from.map(secs),
+            waiting_from_s: secs(waiting_from),
             drops: drops_in.len() as u64,
             accepts: 0,
             from_window_start: from_start,
@@ -777,7 +802,7 @@ fn stall_finding(e: &Evidence, base: &[String], saturated: bool, top: &str, targ
             "one stall"
         };
         evidence.push(format!(
-            "{pattern}: {n} stall episode{} (no accept while the accept queue was full), {stalled_s:.1} s of the {:.1} s window{}",
+            "{pattern}: {n} stall episode{} (no accept while connections waited in the accept queue), {stalled_s:.1} s of the {:.1} s window{}",
             if n == 1 { "" } else { "s" },
             e.window_secs,
             if e.sockets.len() > 1 { " on the worst socket" } else { "" }
@@ -785,7 +810,7 @@ fn stall_finding(e: &Evidence, base: &[String], saturated: bool, top: &str, targ
         for (i, x) in e.episodes.iter().enumerate().take(EPISODES_SHOWN) {
             let mut line = format!("stall {}: {} for {:.1} s", i + 1, episode_when(e, x), x.duration_s);
             if let Some(ino) = x.socket {
-                line.push_str(&format!(" on socket inode {ino}"));
+                let _ = write!(line, " on socket inode {ino}");
             }
             if x.from_window_start {
                 line.push_str(" (already stalled when tracing began: no accept seen since)");
@@ -793,7 +818,15 @@ fn stall_finding(e: &Evidence, base: &[String], saturated: bool, top: &str, targ
             if x.ongoing {
                 line.push_str(" (still stalled when the window ended)");
             }
-            line.push_str(&format!(", {} drops, {} accepts, queue full from +{:.1} s", x.drops, x.accepts, x.full_from_s));
+            let _ = write!(line, ", {} drops, {} accepts, ", x.drops, x.accepts);
+            match x.full_from_s {
+                Some(f) => {
+                    let _ = write!(line, "queue full from {f:+.1} s");
+                }
+                None => {
+                    let _ = write!(line, "connections waiting from {:+.1} s (the queue never filled: nothing dropped, clients wait)", x.waiting_from_s);
+                }
+            }
             evidence.push(line);
         }
         if n > EPISODES_SHOWN {
@@ -817,13 +850,11 @@ fn stall_finding(e: &Evidence, base: &[String], saturated: bool, top: &str, targ
     } else {
         for s in &stalled_sockets {
             evidence.push(format!("stalled socket inode {} ({}, backlog {} of its own): {} drops, {} accepts in the window; {}", s.inode, s.addr, opt_num(s.backlog), s.drops, s.accepts, accepted_from(s)));
-            if s.last_acceptor.is_none() {
-                if let Some(((pid, comm), st)) = likely_worker(s, &e.sockets) {
-                    evidence.push(format!(
-                        "likely its worker: {comm} pid {pid} ({}): it holds the socket and accepts from no other socket of this port",
-                        st.map_or("state unknown", state_name)
-                    ));
-                }
+            if let (None, Some(((pid, comm), st))) = (&s.last_acceptor, likely_worker(s, &e.sockets)) {
+                evidence.push(format!(
+                    "likely its worker: {comm} pid {pid} ({}): it holds the socket and accepts from no other socket of this port",
+                    st.map_or("state unknown", state_name)
+                ));
             }
         }
         let draining: Vec<&SocketFacts> = e.sockets.iter().filter(|s| !stalled_sockets.iter().any(|x| x.inode == s.inode)).collect();
@@ -1037,14 +1068,14 @@ mod tests {
         let mut t = from;
         while t < to {
             if !pauses.iter().any(|&(a, b)| t >= a && t < b) {
-                tl.accept(t * MS);
+                tl.accept(t * MS, Some(MS));
             }
             t += every;
         }
     }
 
     fn points(to_ms: u64, queue: impl Fn(u64) -> u32, backlog: u32) -> Vec<Point> {
-        (1..=to_ms / 200).map(|i| Point { t_ns: i * 200 * MS, queue_len: Some(queue(i * 200)), backlog: Some(backlog) }).collect()
+        (1..=to_ms / 200).map(|i| Point { t_ns: i * 200 * MS, queue_len: Some(queue(i * 200)), backlog: Some(backlog), accepts: 0 }).collect()
     }
 
     #[test]
@@ -1121,6 +1152,51 @@ mod tests {
     }
 
     #[test]
+    fn a_short_pause_that_fills_the_queue_late_is_an_episode() {
+        // Accepts every 10 ms; 220 ms pauses every second; the queue (backlog 16) overflows only in
+        // the pause's last 60 ms, but the first accept after it took a connection that had waited
+        // 215 ms: connections waited the whole pause.
+        let pauses = [(1000, 1220), (2000, 2220), (3000, 3220)];
+        let mut tl = Timeline::default();
+        let mut t = 0;
+        while t < 4000 {
+            let after_pause = pauses.iter().any(|&(_, b)| t == b);
+            if !pauses.iter().any(|&(a, b)| t >= a && t < b) {
+                tl.accept(t * MS, Some(if after_pause { 215 * MS } else { MS }));
+            }
+            t += 10;
+        }
+        for &(_, b) in &pauses {
+            for d in (b - 60..b).step_by(15) {
+                tl.drop_at(d * MS);
+            }
+        }
+        let pts = points(4000, |_| 0, 16);
+        let ep = find_episodes(&tl, &pts, 0, 4000 * MS, &THRESHOLDS);
+        assert_eq!(ep.len(), 3, "{ep:?}");
+        assert!(ep.iter().all(|x| x.full_from_s.is_some() && (x.full_from_s.unwrap_or(0.0) - x.waiting_from_s) > 0.1), "{ep:?}");
+    }
+
+    #[test]
+    fn a_stuck_app_whose_queue_never_fills_is_an_episode() {
+        // 10 keep-alive clients stuck in a queue of backlog 36 after the app stopped at 1.5 s:
+        // no drop ever, the queue holds 10 in every sample.
+        let mut tl = Timeline::default();
+        accepts(&mut tl, 0, 1500, 2, &[]);
+        let pts = points(5000, |t| if t > 1500 { 10 } else { 0 }, 36);
+        let ep = find_episodes(&tl, &pts, 0, 5000 * MS, &THRESHOLDS);
+        assert_eq!(ep.len(), 1, "{ep:?}");
+        assert!(ep[0].ongoing && ep[0].full_from_s.is_none() && ep[0].drops == 0, "{ep:?}");
+        let e = Evidence { accepts: 750, backlog: Some(36), episodes: ep, ..base() };
+        let f = diagnose(&e, &THRESHOLDS, &target());
+        assert_eq!(f[0].verdict, "accept_stall");
+        assert!(f[0].evidence[1].contains("connections waiting from +1.6 s (the queue never filled"), "{:?}", f[0].evidence);
+        // An idle listener (queue empty) with the same accept history is healthy.
+        let idle = points(5000, |_| 0, 36);
+        assert!(find_episodes(&tl, &idle, 0, 5000 * MS, &THRESHOLDS).is_empty());
+    }
+
+    #[test]
     fn a_queue_drained_by_unseen_accepts_is_no_episode() {
         // No accept events at all (e.g. io_uring), drops, but the queue shrinks between samples.
         let mut tl = Timeline::default();
@@ -1132,6 +1208,25 @@ mod tests {
         let ep = find_episodes(&tl, &full, 0, 3000 * MS, &THRESHOLDS);
         assert_eq!(ep.len(), 1);
         assert!(ep[0].from_window_start && ep[0].ongoing);
+    }
+
+    #[test]
+    fn accepts_the_kernel_counted_inside_a_gap_contradict_it() {
+        // The events of 2 s of accepts were lost: the timeline shows a gap, the queue was full,
+        // but the kernel's counter went on: no stall.
+        let mut tl = Timeline::default();
+        accepts(&mut tl, 0, 1000, 5, &[(1000, 1000)]);
+        accepts(&mut tl, 3000, 4000, 5, &[]);
+        for d in (1000..3000).step_by(50) {
+            tl.drop_at(d * MS);
+        }
+        let full = |t: u64| if t > 1000 && t < 3000 { 9 } else { 2 };
+        let mut pts = points(4000, full, 8);
+        assert_eq!(find_episodes(&tl, &pts, 0, 4000 * MS, &THRESHOLDS).len(), 1, "events alone: a stall");
+        for p in &mut pts {
+            p.accepts = 40;
+        }
+        assert!(find_episodes(&tl, &pts, 0, 4000 * MS, &THRESHOLDS).is_empty());
     }
 
     #[test]
@@ -1161,7 +1256,7 @@ mod tests {
         };
         // Master 10 never accepts; 11 and 13 accept from the healthy sockets; 12 is stopped.
         let sockets = vec![sock(1, 500, 0, vec![11]), sock(2, 0, 40, vec![]), sock(3, 480, 0, vec![13])];
-        let ep = Episode { start_s: 0.0, duration_s: 5.0, full_from_s: 0.1, drops: 40, from_window_start: true, ongoing: true, socket: Some(2), ..Episode::default() };
+        let ep = Episode { start_s: 0.0, duration_s: 5.0, full_from_s: Some(0.1), waiting_from_s: 0.0, drops: 40, from_window_start: true, ongoing: true, socket: Some(2), ..Episode::default() };
         let e = Evidence { accepts: 980, syn_drops: 40, drop_events: 40, episodes: vec![ep], sockets, window_secs: 5.0, ..base() };
         let f = diagnose(&e, &THRESHOLDS, &target());
         assert_eq!(f[0].verdict, "accept_stall");
