@@ -296,6 +296,9 @@ pub struct Thresholds {
     /// busiest socket receiving at least `imbalance_ratio` times the quietest one's arrivals.
     pub imbalance_min_arrivals: u64,
     pub imbalance_ratio: f64,
+    /// Stall episodes that all ended, each shorter than this (ns), holding fewer drops than fell
+    /// while accepting: a low-severity hiccup beside the backlog finding, not the verdict.
+    pub minor_stall_ns: u64,
     /// `firewall_drop` on any netfilter drop to the port; High when the dropped SYNs are at least
     /// this share of the port's SYNs (dropped + accepted connections), Low below it (a policy
     /// blocking a few scanners is often intended).
@@ -321,6 +324,7 @@ pub const THRESHOLDS: Thresholds = Thresholds {
     outside_drops_share: 0.1,
     imbalance_min_arrivals: 50,
     imbalance_ratio: 2.0,
+    minor_stall_ns: 1_000_000_000,
     firewall_share: 0.05,
     unexplained_syn_retrans: 1,
 };
@@ -491,13 +495,25 @@ pub fn diagnose(e: &Evidence, t: &Thresholds, target: &Target) -> Vec<Finding> {
     };
     let saturated = e.episodes.is_empty() && full_share >= t.stall_full_share && (accept_share <= t.stall_accept_share || long_wait);
     let stalled = !e.episodes.is_empty() || saturated;
+    // Brief hiccups: every episode ended and was shorter than `minor_stall_ns`, and together they
+    // hold fewer drops than happened while the application accepted. On a busy single-threaded
+    // server a 0.2 s pause is worth naming, but the drops, and the fix, are the queue's.
+    let minor = !saturated
+        && !e.episodes.is_empty()
+        && e.episodes.iter().all(|x| !x.ongoing && x.duration_s * 1e9 < t.minor_stall_ns as f64)
+        && episode_drops < outside;
     if stalled {
-        out.push(stall_finding(e, &base, saturated, &top, target));
+        let mut f = stall_finding(e, &base, saturated, &top, target);
+        if minor {
+            f.severity = Severity::Low;
+            f.evidence.insert(0, format!("brief: {episode_drops} of {} timed drops fell in the stall episodes, the rest while the application was accepting", e.drop_events));
+        }
+        out.push(f);
     }
     let capped = e.somaxconn.is_some_and(|s| Some(s) == e.backlog) && e.requested_backlog.is_none_or(|r| Some(r) > e.backlog);
     if drops > 0 && drops_while_accepting && !saturated {
         let mut f = if capped { somaxconn_finding(e, &top, target) } else { backlog_finding(e, &base, t, &top, target, full_share) };
-        if stalled {
+        if stalled && !minor {
             // Secondary to the stall: worth knowing, not the reason connections fail.
             f.severity = Severity::Low;
         }
@@ -1270,6 +1286,27 @@ mod tests {
         assert!(text.contains("likely its worker: nginx pid 12 (stopped)"), "{text}");
         assert!(text.contains("the other 2 of the 3 sockets on this port kept draining: 980 accepts"), "{text}");
         assert!(f[0].fix[0].contains("worker nginx pid 12 (stopped)"), "{:?}", f[0].fix);
+    }
+
+    #[test]
+    fn a_brief_hiccup_does_not_outrank_the_somaxconn_cap() {
+        // Redis at somaxconn 20: 850 drops while accepting, one 0.21 s hiccup with 35.
+        let ep = Episode { start_s: 5.4, duration_s: 0.21, full_from_s: Some(5.45), waiting_from_s: 5.4, drops: 35, ..Episode::default() };
+        let e = Evidence {
+            backlog: Some(20),
+            somaxconn: Some(20),
+            accepts: 46_847,
+            syn_drops: 885,
+            drop_events: 885,
+            max_interval_drops: 60,
+            episodes: vec![ep.clone()],
+            ..base()
+        };
+        let f = diagnose(&e, &THRESHOLDS, &target());
+        assert_eq!(f.iter().map(|f| (f.verdict, f.severity)).collect::<Vec<_>>(), [("somaxconn_cap", Severity::High), ("accept_stall", Severity::Low)]);
+        // The same hiccup holding most of the drops is the verdict.
+        let e2 = Evidence { syn_drops: 40, drop_events: 40, episodes: vec![Episode { drops: 35, ..ep }], ..e };
+        assert_eq!(diagnose(&e2, &THRESHOLDS, &target())[0].verdict, "accept_stall");
     }
 
     #[test]
