@@ -190,6 +190,11 @@ pub struct KernelOffsets {
     /// the SYN-cookie path, which the kernel drops without TCP_LISTEN_OVERFLOW or rx_sk.
     pub cookie_v4_check: [u64; 2],
     pub cookie_v6_check: [u64; 2],
+    /// Values of `SKB_DROP_REASON_NETFILTER_DROP` and `SKB_DROP_REASON_NO_SOCKET` for the
+    /// packet-drop program (segments that never reach a listener); [`KernelOffsets::ABSENT`] when
+    /// the kernel lacks the reason or kfree_skb passes none.
+    pub reason_netfilter_drop: u32,
+    pub reason_no_socket_any: u32,
 }
 
 impl KernelOffsets {
@@ -242,6 +247,8 @@ impl KernelOffsets {
         per_cpu_offset: 0,
         cookie_v4_check: [0; 2],
         cookie_v6_check: [0; 2],
+        reason_netfilter_drop: Self::ABSENT,
+        reason_no_socket_any: Self::ABSENT,
     };
 }
 
@@ -308,6 +315,40 @@ pub const fn socket_key(inode: u32) -> u64 {
     SOCKET_KEY | inode as u64
 }
 
+/// Segments to a TCP port that never reached a listener, and local clients' SYN retransmits to
+/// it, counted in the kernel (`PAST` map): what goes wrong before the accept queue.
+pub mod past {
+    /// Dropped by netfilter (kfree_skb reason NETFILTER_DROP); `addr` is the peer (source).
+    pub const NETFILTER: u8 = 1;
+    /// No socket for it (kfree_skb reason NO_SOCKET: the kernel answers a SYN with a RST); `addr`
+    /// is the local address the client used (destination). Only SYNs are counted.
+    pub const NO_SOCKET: u8 = 2;
+    /// A local client (a socket in SYN_SENT) retransmitted its SYN; `addr` is the destination.
+    pub const CLIENT_SYN_RETRANS: u8 = 3;
+}
+
+/// Key of the `PAST` map (value: a `u64` count since the programs were loaded).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PastKey {
+    /// Netns inode: the packet's device's (drops) or the client socket's (retransmits).
+    pub netns: u32,
+    /// Destination TCP port (the listener's port), host order.
+    pub port: u16,
+    /// One of `past::*`.
+    pub class: u8,
+    /// 1: a SYN without ACK (a connection attempt); 0: any other segment.
+    pub syn: u8,
+    pub family: u16,
+    pub _pad: [u8; 6],
+    /// Network byte order; IPv4 in the first 4 bytes.
+    pub addr: [u8; 16],
+}
+
+impl PastKey {
+    pub const ZERO: PastKey = PastKey { netns: 0, port: 0, class: 0, syn: 0, family: 0, _pad: [0; 6], addr: [0; 16] };
+}
+
 /// Settings the agent changes while running (single-entry `CONTROL` array).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -345,6 +386,8 @@ mod pod {
     unsafe impl aya::Pod for super::ListenerStats {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Control {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PastKey {}
 }
 
 #[cfg(test)]
@@ -356,7 +399,9 @@ mod tests {
         assert_eq!(core::mem::size_of::<Event>(), 8 * 3 + 4 * 9 + 2 * 4 + 4 + 16 * 2 + 16);
         assert_eq!(core::mem::offset_of!(Event, sock_ino) % 4, 0);
         assert_eq!(core::mem::size_of::<Event>() % 8, 0);
-        assert_eq!(core::mem::size_of::<KernelOffsets>(), 4 * 44 + 8 * 5);
+        assert_eq!(core::mem::size_of::<KernelOffsets>(), 4 * 46 + 8 * 5);
+        assert_eq!(core::mem::size_of::<PastKey>(), 4 + 2 + 1 + 1 + 2 + 6 + 16);
+        assert_eq!(core::mem::offset_of!(PastKey, addr), 16);
         assert_eq!(core::mem::size_of::<ListenerStats>(), 8 * 7 + 4 * 6 + 2 * 2 + 4);
         assert_eq!(listener_key(1, 80), (1 << 16) | 80);
         assert!(listener_key(u32::MAX, u16::MAX) & SOCKET_KEY == 0);

@@ -16,6 +16,7 @@ mod enqueue;
 mod kernel;
 mod maps;
 mod overflow;
+mod past;
 mod retransmit;
 mod syn_drop;
 

@@ -1,12 +1,13 @@
-//! Maps shared by the hooks: the event ring buffer, the per-CPU counters and the two bounded
-//! correlation tables (enqueue time per child socket, listener per accepting thread).
+//! Maps shared by the hooks: the event ring buffer, the per-CPU counters, the two bounded
+//! correlation tables (enqueue time per child socket, listener per accepting thread) and the
+//! kernel-side aggregates (per listener, and per port for what never reaches one).
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE},
     macros::map,
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
 };
-use socktrace_common::{Control, Event, ListenerStats, stat};
+use socktrace_common::{Control, Event, ListenerStats, PastKey, stat};
 
 /// Events for userspace. Its size is set at load time (`--ring-buffer-kib`).
 #[map]
@@ -31,6 +32,11 @@ pub static ACCEPTING: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384,
 #[map]
 pub static LISTENERS: LruHashMap<u64, ListenerStats> = LruHashMap::with_max_entries(32768, 0);
 
+/// Segments to a port that never reached a listener, and local clients' SYN retransmits, per
+/// (netns, port, class, address) (see `socktrace_common::past`). LRU: a scan of many ports or
+/// addresses evicts old rows (their counts are then lost, never invented).
+#[map]
+pub static PAST: LruHashMap<PastKey, u64> = LruHashMap::with_max_entries(16384, 0);
 
 /// Per CPU: when this CPU last let an event wake the reader (see [`emit`]).
 #[map]

@@ -48,6 +48,18 @@ pub struct KernelLayout {
 /// `(sk, arg)`, 4 before `(sk, flags, err, kern)`, 3 before 4.11 `(sk, flags, err)`.
 pub const ACCEPT_PARAMS: std::ops::RangeInclusive<usize> = 2..=4;
 
+impl KernelLayout {
+    /// Drop reasons the packet-drop program can use, for `socktrace probes` and diagnose: kfree_skb
+    /// passes a reason and the kernel's `skb_drop_reason` names it.
+    pub fn netfilter_drops(&self) -> bool {
+        self.offsets.reason_netfilter_drop != KernelOffsets::ABSENT
+    }
+
+    pub fn no_socket_drops(&self) -> bool {
+        self.offsets.reason_no_socket_any != KernelOffsets::ABSENT
+    }
+}
+
 /// Resolves every offset the programs use. `tracefs` is where the syscall `format` files live.
 pub fn resolve(btf_path: &Path, tracefs: &Path) -> Result<KernelLayout, OffsetError> {
     let bytes = std::fs::read(btf_path).map_err(|source| match source.kind() {
@@ -127,6 +139,11 @@ pub fn resolve(btf_path: &Path, tracefs: &Path) -> Result<KernelLayout, OffsetEr
     let accept_params = l.func_arity("inet_csk_accept");
     if let Some(n) = accept_params.filter(|n| ACCEPT_PARAMS.contains(n)) {
         o.accept_ret_arg = u32::try_from(n).unwrap_or(KernelOffsets::ABSENT);
+    }
+    // Segments that never reach a listener: kfree_skb(skb, location, reason) needs the reason argument.
+    if kfree_args >= 3 {
+        o.reason_netfilter_drop = l.enum_value("skb_drop_reason", "SKB_DROP_REASON_NETFILTER_DROP").unwrap_or(KernelOffsets::ABSENT);
+        o.reason_no_socket_any = l.enum_value("skb_drop_reason", "SKB_DROP_REASON_NO_SOCKET").unwrap_or(KernelOffsets::ABSENT);
     }
     // btf_trace_tcp_retransmit_skb(void *ctx, sk, skb[, err]).
     if l.tracepoint_arity("tcp_retransmit_skb")? >= 3 {

@@ -119,6 +119,8 @@ enum Need {
     ListenOverflowReason,
     /// `inet_csk_accept`'s parameter count from BTF, one the fexit program can read past.
     AcceptParams,
+    /// kfree_skb passes a reason and the kernel has NETFILTER_DROP or NO_SOCKET.
+    PacketDropReason,
 }
 
 /// The signals socktrace traces.
@@ -133,10 +135,12 @@ pub enum Signal {
     SynackRetransmit,
     /// listen(2) calls (the backlog asked for).
     Listen,
+    /// Segments to a port dropped before any listener: by netfilter, or for want of a socket.
+    PacketDrop,
 }
 
 impl Signal {
-    pub const ALL: [Signal; 7] = [
+    pub const ALL: [Signal; 8] = [
         Signal::Accept,
         Signal::Enqueue,
         Signal::ListenOverflow,
@@ -144,6 +148,7 @@ impl Signal {
         Signal::Retransmit,
         Signal::SynackRetransmit,
         Signal::Listen,
+        Signal::PacketDrop,
     ];
 
     pub fn name(self) -> &'static str {
@@ -155,6 +160,7 @@ impl Signal {
             Signal::Retransmit => "retransmit",
             Signal::SynackRetransmit => "synack_retransmit",
             Signal::Listen => "listen",
+            Signal::PacketDrop => "packet_drop",
         }
     }
 
@@ -239,6 +245,10 @@ impl Signal {
                 progs: &[Prog { name: "listen_enter", attach: Attach::Tracepoint("syscalls", "sys_enter_listen") }],
                 needs: Need::Nothing,
             }],
+            Signal::PacketDrop => &[
+                Candidate { kind: HookKind::TpBtf, progs: &[Prog { name: "past_btf", attach: Attach::TpBtf("kfree_skb") }], needs: Need::PacketDropReason },
+                Candidate { kind: HookKind::RawTp, progs: &[Prog { name: "past_raw", attach: Attach::RawTp("kfree_skb") }], needs: Need::PacketDropReason },
+            ],
             Signal::SynackRetransmit => &[
                 Candidate { kind: HookKind::TpBtf, progs: &[Prog { name: "synack_btf", attach: Attach::TpBtf("tcp_retransmit_synack") }], needs: Need::Nothing },
                 Candidate { kind: HookKind::RawTp, progs: &[Prog { name: "synack_raw", attach: Attach::RawTp("tcp_retransmit_synack") }], needs: Need::Nothing },
@@ -292,6 +302,8 @@ pub enum LoadError {
 pub struct Tracer {
     pub ebpf: Ebpf,
     pub report: Vec<SignalReport>,
+    /// What the programs were loaded with (which drop reasons this kernel has).
+    pub offsets: socktrace_common::KernelOffsets,
 }
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/socktrace"));
@@ -338,7 +350,7 @@ pub fn load(layout: &KernelLayout, opts: &LoadOptions) -> Result<Tracer, LoadErr
         }
         report.push(rep);
     }
-    Ok(Tracer { ebpf, report })
+    Ok(Tracer { ebpf, report, offsets: layout.offsets })
 }
 
 /// Why a kernel lacks what a candidate needs (`None`: it has it).
@@ -356,6 +368,8 @@ fn unmet(need: Need, layout: &KernelLayout) -> Option<String> {
             )),
             None => Some("kernel BTF has no function inet_csk_accept".to_owned()),
         },
+        Need::PacketDropReason => (!layout.netfilter_drops() && !layout.no_socket_drops())
+            .then(|| "kernel's kfree_skb has no SKB_DROP_REASON_NETFILTER_DROP or NO_SOCKET".to_owned()),
     }
 }
 
@@ -376,6 +390,13 @@ fn notes(signal: Signal, kind: HookKind, layout: &KernelLayout) -> Vec<String> {
         (Signal::SynDrop, HookKind::CgroupSkb) => vec![
             "sees SYNs only for listeners owned by processes in the attached cgroup; checks the queue just before the kernel does".into(),
         ],
+        (Signal::PacketDrop, _) => {
+            let mut v = Vec::new();
+            for (have, what) in [(layout.netfilter_drops(), "netfilter drops (SKB_DROP_REASON_NETFILTER_DROP)"), (layout.no_socket_drops(), "SYNs to an unbound address (SKB_DROP_REASON_NO_SOCKET)")] {
+                v.push(if have { what.to_owned() } else { format!("{what} UNAVAILABLE: the kernel has no such drop reason") });
+            }
+            v
+        }
         (Signal::Accept, HookKind::Tracepoint) => {
             vec!["accept(2)/accept4(2) syscalls only (io_uring accepts are not seen)".into()]
         }
@@ -532,7 +553,7 @@ impl Traced {
 }
 
 impl Tracer {
-    /// Whether `signal` has a hook.
+    /// Whether `signal` (its `name()`) has a hook in use.
     pub fn has(&self, signal: Signal) -> bool {
         self.report.iter().any(|r| r.signal == signal.name() && r.hook.is_some())
     }

@@ -220,6 +220,47 @@ pub struct Evidence {
     pub listening_elsewhere: Vec<String>,
     /// The port's LISTEN sockets when it has several (their episodes carry `socket`).
     pub sockets: Vec<SocketFacts>,
+    /// What happened to the port's segments before any listener saw them.
+    pub past: Past,
+    /// Addresses the port's LISTEN sockets are bound to.
+    pub listen_addrs: Vec<String>,
+    /// Netns TcpExtTCPSynRetrans delta (every local client's SYN retransmits, any destination).
+    pub netns_syn_retrans: Option<i64>,
+    /// The netns's conntrack statistics over the window (`None`: no conntrack in it).
+    pub conntrack: Option<Conntrack>,
+}
+
+/// Conntrack table of the netns: window deltas of its per-CPU statistics (summed), entries at
+/// the window's end and the table limit (`net.netfilter.nf_conntrack_max`, global).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Conntrack {
+    /// New connections dropped because the table was full (no entry could be evicted).
+    pub drop: i64,
+    /// Entries evicted to make room (the table was full; the new connection got in).
+    pub early_drop: i64,
+    pub insert_failed: i64,
+    pub count: Option<u64>,
+    pub max: Option<u64>,
+}
+
+/// Segments to a port that netfilter dropped in the window.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NetfilterDrops {
+    /// SYNs without ACK (connection attempts, retransmits included), and every other segment.
+    pub syns: u64,
+    pub segments: u64,
+    /// Distinct peers (source addresses) of the dropped segments.
+    pub peers: Vec<String>,
+}
+
+/// Before the accept queue, over the window. `None`: this kernel cannot count it (unavailable, not 0).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Past {
+    pub netfilter: Option<NetfilterDrops>,
+    /// SYNs to the port that found no socket (answered with a RST), per local address used.
+    pub unbound_syns: Option<Vec<(String, u64)>>,
+    /// SYNs re-sent by local clients to the port (their earlier SYN got no answer).
+    pub client_syn_retrans: Option<u64>,
 }
 
 /// Every threshold of the diagnosis, in one place.
@@ -255,6 +296,16 @@ pub struct Thresholds {
     /// busiest socket receiving at least `imbalance_ratio` times the quietest one's arrivals.
     pub imbalance_min_arrivals: u64,
     pub imbalance_ratio: f64,
+    /// Stall episodes that all ended, each shorter than this (ns), holding fewer drops than fell
+    /// while accepting: a low-severity hiccup beside the backlog finding, not the verdict.
+    pub minor_stall_ns: u64,
+    /// `firewall_drop` on any netfilter drop to the port; High when the dropped SYNs are at least
+    /// this share of the port's SYNs (dropped + accepted connections), Low below it (a policy
+    /// blocking a few scanners is often intended).
+    pub firewall_share: f64,
+    /// Local clients' SYN retransmits to the port at least this many, with no finding of Medium
+    /// or higher explaining them: `connect_failures` (healthy is not said while attempts fail).
+    pub unexplained_syn_retrans: u64,
 }
 
 pub const THRESHOLDS: Thresholds = Thresholds {
@@ -273,6 +324,9 @@ pub const THRESHOLDS: Thresholds = Thresholds {
     outside_drops_share: 0.1,
     imbalance_min_arrivals: 50,
     imbalance_ratio: 2.0,
+    minor_stall_ns: 1_000_000_000,
+    firewall_share: 0.05,
+    unexplained_syn_retrans: 1,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -441,13 +495,25 @@ pub fn diagnose(e: &Evidence, t: &Thresholds, target: &Target) -> Vec<Finding> {
     };
     let saturated = e.episodes.is_empty() && full_share >= t.stall_full_share && (accept_share <= t.stall_accept_share || long_wait);
     let stalled = !e.episodes.is_empty() || saturated;
+    // Brief hiccups: every episode ended and was shorter than `minor_stall_ns`, and together they
+    // hold fewer drops than happened while the application accepted. On a busy single-threaded
+    // server a 0.2 s pause is worth naming, but the drops, and the fix, are the queue's.
+    let minor = !saturated
+        && !e.episodes.is_empty()
+        && e.episodes.iter().all(|x| !x.ongoing && x.duration_s * 1e9 < t.minor_stall_ns as f64)
+        && episode_drops < outside;
     if stalled {
-        out.push(stall_finding(e, &base, saturated, &top, target));
+        let mut f = stall_finding(e, &base, saturated, &top, target);
+        if minor {
+            f.severity = Severity::Low;
+            f.evidence.insert(0, format!("brief: {episode_drops} of {} timed drops fell in the stall episodes, the rest while the application was accepting", e.drop_events));
+        }
+        out.push(f);
     }
     let capped = e.somaxconn.is_some_and(|s| Some(s) == e.backlog) && e.requested_backlog.is_none_or(|r| Some(r) > e.backlog);
     if drops > 0 && drops_while_accepting && !saturated {
         let mut f = if capped { somaxconn_finding(e, &top, target) } else { backlog_finding(e, &base, t, &top, target, full_share) };
-        if stalled {
+        if stalled && !minor {
             // Secondary to the stall: worth knowing, not the reason connections fail.
             f.severity = Severity::Low;
         }
@@ -497,8 +563,171 @@ pub fn diagnose(e: &Evidence, t: &Thresholds, target: &Target) -> Vec<Finding> {
             verify: vec![format!("{top}   # RTX column")],
         });
     }
+    let ct = conntrack_finding(e, target);
+    // Conntrack's own drops are netfilter drops too: only what they do not explain is a rule's.
+    let ct_drops = e.conntrack.as_ref().map_or(0, |c| u64::try_from(c.drop).unwrap_or(0));
+    let firewall = firewall_finding(e, t, target).filter(|_| e.past.netfilter.as_ref().is_none_or(|n| n.syns + n.segments > ct_drops));
+    let before_queue: Vec<Finding> = ct.into_iter().chain(firewall).chain(wrong_address_finding(e, target)).collect();
+    // A visible cause, or a queue problem, explains the clients' retransmits.
+    if before_queue.is_empty() && !out.iter().any(|f| f.severity >= Severity::Medium) {
+        out.extend(unexplained_finding(e, t, target));
+    }
+    out.extend(before_queue);
     out.sort_by(|a, b| b.severity.cmp(&a.severity));
     out
+}
+
+/// The local clients' side of failing attempts, when known.
+fn client_lines(e: &Evidence, target: &Target) -> Vec<String> {
+    let mut v = Vec::new();
+    if let Some(n) = e.past.client_syn_retrans.filter(|n| *n > 0) {
+        v.push(format!("{n} SYN retransmits by local clients to port {} (each one a client that waited 1 s, 3 s, 7 s … for an answer)", target.lport));
+    }
+    if let Some(n) = e.netns_syn_retrans.filter(|n| *n > 0) {
+        v.push(format!("TcpExtTCPSynRetrans in netns {}: +{n} (every destination)", target.netns));
+    }
+    v
+}
+
+/// Up to 8 items, then how many more.
+fn some(items: &[String]) -> String {
+    let mut s = items.iter().take(8).cloned().collect::<Vec<_>>().join(", ");
+    if items.len() > 8 {
+        s.push_str(&format!(" and {} more", items.len() - 8));
+    }
+    s
+}
+
+/// Segments to the port dropped by netfilter before they reached the listener.
+fn firewall_finding(e: &Evidence, t: &Thresholds, target: &Target) -> Option<Finding> {
+    let nf = e.past.netfilter.as_ref().filter(|n| n.syns + n.segments > 0)?;
+    let seen = nf.syns + e.accepts;
+    let share = if seen > 0 { nf.syns as f64 / seen as f64 } else { 0.0 };
+    let mut evidence = vec![
+        format!(
+            "{} SYNs (connection attempts) and {} other segments to port {} dropped by netfilter in netns {} during the {:.1} s window",
+            nf.syns, nf.segments, target.lport, target.netns, e.window_secs
+        ),
+        format!("{:.0} % of the SYNs for this port were dropped ({} dropped, {} connections accepted)", 100.0 * share, nf.syns, e.accepts),
+        format!("from {} distinct peers: {}", nf.peers.len(), some(&nf.peers)),
+        "which hook and rule dropped them is not recorded by the kernel's drop reason: the rule's own counter names it".into(),
+    ];
+    evidence.extend(client_lines(e, target));
+    Some(Finding {
+        verdict: "firewall_drop",
+        severity: if share >= t.firewall_share || e.accepts == 0 { Severity::High } else { Severity::Low },
+        evidence,
+        fix: vec![
+            format!(
+                "list the firewall rules of netns {} (`nsenter --net=/proc/PID/ns/net nft list ruleset`, or `iptables-save`, PID = the listener's) and find the drop rule matching tcp dport {}: its counter grows with the drops above",
+                target.netns, target.lport
+            ),
+            "allow the clients (an accept rule before it for their addresses), or remove the rule if the drop is not intended; a `limit rate` or `numgen` rule that drops part of the SYNs also shows up here".into(),
+            "if these peers are blocked on purpose, the listener is fine: nothing to change on it".into(),
+        ],
+        verify: vec![
+            "nft list ruleset   # the drop rule's counter stops growing".into(),
+            format!("socktrace diagnose {} --duration 30s   # no firewall_drop", target.args()),
+        ],
+    })
+}
+
+/// The netns's conntrack table was full: new connections dropped (or old entries evicted).
+fn conntrack_finding(e: &Evidence, target: &Target) -> Option<Finding> {
+    let c = e.conntrack.as_ref().filter(|c| c.drop > 0 || c.early_drop > 0)?;
+    let fmt = |v: Option<u64>| v.map_or_else(|| "?".into(), |v| v.to_string());
+    let mut evidence = vec![
+        format!(
+            "conntrack table of netns {} full: {} new connections dropped, {} entries evicted early, {} insert failures during the window (every port of the namespace)",
+            target.netns, c.drop, c.early_drop, c.insert_failed
+        ),
+        format!("{} conntrack entries now, limit net.netfilter.nf_conntrack_max {}", fmt(c.count), fmt(c.max)),
+    ];
+    if let Some(nf) = &e.past.netfilter {
+        evidence.push(format!("{} SYNs to port {} dropped by netfilter in the window (conntrack's drops are among them)", nf.syns, target.lport));
+    }
+    evidence.extend(client_lines(e, target));
+    Some(Finding {
+        verdict: "conntrack_full",
+        severity: match (c.drop > 0, e.accepts == 0) {
+            (true, true) => Severity::Critical,
+            (true, false) => Severity::High,
+            _ => Severity::Low,
+        },
+        evidence,
+        fix: vec![
+            format!("raise net.netfilter.nf_conntrack_max (global: set it in the initial network namespace; now {}), and net.netfilter.nf_conntrack_buckets with it", fmt(c.max)),
+            "find what fills the table: `conntrack -L | awk '{print $3}' | sort | uniq -c` (states), many TIME_WAIT/CLOSE entries point at short connections; lower nf_conntrack_tcp_timeout_time_wait / _established if they linger".into(),
+            "exempt traffic that needs no state from tracking (`notrack` in a raw/prerouting chain) for busy listeners".into(),
+        ],
+        verify: vec![
+            "conntrack -S   # drop and early_drop stop growing".into(),
+            format!("socktrace diagnose {} --duration 30s   # no conntrack_full", target.args()),
+        ],
+    })
+}
+
+/// SYNs to the port on an address no socket listens on: the kernel answered each with a RST.
+fn wrong_address_finding(e: &Evidence, target: &Target) -> Option<Finding> {
+    let unbound: Vec<&(String, u64)> = e.past.unbound_syns.iter().flatten().filter(|(_, n)| *n > 0).collect();
+    if unbound.is_empty() {
+        return None;
+    }
+    let bound = if e.listen_addrs.is_empty() { "an unknown address".to_owned() } else { e.listen_addrs.join(", ") };
+    let mut evidence: Vec<String> = unbound
+        .iter()
+        .map(|(addr, n)| format!("{n} SYNs to {addr} port {} answered with a RST: no socket listens there — the listener is bound to {bound} only", target.lport))
+        .collect();
+    if let Some(r) = e.out_rsts {
+        evidence.push(format!("{r} TCP resets sent in netns {} during the window (TcpOutRsts)", target.netns));
+    }
+    evidence.push(format!("{} connections accepted on {bound} in the window", e.accepts));
+    let used = unbound.iter().map(|(a, _)| a.as_str()).collect::<Vec<_>>().join(", ");
+    let mut fix = vec![
+        format!("bind the listener to the address the clients use ({used}) or to every address (0.0.0.0 / [::]) in its configuration (its listen/bind setting), then restart it"),
+        format!("or point the clients (DNS name, configuration, port mapping) at {bound}"),
+    ];
+    if e.listen_addrs.iter().any(|a| a.starts_with("127.") || a == "::1") {
+        fix.insert(0, "a listener on a loopback address is reachable only from inside its own network namespace: containers and other hosts cannot reach it".into());
+    }
+    Some(Finding {
+        verdict: "wrong_address",
+        severity: if e.accepts == 0 { Severity::Critical } else { Severity::High },
+        evidence,
+        fix,
+        verify: vec![
+            format!("socktrace snapshot -l --netns {} sport = :{}   # bound to the address the clients use", target.netns, target.lport),
+            format!("socktrace diagnose {} --duration 30s   # no wrong_address", target.args()),
+        ],
+    })
+}
+
+/// Local clients keep re-sending SYNs to the port, and nothing seen here explains it.
+fn unexplained_finding(e: &Evidence, t: &Thresholds, target: &Target) -> Option<Finding> {
+    let n = e.past.client_syn_retrans.filter(|n| *n >= t.unexplained_syn_retrans)?;
+    let mut evidence = vec![format!(
+        "{n} SYN retransmits from local clients to port {}, cause not visible: the listener dropped nothing ({} accepted, {} dropped at its queue)",
+        target.lport,
+        e.accepts,
+        e.overflows + e.syn_drops
+    )];
+    evidence.push(match &e.past.netfilter {
+        Some(_) => "no netfilter drop of a segment to this port seen".into(),
+        None => "netfilter drops UNAVAILABLE on this kernel (kfree_skb has no NETFILTER_DROP reason): a firewall is not ruled out".into(),
+    });
+    if let Some(r) = e.netns_syn_retrans.filter(|r| *r > 0) {
+        evidence.push(format!("TcpExtTCPSynRetrans in netns {}: +{r} (every destination)", target.netns));
+    }
+    Some(Finding {
+        verdict: "connect_failures",
+        severity: Severity::High,
+        evidence,
+        fix: vec![
+            "the SYNs or the SYN-ACKs are lost on the way: check firewall rules on both ends and in between (`nft list ruleset`, `iptables-save`), conntrack (`conntrack -S`: drop, insert_failed), the route to the listener and back (`ip route get ADDR`; reverse-path filtering, rp_filter, drops SYNs that arrive on another interface than the route back to their source), interface drops (`ip -s link`)".into(),
+            "check the clients connect to this host and port at all (a DNS name or a port mapping that leads elsewhere)".into(),
+        ],
+        verify: vec![format!("socktrace diagnose {} --duration 30s   # no connect_failures", target.args())],
+    })
 }
 
 /// `HH:MM:SS.mmm UTC` of a Unix time in ms.
@@ -1060,6 +1289,27 @@ mod tests {
     }
 
     #[test]
+    fn a_brief_hiccup_does_not_outrank_the_somaxconn_cap() {
+        // Redis at somaxconn 20: 850 drops while accepting, one 0.21 s hiccup with 35.
+        let ep = Episode { start_s: 5.4, duration_s: 0.21, full_from_s: Some(5.45), waiting_from_s: 5.4, drops: 35, ..Episode::default() };
+        let e = Evidence {
+            backlog: Some(20),
+            somaxconn: Some(20),
+            accepts: 46_847,
+            syn_drops: 885,
+            drop_events: 885,
+            max_interval_drops: 60,
+            episodes: vec![ep.clone()],
+            ..base()
+        };
+        let f = diagnose(&e, &THRESHOLDS, &target());
+        assert_eq!(f.iter().map(|f| (f.verdict, f.severity)).collect::<Vec<_>>(), [("somaxconn_cap", Severity::High), ("accept_stall", Severity::Low)]);
+        // The same hiccup holding most of the drops is the verdict.
+        let e2 = Evidence { syn_drops: 40, drop_events: 40, episodes: vec![Episode { drops: 35, ..ep }], ..e };
+        assert_eq!(diagnose(&e2, &THRESHOLDS, &target())[0].verdict, "accept_stall");
+    }
+
+    #[test]
     fn no_listener_names_other_namespaces() {
         let gone = Evidence { listening: false, listening_elsewhere: vec!["netns 7: 0.0.0.0 (haproxy pid 9)".into()], ..Evidence::default() };
         let f = diagnose(&gone, &THRESHOLDS, &target());
@@ -1067,6 +1317,59 @@ mod tests {
         assert!(f[0].fix[0].contains("wrong network namespace"));
         let all = Evidence { listening: false, all_namespaces: true, ..Evidence::default() };
         assert!(diagnose(&all, &THRESHOLDS, &target())[0].evidence[0].contains("in any network namespace"));
+    }
+
+    #[test]
+    fn failing_attempts_are_never_healthy() {
+        let nf = |syns, segments| Past { netfilter: Some(NetfilterDrops { syns, segments, peers: vec!["10.0.0.1".into()] }), unbound_syns: Some(Vec::new()), client_syn_retrans: Some(syns) };
+        // 70 of 170 SYNs dropped: High, with the clients' retransmits.
+        let fw = Evidence { past: nf(70, 0), netns_syn_retrans: Some(70), ..base() };
+        let f = diagnose(&fw, &THRESHOLDS, &target());
+        assert_eq!(f.iter().map(|f| (f.verdict, f.severity)).collect::<Vec<_>>(), [("firewall_drop", Severity::High)]);
+        assert!(f[0].evidence[0].starts_with("70 SYNs (connection attempts) and 0 other segments"), "{:?}", f[0].evidence);
+        assert!(f[0].evidence.iter().any(|l| l.starts_with("70 SYN retransmits by local clients")), "{:?}", f[0].evidence);
+        // A scanner blocked now and then: Low.
+        let few = Evidence { past: nf(2, 0), accepts: 1000, ..base() };
+        assert_eq!(diagnose(&few, &THRESHOLDS, &target())[0].severity, Severity::Low);
+        // Clients retransmitting with nothing seen: connect_failures, and it says why it cannot tell.
+        let blind = Evidence { past: Past { client_syn_retrans: Some(9), ..Past::default() }, ..base() };
+        let f = diagnose(&blind, &THRESHOLDS, &target());
+        assert_eq!(f[0].verdict, "connect_failures");
+        assert!(f[0].evidence[0].contains("cause not visible") && f[0].evidence[1].contains("UNAVAILABLE"), "{:?}", f[0].evidence);
+        // No retransmits: healthy.
+        let quiet = Evidence { past: nf(0, 0), ..base() };
+        assert!(verdicts(&quiet).is_empty());
+    }
+
+    #[test]
+    fn a_full_conntrack_table_explains_its_netfilter_drops() {
+        let e = Evidence {
+            accepts: 10,
+            conntrack: Some(Conntrack { drop: 30, early_drop: 0, insert_failed: 0, count: Some(12), max: Some(12) }),
+            past: Past { netfilter: Some(NetfilterDrops { syns: 30, segments: 0, peers: vec!["127.0.0.1".into()] }), ..Past::default() },
+            ..base()
+        };
+        let f = diagnose(&e, &THRESHOLDS, &target());
+        assert_eq!(f.iter().map(|f| (f.verdict, f.severity)).collect::<Vec<_>>(), [("conntrack_full", Severity::High)]);
+        assert!(f[0].evidence[0].contains("30 new connections dropped"), "{:?}", f[0].evidence);
+        // More netfilter drops than conntrack's: a rule drops too.
+        let both = Evidence { past: Past { netfilter: Some(NetfilterDrops { syns: 50, ..NetfilterDrops::default() }), ..Past::default() }, ..e };
+        assert_eq!(verdicts(&both), ["conntrack_full", "firewall_drop"]);
+    }
+
+    #[test]
+    fn wrong_address_names_both_addresses() {
+        let e = Evidence {
+            accepts: 0,
+            out_rsts: Some(12),
+            listen_addrs: vec!["127.0.0.1".into()],
+            past: Past { unbound_syns: Some(vec![("10.77.0.2".into(), 12)]), ..Past::default() },
+            ..base()
+        };
+        let f = diagnose(&e, &THRESHOLDS, &target());
+        assert_eq!((f[0].verdict, f[0].severity), ("wrong_address", Severity::Critical));
+        assert!(f[0].evidence[0].starts_with("12 SYNs to 10.77.0.2 port 80 answered with a RST") && f[0].evidence[0].ends_with("bound to 127.0.0.1 only"), "{:?}", f[0].evidence);
+        assert!(f[0].fix[0].contains("loopback"), "{:?}", f[0].fix);
     }
 
     #[test]
