@@ -1,10 +1,22 @@
 //! Builds the kernel programs (`socktrace-ebpf`) for the bpf target with the nightly toolchain and
-//! bpf-linker, and leaves the object in OUT_DIR for `include_bytes_aligned!`. `AYA_BUILD_SKIP=1`
+//! bpf-linker, and leaves the object in `OUT_DIR` for `include_bytes_aligned!`. `AYA_BUILD_SKIP=1`
 //! skips it (docs, clippy of userspace only); the agent then refuses to trace with a clear error.
+//! Also sets `SOCKTRACE_VERSION` (package version and git commit) for `--version`.
+#[path = "build/git_version.rs"]
+mod git_version;
+
 use anyhow::{Context as _, anyhow};
 use aya_build::Toolchain;
 
 fn main() -> anyhow::Result<()> {
+    let manifest_dir = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
+    let git = git_version::describe(std::path::Path::new("git"), &manifest_dir);
+    // A commit or checkout changes HEAD/refs/index; an edit of our sources changes the dirty flag.
+    let sources = [manifest_dir.clone(), manifest_dir.join("../socktrace-common")];
+    for path in git.watch.iter().chain(&sources).filter(|p| p.exists()) {
+        println!("cargo:rerun-if-changed={}", path.display());
+    }
+    println!("cargo:rustc-env=SOCKTRACE_VERSION={} (commit {})", std::env::var("CARGO_PKG_VERSION")?, git.commit);
     let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()
         .no_deps()
         .exec()

@@ -164,6 +164,10 @@ pub struct KernelOffsets {
     pub kfree_skb_rx_sk_arg: u32,
     /// Argument index of `err` in the `tcp_retransmit_skb` tracepoint.
     pub retransmit_err_arg: u32,
+    /// Index of `inet_csk_accept`'s return value in an fexit context: its parameter count (from
+    /// BTF; 4 before 6.10, 2 since). Reading it there needs no `bpf_get_func_ret` (5.17+).
+    pub accept_ret_arg: u32,
+    pub _pad0: u32,
     /// Offsets of the fd / return value in the classic `syscalls:sys_{enter,exit}_accept*` records.
     pub tp_accept_fd: u32,
     pub tp_accept_ret: u32,
@@ -188,6 +192,11 @@ pub struct KernelOffsets {
     /// the SYN-cookie path, which the kernel drops without TCP_LISTEN_OVERFLOW or rx_sk.
     pub cookie_v4_check: [u64; 2],
     pub cookie_v6_check: [u64; 2],
+    /// Values of `SKB_DROP_REASON_NETFILTER_DROP` and `SKB_DROP_REASON_NO_SOCKET` for the
+    /// packet-drop program (segments that never reach a listener); [`KernelOffsets::ABSENT`] when
+    /// the kernel lacks the reason or kfree_skb passes none.
+    pub reason_netfilter_drop: u32,
+    pub reason_no_socket_any: u32,
 }
 
 impl KernelOffsets {
@@ -225,6 +234,8 @@ impl KernelOffsets {
         reason_no_socket: Self::ABSENT,
         kfree_skb_rx_sk_arg: Self::ABSENT,
         retransmit_err_arg: Self::ABSENT,
+        accept_ret_arg: Self::ABSENT,
+        _pad0: 0,
         tp_accept_fd: 16,
         tp_accept_ret: 16,
         tp_listen_fd: 16,
@@ -238,6 +249,8 @@ impl KernelOffsets {
         per_cpu_offset: 0,
         cookie_v4_check: [0; 2],
         cookie_v6_check: [0; 2],
+        reason_netfilter_drop: Self::ABSENT,
+        reason_no_socket_any: Self::ABSENT,
     };
 }
 
@@ -304,6 +317,40 @@ pub const fn socket_key(inode: u32) -> u64 {
     SOCKET_KEY | inode as u64
 }
 
+/// Segments to a TCP port that never reached a listener, and local clients' SYN retransmits to
+/// it, counted in the kernel (`PAST` map): what goes wrong before the accept queue.
+pub mod past {
+    /// Dropped by netfilter (kfree_skb reason NETFILTER_DROP); `addr` is the peer (source).
+    pub const NETFILTER: u8 = 1;
+    /// No socket for it (kfree_skb reason NO_SOCKET: the kernel answers a SYN with a RST); `addr`
+    /// is the local address the client used (destination). Only SYNs are counted.
+    pub const NO_SOCKET: u8 = 2;
+    /// A local client (a socket in SYN_SENT) retransmitted its SYN; `addr` is the destination.
+    pub const CLIENT_SYN_RETRANS: u8 = 3;
+}
+
+/// Key of the `PAST` map (value: a `u64` count since the programs were loaded).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PastKey {
+    /// Netns inode: the packet's device's (drops) or the client socket's (retransmits).
+    pub netns: u32,
+    /// Destination TCP port (the listener's port), host order.
+    pub port: u16,
+    /// One of `past::*`.
+    pub class: u8,
+    /// 1: a SYN without ACK (a connection attempt); 0: any other segment.
+    pub syn: u8,
+    pub family: u16,
+    pub _pad: [u8; 6],
+    /// Network byte order; IPv4 in the first 4 bytes.
+    pub addr: [u8; 16],
+}
+
+impl PastKey {
+    pub const ZERO: PastKey = PastKey { netns: 0, port: 0, class: 0, syn: 0, family: 0, _pad: [0; 6], addr: [0; 16] };
+}
+
 /// Settings the agent changes while running (single-entry `CONTROL` array).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -312,6 +359,11 @@ pub struct Control {
     pub epoch: u32,
     /// Bit `1 << kind` set: do not emit events of that kind (aggregates are still kept).
     pub mute: u32,
+    /// Non-zero: only events of this netns reach the ring buffer (a `--netns` view need not
+    /// read, nor lose to a full buffer, the whole machine's events; aggregates are still kept).
+    pub netns: u32,
+    /// Non-zero: only events whose local or remote port is this one reach the ring buffer.
+    pub port: u32,
 }
 
 /// Index of the counters in the per-CPU `STATS` array.
@@ -336,6 +388,8 @@ mod pod {
     unsafe impl aya::Pod for super::ListenerStats {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Control {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PastKey {}
 }
 
 #[cfg(test)]
@@ -347,7 +401,9 @@ mod tests {
         assert_eq!(core::mem::size_of::<Event>(), 8 * 3 + 4 * 9 + 2 * 4 + 4 + 16 * 2 + 16);
         assert_eq!(core::mem::offset_of!(Event, sock_ino) % 4, 0);
         assert_eq!(core::mem::size_of::<Event>() % 8, 0);
-        assert_eq!(core::mem::size_of::<KernelOffsets>(), 4 * 42 + 8 * 5);
+        assert_eq!(core::mem::size_of::<KernelOffsets>(), 4 * 46 + 8 * 5);
+        assert_eq!(core::mem::size_of::<PastKey>(), 4 + 2 + 1 + 1 + 2 + 6 + 16);
+        assert_eq!(core::mem::offset_of!(PastKey, addr), 16);
         assert_eq!(core::mem::size_of::<ListenerStats>(), 8 * 7 + 4 * 6 + 2 * 2 + 4);
         assert_eq!(listener_key(1, 80), (1 << 16) | 80);
         assert!(listener_key(u32::MAX, u16::MAX) & SOCKET_KEY == 0);

@@ -1,11 +1,12 @@
 //! Accept completion: a child socket leaves the accept queue. Emits `accept` with the queue wait.
 //!
-//! Hooks, best first: `fexit/inet_csk_accept` (return value through bpf_get_func_ret, so the 4-argument
-//! pre-6.10 and 2-argument later signatures both work), `kprobe`+`kretprobe` on the same function,
+//! Hooks, best first: `fexit/inet_csk_accept` (the return value is the context slot after the
+//! parameters; their count comes from BTF: 4 before 6.10, 2 since), `kprobe`+`kretprobe` on the same function,
 //! and the `syscalls:sys_{enter,exit}_accept{,4}` tracepoints, which resolve the listening and the
 //! returned file descriptors to their sockets.
 
 use aya_ebpf::{
+    EbpfContext as _,
     helpers::bpf_get_current_pid_tgid,
     macros::{fexit, kprobe, kretprobe, tracepoint},
     programs::{FExitContext, ProbeContext, RetProbeContext, TracePointContext},
@@ -17,12 +18,35 @@ use crate::{
     maps::{ACCEPTING, ENQUEUED, emit},
 };
 
+/// `*(u64 *)(ctx + OFF)` as one instruction with the constant offset.
+macro_rules! ctx_slot {
+    ($ctx:expr, $off:literal) => {{
+        let v: u64;
+        // SAFETY: a read of the tracing context at an offset userspace checked against the
+        // function's BTF; the verifier checks it again.
+        unsafe {
+            core::arch::asm!(concat!("{v} = *(u64 *)({c} + ", $off, ")"), c = in(reg) $ctx, v = lateout(reg) v, options(readonly, nostack, preserves_flags));
+        }
+        v
+    }};
+}
+
 #[fexit(function = "inet_csk_accept")]
 pub fn accept_fexit(ctx: FExitContext) -> i32 {
     let listener: u64 = ctx.arg(0);
-    if let Ok(child) = ctx.ret::<u64>() {
-        let _ = emit_accept(listener, child, hook::FEXIT);
-    }
+    // An fexit context is the parameters followed by the return value. bpf_get_func_ret would
+    // find it without the count but needs 5.17. The verifier allows only a constant offset in the
+    // load instruction itself (a computed ctx pointer is refused), which LLVM would produce from
+    // `ctx.arg(n)` arms, so each count has its own load in asm; userspace skips this hook for
+    // any other count.
+    let ctx = ctx.as_ptr();
+    let child = match off!(accept_ret_arg) {
+        2 => ctx_slot!(ctx, 16),
+        3 => ctx_slot!(ctx, 24),
+        4 => ctx_slot!(ctx, 32),
+        _ => return 0,
+    };
+    let _ = emit_accept(listener, child, hook::FEXIT);
     0
 }
 

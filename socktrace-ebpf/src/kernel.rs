@@ -25,6 +25,7 @@ macro_rules! off {
 }
 pub(crate) use off;
 
+pub const TCP_SYN_SENT: u8 = 2;
 pub const TCP_SYN_RECV: i32 = 3;
 pub const TCP_LISTEN: i32 = 10;
 pub const IPPROTO_TCP: u16 = 6;
@@ -130,21 +131,73 @@ pub fn fill_remote_from_skb(ev: &mut Event, skb: u64) -> Result<(), i64> {
     Ok(())
 }
 
-/// Both sides and the netns from a received segment alone (no socket): local = destination.
+/// Netns inode of a packet without a socket, from its device (0 when it has none).
 #[inline(always)]
-pub fn fill_from_packet(ev: &mut Event, skb: u64) -> Result<(), i64> {
+pub fn packet_netns(skb: u64) -> Result<u32, i64> {
     let mut dev: u64 = read(skb, off!(skb_dev))?;
     if dev == 0 {
-        // TCP has cleared skb->dev by now; the input route still names the device.
+        // TCP has cleared skb->dev by now (and locally sent packets get it only at ip_output);
+        // the route still names the device.
         let refdst: u64 = read(skb, off!(skb_refdst))?;
         let dst = refdst & !1;
         if dst != 0 {
             dev = read(dst, off!(dst_dev))?;
         }
     }
-    if dev != 0 {
-        let net: u64 = read(dev, off!(netdev_nd_net))?;
-        ev.netns = read(net, off!(net_ns_inum))?;
+    if dev == 0 {
+        return Ok(0);
+    }
+    let net: u64 = read(dev, off!(netdev_nd_net))?;
+    read(net, off!(net_ns_inum))
+}
+
+/// A TCP segment's addresses (network order, IPv4 in the first 4 bytes), ports and flags byte.
+pub struct TcpPacket {
+    pub family: u16,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub flags: u8,
+}
+
+/// The TCP header of `skb`, or `None` when it is not TCP over IPv4/IPv6 (IPv6 extension headers
+/// are not followed: such packets are skipped).
+#[inline(always)]
+pub fn tcp_packet(skb: u64) -> Result<Option<TcpPacket>, i64> {
+    let (ip, tcp, version) = packet_headers(skb)?;
+    let mut p = TcpPacket { family: AF_INET, saddr: [0; 16], daddr: [0; 16], sport: 0, dport: 0, flags: 0 };
+    if version == 6 {
+        let next: u8 = read(ip, 6)?;
+        if u16::from(next) != IPPROTO_TCP {
+            return Ok(None);
+        }
+        p.family = AF_INET6;
+        read_buf(ip, 8, &mut p.saddr)?;
+        read_buf(ip, 24, &mut p.daddr)?;
+    } else if version == 4 {
+        let proto: u8 = read(ip, 9)?;
+        if u16::from(proto) != IPPROTO_TCP {
+            return Ok(None);
+        }
+        read_buf(ip, 12, &mut p.saddr[..4])?;
+        read_buf(ip, 16, &mut p.daddr[..4])?;
+    } else {
+        return Ok(None);
+    }
+    let head: [u8; 14] = read(tcp, 0)?;
+    p.sport = u16::from_be_bytes([head[0], head[1]]);
+    p.dport = u16::from_be_bytes([head[2], head[3]]);
+    p.flags = head[13];
+    Ok(Some(p))
+}
+
+/// Both sides and the netns from a received segment alone (no socket): local = destination.
+#[inline(always)]
+pub fn fill_from_packet(ev: &mut Event, skb: u64) -> Result<(), i64> {
+    let netns = packet_netns(skb)?;
+    if netns != 0 {
+        ev.netns = netns;
     }
     let (ip, tcp, version) = packet_headers(skb)?;
     if version == 6 {

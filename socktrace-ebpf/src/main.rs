@@ -6,6 +6,7 @@
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
+#![feature(asm_experimental_arch)]
 #![expect(internal_features, reason = "atomic_xadd: the bpf target has no AtomicU64::fetch_add")]
 
 mod accept;
@@ -15,6 +16,7 @@ mod enqueue;
 mod kernel;
 mod maps;
 mod overflow;
+mod past;
 mod retransmit;
 mod syn_drop;
 mod object;

@@ -1,12 +1,13 @@
-//! Maps shared by the hooks: the event ring buffer, the per-CPU counters and the two bounded
-//! correlation tables (enqueue time per child socket, listener per accepting thread).
+//! Maps shared by the hooks: the event ring buffer, the per-CPU counters, the two bounded
+//! correlation tables (enqueue time per child socket, listener per accepting thread) and the
+//! kernel-side aggregates (per listener, and per port for what never reaches one).
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE},
     macros::map,
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
 };
-use socktrace_common::{Control, Event, ListenerStats, stat};
+use socktrace_common::{Control, Event, ListenerStats, PastKey, stat};
 
 /// Events for userspace. Its size is set at load time (`--ring-buffer-kib`).
 #[map]
@@ -26,10 +27,16 @@ pub static ENQUEUED: LruHashMap<u64, u64> = LruHashMap::with_max_entries(65536, 
 #[map]
 pub static ACCEPTING: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, 0);
 
-/// Per-listener aggregates, keyed by `listener_key(netns, lport)`. LRU: listeners come and go.
+/// Per-listener aggregates: a row per port (`listener_key`) and per LISTEN socket (`socket_key`),
+/// so twice the listeners it can hold. LRU: listeners come and go.
 #[map]
-pub static LISTENERS: LruHashMap<u64, ListenerStats> = LruHashMap::with_max_entries(16384, 0);
+pub static LISTENERS: LruHashMap<u64, ListenerStats> = LruHashMap::with_max_entries(32768, 0);
 
+/// Segments to a port that never reached a listener, and local clients' SYN retransmits, per
+/// (netns, port, class, address) (see `socktrace_common::past`). LRU: a scan of many ports or
+/// addresses evicts old rows (their counts are then lost, never invented).
+#[map]
+pub static PAST: LruHashMap<PastKey, u64> = LruHashMap::with_max_entries(16384, 0);
 
 /// Per CPU: when this CPU last let an event wake the reader (see [`emit`]).
 #[map]
@@ -56,8 +63,11 @@ pub fn count(index: u32) {
 pub fn emit(ev: &mut Event) {
     crate::aggregate::name_socket(ev);
     crate::aggregate::record(ev);
-    let mute = CONTROL.get(0).map_or(0, |c| c.mute);
-    if mute & (1 << (ev.kind & 31)) != 0 {
+    let Some(c) = CONTROL.get(0) else { return };
+    if c.mute & (1 << (ev.kind & 31)) != 0
+        || (c.netns != 0 && ev.netns != c.netns)
+        || (c.port != 0 && u32::from(ev.lport) != c.port && u32::from(ev.rport) != c.port)
+    {
         return;
     }
     let flags = wakeup_flags(ev.ts_ns);

@@ -14,14 +14,14 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::{Array, HashMap, MapData, RingBuf};
-use socktrace_common::{AF_INET, AF_INET6, Control, ListenerStats, SOCKET_KEY, kind, listener_key, socket_key, stat};
+use socktrace_common::{AF_INET, AF_INET6, Control, KernelOffsets, ListenerStats, PastKey, SOCKET_KEY, kind, listener_key, socket_key, stat};
 use tokio::io::unix::AsyncFd;
 
 use crate::{
     event::{self, Record},
     filter::Filter,
     model::{DiagSample, ListenerKey, Model},
-    probes::Tracer,
+    probes::{Signal, Tracer},
     ring::{Stats, ring},
     system,
 };
@@ -46,6 +46,18 @@ pub struct Agent {
     trimmed: Instant,
     /// Kernel rows the agent could not create for a listener (reported once on stderr).
     pub seed_errors: u64,
+    /// CLOCK_MONOTONIC right before the last interval's kernel rows were read: the counts are
+    /// as of (about) then, while the interval's sock_diag sample comes after.
+    pub kernel_read_ns: u64,
+}
+
+/// The `PAST` map at one instant, and which of its classes are counted on this kernel.
+#[derive(Clone, Debug, Default)]
+pub struct PastCounts {
+    pub counts: std::collections::BTreeMap<PastKey, u64>,
+    pub netfilter: bool,
+    pub no_socket: bool,
+    pub client_syn_retrans: bool,
 }
 
 /// `BPF_NOEXIST` flag of a map update: create only.
@@ -79,6 +91,7 @@ impl Agent {
             diag_ok: false,
             trimmed: Instant::now(),
             seed_errors: 0,
+            kernel_read_ns: 0,
         };
         agent.write_control()?;
         // Listeners that already exist get their kernel rows before anything else happens.
@@ -132,7 +145,15 @@ impl Agent {
     }
 
     fn write_control(&mut self) -> anyhow::Result<()> {
-        self.control.set(0, Control { epoch: self.epoch, mute: self.mute }, 0).context("writing CONTROL")
+        // The `--netns`/`--port` shorthands also filter in the kernel (a coarse pre-filter: the
+        // rest of the filter is applied here).
+        let control = Control {
+            epoch: self.epoch,
+            mute: self.mute,
+            netns: self.filter.netns.unwrap_or(0),
+            port: self.filter.port.map_or(0, u32::from),
+        };
+        self.control.set(0, control, 0).context("writing CONTROL")
     }
 
     /// Waits for ring-buffer data and feeds it to the model (cancel-safe: use in `select!`).
@@ -159,6 +180,7 @@ impl Agent {
         let mut kernel = Vec::new();
         let mut sockets = Vec::new();
         let mut present = HashSet::new();
+        self.kernel_read_ns = system::monotonic_ns();
         for item in self.listeners.iter() {
             let (k, s) = item.context("reading LISTENERS")?;
             present.insert(k);
@@ -182,6 +204,28 @@ impl Agent {
         }
         self.model.close_interval(&kernel, &sockets, diag.as_ref());
         Ok(())
+    }
+
+    /// Counts in the kernel's `PAST` map now (segments that never reached a listener and local
+    /// clients' SYN retransmits, per netns, port, class and address; monotonic, so callers take
+    /// deltas), with which of its classes this kernel can count.
+    pub fn past_counts(&self) -> anyhow::Result<PastCounts> {
+        let mut counts = std::collections::BTreeMap::new();
+        if let Some(map) = self.tracer.ebpf.map("PAST") {
+            let map: HashMap<&MapData, PastKey, u64> = HashMap::try_from(map)?;
+            for item in map.iter() {
+                let (k, v) = item.context("reading PAST")?;
+                counts.insert(k, v);
+            }
+        }
+        let drops = self.tracer.has(Signal::PacketDrop);
+        let o = &self.tracer.offsets;
+        Ok(PastCounts {
+            counts,
+            netfilter: drops && o.reason_netfilter_drop != KernelOffsets::ABSENT,
+            no_socket: drops && o.reason_no_socket_any != KernelOffsets::ABSENT,
+            client_syn_retrans: self.tracer.has(Signal::Retransmit),
+        })
     }
 
     pub fn lost(&self) -> u64 {

@@ -13,7 +13,7 @@ use crate::{
 };
 
 #[derive(Debug, Parser)]
-#[command(name = "socktrace", version, about = "eBPF TCP listener tracer: why won't the service accept connections?")]
+#[command(name = "socktrace", version = env!("SOCKTRACE_VERSION"), about = "eBPF TCP listener tracer: why won't the service accept connections?")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -99,6 +99,9 @@ pub enum Command {
     /// List TCP sockets in every network namespace (like `ss -tanpe` in each), from
     /// NETLINK_SOCK_DIAG: queues, backlog, drops, owning processes. Needs no eBPF and no root.
     Snapshot(SnapshotArgs),
+    /// Print shell completions (bash, zsh, fish) or a man page (roff) on stdout.
+    #[command(subcommand)]
+    Generate(crate::generate::Target),
 }
 
 /// `top --sort`.

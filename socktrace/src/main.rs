@@ -11,6 +11,7 @@ mod cli;
 mod diagnose;
 mod event;
 mod filter;
+mod generate;
 mod listeners;
 mod model;
 mod offsets;
@@ -121,6 +122,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
         Command::Snapshot(args) => snapshot::run(&args),
+        Command::Generate(what) => generate::run(&what, &mut std::io::stdout().lock()),
     }
 }
 

@@ -105,8 +105,9 @@ impl Counts {
 pub struct Timeline {
     pub first_accept_ns: Option<u64>,
     pub last_accept_ns: Option<u64>,
-    /// Gaps between consecutive accepts (start, end) of at least [`Timeline::KEEP_GAP_NS`].
-    pub gaps: Vec<(u64, u64)>,
+    /// Gaps between consecutive accepts (start, end) of at least [`Timeline::KEEP_GAP_NS`], with
+    /// the queue wait of the accept that ended it (how long its connection had waited), if known.
+    pub gaps: Vec<(u64, u64, Option<u64>)>,
     /// Gaps shorter than that (only counted: the rules need the median gap).
     pub short_gaps: u64,
     /// Times of listen overflows and SYN drops, at most [`Timeline::MAX_DROPS`] of them.
@@ -120,14 +121,14 @@ impl Timeline {
     pub const KEEP_GAP_NS: u64 = 20_000_000;
     pub const MAX_DROPS: usize = 1 << 20;
 
-    pub(crate) fn accept(&mut self, ts: u64) {
+    pub(crate) fn accept(&mut self, ts: u64, wait: Option<u64>) {
         if let Some(last) = self.last_accept_ns {
             // Events of different CPUs can arrive slightly out of order.
             if ts < last {
                 return;
             }
             if ts - last >= Self::KEEP_GAP_NS {
-                self.gaps.push((last, ts));
+                self.gaps.push((last, ts, wait));
             } else {
                 self.short_gaps += 1;
             }
@@ -155,7 +156,7 @@ impl Timeline {
         if mid < self.short_gaps {
             return Some(Self::KEEP_GAP_NS);
         }
-        let mut long: Vec<u64> = self.gaps.iter().map(|(a, b)| b - a).collect();
+        let mut long: Vec<u64> = self.gaps.iter().map(|(a, b, _)| b - a).collect();
         long.sort_unstable();
         long.get(usize::try_from(mid - self.short_gaps).unwrap_or(usize::MAX)).copied()
     }
@@ -408,7 +409,7 @@ impl Model {
         let keep_total = self.keep_total_waits;
         let row = self.row(ListenerKey { netns: r.netns, lport: r.lport });
         if keep_timeline {
-            row.timeline.get_or_insert_default().accept(r.ts_ns);
+            row.timeline.get_or_insert_default().accept(r.ts_ns, r.accept_wait_ns);
         }
         if r.accept_wait_ns.is_none() {
             row.accepts_unknown_wait += 1;
@@ -427,7 +428,7 @@ impl Model {
                 let sock = row.sockets.entry(ino).or_insert_with(|| SocketRow::new(ino, now));
                 sock.accepted_by(a.clone());
                 if keep_timeline {
-                    sock.timeline.get_or_insert_default().accept(r.ts_ns);
+                    sock.timeline.get_or_insert_default().accept(r.ts_ns, r.accept_wait_ns);
                 }
             }
             row.last_acceptor = Some(a);
@@ -685,16 +686,16 @@ mod tests {
     fn timeline_keeps_long_gaps_and_drops() {
         let mut t = Timeline::default();
         for ts in [0, 1_000_000, 2_000_000, 502_000_000, 503_000_000] {
-            t.accept(ts);
+            t.accept(ts, None);
         }
         t.drop_at(300_000_000);
-        assert_eq!(t.gaps, [(2_000_000, 502_000_000)]);
+        assert_eq!(t.gaps, [(2_000_000, 502_000_000, None)]);
         assert_eq!(t.short_gaps, 3);
         assert_eq!(t.median_gap_ns(), Some(Timeline::KEEP_GAP_NS), "most gaps are short");
         assert_eq!((t.first_accept_ns, t.last_accept_ns), (Some(0), Some(503_000_000)));
         let mut slow = Timeline::default();
         for ts in [0, 100_000_000, 200_000_000, 900_000_000] {
-            slow.accept(ts);
+            slow.accept(ts, Some(1000));
         }
         assert_eq!(slow.median_gap_ns(), Some(100_000_000));
         assert_eq!(slow.drops, Vec::<u64>::new());

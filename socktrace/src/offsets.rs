@@ -10,11 +10,16 @@ use std::path::{Path, PathBuf};
 use btf_rs::{Btf, Type};
 use socktrace_common::KernelOffsets;
 
+/// How to supply kernel BTF, appended to every error about a missing or unusable BTF file.
+pub const BTF_HINT: &str = "pass --btf FILE with this kernel's raw BTF (BTFHub's <release>.btf, or `objcopy -O binary --only-section=.BTF vmlinux FILE`)";
+
 #[derive(Debug, thiserror::Error)]
 pub enum OffsetError {
-    #[error("cannot read BTF from {path}: {source}")]
+    #[error("no kernel BTF at {path} (kernel built without CONFIG_DEBUG_INFO_BTF?); {hint}", hint = BTF_HINT)]
+    Missing { path: PathBuf },
+    #[error("cannot read kernel BTF {path}: {source}; {hint}", hint = BTF_HINT)]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("cannot parse BTF from {path}: {message}")]
+    #[error("kernel BTF {path} is not usable ({message}: truncated, or not raw BTF); {hint}", hint = BTF_HINT)]
     Parse { path: PathBuf, message: String },
     #[error("kernel BTF has no struct {0}")]
     NoStruct(String),
@@ -34,12 +39,34 @@ pub struct KernelLayout {
     pub cookie_overflows: bool,
     /// The fentry/kprobe drop hooks can confirm drops with the kernel's per-CPU counter.
     pub counted_drops: bool,
+    /// Parameter count of `inet_csk_accept` in BTF (`None`: no such function); the fexit accept
+    /// hook reads the return value after the parameters and supports [`ACCEPT_PARAMS`].
+    pub accept_params: Option<usize>,
+}
+
+/// Parameter counts of `inet_csk_accept` the fexit program has a context load for: 2 since 6.10
+/// `(sk, arg)`, 4 before `(sk, flags, err, kern)`, 3 before 4.11 `(sk, flags, err)`.
+pub const ACCEPT_PARAMS: std::ops::RangeInclusive<usize> = 2..=4;
+
+impl KernelLayout {
+    /// Drop reasons the packet-drop program can use, for `socktrace probes` and diagnose: kfree_skb
+    /// passes a reason and the kernel's `skb_drop_reason` names it.
+    pub fn netfilter_drops(&self) -> bool {
+        self.offsets.reason_netfilter_drop != KernelOffsets::ABSENT
+    }
+
+    pub fn no_socket_drops(&self) -> bool {
+        self.offsets.reason_no_socket_any != KernelOffsets::ABSENT
+    }
 }
 
 /// Resolves every offset the programs use. `tracefs` is where the syscall `format` files live.
 pub fn resolve(btf_path: &Path, tracefs: &Path) -> Result<KernelLayout, OffsetError> {
-    let bytes = std::fs::read(btf_path)
-        .map_err(|source| OffsetError::Read { path: btf_path.to_owned(), source })?;
+    let bytes = std::fs::read(btf_path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => OffsetError::Missing { path: btf_path.to_owned() },
+        _ => OffsetError::Read { path: btf_path.to_owned(), source },
+    })?;
+    check_btf_size(&bytes).map_err(|message| OffsetError::Parse { path: btf_path.to_owned(), message })?;
     let btf = Btf::from_bytes(&bytes)
         .map_err(|e| OffsetError::Parse { path: btf_path.to_owned(), message: format!("{e:#}") })?;
     let l = Layout { btf: &btf };
@@ -109,6 +136,15 @@ pub fn resolve(btf_path: &Path, tracefs: &Path) -> Result<KernelLayout, OffsetEr
             o.cookie_v6_check = syms[1];
         }
     }
+    let accept_params = l.func_arity("inet_csk_accept");
+    if let Some(n) = accept_params.filter(|n| ACCEPT_PARAMS.contains(n)) {
+        o.accept_ret_arg = u32::try_from(n).unwrap_or(KernelOffsets::ABSENT);
+    }
+    // Segments that never reach a listener: kfree_skb(skb, location, reason) needs the reason argument.
+    if kfree_args >= 3 {
+        o.reason_netfilter_drop = l.enum_value("skb_drop_reason", "SKB_DROP_REASON_NETFILTER_DROP").unwrap_or(KernelOffsets::ABSENT);
+        o.reason_no_socket_any = l.enum_value("skb_drop_reason", "SKB_DROP_REASON_NO_SOCKET").unwrap_or(KernelOffsets::ABSENT);
+    }
     // btf_trace_tcp_retransmit_skb(void *ctx, sk, skb[, err]).
     if l.tracepoint_arity("tcp_retransmit_skb")? >= 3 {
         o.retransmit_err_arg = 2;
@@ -120,7 +156,24 @@ pub fn resolve(btf_path: &Path, tracefs: &Path) -> Result<KernelLayout, OffsetEr
     o.tp_listen_backlog = tracepoint_field(&syscalls.join("sys_enter_listen/format"), "backlog").unwrap_or(24);
     let cookie_overflows = o.reason_no_socket != KernelOffsets::ABSENT;
     let counted_drops = o.per_cpu_offset != 0;
-    Ok(KernelLayout { offsets: o, has_listen_overflow_reason: reason.is_some() && rx_sk, cookie_overflows, counted_drops })
+    Ok(KernelLayout { offsets: o, has_listen_overflow_reason: reason.is_some() && rx_sk, cookie_overflows, counted_drops, accept_params })
+}
+
+/// Whether `bytes` is raw BTF as long as its header says (magic 0xeb9f, then `hdr_len`,
+/// `type_off`, `type_len`, `str_off`, `str_len`): a cut-off file is refused before parsing.
+fn check_btf_size(bytes: &[u8]) -> Result<(), String> {
+    let u32_at = |at: usize| bytes.get(at..at + 4).map(|b| u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+    if bytes.get(..2) != Some(&[0x9f, 0xeb]) {
+        return Err(format!("{} bytes without the BTF magic", bytes.len()));
+    }
+    let (Some(hdr), Some(type_off), Some(type_len), Some(str_off), Some(str_len)) = (u32_at(4), u32_at(8), u32_at(12), u32_at(16), u32_at(20)) else {
+        return Err(format!("{} bytes, shorter than the BTF header", bytes.len()));
+    };
+    let want = hdr + (type_off + type_len).max(str_off + str_len);
+    if (bytes.len() as u64) < want {
+        return Err(format!("{} bytes where the header describes {want}", bytes.len()));
+    }
+    Ok(())
 }
 
 /// Address of a kernel symbol of any type, from /proc/kallsyms text; `None` when missing or hidden.
@@ -277,6 +330,17 @@ impl Layout<'_> {
         None
     }
 
+    /// Number of parameters of kernel function `name` (`None` when BTF has no such function).
+    fn func_arity(&self, name: &str) -> Option<usize> {
+        self.btf.resolve_types_by_name(name).ok()?.into_iter().find_map(|t| match t {
+            Type::Func(f) => match self.btf.resolve_chained_type(&f) {
+                Ok(Type::FuncProto(p)) => Some(p.parameters.len()),
+                _ => None,
+            },
+            _ => None,
+        })
+    }
+
     /// Number of tracepoint arguments (excluding the leading `void *ctx`) of `btf_trace_<tp>`.
     fn tracepoint_arity(&self, tp: &str) -> Result<usize, OffsetError> {
         let name = format!("btf_trace_{tp}");
@@ -353,5 +417,35 @@ mod tests {
         assert!(o.sk_max_ack_backlog > o.skc_v6_rcv_saddr);
         assert!(o.sk_socket != KernelOffsets::ABSENT && o.socket_alloc_inode > 0 && o.inode_ino != KernelOffsets::ABSENT);
         assert_ne!(o.net_ns_inum, 0);
+        // inet_csk_accept: 4 parameters before 6.10, 2 since; the fexit reads the slot after them.
+        let n = l.accept_params.expect("inet_csk_accept in BTF");
+        assert!(ACCEPT_PARAMS.contains(&n), "{n} parameters");
+        assert_eq!(o.accept_ret_arg as usize, n);
+    }
+
+    /// No BTF, or a damaged file: an error (never a panic) that names the file and says how to
+    /// supply `--btf`.
+    #[test]
+    fn missing_or_truncated_btf_says_how_to_supply_it() {
+        let tracefs = Path::new("/sys/kernel/tracing");
+        let missing = resolve(Path::new("/nonexistent/vmlinux"), tracefs).unwrap_err();
+        assert!(matches!(missing, OffsetError::Missing { .. }), "{missing:?}");
+        let text = missing.to_string();
+        assert!(text.contains("/nonexistent/vmlinux") && text.contains("--btf FILE"), "{text}");
+        let btf = Path::new("/sys/kernel/btf/vmlinux");
+        let Ok(full) = std::fs::read(btf) else {
+            eprintln!("skipped the truncation cases: no {}", btf.display());
+            return;
+        };
+        let dir = std::env::temp_dir().join(format!("socktrace-trunc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for len in [0, 10, 200, full.len() / 2, full.len() - 1] {
+            let f = dir.join(format!("btf-{len}"));
+            std::fs::write(&f, &full[..len]).unwrap();
+            let err = resolve(&f, tracefs).expect_err("a truncated BTF file must be refused");
+            let text = err.to_string();
+            assert!(text.contains("--btf FILE") && text.contains(&*f.to_string_lossy()), "{len} bytes: {text}");
+        }
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -15,7 +15,7 @@ use aya::{
     },
 };
 
-use crate::offsets::KernelLayout;
+use crate::offsets::{ACCEPT_PARAMS, KernelLayout};
 
 /// The kinds of kernel hook, in the order the user can name them in `--hooks`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -117,6 +117,10 @@ struct Candidate {
 enum Need {
     Nothing,
     ListenOverflowReason,
+    /// `inet_csk_accept`'s parameter count from BTF, one the fexit program can read past.
+    AcceptParams,
+    /// kfree_skb passes a reason and the kernel has NETFILTER_DROP or NO_SOCKET.
+    PacketDropReason,
 }
 
 /// The signals socktrace traces.
@@ -131,10 +135,12 @@ pub enum Signal {
     SynackRetransmit,
     /// listen(2) calls (the backlog asked for).
     Listen,
+    /// Segments to a port dropped before any listener: by netfilter, or for want of a socket.
+    PacketDrop,
 }
 
 impl Signal {
-    pub const ALL: [Signal; 7] = [
+    pub const ALL: [Signal; 8] = [
         Signal::Accept,
         Signal::Enqueue,
         Signal::ListenOverflow,
@@ -142,6 +148,7 @@ impl Signal {
         Signal::Retransmit,
         Signal::SynackRetransmit,
         Signal::Listen,
+        Signal::PacketDrop,
     ];
 
     pub fn name(self) -> &'static str {
@@ -153,6 +160,7 @@ impl Signal {
             Signal::Retransmit => "retransmit",
             Signal::SynackRetransmit => "synack_retransmit",
             Signal::Listen => "listen",
+            Signal::PacketDrop => "packet_drop",
         }
     }
 
@@ -163,7 +171,7 @@ impl Signal {
                 Candidate { kind: HookKind::RawTp, progs: &[Prog { name: "enqueue_raw", attach: Attach::RawTp("inet_sock_set_state") }], needs: Need::Nothing },
             ],
             Signal::Accept => &[
-                Candidate { kind: HookKind::Fexit, progs: &[Prog { name: "accept_fexit", attach: Attach::FExit("inet_csk_accept") }], needs: Need::Nothing },
+                Candidate { kind: HookKind::Fexit, progs: &[Prog { name: "accept_fexit", attach: Attach::FExit("inet_csk_accept") }], needs: Need::AcceptParams },
                 Candidate {
                     kind: HookKind::Kprobe,
                     progs: &[
@@ -237,6 +245,10 @@ impl Signal {
                 progs: &[Prog { name: "listen_enter", attach: Attach::Tracepoint("syscalls", "sys_enter_listen") }],
                 needs: Need::Nothing,
             }],
+            Signal::PacketDrop => &[
+                Candidate { kind: HookKind::TpBtf, progs: &[Prog { name: "past_btf", attach: Attach::TpBtf("kfree_skb") }], needs: Need::PacketDropReason },
+                Candidate { kind: HookKind::RawTp, progs: &[Prog { name: "past_raw", attach: Attach::RawTp("kfree_skb") }], needs: Need::PacketDropReason },
+            ],
             Signal::SynackRetransmit => &[
                 Candidate { kind: HookKind::TpBtf, progs: &[Prog { name: "synack_btf", attach: Attach::TpBtf("tcp_retransmit_synack") }], needs: Need::Nothing },
                 Candidate { kind: HookKind::RawTp, progs: &[Prog { name: "synack_raw", attach: Attach::RawTp("tcp_retransmit_synack") }], needs: Need::Nothing },
@@ -280,7 +292,7 @@ pub struct LoadOptions {
 pub enum LoadError {
     #[error("this binary was built without its eBPF object (AYA_BUILD_SKIP was set); rebuild normally")]
     NoObject,
-    #[error("cannot parse kernel BTF {path}: {message}")]
+    #[error("kernel BTF {path} is not usable ({message}); {hint}", hint = crate::offsets::BTF_HINT)]
     Btf { path: PathBuf, message: String },
     #[error("loading the eBPF object failed: {0}")]
     Object(String),
@@ -290,6 +302,8 @@ pub enum LoadError {
 pub struct Tracer {
     pub ebpf: Ebpf,
     pub report: Vec<SignalReport>,
+    /// What the programs were loaded with (which drop reasons this kernel has).
+    pub offsets: socktrace_common::KernelOffsets,
 }
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/socktrace"));
@@ -319,13 +333,7 @@ pub fn load(layout: &KernelLayout, opts: &LoadOptions) -> Result<Tracer, LoadErr
         };
         for cand in signal.candidates() {
             let at = cand.progs.iter().map(|p| p.attach.to_string()).collect::<Vec<_>>().join(" + ");
-            let skip = if !opts.allowed.contains(&cand.kind) {
-                Some("disabled by --hooks".to_owned())
-            } else if cand.needs == Need::ListenOverflowReason && !layout.has_listen_overflow_reason {
-                Some("kernel has no SKB_DROP_REASON_TCP_LISTEN_OVERFLOW with rx_sk in kfree_skb".to_owned())
-            } else {
-                None
-            };
+            let skip = if opts.allowed.contains(&cand.kind) { unmet(cand.needs, layout) } else { Some("disabled by --hooks".to_owned()) };
             let result = match skip {
                 Some(reason) => Err(reason),
                 None => attach_all(&mut ebpf, cand.progs, &btf, cgroup.as_ref(), opts),
@@ -342,7 +350,27 @@ pub fn load(layout: &KernelLayout, opts: &LoadOptions) -> Result<Tracer, LoadErr
         }
         report.push(rep);
     }
-    Ok(Tracer { ebpf, report })
+    Ok(Tracer { ebpf, report, offsets: layout.offsets })
+}
+
+/// Why a kernel lacks what a candidate needs (`None`: it has it).
+fn unmet(need: Need, layout: &KernelLayout) -> Option<String> {
+    match need {
+        Need::Nothing => None,
+        Need::ListenOverflowReason => (!layout.has_listen_overflow_reason)
+            .then(|| "kernel has no SKB_DROP_REASON_TCP_LISTEN_OVERFLOW with rx_sk in kfree_skb".to_owned()),
+        Need::AcceptParams => match layout.accept_params {
+            Some(n) if ACCEPT_PARAMS.contains(&n) => None,
+            Some(n) => Some(format!(
+                "inet_csk_accept has {n} parameters in BTF; the fexit program reads the return value after {}-{} only",
+                ACCEPT_PARAMS.start(),
+                ACCEPT_PARAMS.end()
+            )),
+            None => Some("kernel BTF has no function inet_csk_accept".to_owned()),
+        },
+        Need::PacketDropReason => (!layout.netfilter_drops() && !layout.no_socket_drops())
+            .then(|| "kernel's kfree_skb has no SKB_DROP_REASON_NETFILTER_DROP or NO_SOCKET".to_owned()),
+    }
 }
 
 fn notes(signal: Signal, kind: HookKind, layout: &KernelLayout) -> Vec<String> {
@@ -362,6 +390,13 @@ fn notes(signal: Signal, kind: HookKind, layout: &KernelLayout) -> Vec<String> {
         (Signal::SynDrop, HookKind::CgroupSkb) => vec![
             "sees SYNs only for listeners owned by processes in the attached cgroup; checks the queue just before the kernel does".into(),
         ],
+        (Signal::PacketDrop, _) => {
+            let mut v = Vec::new();
+            for (have, what) in [(layout.netfilter_drops(), "netfilter drops (SKB_DROP_REASON_NETFILTER_DROP)"), (layout.no_socket_drops(), "SYNs to an unbound address (SKB_DROP_REASON_NO_SOCKET)")] {
+                v.push(if have { what.to_owned() } else { format!("{what} UNAVAILABLE: the kernel has no such drop reason") });
+            }
+            v
+        }
         (Signal::Accept, HookKind::Tracepoint) => {
             vec![
                 "accept(2)/accept4(2) syscalls only (io_uring accepts are not seen)".into(),
@@ -491,7 +526,51 @@ fn short(e: ProgramError) -> String {
     }
 }
 
+/// Which counted signals have a hook: the views show an untraced signal's counts as unavailable
+/// (`-`, `null`, absent series), never as 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[expect(clippy::struct_excessive_bools, reason = "one flag per counted signal, read by name in the views")]
+pub struct Traced {
+    pub accept: bool,
+    pub listen_overflow: bool,
+    pub syn_drop: bool,
+    pub retransmit: bool,
+    pub synack_retransmit: bool,
+}
+
+impl Traced {
+    /// Names of the counted signals without a hook, for notes in the views.
+    pub fn missing(self) -> Vec<&'static str> {
+        [
+            (self.accept, Signal::Accept),
+            (self.listen_overflow, Signal::ListenOverflow),
+            (self.syn_drop, Signal::SynDrop),
+            (self.retransmit, Signal::Retransmit),
+            (self.synack_retransmit, Signal::SynackRetransmit),
+        ]
+        .into_iter()
+        .filter(|(on, _)| !on)
+        .map(|(_, s)| s.name())
+        .collect()
+    }
+}
+
 impl Tracer {
+    /// Whether `signal` (its `name()`) has a hook in use.
+    pub fn has(&self, signal: Signal) -> bool {
+        self.report.iter().any(|r| r.signal == signal.name() && r.hook.is_some())
+    }
+
+    pub fn traced(&self) -> Traced {
+        Traced {
+            accept: self.has(Signal::Accept),
+            listen_overflow: self.has(Signal::ListenOverflow),
+            syn_drop: self.has(Signal::SynDrop),
+            retransmit: self.has(Signal::Retransmit),
+            synack_retransmit: self.has(Signal::SynackRetransmit),
+        }
+    }
+
     /// One line for stderr once everything is attached.
     pub fn summary(&self) -> String {
         let parts: Vec<String> = self

@@ -8,7 +8,8 @@
 //! (default 1000); listeners that vanish are dropped after the model's grace period (30 scrapes).
 //! A port with several LISTEN sockets (SO_REUSEPORT) also gets `socktrace_socket_*` series per
 //! socket, labelled `socket` = its index within the port (0, 1, …; stable while the socket lives,
-//! a freed index is reused by the next new socket), at most [`MAX_SOCKETS_PER_PORT`] per port.
+//! a freed index is reused by the next new socket), at most [`MAX_SOCKETS_PER_PORT`] per port; once
+//! a port had several, its socket series stay while it lives (a survivor's counter goes on).
 //! The port's queue gauges are those of its fullest socket, never a sum.
 //! The HTTP side is hardened against slow or malformed clients: header read timeout, request size
 //! limit, a cap on concurrent connections and on each connection's lifetime.
@@ -45,7 +46,7 @@ use tokio::{
     sync::{Semaphore, mpsc, oneshot},
 };
 
-use crate::{agent::Agent, model::ListenerKey};
+use crate::{agent::Agent, model::ListenerKey, probes::Traced};
 
 pub struct ServeOptions {
     pub listen: SocketAddr,
@@ -105,9 +106,13 @@ struct Metrics {
     sock_overflows: Family<SocketLabels, Counter>,
     sock_syn_drops: Family<SocketLabels, Counter>,
     sockets_skipped: Gauge,
-    /// Per port: socket inode → its `socket` label index.
+    /// Per port: socket inode → its `socket` label index. A port is in it from the first scrape
+    /// that saw it with several sockets (then its socket series stay, even while one is left, so
+    /// a surviving socket's counter never restarts), until the port goes.
     socket_index: BTreeMap<ListenerKey, BTreeMap<u32, u32>>,
     exported_sockets: HashSet<SocketLabels>,
+    /// Counters of a signal with no hook are not exported (absent, not 0).
+    traced: Traced,
 }
 
 impl Metrics {
@@ -137,6 +142,7 @@ impl Metrics {
             sockets_skipped: Gauge::default(),
             socket_index: BTreeMap::new(),
             exported_sockets: HashSet::new(),
+            traced: agent.tracer.traced(),
         };
         registry.register("accept_queue_length", "Connections in the accept queue now (sock_diag; the port's fullest socket)", m.queue_len.clone());
         registry.register("accept_queue_max", "Accept queue limit (listen backlog) of the port's fullest socket", m.queue_max.clone());
@@ -172,6 +178,17 @@ impl Metrics {
 
     fn families(&self) -> [&Family<Labels, Counter>; 5] {
         [&self.accepts, &self.overflows, &self.syn_drops, &self.synack, &self.retrans]
+    }
+
+    /// Per family of [`Self::families`]: whether its signals are traced (`listen_overflows` needs
+    /// both drop signals).
+    fn traced_families(&self) -> [bool; 5] {
+        let t = self.traced;
+        [t.accept, t.listen_overflow && t.syn_drop, t.syn_drop, t.synack_retransmit, t.retransmit]
+    }
+
+    fn exported_families(&self) -> impl Iterator<Item = &Family<Labels, Counter>> {
+        self.families().into_iter().zip(self.traced_families()).filter_map(|(f, on)| on.then_some(f))
     }
 
     fn remove(&self, labels: &Labels) {
@@ -212,7 +229,7 @@ impl Metrics {
             };
             if let Some(old) = self.exported.get(key).filter(|old| **old != labels) {
                 // Same listener, new owner or address: carry the counters over to the new series.
-                for c in self.families() {
+                for c in self.exported_families() {
                     let v = c.get_or_create(old).get();
                     c.get_or_create(&labels).inc_by(v);
                 }
@@ -230,11 +247,13 @@ impl Metrics {
             set(&self.queue_len, l.queue_len);
             set(&self.queue_max, l.backlog);
             set(&self.queue_peak, l.queue_peak);
-            self.accepts.get_or_create(&labels).inc_by(l.interval.accepts);
-            self.overflows.get_or_create(&labels).inc_by(l.interval.overflows + l.interval.syn_drops);
-            self.syn_drops.get_or_create(&labels).inc_by(l.interval.syn_drops);
-            self.synack.get_or_create(&labels).inc_by(l.interval.synack_retransmits);
-            self.retrans.get_or_create(&labels).inc_by(l.interval.retransmits);
+            let i = &l.interval;
+            let by = [i.accepts, i.overflows + i.syn_drops, i.syn_drops, i.synack_retransmits, i.retransmits];
+            for ((c, n), on) in self.families().into_iter().zip(by).zip(self.traced_families()) {
+                if on {
+                    c.get_or_create(&labels).inc_by(n);
+                }
+            }
             {
                 let h = self.wait.get_or_create(&labels);
                 for v in l.waits.iter().flat_map(|w| w.iter_recorded()) {
@@ -271,6 +290,10 @@ impl Metrics {
     /// The `socktrace_socket_*` series of one port with several LISTEN sockets; returns how many
     /// sockets were over the limit.
     fn update_sockets(&mut self, key: ListenerKey, l: &crate::model::Listener, exported: &mut HashSet<SocketLabels>) -> i64 {
+        if l.sockets.len() < 2 && !self.socket_index.contains_key(&key) {
+            return 0;
+        }
+        let [accepts, overflows, syn_drops, ..] = self.traced_families();
         let index = self.socket_index.entry(key).or_default();
         index.retain(|ino, _| l.sockets.contains_key(ino));
         for ino in l.sockets.keys() {
@@ -279,9 +302,6 @@ impl Metrics {
                 let free = (0..).find(|i| !used.contains(i)).unwrap_or(0);
                 index.insert(*ino, free);
             }
-        }
-        if l.sockets.len() < 2 {
-            return 0;
         }
         let mut over = 0;
         for (ino, s) in &l.sockets {
@@ -306,9 +326,12 @@ impl Metrics {
                     }
                 }
             }
-            self.sock_accepts.get_or_create(&labels).inc_by(s.interval.accepts);
-            self.sock_overflows.get_or_create(&labels).inc_by(s.interval.overflows + s.interval.syn_drops);
-            self.sock_syn_drops.get_or_create(&labels).inc_by(s.interval.syn_drops);
+            let i = &s.interval;
+            for ((c, n), on) in [&self.sock_accepts, &self.sock_overflows, &self.sock_syn_drops].into_iter().zip([i.accepts, i.overflows + i.syn_drops, i.syn_drops]).zip([accepts, overflows, syn_drops]) {
+                if on {
+                    c.get_or_create(&labels).inc_by(n);
+                }
+            }
             exported.insert(labels);
         }
         over

@@ -21,6 +21,7 @@ use crate::cli::SortKey;
 use crate::{
     agent::Agent,
     model::{Listener, SocketRow},
+    probes::Traced,
     system,
 };
 
@@ -45,16 +46,17 @@ pub struct Row {
     pub queue_len: Option<u32>,
     pub queue_peak: Option<u32>,
     pub queue_max: Option<u32>,
-    pub accepts: u64,
+    /// Counts of a signal no hook traces on this kernel are `None` (null), never 0.
+    pub accepts: Option<u64>,
     pub accept_wait_p50_ns: Option<u64>,
     pub accept_wait_p99_ns: Option<u64>,
     pub accept_wait_max_ns: Option<u64>,
-    pub overflows: u64,
-    pub syn_drops: u64,
-    pub synack_retransmits: u64,
-    pub retransmits: u64,
-    pub overflows_total: u64,
-    pub syn_drops_total: u64,
+    pub overflows: Option<u64>,
+    pub syn_drops: Option<u64>,
+    pub synack_retransmits: Option<u64>,
+    pub retransmits: Option<u64>,
+    pub overflows_total: Option<u64>,
+    pub syn_drops_total: Option<u64>,
     pub sk_drops: Option<u64>,
     pub last_acceptor: Option<(u32, u32, String)>,
     /// Every LISTEN socket on the port (one for a plain listener).
@@ -84,13 +86,14 @@ pub struct SocketJson {
     pub queue_len: Option<u32>,
     pub queue_peak: Option<u32>,
     pub queue_max: Option<u32>,
-    pub accepts: u64,
-    pub overflows: u64,
-    pub syn_drops: u64,
-    pub synack_retransmits: u64,
-    pub accepts_total: u64,
-    pub overflows_total: u64,
-    pub syn_drops_total: u64,
+    /// As in [`Row`]: `None` for a signal no hook traces.
+    pub accepts: Option<u64>,
+    pub overflows: Option<u64>,
+    pub syn_drops: Option<u64>,
+    pub synack_retransmits: Option<u64>,
+    pub accepts_total: Option<u64>,
+    pub overflows_total: Option<u64>,
+    pub syn_drops_total: Option<u64>,
     pub sk_drops: Option<u64>,
     /// The queue passed its backlog in the interval.
     pub saturated: bool,
@@ -100,7 +103,7 @@ pub struct SocketJson {
 }
 
 impl SocketJson {
-    pub fn of(s: &SocketRow) -> SocketJson {
+    pub fn of(s: &SocketRow, traced: Traced) -> SocketJson {
         SocketJson {
             inode: s.inode,
             cookie: (s.cookie != 0).then_some(s.cookie),
@@ -109,13 +112,13 @@ impl SocketJson {
             queue_len: s.queue_len,
             queue_peak: s.queue_peak,
             queue_max: s.backlog,
-            accepts: s.interval.accepts,
-            overflows: s.interval.overflows,
-            syn_drops: s.interval.syn_drops,
-            synack_retransmits: s.interval.synack_retransmits,
-            accepts_total: s.total.accepts,
-            overflows_total: s.total.overflows,
-            syn_drops_total: s.total.syn_drops,
+            accepts: traced.accept.then_some(s.interval.accepts),
+            overflows: traced.listen_overflow.then_some(s.interval.overflows),
+            syn_drops: traced.syn_drop.then_some(s.interval.syn_drops),
+            synack_retransmits: traced.synack_retransmit.then_some(s.interval.synack_retransmits),
+            accepts_total: traced.accept.then_some(s.total.accepts),
+            overflows_total: traced.listen_overflow.then_some(s.total.overflows),
+            syn_drops_total: traced.syn_drop.then_some(s.total.syn_drops),
             sk_drops: s.drops,
             saturated: s.saturated(),
             acceptors: s.acceptors.iter().map(|a| Task { pid: a.pid, tid: Some(a.tid), comm: a.comm.clone(), last_accept_ns: Some(a.ts_ns) }).collect(),
@@ -125,7 +128,7 @@ impl SocketJson {
 }
 
 impl Row {
-    pub fn of(l: &Listener) -> Row {
+    pub fn of(l: &Listener, traced: Traced) -> Row {
         let q = l.wait_quantiles();
         let owner = l.owners.first().cloned().or_else(|| l.last_acceptor.as_ref().map(|a| (a.pid, a.comm.clone())));
         let laddrs: Vec<String> = l.laddrs.iter().map(ToString::to_string).collect();
@@ -140,34 +143,38 @@ impl Row {
             queue_len: l.queue_len,
             queue_peak: l.queue_peak,
             queue_max: l.backlog,
-            accepts: l.interval.accepts,
+            accepts: traced.accept.then_some(l.interval.accepts),
             accept_wait_p50_ns: q.map(|q| q.0),
             accept_wait_p99_ns: q.map(|q| q.1),
             accept_wait_max_ns: q.map(|q| q.2),
-            overflows: l.interval.overflows,
-            syn_drops: l.interval.syn_drops,
-            synack_retransmits: l.interval.synack_retransmits,
-            retransmits: l.interval.retransmits,
-            overflows_total: l.total.overflows,
-            syn_drops_total: l.total.syn_drops,
+            overflows: traced.listen_overflow.then_some(l.interval.overflows),
+            syn_drops: traced.syn_drop.then_some(l.interval.syn_drops),
+            synack_retransmits: traced.synack_retransmit.then_some(l.interval.synack_retransmits),
+            retransmits: traced.retransmit.then_some(l.interval.retransmits),
+            overflows_total: traced.listen_overflow.then_some(l.total.overflows),
+            syn_drops_total: traced.syn_drop.then_some(l.total.syn_drops),
             sk_drops: l.drops,
             last_acceptor: l.last_acceptor.as_ref().map(|a| (a.pid, a.tid, a.comm.clone())),
-            sockets: l.sockets.values().map(SocketJson::of).collect(),
+            sockets: l.sockets.values().map(|s| SocketJson::of(s, traced)).collect(),
         }
     }
 }
 
 pub fn sorted_rows(agent: &Agent, sort: SortKey) -> Vec<(Row, bool, Vec<u32>)> {
-    let mut rows: Vec<_> = agent.model.listeners.values().map(|l| (Row::of(l), l.saturated(), l.history.clone())).collect();
+    let traced = agent.tracer.traced();
+    let mut rows: Vec<_> = agent.model.listeners.values().map(|l| (Row::of(l, traced), l.saturated(), l.history.clone())).collect();
     let fill = |r: &Row| match (r.queue_peak, r.queue_max) {
         (Some(p), Some(m)) if m > 0 => f64::from(p) / f64::from(m),
         _ => 0.0,
     };
     match sort {
-        SortKey::Drops => rows.sort_by_key(|(r, _, _)| std::cmp::Reverse((r.overflows + r.syn_drops, r.overflows_total + r.syn_drops_total))),
+        SortKey::Drops => rows.sort_by_key(|(r, _, _)| {
+            let n = |v: Option<u64>| v.unwrap_or(0);
+            std::cmp::Reverse((n(r.overflows) + n(r.syn_drops), n(r.overflows_total) + n(r.syn_drops_total)))
+        }),
         SortKey::Queue => rows.sort_by(|a, b| fill(&b.0).total_cmp(&fill(&a.0))),
         SortKey::Wait => rows.sort_by_key(|(r, _, _)| std::cmp::Reverse(r.accept_wait_p99_ns.unwrap_or(0))),
-        SortKey::Accepts => rows.sort_by_key(|(r, _, _)| std::cmp::Reverse(r.accepts)),
+        SortKey::Accepts => rows.sort_by_key(|(r, _, _)| std::cmp::Reverse(r.accepts.unwrap_or(0))),
         SortKey::Port => rows.sort_by_key(|(r, _, _)| (r.lport, r.netns)),
     }
     rows
@@ -211,13 +218,13 @@ fn member_cells(s: &SocketJson, last: bool, secs: f64) -> [String; 13] {
         opt(s.queue_len),
         opt(s.queue_peak),
         opt(s.queue_max),
-        format!("{:.0}", s.accepts as f64 / secs),
+        s.accepts.map_or_else(|| "-".into(), |a| format!("{:.0}", a as f64 / secs)),
         "-".into(),
         "-".into(),
         "-".into(),
-        format!("{} ({})", s.overflows, s.overflows_total),
-        format!("{} ({})", s.syn_drops, s.syn_drops_total),
-        format!("{}/-", s.synack_retransmits),
+        format!("{} ({})", opt(s.overflows), opt(s.overflows_total)),
+        format!("{} ({})", opt(s.syn_drops), opt(s.syn_drops_total)),
+        format!("{}/-", opt(s.synack_retransmits)),
     ]
 }
 
@@ -238,13 +245,13 @@ pub fn cells(r: &Row, secs: f64) -> [String; 13] {
         opt(r.queue_len),
         opt(r.queue_peak),
         opt(r.queue_max),
-        format!("{:.0}", r.accepts as f64 / secs),
+        r.accepts.map_or_else(|| "-".into(), |a| format!("{:.0}", a as f64 / secs)),
         ms(r.accept_wait_p50_ns),
         ms(r.accept_wait_p99_ns),
         ms(r.accept_wait_max_ns),
-        format!("{} ({})", r.overflows, r.overflows_total),
-        format!("{} ({})", r.syn_drops, r.syn_drops_total),
-        format!("{}/{}", r.synack_retransmits, r.retransmits),
+        format!("{} ({})", opt(r.overflows), opt(r.overflows_total)),
+        format!("{} ({})", opt(r.syn_drops), opt(r.syn_drops_total)),
+        format!("{}/{}", opt(r.synack_retransmits), opt(r.retransmits)),
     ]
 }
 
@@ -289,6 +296,7 @@ fn print_interval(out: &mut impl Write, agent: &Agent, opts: &TopOptions) -> any
             "interval_ns": u64::try_from(opts.interval.as_nanos()).unwrap_or(u64::MAX),
             "lost": agent.lost(),
             "sock_diag": agent.diag_ok,
+            "untraced": agent.tracer.traced().missing(),
             "listeners": listeners,
         });
         writeln!(out, "{v}")?;
@@ -309,13 +317,15 @@ fn print_interval(out: &mut impl Write, agent: &Agent, opts: &TopOptions) -> any
             *w = (*w).max(c.len());
         }
     }
+    let untraced = agent.tracer.traced().missing();
     writeln!(
         out,
-        "socktrace top: {} listeners, interval {:.1}s, events lost {}{}",
+        "socktrace top: {} listeners, interval {:.1}s, events lost {}{}{}",
         rows.len(),
         secs,
         agent.lost(),
-        if agent.diag_ok { "" } else { " (sock_diag unavailable: queue now/backlog/owner unknown)" }
+        if agent.diag_ok { "" } else { " (sock_diag unavailable: queue now/backlog/owner unknown)" },
+        if untraced.is_empty() { String::new() } else { format!(" (UNAVAILABLE on this kernel, shown as -: {})", untraced.join(", ")) }
     )?;
     for (i, row) in table.iter().enumerate() {
         let mark = if hot[i] { "!" } else { " " };

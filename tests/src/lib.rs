@@ -16,6 +16,10 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 
+pub mod diag;
+pub mod reuseport;
+pub mod servers;
+
 /// Whether privileged tests may run. Without root they skip with a printed reason, unless
 /// `SOCKTRACE_REQUIRE_BPF=1`, where a skip is a failure.
 pub fn privileged() -> bool {
@@ -98,6 +102,20 @@ impl NetNs {
             }
             Counters(c)
         })
+    }
+
+    /// Packet loss: nftables drops `percent` % of the segments from port `sport` longer than 120
+    /// bytes (data, not bare ACKs or handshakes) on this namespace's INPUT hook (drops on OUTPUT
+    /// would be local send errors, which TCP does not retransmit).
+    pub fn drop_segments_from(&self, sport: u16, percent: u32) -> anyhow::Result<()> {
+        let rules = format!(
+            "table inet socktrace_loss {{\n chain input {{\n  type filter hook input priority 0; policy accept;\n  tcp sport {sport} meta length > 120 numgen random mod 100 < {percent} drop\n }}\n}}\n"
+        );
+        let file = std::env::temp_dir().join(format!("socktrace-loss-{}-{}.nft", self.name, monotonic_ns()));
+        fs::write(&file, rules)?;
+        let r = self.exec(&["nft", "-f", &file.to_string_lossy()]);
+        let _ = fs::remove_file(&file);
+        r.map(drop)
     }
 
     pub fn exec(&self, args: &[&str]) -> anyhow::Result<String> {
@@ -334,6 +352,16 @@ impl Scenario {
 
     pub fn pid(&self) -> u32 {
         self.0.pid()
+    }
+
+    /// The JSON lines printed so far (the process may still run).
+    pub fn lines(&self) -> Vec<Value> {
+        self.0.stdout_lines().iter().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    }
+
+    /// `ts_ns` of the `"event": "accept"` lines printed so far (a server's accepts).
+    pub fn accept_times(&self) -> Vec<u64> {
+        self.lines().iter().filter(|l| l["event"] == "accept").filter_map(|l| l["ts_ns"].as_u64()).collect()
     }
 
     /// Waits for exit (bounded) and returns its JSON lines.

@@ -7,8 +7,8 @@ use std::{collections::HashMap, path::Path, process::Command, time::Duration};
 
 use serde_json::Value;
 use socktrace_tests::{
-    Cgroup, NetNs, Scenario, Watch, assert_expected_hooks, monotonic_ns, of_kind, privileged, probes, recursion_misses,
-    socktrace_bin, time_scale,
+    Cgroup, NetNs, Scenario, Serve, Socktrace, Watch, assert_expected_hooks, http_get, monotonic_ns, of_kind, privileged,
+    probes, recursion_misses, socktrace_bin, time_scale,
 };
 
 /// Expected hooks (`signal=hook,…`) of tests on the suite's hooks and of the fallback-hooks test;
@@ -417,4 +417,115 @@ fn ipv6_listener_accepts_and_overflows() {
         }
     }
     assert!(accepts.iter().all(|a| a["accept_wait_ns"].as_u64().is_some()), "waits known");
+}
+
+/// A kernel without usable BTF: tracing commands fail with one line naming what is missing and how
+/// to supply `--btf`; with `--btf` naming a copy of the BTF they work; `snapshot` needs none.
+/// "No BTF" is simulated three ways: a missing file, a truncated copy, and the kernel's own
+/// `/sys/kernel/btf` hidden under an empty tmpfs in a private mount namespace (`unshare -m`), as on a
+/// kernel built without `CONFIG_DEBUG_INFO_BTF`.
+#[test]
+fn missing_kernel_btf_is_one_line_with_hint() {
+    if !privileged() {
+        return;
+    }
+    let bin = socktrace_bin();
+    let sys_btf = Path::new("/sys/kernel/btf/vmlinux");
+    let full = std::fs::read(sys_btf).expect("this test needs the kernel's BTF to copy");
+    let dir = std::env::temp_dir().join(format!("socktrace-btf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let copy = dir.join("vmlinux.btf");
+    std::fs::write(&copy, &full).unwrap();
+    let truncated = dir.join("truncated.btf");
+    std::fs::write(&truncated, &full[..full.len() / 3]).unwrap();
+    let (copy_s, trunc_s) = (copy.to_string_lossy().into_owned(), truncated.to_string_lossy().into_owned());
+
+    one_line_error(Command::new(&bin).args(["probes", "--btf", "/nonexistent/vmlinux"]), 1, "no kernel BTF at /nonexistent/vmlinux");
+    one_line_error(Command::new(&bin).args(["watch", "--btf", "/nonexistent/vmlinux"]), 1, "pass --btf FILE");
+    one_line_error(Command::new(&bin).args(["watch", "--btf", &trunc_s]), 1, "truncated");
+    one_line_error(Command::new(&bin).args(["top", "--once", "--btf", &trunc_s]), 1, "pass --btf FILE");
+
+    // Hidden: the same commands in a mount namespace where /sys/kernel/btf is an empty tmpfs.
+    let hidden = |args: &[&str]| {
+        let mut c = Command::new("unshare");
+        c.args(["-m", "sh", "-c", r#"mount -t tmpfs socktrace-nobtf /sys/kernel/btf && exec "$@""#, "sh"]).arg(&bin).args(args);
+        c
+    };
+    one_line_error(&mut hidden(&["probes"]), 1, "no kernel BTF at /sys/kernel/btf/vmlinux");
+    one_line_error(&mut hidden(&["diagnose", "--duration", "1s"]), 1, "pass --btf FILE");
+    let with_copy = hidden(&["probes", "--json", "--btf", &copy_s]).output().unwrap();
+    assert!(with_copy.status.success(), "probes --btf COPY with /sys/kernel/btf hidden: {}", String::from_utf8_lossy(&with_copy.stderr));
+    let normal = Command::new(&bin).args(["probes", "--json"]).output().unwrap();
+    let hooks = |out: &[u8]| -> Vec<(String, Option<String>)> {
+        let v: Value = serde_json::from_slice(out).unwrap();
+        v.as_array().unwrap().iter().map(|s| (s["signal"].as_str().unwrap().to_owned(), s["hook"].as_str().map(str::to_owned))).collect()
+    };
+    assert_eq!(hooks(&with_copy.stdout), hooks(&normal.stdout), "--btf COPY must pick the same hooks as the kernel's own BTF");
+    let snap = hidden(&["snapshot", "-l", "--no-processes", "--json"]).output().unwrap();
+    assert!(snap.status.success(), "snapshot without BTF: {}", String::from_utf8_lossy(&snap.stderr));
+    assert!(serde_json::from_slice::<Value>(&snap.stdout).unwrap().is_array());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A signal with no hook (here `syn_drop`: `--hooks` without fentry, kprobe and `cgroup_skb`; on
+/// kernels without the overflow drop reason `listen_overflow` too) is `null` in `top --json` and
+/// absent from `/metrics`, never 0; the traced ones are numbers.
+#[test]
+fn untraced_signals_are_unavailable_not_zero() {
+    if !privileged() {
+        return;
+    }
+    let limited = ["--hooks", "tp_btf,raw_tp,tracepoint"];
+    let hooks = probes(&limited).unwrap();
+    assert_eq!(hooks["syn_drop"], None, "syn_drop needs fentry, kprobe or cgroup_skb: {hooks:?}");
+    let ns = NetNs::new("untr").unwrap();
+    let inode = ns.inode().to_string();
+    let mut serve_args = vec!["--netns", inode.as_str()];
+    serve_args.extend(limited);
+    let serve = Serve::start(19470, &serve_args).unwrap();
+    // top last: its intervals must cover the scenario that follows.
+    let mut args = vec!["top", "--json", "--interval", "1s", "--iterations", "6", "--netns", &inode];
+    args.extend(limited);
+    let top = Socktrace::start(&args, "tracing started").unwrap();
+    let server = Scenario::start(
+        Path::new(SCENARIO),
+        &s(&["server", "--netns", &ns.name, "--addr", "127.0.0.1:9250", "--backlog", "2", "--accept-after-ms", "400", "--max-accepts", "10", "--run-ms", "4000"]),
+    )
+    .unwrap();
+    let clients = Scenario::start(Path::new(SCENARIO), &s(&["clients", "--netns", &ns.name, "--addr", "127.0.0.1:9250", "--count", "10", "--hold-ms", "200"])).unwrap();
+    clients.wait(Duration::from_mins(1)).unwrap();
+    let (code, metrics) = http_get(&serve.addr, "/metrics", Duration::from_secs(10 * time_scale().unsigned_abs())).unwrap();
+    let lines = top.wait(Duration::from_mins(1)).unwrap();
+    drop(server);
+    let traced = |signal: &str| hooks[signal].is_some();
+    let fields = [
+        ("accepts", "accept"),
+        ("overflows", "listen_overflow"),
+        ("overflows_total", "listen_overflow"),
+        ("syn_drops", "syn_drop"),
+        ("syn_drops_total", "syn_drop"),
+        ("synack_retransmits", "synack_retransmit"),
+        ("retransmits", "retransmit"),
+    ];
+    let mut rows = 0;
+    for v in lines.iter().map(|l| serde_json::from_str::<Value>(l).unwrap()) {
+        let untraced: Vec<&str> = v["untraced"].as_array().expect("untraced list").iter().filter_map(Value::as_str).collect();
+        for (_, signal) in fields {
+            assert_eq!(untraced.contains(&signal), !traced(signal), "untraced {untraced:?} vs probes {hooks:?}");
+        }
+        for r in v["listeners"].as_array().unwrap().iter().filter(|r| r["lport"] == 9250) {
+            rows += 1;
+            for (field, signal) in fields {
+                assert_eq!(r[field].is_u64(), traced(signal), "{field} ({signal} {:?}): {r}", hooks[signal]);
+                assert_eq!(r[field].is_null(), !traced(signal), "{field}: {r}");
+            }
+        }
+    }
+    assert!(rows > 0, "top showed no row for the listener");
+    assert_eq!(code, 200);
+    assert!(metrics.contains(r#"socktrace_probe_info{signal="syn_drop",hook="unavailable"} 0"#), "{metrics}");
+    assert!(metrics.contains("socktrace_accepts_total{"), "the listener's traced counters are exported: {metrics}");
+    for absent in ["socktrace_syn_drops_total{", "socktrace_listen_overflows_total{"] {
+        assert!(!metrics.contains(absent), "{absent} exported although syn_drop is untraced: {metrics}");
+    }
 }

@@ -8,11 +8,14 @@
 //!   scenario, `--test-threads=1`); with `SOCKTRACE_REQUIRE_BPF=1` an eBPF test that would skip fails;
 //! - `bench [accept|pipeline|agent|snapshot|nginx|syscalls|all]`: build, then the overhead benchmarks (see
 //!   `bench/`), which print tables and rewrite docs/BENCHMARKS.md.
-//! - `test --vm [--kernel 6.1|6.12|all] [--hooks fentry|kprobe|both]`: instead, the privileged tests
+//! - `test --vm [--kernel 5.10|6.1|6.12|all] [--hooks fentry|kprobe|both]`: instead, the privileged tests
 //!   inside qemu on Debian kernels, once per hook mode (see `vm.rs`).
+//! - `deb`, `static`, `image`, `test-packages`: the Debian package, the static binary, the OCI
+//!   image, and the tests of all three (see `package.rs`).
 
 mod bench;
 mod bench_snapshot;
+mod package;
 mod setup;
 mod vm;
 
@@ -63,10 +66,24 @@ enum Task {
     },
     /// Overhead benchmarks (root): tables on stdout and docs/BENCHMARKS.md.
     Bench(bench::BenchArgs),
+    /// Debian package target/debian/socktrace_<version>_amd64.deb (cargo-deb).
+    Deb,
+    /// Static binary (x86_64-unknown-linux-musl, eBPF object embedded).
+    Static,
+    /// OCI image localhost/socktrace:<version> from Containerfile (podman).
+    Image,
+    /// Build the package, static binary and image, then test them (installs, removes, inspects).
+    TestPackages {
+        /// Extra arguments for the test binary (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum KernelArg {
+    #[value(name = "5.10")]
+    V5_10,
     #[value(name = "6.1")]
     V6_1,
     #[value(name = "6.12")]
@@ -89,10 +106,15 @@ fn main() -> ExitCode {
         Task::Run { args } => setup::build_deps().and_then(|()| build()).and_then(|()| run(&args)),
         Task::Test { vm: false, args, .. } => setup::all().and_then(|()| test(&args)),
         Task::Bench(args) => setup::all().and_then(|()| build()).and_then(|()| bench::run(&args)),
+        Task::Deb => package::deb().map(drop),
+        Task::Static => package::static_binary().map(drop),
+        Task::Image => package::image().map(drop),
+        Task::TestPackages { args } => package::test_packages(&args),
         Task::Test { vm: true, kernel, hooks, vm_timeout, args } => vm::test(&vm::Options {
             kernels: vm::KERNELS
                 .iter()
                 .filter(|k| match kernel {
+                    KernelArg::V5_10 => k.name == "5.10",
                     KernelArg::V6_1 => k.name == "6.1",
                     KernelArg::V6_12 => k.name == "6.12",
                     KernelArg::All => true,
@@ -159,5 +181,11 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     let mut cmd = cargo();
     cmd.args(["test", "--release", "-p", "socktrace-tests", "--tests", "--", "--test-threads=1"]).args(args);
     cmd.env("SOCKTRACE_BIN", &bin);
-    status(&mut cmd)
+    status(&mut cmd)?;
+    // The Debian package, the static binary and the OCI image: built, then checked (the README's
+    // one test command runs every test; a test-name filter runs just the matching ones above).
+    if args.is_empty() {
+        package::test_packages(&[])?;
+    }
+    Ok(())
 }

@@ -19,19 +19,54 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("util-linux", "/usr/bin/setpriv"),
     ("prometheus", "/usr/bin/prometheus"),
     ("tmux", "/usr/bin/tmux"),
+    // `socktrace generate` tests: the man pages render, the completion scripts parse.
+    ("groff-base", "/usr/bin/groff"),
+    ("zsh", "/usr/bin/zsh"),
+    ("fish", "/usr/bin/fish"),
+];
+
+/// Real servers and load generators of the field-trial suite (tests/tests/field.rs), which starts
+/// each with its own config inside a test namespace. They must not run as system services: the
+/// install goes through a temporary `policy-rc.d` that forbids starting them.
+const SERVER_PACKAGES: &[(&str, &str)] = &[
+    ("nginx-light", "/usr/sbin/nginx"),
+    ("haproxy", "/usr/sbin/haproxy"),
+    ("redis-server", "/usr/bin/redis-server"),
+    ("redis-tools", "/usr/bin/redis-benchmark"),
+    ("wrk", "/usr/bin/wrk"),
 ];
 
 pub fn all() -> anyhow::Result<()> {
     build_deps()?;
-    let missing: Vec<&str> = TEST_PACKAGES
-        .iter()
-        .filter(|(_, bin)| !std::path::Path::new(bin).exists())
-        .map(|(pkg, _)| *pkg)
-        .collect();
+    let missing = not_installed(TEST_PACKAGES);
     if !missing.is_empty() {
         apt_install(&missing, "test tools")?;
     }
+    let servers = not_installed(SERVER_PACKAGES);
+    if !servers.is_empty() {
+        without_service_start(|| apt_install(&servers, "field trials: real servers and load generators, not started as services"))?;
+    }
     Ok(())
+}
+
+/// The packages of `list` whose program is missing.
+fn not_installed<'a>(list: &[(&'a str, &str)]) -> Vec<&'a str> {
+    list.iter().filter(|(_, bin)| !std::path::Path::new(bin).exists()).map(|(pkg, _)| *pkg).collect()
+}
+
+/// Runs `f` with `/usr/sbin/policy-rc.d` answering 101 ("action forbidden"), which invoke-rc.d
+/// and deb-systemd-invoke honour: packages installed meanwhile do not start their services. An
+/// existing policy-rc.d is left as it is (it already decides) and ours is removed afterwards.
+fn without_service_start(f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
+    const POLICY: &str = "/usr/sbin/policy-rc.d";
+    if std::path::Path::new(POLICY).exists() {
+        return f();
+    }
+    let write = format!("printf '#!/bin/sh\\n# cargo xtask: start no services during this install\\nexit 101\\n' > {POLICY} && chmod 755 {POLICY}");
+    status(&mut as_root(&["sh", "-c", &write])).context("writing a temporary policy-rc.d")?;
+    let r = f();
+    let removed = status(&mut as_root(&["rm", "-f", POLICY]));
+    r.and(removed)
 }
 
 /// Debian packages `cargo xtask test --vm` uses on the host: qemu (TCG), a static busybox for the
@@ -109,18 +144,25 @@ fn bpf_linker() -> Option<PathBuf> {
 
 /// `apt-get ARGS`, through sudo for non-root users.
 fn apt(args: &[&str]) -> Command {
-    let mut c = Command::new("apt-get");
-    c.args(args).env("DEBIAN_FRONTEND", "noninteractive");
-    // SAFETY: geteuid has no preconditions. Non-root users go through sudo.
-    if unsafe { libc_geteuid() } != 0 {
-        let mut s = Command::new("sudo");
-        s.arg("-E").arg("apt-get").args(args).env("DEBIAN_FRONTEND", "noninteractive");
-        return s;
-    }
+    let mut c = as_root(&[&["apt-get"], args].concat());
+    c.env("DEBIAN_FRONTEND", "noninteractive");
     c
 }
 
-fn apt_install(pkgs: &[&str], why: &str) -> anyhow::Result<()> {
+/// `ARGV` as root: directly when root, else through `sudo -E`.
+fn as_root(argv: &[&str]) -> Command {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc_geteuid() } != 0 {
+        let mut s = Command::new("sudo");
+        s.arg("-E").args(argv);
+        return s;
+    }
+    let mut c = Command::new(argv[0]);
+    c.args(&argv[1..]);
+    c
+}
+
+pub fn apt_install(pkgs: &[&str], why: &str) -> anyhow::Result<()> {
     eprintln!("xtask: installing Debian packages {} ({why})", pkgs.join(" "));
     status(&mut apt(&["update", "-q"]))?;
     let mut install = apt(&["install", "-y", "-q"]);

@@ -2,8 +2,9 @@
 //! this machine's kernel refuses (fentry/fexit, kprobes) are proven on real distribution kernels.
 //!
 //! Per kernel: the Debian package is fetched once into `<workspace>/.vm-cache` (`apt-get download`,
-//! `dpkg -x`); the host's release binaries (`socktrace`, `st-scenario`, the `privileged` test
-//! binary) and the tools the tests call (ip, nft, setpriv, bpftool) are copied with the shared
+//! from another Debian release through private apt sources; `dpkg -x`); the host's release binaries
+//! (`socktrace`, `st-scenario`, the `privileged` test binary) and the tools the tests call (ip, nft,
+//! setpriv, bpftool, unshare) are copied with the shared
 //! libraries `ldd` names, at their host paths, into a busybox initramfs together with the kernel
 //! modules the tests need (decompressed, loaded in dependency order by `/init`). The guest runs
 //! `socktrace probes` and the tests once per hook mode and prints one result marker per mode on the
@@ -32,14 +33,56 @@ pub struct Kernel {
     pub name: &'static str,
     /// Debian binary package (pinned: the cache key, and what `apt-get download` fetches).
     pub package: &'static str,
+    /// Debian suite to fetch it from through a private apt sources list under `.vm-cache/apt/`
+    /// (the host's own apt configuration is never touched); `None`: the host's apt sources.
+    pub suite: Option<&'static str>,
+    /// What `probes` must report in the guest, per hook mode (see [`Expect`]).
+    pub fentry: Expect,
+    pub kprobe: Expect,
 }
 
+/// `signal=hook,…` lists `probes` must report: a silent fallback to another hook fails the tests.
+#[derive(Clone, Copy)]
+pub struct Expect {
+    /// `SOCKTRACE_EXPECT_HOOKS`: the tests on the suite's hooks.
+    pub suite: &'static str,
+    /// `SOCKTRACE_EXPECT_FALLBACK_HOOKS`: the fallback-hooks test (`--hooks raw_tp,tracepoint,
+    /// cgroup_skb,kprobe,fentry,fexit`, intersected with the suite's hooks).
+    pub fallback: &'static str,
+}
+
+/// Every hook kind allowed. None of the matrix kernels has `SKB_DROP_REASON_TCP_LISTEN_OVERFLOW`
+/// (5.10's `kfree_skb` tracepoint has no reason at all), so `listen_overflow` is on
+/// `tcp_v{4,6}_syn_recv_sock`, never on `kfree_skb`.
+const FENTRY: Expect = Expect {
+    suite: "accept=fexit,accept_wait=tp_btf,listen_overflow=fentry,syn_drop=fentry,retransmit=tp_btf,synack_retransmit=tp_btf,listen=tracepoint",
+    fallback: "accept=fexit,accept_wait=raw_tp,listen_overflow=fentry,syn_drop=fentry,retransmit=raw_tp,synack_retransmit=raw_tp,listen=tracepoint",
+};
+
+/// fentry/fexit forced off: the kprobe + kretprobe pairs.
+const KPROBE: Expect = Expect {
+    suite: "accept=kprobe,accept_wait=tp_btf,listen_overflow=kprobe,syn_drop=kprobe,retransmit=tp_btf,synack_retransmit=tp_btf,listen=tracepoint",
+    fallback: "accept=kprobe,accept_wait=raw_tp,listen_overflow=kprobe,syn_drop=kprobe,retransmit=raw_tp,synack_retransmit=raw_tp,listen=tracepoint",
+};
+
 pub const KERNELS: &[Kernel] = &[
+    // Debian 11's kernel: inet_csk_accept(sk, flags, err, kern); no bpf_get_func_ret (5.17), no
+    // drop reasons, no BPF atomics with fetch (5.12), no recursion_misses counts (5.12).
+    Kernel { name: "5.10", package: "linux-image-5.10.0-32-amd64", suite: Some("bullseye"), fentry: FENTRY, kprobe: KPROBE },
     // inet_csk_accept(sk, flags, err, kern): the 4-argument accept signature.
-    Kernel { name: "6.1", package: "linux-image-6.1.0-50-amd64" },
+    Kernel { name: "6.1", package: "linux-image-6.1.0-50-amd64", suite: None, fentry: FENTRY, kprobe: KPROBE },
     // inet_csk_accept(sk, arg): the 2-argument signature (6.10+); kfree_skb has rx_sk.
-    Kernel { name: "6.12", package: "linux-image-6.12.100+deb12-amd64" },
+    Kernel { name: "6.12", package: "linux-image-6.12.100+deb12-amd64", suite: None, fentry: FENTRY, kprobe: KPROBE },
 ];
+
+impl Kernel {
+    fn expect(&self, mode: HookMode) -> Expect {
+        match mode {
+            HookMode::Fentry => self.fentry,
+            HookMode::Kprobe => self.kprobe,
+        }
+    }
+}
 
 /// Which hooks the suite may use in one run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,42 +108,19 @@ impl HookMode {
             HookMode::Kprobe => "kprobe,tp_btf,raw_tp,tracepoint",
         }
     }
-
-    /// `SOCKTRACE_EXPECT_HOOKS`: what `probes` must report for the tests on the suite's hooks.
-    /// Neither Debian kernel has `SKB_DROP_REASON_TCP_LISTEN_OVERFLOW`, so `listen_overflow` is on
-    /// `tcp_v{4,6}_syn_recv_sock` (fentry or kprobe), never on `kfree_skb`.
-    fn expect(self) -> &'static str {
-        match self {
-            HookMode::Fentry => {
-                "accept=fexit,accept_wait=tp_btf,listen_overflow=fentry,syn_drop=fentry,retransmit=tp_btf,synack_retransmit=tp_btf"
-            }
-            HookMode::Kprobe => {
-                "accept=kprobe,accept_wait=tp_btf,listen_overflow=kprobe,syn_drop=kprobe,retransmit=tp_btf,synack_retransmit=tp_btf"
-            }
-        }
-    }
-
-    /// `SOCKTRACE_EXPECT_FALLBACK_HOOKS`: the fallback-hooks test (`--hooks raw_tp,tracepoint,
-    /// cgroup_skb,kprobe,fentry,fexit`, intersected with the suite's hooks).
-    fn expect_fallback(self) -> &'static str {
-        match self {
-            HookMode::Fentry => {
-                "accept=fexit,accept_wait=raw_tp,listen_overflow=fentry,syn_drop=fentry,retransmit=raw_tp,synack_retransmit=raw_tp"
-            }
-            HookMode::Kprobe => {
-                "accept=kprobe,accept_wait=raw_tp,listen_overflow=kprobe,syn_drop=kprobe,retransmit=raw_tp,synack_retransmit=raw_tp"
-            }
-        }
-    }
 }
 
 /// The subset of `tests/tests/privileged.rs` run in each VM (TCG is ~10x slower than the host):
-/// accept latency, both overflow tests, retransmits.
+/// accept latency, both overflow tests, retransmits, tracing without the kernel's BTF (hidden in a
+/// private mount namespace, as on a kernel built without it), and the views of a signal left
+/// without a hook (`--hooks tp_btf,raw_tp,tracepoint`: on these kernels both drop signals).
 const VM_TESTS: &[&str] = &[
     "accept_wait_matches_server_measurement",
     "slow_listener_overflows_match_kernel_counter",
     "slow_listener_overflows_on_raw_tracepoints",
     "retransmits_match_kernel_counter",
+    "missing_kernel_btf_is_one_line_with_hint",
+    "untraced_signals_are_unavailable_not_zero",
 ];
 
 /// Kernel modules the tests need when the kernel builds them as modules: nftables loss injection
@@ -108,11 +128,14 @@ const VM_TESTS: &[&str] = &[
 const MODULES: &[&str] = &["nf_tables", "nft_numgen", "veth", "inet_diag", "tcp_diag"];
 
 /// Host tools the tests run, copied with their libraries.
-const TOOLS: &[&str] = &["ip", "nft", "setpriv", "bpftool"];
+const TOOLS: &[&str] = &["ip", "nft", "setpriv", "bpftool", "unshare"];
 
 /// Prints `inet_csk_accept`'s parameters from the guest kernel's BTF (4 before 6.10, 2 after: the
 /// fexit program must work with both).
 const ACCEPT_PROTO: &str = r#"echo "socktrace-vm: BTF $(bpftool btf dump file /sys/kernel/btf/vmlinux format raw | awk '/^\[/ { cur=""; if ($2=="FUNC_PROTO") { cur=substr($1,2,length($1)-2); p[cur]="" } } /^\t/ && cur!="" { split($1,a,"\047"); p[cur]=p[cur] " " a[2] } $2=="FUNC" && $3=="\047inet_csk_accept\047" { split($4,t,"="); print "inet_csk_accept(" p[t[2]] " )"; exit }')""#;
+
+/// Hook kinds of a kernel that refuses fentry/fexit and has no kprobes (like this machine's).
+const NO_FENTRY_KPROBE: &str = "tp_btf,raw_tp,tracepoint,cgroup_skb";
 
 /// `SOCKTRACE_TIME_SCALE` in the guests: timing tolerances x10 under TCG emulation.
 const TIME_SCALE: u32 = 10;
@@ -243,7 +266,10 @@ fn fetch_kernel(cache: &Path, k: &Kernel) -> anyhow::Result<KernelTree> {
         let deb = if let Some(deb) = cached_deb(cache, k.package) {
             deb
         } else {
-            setup::apt_download(k.package, cache)?;
+            match k.suite {
+                Some(suite) => private_apt_download(cache, suite, k.package)?,
+                None => setup::apt_download(k.package, cache)?,
+            }
             cached_deb(cache, k.package).with_context(|| format!("apt-get download {} left no .deb in {}", k.package, cache.display()))?
         };
         eprintln!("xtask: unpacking {}", deb.display());
@@ -266,6 +292,47 @@ fn fetch_kernel(cache: &Path, k: &Kernel) -> anyhow::Result<KernelTree> {
         bail!("{} is missing", vmlinuz.display());
     }
     Ok(KernelTree { modules: modroot.join(&release), release, vmlinuz })
+}
+
+/// `apt-get download PKG` from Debian suite `suite` (e.g. bullseye, not the host's) into `cache`,
+/// through a sources list, package lists and apt cache of its own under `cache/apt/<suite>/`: the
+/// host's apt configuration and state are neither read for sources nor changed.
+fn private_apt_download(cache: &Path, suite: &str, package: &str) -> anyhow::Result<()> {
+    let dir = cache.join("apt").join(suite);
+    let lists = dir.join("lists");
+    fs::create_dir_all(lists.join("partial"))?;
+    fs::create_dir_all(dir.join("cache/archives/partial"))?;
+    let sources = dir.join("sources.list");
+    let keyring = "/usr/share/keyrings/debian-archive-keyring.gpg";
+    fs::write(
+        &sources,
+        format!(
+            "deb [signed-by={keyring}] http://deb.debian.org/debian {suite} main\n\
+             deb [signed-by={keyring}] http://deb.debian.org/debian-security {suite}-security main\n"
+        ),
+    )?;
+    let opts = [
+        format!("Dir::Etc::sourcelist={}", sources.display()),
+        "Dir::Etc::sourceparts=-".to_owned(),
+        format!("Dir::State::Lists={}", lists.display()),
+        format!("Dir::Cache={}", dir.join("cache").display()),
+        // The .deb lands in a root-owned directory the `_apt` user cannot write.
+        "APT::Sandbox::User=root".to_owned(),
+    ];
+    let apt = |args: &[&str]| {
+        let mut c = Command::new("apt-get");
+        c.args(opts.iter().flat_map(|o| ["-o", o.as_str()])).args(args).current_dir(cache);
+        c
+    };
+    eprintln!("xtask: downloading Debian {suite} package {package} into {} (private apt lists in {})", cache.display(), dir.display());
+    let fresh = fs::read_dir(&lists)?.filter_map(Result::ok).any(|e| e.file_name().to_string_lossy().ends_with("_Packages"));
+    if !fresh || status(&mut apt(&["download", "-q", package])).is_err() {
+        status(&mut apt(&["update", "-q"])).with_context(|| format!("apt-get update for Debian {suite} (sources {})", sources.display()))?;
+        status(&mut apt(&["download", "-q", package])).with_context(|| {
+            format!("could not download {package} from Debian {suite}: see `apt-cache search linux-image-` with the same -o options and update KERNELS in xtask/src/vm.rs")
+        })?;
+    }
+    Ok(())
 }
 
 /// `<package>_<version>_amd64.deb` in the cache (apt may write `+` as `%2b`).
@@ -552,8 +619,12 @@ run_mode() {{
         args = test_args.join(" "),
     );
     for m in &opts.modes {
-        let _ = writeln!(s, "run_mode {} {} {} {}", m.name(), sh_quote(m.suite_hooks()), sh_quote(m.expect()), sh_quote(m.expect_fallback()));
+        let e = k.expect(*m);
+        let _ = writeln!(s, "run_mode {} {} {} {}", m.name(), sh_quote(m.suite_hooks()), sh_quote(e.suite), sh_quote(e.fallback));
     }
+    // For the record (not asserted): what this kernel offers without fentry/fexit and kprobes, as on
+    // a machine that refuses them; `untraced_signals_are_unavailable_not_zero` covers the views.
+    let _ = writeln!(s, "echo '--- socktrace probes --hooks {NO_FENTRY_KPROBE} (kernel '\"$kver\"')'\n\"$SOCKTRACE_BIN\" probes --hooks {NO_FENTRY_KPROBE}");
     let _ = write!(s, "echo {MARK_DONE}\nsync\npoweroff -f\n");
     s
 }
@@ -724,6 +795,23 @@ mod tests {
     fn console_lines_lose_escapes() {
         assert_eq!(printable("\x1bc\x1b[?7l\x1b[2JSeaBIOS\r\n"), "SeaBIOS");
         assert_eq!(printable("a\tb\r\n"), "a\tb");
+    }
+
+    /// Every kernel names a hook for every signal in both modes (a signal left out would not be
+    /// checked), and names are unique (`--kernel`).
+    #[test]
+    fn every_kernel_expects_every_signal() {
+        let signals = ["accept", "accept_wait", "listen_overflow", "syn_drop", "retransmit", "synack_retransmit", "listen"];
+        for k in KERNELS {
+            assert_eq!(KERNELS.iter().filter(|o| o.name == k.name).count(), 1, "{}", k.name);
+            for mode in [HookMode::Fentry, HookMode::Kprobe] {
+                let e = k.expect(mode);
+                for list in [e.suite, e.fallback] {
+                    let named: Vec<&str> = list.split(',').filter_map(|p| p.split_once('=')).map(|(s, _)| s).collect();
+                    assert_eq!(named, signals, "{} {}: {list}", k.name, mode.name());
+                }
+            }
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! samples every [`SAMPLE`], and the network namespace's own TcpExt/Tcp counters and sysctls,
 //! read from inside it. The judgement is in [`rules`], pure and unit-tested.
 
+pub mod past;
 pub mod rules;
 
 use std::{
@@ -35,6 +36,62 @@ struct NetnsFacts {
     counters: BTreeMap<String, i64>,
     somaxconn: Option<u32>,
     syncookies: Option<u32>,
+    /// Conntrack entries now in this netns and the (global) table limit; absent without conntrack.
+    conntrack_count: Option<u64>,
+    conntrack_max: Option<u64>,
+    /// The namespace's interface addresses (`None`: could not be listed).
+    addrs: Option<Vec<std::net::IpAddr>>,
+}
+
+/// Interface addresses of the calling thread's network namespace (getifaddrs).
+fn interface_addrs() -> Option<Vec<std::net::IpAddr>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below.
+    if unsafe { libc::getifaddrs(&raw mut head) } != 0 {
+        return None;
+    }
+    let mut out = Vec::new();
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: a node of the list getifaddrs returned; ifa_addr, when set, points to a
+        // sockaddr of the family it names.
+        unsafe {
+            let sa = (*cur).ifa_addr;
+            if !sa.is_null() {
+                match i32::from((*sa).sa_family) {
+                    libc::AF_INET => {
+                        let a = std::ptr::read_unaligned(sa.cast::<libc::sockaddr_in>());
+                        out.push(std::net::IpAddr::from(a.sin_addr.s_addr.to_ne_bytes()));
+                    }
+                    libc::AF_INET6 => {
+                        let a = std::ptr::read_unaligned(sa.cast::<libc::sockaddr_in6>());
+                        out.push(std::net::IpAddr::from(a.sin6_addr.s6_addr));
+                    }
+                    _ => {}
+                }
+            }
+            cur = (*cur).ifa_next;
+        }
+    }
+    // SAFETY: the list getifaddrs allocated, freed once.
+    unsafe { libc::freeifaddrs(head) };
+    Some(out)
+}
+
+/// Per-netns conntrack statistics (`/proc/net/stat/nf_conntrack`: a header, then one line of hex
+/// numbers per CPU), summed over CPUs into `counters` as `Conntrack<column>`.
+fn read_conntrack_stats(counters: &mut BTreeMap<String, i64>) {
+    let Ok(text) = std::fs::read_to_string("/proc/thread-self/net/stat/nf_conntrack") else { return };
+    let mut lines = text.lines();
+    let Some(head) = lines.next() else { return };
+    let names: Vec<&str> = head.split_whitespace().collect();
+    for line in lines {
+        for (name, v) in names.iter().zip(line.split_whitespace()) {
+            if let (Ok(v), true) = (i64::from_str_radix(v, 16), matches!(*name, "drop" | "early_drop" | "insert_failed")) {
+                *counters.entry(format!("Conntrack{name}")).or_insert(0) += v;
+            }
+        }
+    }
 }
 
 fn read_facts() -> NetnsFacts {
@@ -53,11 +110,16 @@ fn read_facts() -> NetnsFacts {
             }
         }
     }
+    read_conntrack_stats(&mut counters);
     let sysctl = |p: &str| std::fs::read_to_string(p).ok().and_then(|s| s.trim().parse().ok());
+    let sysctl64 = |p: &str| std::fs::read_to_string(p).ok().and_then(|s| s.trim().parse().ok());
     NetnsFacts {
         counters,
         somaxconn: sysctl("/proc/sys/net/core/somaxconn"),
         syncookies: sysctl("/proc/sys/net/ipv4/tcp_syncookies"),
+        conntrack_count: sysctl64("/proc/sys/net/netfilter/nf_conntrack_count"),
+        conntrack_max: sysctl64("/proc/sys/net/netfilter/nf_conntrack_max"),
+        addrs: interface_addrs(),
     }
 }
 
@@ -108,7 +170,9 @@ fn take_interval(
     paths: &mut BTreeMap<u32, Option<netns::Netns>>,
 ) -> anyhow::Result<()> {
     agent.close_interval()?;
-    let t_ns = system::monotonic_ns();
+    // When the counters were read (the sock_diag sample and the owner scan that follow can take
+    // a while on a busy host: the kernel counts must line up with the events' times).
+    let t_ns = agent.kernel_read_ns;
     let diag_ok = agent.diag_ok;
     for (key, l) in &agent.model.listeners {
         if !before.contains_key(&key.netns) {
@@ -145,11 +209,11 @@ fn take_interval(
             a.syn_recv_max = Some(a.syn_recv_max.map_or(n, |x| x.max(n)));
         }
         let listed = diag_ok && l.listening;
-        a.points.push(Point { t_ns, queue_len: l.queue_len.filter(|_| listed), backlog: l.backlog.filter(|_| listed) });
+        a.points.push(Point { t_ns, queue_len: l.queue_len.filter(|_| listed), backlog: l.backlog.filter(|_| listed), accepts: i.accepts });
         for (ino, sock) in &l.sockets {
             let sa = a.sockets.entry(*ino).or_default();
             let listed = diag_ok && sock.listening;
-            sa.points.push(Point { t_ns, queue_len: sock.queue_len.filter(|_| listed), backlog: sock.backlog.filter(|_| listed) });
+            sa.points.push(Point { t_ns, queue_len: sock.queue_len.filter(|_| listed), backlog: sock.backlog.filter(|_| listed), accepts: sock.interval.accepts });
             sa.accepts += sock.interval.accepts;
             sa.drops += sock.interval.overflows + sock.interval.syn_drops;
         }
@@ -181,6 +245,11 @@ struct WindowCounts {
     syn_drops: u64,
     retransmits: u64,
     synack_retransmits: u64,
+    /// Before the listener (null: this kernel cannot count it): segments to the port dropped by
+    /// netfilter, SYNs to it that found no socket, local clients' SYN retransmits to it.
+    netfilter_drops: Option<u64>,
+    no_socket_syns: Option<u64>,
+    client_syn_retransmits: Option<u64>,
 }
 
 pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow::Result<()> {
@@ -208,6 +277,7 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
     // The kernel aggregates' baseline: an interval closed now, and not counted, so that the
     // window's counts start here (rows created at start-up already hold what came before).
     agent.close_interval()?;
+    let past_before = agent.past_counts()?;
     let t0 = system::monotonic_ns();
     let t0_unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok().and_then(|d| u64::try_from(d.as_millis()).ok());
     // Only once the baseline counters are read: scripts start traffic on this line.
@@ -228,6 +298,7 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
     }
     // The part of the window since the last sample counts too (the counters' "after" includes it).
     take_interval(&mut agent, &mut accs, &mut before, &mut paths)?;
+    let past_after = agent.past_counts()?;
     let window = (system::monotonic_ns() - t0) as f64 / 1e9;
     let now = system::monotonic_ns();
     let mut after: BTreeMap<u32, NetnsFacts> = BTreeMap::new();
@@ -289,6 +360,23 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
             all_namespaces: false,
             listening_elsewhere: Vec::new(),
             sockets,
+            past: past::of_port(
+                &past_before,
+                &past_after,
+                key.netns,
+                key.lport,
+                &l.laddrs.iter().copied().collect::<Vec<_>>(),
+                facts.and_then(|f| f.addrs.as_deref()),
+            ),
+            listen_addrs: l.laddrs.iter().map(ToString::to_string).collect(),
+            netns_syn_retrans: delta(key.netns, "TcpExtTCPSynRetrans"),
+            conntrack: delta(key.netns, "Conntrackdrop").map(|drop| rules::Conntrack {
+                drop,
+                early_drop: delta(key.netns, "Conntrackearly_drop").unwrap_or(0),
+                insert_failed: delta(key.netns, "Conntrackinsert_failed").unwrap_or(0),
+                count: facts.and_then(|f| f.conntrack_count),
+                max: facts.and_then(|f| f.conntrack_max),
+            }),
         };
         let findings = rules::diagnose(&e, &THRESHOLDS, &Target { netns: key.netns, lport: key.lport });
         let owner = l.owners.first().cloned().or_else(|| l.last_acceptor.as_ref().map(|x| (x.pid, x.comm.clone())));
@@ -308,6 +396,9 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
                 syn_drops: a.syn_drops,
                 retransmits: a.retrans,
                 synack_retransmits: a.synack,
+                netfilter_drops: e.past.netfilter.as_ref().map(|n| n.syns + n.segments),
+                no_socket_syns: e.past.unbound_syns.as_ref().map(|u| u.iter().map(|(_, n)| n).sum()),
+                client_syn_retransmits: e.past.client_syn_retrans,
             },
         });
     }
@@ -347,15 +438,19 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
         }
     }
     let mut out = std::io::stdout().lock();
+    // Signals no hook traces on this kernel: their counts are unknown, not 0.
+    let untraced = agent.tracer.traced().missing();
     match format {
         Format::Json => {
             serde_json::to_writer(
                 &mut out,
-                &serde_json::json!({ "window_s": window, "sock_diag": agent.diag_ok, "events_lost": agent.lost(), "listeners": reports }),
+                &serde_json::json!({ "window_s": window, "sock_diag": agent.diag_ok, "events_lost": agent.lost(), "untraced": untraced, "listeners": reports }),
             )?;
             writeln!(out)?;
         }
-        Format::Text | Format::Markdown => print_reports(&mut out, &reports, format == Format::Markdown, window, agent.diag_ok, agent.lost())?,
+        Format::Text | Format::Markdown => {
+            print_reports(&mut out, &reports, format == Format::Markdown, window, agent.diag_ok, agent.lost(), &untraced)?;
+        }
     }
     Ok(())
 }
@@ -411,7 +506,7 @@ fn listening_elsewhere(port: u16, netns: u32) -> Vec<String> {
         .collect()
 }
 
-fn print_reports(out: &mut impl Write, reports: &[Report], md: bool, window: f64, diag_ok: bool, lost: u64) -> anyhow::Result<()> {
+fn print_reports(out: &mut impl Write, reports: &[Report], md: bool, window: f64, diag_ok: bool, lost: u64, untraced: &[&str]) -> anyhow::Result<()> {
     let healthy: BTreeSet<String> =
         reports.iter().filter(|r| r.findings.is_empty()).map(|r| format!("{}:{}", r.netns, r.lport)).collect();
     if md {
@@ -427,6 +522,14 @@ fn print_reports(out: &mut impl Write, reports: &[Report], md: bool, window: f64
             out,
             "{}{lost} events were lost in the ring buffer: counts are exact (kernel aggregates), but episode timing misses those events",
             if md { "> " } else { "note: " }
+        )?;
+    }
+    if !untraced.is_empty() {
+        writeln!(
+            out,
+            "{}UNAVAILABLE on this kernel (`socktrace probes` says why): {} — their counts are unknown, not 0, and verdicts resting on them cannot be reached",
+            if md { "> " } else { "note: " },
+            untraced.join(", ")
         )?;
     }
     for r in reports.iter().filter(|r| !r.findings.is_empty()) {

@@ -20,6 +20,9 @@ pub struct Point {
     /// Accept queue now and backlog (sock_diag), when listed.
     pub queue_len: Option<u32>,
     pub backlog: Option<u32>,
+    /// Accepts the kernel counted in the sample interval ending here (exact even when events
+    /// are lost).
+    pub accepts: u64,
 }
 
 /// A stall episode: the application accepted nothing while its accept queue was full.
@@ -29,8 +32,11 @@ pub struct Episode {
     /// accept came before the window; 0 with `from_window_start`).
     pub start_s: f64,
     pub duration_s: f64,
-    /// Seconds from the window's start at which the queue was first seen full in it.
-    pub full_from_s: f64,
+    /// Seconds from the window's start at which the queue was first seen full in it (none: it
+    /// held connections but never overflowed).
+    pub full_from_s: Option<f64>,
+    /// Seconds from the window's start since which connections waited unaccepted.
+    pub waiting_from_s: f64,
     /// Drops (listen overflows + SYN drops) inside it, from the drop events.
     pub drops: u64,
     /// Accepts inside it: none, by definition (kept for readers lining it up with their logs).
@@ -86,30 +92,40 @@ fn state_name(c: char) -> &'static str {
     }
 }
 
+/// How far an event's time and the kernel count it lands in may be apart (a tracing program can be
+/// preempted between reading the clock and updating its map).
+const COUNT_MARGIN_NS: u64 = 25_000_000;
+
 /// Stall episodes of one listener over the window `[t0, t1]` (monotonic ns): gaps between accepts
-/// of at least `max(stall_min_ns, stall_gap_factor × median gap)` in which the queue was full
-/// (a drop, or a sample at the backlog) for at least that long, and never seen shrinking (a queue
-/// that shrinks is being drained by accepts this tracer cannot see, e.g. io_uring).
+/// of at least `max(stall_min_ns, stall_gap_factor × median gap)` during which connections waited
+/// in the queue for at least that long, and the queue was full at some point (a drop, or a sample
+/// at the backlog) or seen holding connections in every sample of the gap (≥ 2). Connections
+/// waited from the earliest of: the first drop or full sample, the first of the non-empty samples,
+/// the enqueue of the connection accepted right after the gap (its accept wait). A queue seen
+/// shrinking during the gap is drained by accepts this tracer cannot see (e.g. io_uring): no
+/// episode. A burst into an idle queue is none either: the queue was empty until the burst, and
+/// the burst's first connection waited only as long as the application took to wake up.
 pub fn find_episodes(tl: &Timeline, points: &[Point], t0: u64, t1: u64, t: &Thresholds) -> Vec<Episode> {
     let min = tl.median_gap_ns().map_or(t.stall_min_ns, |g| g.saturating_mul(t.stall_gap_factor).max(t.stall_min_ns));
-    // Candidate gaps (start, end, from_window_start, ongoing) that reach into the window. The
-    // timeline begins when tracing did, a little before the window: a gap may start before it.
-    let mut gaps: Vec<(u64, u64, bool, bool)> = Vec::new();
+    // Candidate gaps (start, end, wait of the accept ending it, from_window_start, ongoing) that
+    // reach into the window. The timeline begins when tracing did, a little before the window: a
+    // gap may start before it.
+    let mut gaps: Vec<(u64, u64, Option<u64>, bool, bool)> = Vec::new();
     match (tl.first_accept_ns, tl.last_accept_ns) {
         (Some(first), Some(last)) => {
             if first > t0 {
-                gaps.push((t0, first, true, false));
+                gaps.push((t0, first, None, true, false));
             }
-            gaps.extend(tl.gaps.iter().filter(|(_, e)| *e > t0).map(|&(s, e)| (s, e, false, false)));
+            gaps.extend(tl.gaps.iter().filter(|(_, e, _)| *e > t0).map(|&(s, e, w)| (s, e, w, false, false)));
             if t1 > last {
-                gaps.push((last, t1, false, true));
+                gaps.push((last, t1, None, false, true));
             }
         }
-        _ => gaps.push((t0, t1, true, true)),
+        _ => gaps.push((t0, t1, None, true, true)),
     }
     let secs = |ns: u64| (ns as f64 - t0 as f64) / 1e9;
     let mut out = Vec::new();
-    for (s, e, from_start, ongoing) in gaps {
+    for (s, e, wait, from_start, ongoing) in gaps {
         if e.saturating_sub(s) < min {
             continue;
         }
@@ -117,17 +133,29 @@ pub fn find_episodes(tl: &Timeline, points: &[Point], t0: u64, t1: u64, t: &Thre
         if inside.windows(2).any(|w| matches!((w[0].queue_len, w[1].queue_len), (Some(a), Some(b)) if b < a)) {
             continue;
         }
+        // The kernel's own counter accepted during the gap (a sample interval wholly inside it,
+        // with a margin for a program preempted between its event's time and its count): accept
+        // events went missing (ring buffer loss), this is no stall.
+        if points.windows(2).any(|w| w[0].t_ns >= s + COUNT_MARGIN_NS && w[1].t_ns + COUNT_MARGIN_NS <= e && w[1].accepts > 0) {
+            continue;
+        }
         // Drops in the window only (they are what the window's counts hold).
         let drops_in: Vec<u64> = tl.drops.iter().copied().filter(|d| *d >= s.max(t0) && *d <= e).collect();
         let full_sample = inside.iter().find(|p| matches!((p.queue_len, p.backlog), (Some(q), Some(b)) if b > 0 && q >= b)).map(|p| p.t_ns);
-        let Some(full_from) = drops_in.iter().copied().min().into_iter().chain(full_sample).min() else { continue };
-        if e.saturating_sub(full_from.max(t0)) < min {
+        let full_from = drops_in.iter().copied().min().into_iter().chain(full_sample).min();
+        let held = inside.len() >= 2 && inside.iter().all(|p| p.queue_len.is_some_and(|q| q > 0));
+        if full_from.is_none() && !held {
+            continue;
+        }
+        let waiting_from = [full_from, held.then(|| inside[0].t_ns), wait.map(|w| e.saturating_sub(w))].into_iter().flatten().min().unwrap_or(e).max(s);
+        if e.saturating_sub(waiting_from.max(t0)) < min {
             continue;
         }
         out.push(Episode {
             start_s: secs(s),
             duration_s: (e - s) as f64 / 1e9,
-            full_from_s: secs(full_from),
+            full_from_s: full_from.map(secs),
+            waiting_from_s: secs(waiting_from),
             drops: drops_in.len() as u64,
             accepts: 0,
             from_window_start: from_start,
@@ -192,6 +220,47 @@ pub struct Evidence {
     pub listening_elsewhere: Vec<String>,
     /// The port's LISTEN sockets when it has several (their episodes carry `socket`).
     pub sockets: Vec<SocketFacts>,
+    /// What happened to the port's segments before any listener saw them.
+    pub past: Past,
+    /// Addresses the port's LISTEN sockets are bound to.
+    pub listen_addrs: Vec<String>,
+    /// Netns TcpExtTCPSynRetrans delta (every local client's SYN retransmits, any destination).
+    pub netns_syn_retrans: Option<i64>,
+    /// The netns's conntrack statistics over the window (`None`: no conntrack in it).
+    pub conntrack: Option<Conntrack>,
+}
+
+/// Conntrack table of the netns: window deltas of its per-CPU statistics (summed), entries at
+/// the window's end and the table limit (`net.netfilter.nf_conntrack_max`, global).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Conntrack {
+    /// New connections dropped because the table was full (no entry could be evicted).
+    pub drop: i64,
+    /// Entries evicted to make room (the table was full; the new connection got in).
+    pub early_drop: i64,
+    pub insert_failed: i64,
+    pub count: Option<u64>,
+    pub max: Option<u64>,
+}
+
+/// Segments to a port that netfilter dropped in the window.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NetfilterDrops {
+    /// SYNs without ACK (connection attempts, retransmits included), and every other segment.
+    pub syns: u64,
+    pub segments: u64,
+    /// Distinct peers (source addresses) of the dropped segments.
+    pub peers: Vec<String>,
+}
+
+/// Before the accept queue, over the window. `None`: this kernel cannot count it (unavailable, not 0).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Past {
+    pub netfilter: Option<NetfilterDrops>,
+    /// SYNs to the port that found no socket (answered with a RST), per local address used.
+    pub unbound_syns: Option<Vec<(String, u64)>>,
+    /// SYNs re-sent by local clients to the port (their earlier SYN got no answer).
+    pub client_syn_retrans: Option<u64>,
 }
 
 /// Every threshold of the diagnosis, in one place.
@@ -227,6 +296,16 @@ pub struct Thresholds {
     /// busiest socket receiving at least `imbalance_ratio` times the quietest one's arrivals.
     pub imbalance_min_arrivals: u64,
     pub imbalance_ratio: f64,
+    /// Stall episodes that all ended, each shorter than this (ns), holding fewer drops than fell
+    /// while accepting: a low-severity hiccup beside the backlog finding, not the verdict.
+    pub minor_stall_ns: u64,
+    /// `firewall_drop` on any netfilter drop to the port; High when the dropped SYNs are at least
+    /// this share of the port's SYNs (dropped + accepted connections), Low below it (a policy
+    /// blocking a few scanners is often intended).
+    pub firewall_share: f64,
+    /// Local clients' SYN retransmits to the port at least this many, with no finding of Medium
+    /// or higher explaining them: `connect_failures` (healthy is not said while attempts fail).
+    pub unexplained_syn_retrans: u64,
 }
 
 pub const THRESHOLDS: Thresholds = Thresholds {
@@ -245,6 +324,9 @@ pub const THRESHOLDS: Thresholds = Thresholds {
     outside_drops_share: 0.1,
     imbalance_min_arrivals: 50,
     imbalance_ratio: 2.0,
+    minor_stall_ns: 1_000_000_000,
+    firewall_share: 0.05,
+    unexplained_syn_retrans: 1,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -413,13 +495,25 @@ pub fn diagnose(e: &Evidence, t: &Thresholds, target: &Target) -> Vec<Finding> {
     };
     let saturated = e.episodes.is_empty() && full_share >= t.stall_full_share && (accept_share <= t.stall_accept_share || long_wait);
     let stalled = !e.episodes.is_empty() || saturated;
+    // Brief hiccups: every episode ended and was shorter than `minor_stall_ns`, and together they
+    // hold fewer drops than happened while the application accepted. On a busy single-threaded
+    // server a 0.2 s pause is worth naming, but the drops, and the fix, are the queue's.
+    let minor = !saturated
+        && !e.episodes.is_empty()
+        && e.episodes.iter().all(|x| !x.ongoing && x.duration_s * 1e9 < t.minor_stall_ns as f64)
+        && episode_drops < outside;
     if stalled {
-        out.push(stall_finding(e, &base, saturated, &top, target));
+        let mut f = stall_finding(e, &base, saturated, &top, target);
+        if minor {
+            f.severity = Severity::Low;
+            f.evidence.insert(0, format!("brief: {episode_drops} of {} timed drops fell in the stall episodes, the rest while the application was accepting", e.drop_events));
+        }
+        out.push(f);
     }
     let capped = e.somaxconn.is_some_and(|s| Some(s) == e.backlog) && e.requested_backlog.is_none_or(|r| Some(r) > e.backlog);
     if drops > 0 && drops_while_accepting && !saturated {
         let mut f = if capped { somaxconn_finding(e, &top, target) } else { backlog_finding(e, &base, t, &top, target, full_share) };
-        if stalled {
+        if stalled && !minor {
             // Secondary to the stall: worth knowing, not the reason connections fail.
             f.severity = Severity::Low;
         }
@@ -469,8 +563,171 @@ pub fn diagnose(e: &Evidence, t: &Thresholds, target: &Target) -> Vec<Finding> {
             verify: vec![format!("{top}   # RTX column")],
         });
     }
+    let ct = conntrack_finding(e, target);
+    // Conntrack's own drops are netfilter drops too: only what they do not explain is a rule's.
+    let ct_drops = e.conntrack.as_ref().map_or(0, |c| u64::try_from(c.drop).unwrap_or(0));
+    let firewall = firewall_finding(e, t, target).filter(|_| e.past.netfilter.as_ref().is_none_or(|n| n.syns + n.segments > ct_drops));
+    let before_queue: Vec<Finding> = ct.into_iter().chain(firewall).chain(wrong_address_finding(e, target)).collect();
+    // A visible cause, or a queue problem, explains the clients' retransmits.
+    if before_queue.is_empty() && !out.iter().any(|f| f.severity >= Severity::Medium) {
+        out.extend(unexplained_finding(e, t, target));
+    }
+    out.extend(before_queue);
     out.sort_by(|a, b| b.severity.cmp(&a.severity));
     out
+}
+
+/// The local clients' side of failing attempts, when known.
+fn client_lines(e: &Evidence, target: &Target) -> Vec<String> {
+    let mut v = Vec::new();
+    if let Some(n) = e.past.client_syn_retrans.filter(|n| *n > 0) {
+        v.push(format!("{n} SYN retransmits by local clients to port {} (each one a client that waited 1 s, 3 s, 7 s … for an answer)", target.lport));
+    }
+    if let Some(n) = e.netns_syn_retrans.filter(|n| *n > 0) {
+        v.push(format!("TcpExtTCPSynRetrans in netns {}: +{n} (every destination)", target.netns));
+    }
+    v
+}
+
+/// Up to 8 items, then how many more.
+fn some(items: &[String]) -> String {
+    let mut s = items.iter().take(8).cloned().collect::<Vec<_>>().join(", ");
+    if items.len() > 8 {
+        s.push_str(&format!(" and {} more", items.len() - 8));
+    }
+    s
+}
+
+/// Segments to the port dropped by netfilter before they reached the listener.
+fn firewall_finding(e: &Evidence, t: &Thresholds, target: &Target) -> Option<Finding> {
+    let nf = e.past.netfilter.as_ref().filter(|n| n.syns + n.segments > 0)?;
+    let seen = nf.syns + e.accepts;
+    let share = if seen > 0 { nf.syns as f64 / seen as f64 } else { 0.0 };
+    let mut evidence = vec![
+        format!(
+            "{} SYNs (connection attempts) and {} other segments to port {} dropped by netfilter in netns {} during the {:.1} s window",
+            nf.syns, nf.segments, target.lport, target.netns, e.window_secs
+        ),
+        format!("{:.0} % of the SYNs for this port were dropped ({} dropped, {} connections accepted)", 100.0 * share, nf.syns, e.accepts),
+        format!("from {} distinct peers: {}", nf.peers.len(), some(&nf.peers)),
+        "which hook and rule dropped them is not recorded by the kernel's drop reason: the rule's own counter names it".into(),
+    ];
+    evidence.extend(client_lines(e, target));
+    Some(Finding {
+        verdict: "firewall_drop",
+        severity: if share >= t.firewall_share || e.accepts == 0 { Severity::High } else { Severity::Low },
+        evidence,
+        fix: vec![
+            format!(
+                "list the firewall rules of netns {} (`nsenter --net=/proc/PID/ns/net nft list ruleset`, or `iptables-save`, PID = the listener's) and find the drop rule matching tcp dport {}: its counter grows with the drops above",
+                target.netns, target.lport
+            ),
+            "allow the clients (an accept rule before it for their addresses), or remove the rule if the drop is not intended; a `limit rate` or `numgen` rule that drops part of the SYNs also shows up here".into(),
+            "if these peers are blocked on purpose, the listener is fine: nothing to change on it".into(),
+        ],
+        verify: vec![
+            "nft list ruleset   # the drop rule's counter stops growing".into(),
+            format!("socktrace diagnose {} --duration 30s   # no firewall_drop", target.args()),
+        ],
+    })
+}
+
+/// The netns's conntrack table was full: new connections dropped (or old entries evicted).
+fn conntrack_finding(e: &Evidence, target: &Target) -> Option<Finding> {
+    let c = e.conntrack.as_ref().filter(|c| c.drop > 0 || c.early_drop > 0)?;
+    let fmt = |v: Option<u64>| v.map_or_else(|| "?".into(), |v| v.to_string());
+    let mut evidence = vec![
+        format!(
+            "conntrack table of netns {} full: {} new connections dropped, {} entries evicted early, {} insert failures during the window (every port of the namespace)",
+            target.netns, c.drop, c.early_drop, c.insert_failed
+        ),
+        format!("{} conntrack entries now, limit net.netfilter.nf_conntrack_max {}", fmt(c.count), fmt(c.max)),
+    ];
+    if let Some(nf) = &e.past.netfilter {
+        evidence.push(format!("{} SYNs to port {} dropped by netfilter in the window (conntrack's drops are among them)", nf.syns, target.lport));
+    }
+    evidence.extend(client_lines(e, target));
+    Some(Finding {
+        verdict: "conntrack_full",
+        severity: match (c.drop > 0, e.accepts == 0) {
+            (true, true) => Severity::Critical,
+            (true, false) => Severity::High,
+            _ => Severity::Low,
+        },
+        evidence,
+        fix: vec![
+            format!("raise net.netfilter.nf_conntrack_max (global: set it in the initial network namespace; now {}), and net.netfilter.nf_conntrack_buckets with it", fmt(c.max)),
+            "find what fills the table: `conntrack -L | awk '{print $3}' | sort | uniq -c` (states), many TIME_WAIT/CLOSE entries point at short connections; lower nf_conntrack_tcp_timeout_time_wait / _established if they linger".into(),
+            "exempt traffic that needs no state from tracking (`notrack` in a raw/prerouting chain) for busy listeners".into(),
+        ],
+        verify: vec![
+            "conntrack -S   # drop and early_drop stop growing".into(),
+            format!("socktrace diagnose {} --duration 30s   # no conntrack_full", target.args()),
+        ],
+    })
+}
+
+/// SYNs to the port on an address no socket listens on: the kernel answered each with a RST.
+fn wrong_address_finding(e: &Evidence, target: &Target) -> Option<Finding> {
+    let unbound: Vec<&(String, u64)> = e.past.unbound_syns.iter().flatten().filter(|(_, n)| *n > 0).collect();
+    if unbound.is_empty() {
+        return None;
+    }
+    let bound = if e.listen_addrs.is_empty() { "an unknown address".to_owned() } else { e.listen_addrs.join(", ") };
+    let mut evidence: Vec<String> = unbound
+        .iter()
+        .map(|(addr, n)| format!("{n} SYNs to {addr} port {} answered with a RST: no socket listens there — the listener is bound to {bound} only", target.lport))
+        .collect();
+    if let Some(r) = e.out_rsts {
+        evidence.push(format!("{r} TCP resets sent in netns {} during the window (TcpOutRsts)", target.netns));
+    }
+    evidence.push(format!("{} connections accepted on {bound} in the window", e.accepts));
+    let used = unbound.iter().map(|(a, _)| a.as_str()).collect::<Vec<_>>().join(", ");
+    let mut fix = vec![
+        format!("bind the listener to the address the clients use ({used}) or to every address (0.0.0.0 / [::]) in its configuration (its listen/bind setting), then restart it"),
+        format!("or point the clients (DNS name, configuration, port mapping) at {bound}"),
+    ];
+    if e.listen_addrs.iter().any(|a| a.starts_with("127.") || a == "::1") {
+        fix.insert(0, "a listener on a loopback address is reachable only from inside its own network namespace: containers and other hosts cannot reach it".into());
+    }
+    Some(Finding {
+        verdict: "wrong_address",
+        severity: if e.accepts == 0 { Severity::Critical } else { Severity::High },
+        evidence,
+        fix,
+        verify: vec![
+            format!("socktrace snapshot -l --netns {} sport = :{}   # bound to the address the clients use", target.netns, target.lport),
+            format!("socktrace diagnose {} --duration 30s   # no wrong_address", target.args()),
+        ],
+    })
+}
+
+/// Local clients keep re-sending SYNs to the port, and nothing seen here explains it.
+fn unexplained_finding(e: &Evidence, t: &Thresholds, target: &Target) -> Option<Finding> {
+    let n = e.past.client_syn_retrans.filter(|n| *n >= t.unexplained_syn_retrans)?;
+    let mut evidence = vec![format!(
+        "{n} SYN retransmits from local clients to port {}, cause not visible: the listener dropped nothing ({} accepted, {} dropped at its queue)",
+        target.lport,
+        e.accepts,
+        e.overflows + e.syn_drops
+    )];
+    evidence.push(match &e.past.netfilter {
+        Some(_) => "no netfilter drop of a segment to this port seen".into(),
+        None => "netfilter drops UNAVAILABLE on this kernel (kfree_skb has no NETFILTER_DROP reason): a firewall is not ruled out".into(),
+    });
+    if let Some(r) = e.netns_syn_retrans.filter(|r| *r > 0) {
+        evidence.push(format!("TcpExtTCPSynRetrans in netns {}: +{r} (every destination)", target.netns));
+    }
+    Some(Finding {
+        verdict: "connect_failures",
+        severity: Severity::High,
+        evidence,
+        fix: vec![
+            "the SYNs or the SYN-ACKs are lost on the way: check firewall rules on both ends and in between (`nft list ruleset`, `iptables-save`), conntrack (`conntrack -S`: drop, insert_failed), the route to the listener and back (`ip route get ADDR`; reverse-path filtering, rp_filter, drops SYNs that arrive on another interface than the route back to their source), interface drops (`ip -s link`)".into(),
+            "check the clients connect to this host and port at all (a DNS name or a port mapping that leads elsewhere)".into(),
+        ],
+        verify: vec![format!("socktrace diagnose {} --duration 30s   # no connect_failures", target.args())],
+    })
 }
 
 /// `HH:MM:SS.mmm UTC` of a Unix time in ms.
@@ -566,7 +823,7 @@ fn stall_finding(e: &Evidence, base: &[String], saturated: bool, top: &str, targ
             "one stall"
         };
         evidence.push(format!(
-            "{pattern}: {n} stall episode{} (no accept while the accept queue was full), {stalled_s:.1} s of the {:.1} s window{}",
+            "{pattern}: {n} stall episode{} (no accept while connections waited in the accept queue), {stalled_s:.1} s of the {:.1} s window{}",
             if n == 1 { "" } else { "s" },
             e.window_secs,
             if e.sockets.len() > 1 { " on the worst socket" } else { "" }
@@ -582,7 +839,15 @@ fn stall_finding(e: &Evidence, base: &[String], saturated: bool, top: &str, targ
             if x.ongoing {
                 line.push_str(" (still stalled when the window ended)");
             }
-            let _ = write!(line, ", {} drops, {} accepts, queue full from +{:.1} s", x.drops, x.accepts, x.full_from_s);
+            let _ = write!(line, ", {} drops, {} accepts, ", x.drops, x.accepts);
+            match x.full_from_s {
+                Some(f) => {
+                    let _ = write!(line, "queue full from {f:+.1} s");
+                }
+                None => {
+                    let _ = write!(line, "connections waiting from {:+.1} s (the queue never filled: nothing dropped, clients wait)", x.waiting_from_s);
+                }
+            }
             evidence.push(line);
         }
         if n > EPISODES_SHOWN {
@@ -824,14 +1089,14 @@ mod tests {
         let mut t = from;
         while t < to {
             if !pauses.iter().any(|&(a, b)| t >= a && t < b) {
-                tl.accept(t * MS);
+                tl.accept(t * MS, Some(MS));
             }
             t += every;
         }
     }
 
     fn points(to_ms: u64, queue: impl Fn(u64) -> u32, backlog: u32) -> Vec<Point> {
-        (1..=to_ms / 200).map(|i| Point { t_ns: i * 200 * MS, queue_len: Some(queue(i * 200)), backlog: Some(backlog) }).collect()
+        (1..=to_ms / 200).map(|i| Point { t_ns: i * 200 * MS, queue_len: Some(queue(i * 200)), backlog: Some(backlog), accepts: 0 }).collect()
     }
 
     #[test]
@@ -908,6 +1173,51 @@ mod tests {
     }
 
     #[test]
+    fn a_short_pause_that_fills_the_queue_late_is_an_episode() {
+        // Accepts every 10 ms; 220 ms pauses every second; the queue (backlog 16) overflows only in
+        // the pause's last 60 ms, but the first accept after it took a connection that had waited
+        // 215 ms: connections waited the whole pause.
+        let pauses = [(1000, 1220), (2000, 2220), (3000, 3220)];
+        let mut tl = Timeline::default();
+        let mut t = 0;
+        while t < 4000 {
+            let after_pause = pauses.iter().any(|&(_, b)| t == b);
+            if !pauses.iter().any(|&(a, b)| t >= a && t < b) {
+                tl.accept(t * MS, Some(if after_pause { 215 * MS } else { MS }));
+            }
+            t += 10;
+        }
+        for &(_, b) in &pauses {
+            for d in (b - 60..b).step_by(15) {
+                tl.drop_at(d * MS);
+            }
+        }
+        let pts = points(4000, |_| 0, 16);
+        let ep = find_episodes(&tl, &pts, 0, 4000 * MS, &THRESHOLDS);
+        assert_eq!(ep.len(), 3, "{ep:?}");
+        assert!(ep.iter().all(|x| x.full_from_s.is_some() && (x.full_from_s.unwrap_or(0.0) - x.waiting_from_s) > 0.1), "{ep:?}");
+    }
+
+    #[test]
+    fn a_stuck_app_whose_queue_never_fills_is_an_episode() {
+        // 10 keep-alive clients stuck in a queue of backlog 36 after the app stopped at 1.5 s:
+        // no drop ever, the queue holds 10 in every sample.
+        let mut tl = Timeline::default();
+        accepts(&mut tl, 0, 1500, 2, &[]);
+        let pts = points(5000, |t| if t > 1500 { 10 } else { 0 }, 36);
+        let ep = find_episodes(&tl, &pts, 0, 5000 * MS, &THRESHOLDS);
+        assert_eq!(ep.len(), 1, "{ep:?}");
+        assert!(ep[0].ongoing && ep[0].full_from_s.is_none() && ep[0].drops == 0, "{ep:?}");
+        let e = Evidence { accepts: 750, backlog: Some(36), episodes: ep, ..base() };
+        let f = diagnose(&e, &THRESHOLDS, &target());
+        assert_eq!(f[0].verdict, "accept_stall");
+        assert!(f[0].evidence[1].contains("connections waiting from +1.6 s (the queue never filled"), "{:?}", f[0].evidence);
+        // An idle listener (queue empty) with the same accept history is healthy.
+        let idle = points(5000, |_| 0, 36);
+        assert!(find_episodes(&tl, &idle, 0, 5000 * MS, &THRESHOLDS).is_empty());
+    }
+
+    #[test]
     fn a_queue_drained_by_unseen_accepts_is_no_episode() {
         // No accept events at all (e.g. io_uring), drops, but the queue shrinks between samples.
         let mut tl = Timeline::default();
@@ -919,6 +1229,25 @@ mod tests {
         let ep = find_episodes(&tl, &full, 0, 3000 * MS, &THRESHOLDS);
         assert_eq!(ep.len(), 1);
         assert!(ep[0].from_window_start && ep[0].ongoing);
+    }
+
+    #[test]
+    fn accepts_the_kernel_counted_inside_a_gap_contradict_it() {
+        // The events of 2 s of accepts were lost: the timeline shows a gap, the queue was full,
+        // but the kernel's counter went on: no stall.
+        let mut tl = Timeline::default();
+        accepts(&mut tl, 0, 1000, 5, &[(1000, 1000)]);
+        accepts(&mut tl, 3000, 4000, 5, &[]);
+        for d in (1000..3000).step_by(50) {
+            tl.drop_at(d * MS);
+        }
+        let full = |t: u64| if t > 1000 && t < 3000 { 9 } else { 2 };
+        let mut pts = points(4000, full, 8);
+        assert_eq!(find_episodes(&tl, &pts, 0, 4000 * MS, &THRESHOLDS).len(), 1, "events alone: a stall");
+        for p in &mut pts {
+            p.accepts = 40;
+        }
+        assert!(find_episodes(&tl, &pts, 0, 4000 * MS, &THRESHOLDS).is_empty());
     }
 
     #[test]
@@ -948,7 +1277,7 @@ mod tests {
         };
         // Master 10 never accepts; 11 and 13 accept from the healthy sockets; 12 is stopped.
         let sockets = vec![sock(1, 500, 0, vec![11]), sock(2, 0, 40, vec![]), sock(3, 480, 0, vec![13])];
-        let ep = Episode { start_s: 0.0, duration_s: 5.0, full_from_s: 0.1, drops: 40, from_window_start: true, ongoing: true, socket: Some(2), ..Episode::default() };
+        let ep = Episode { start_s: 0.0, duration_s: 5.0, full_from_s: Some(0.1), waiting_from_s: 0.0, drops: 40, from_window_start: true, ongoing: true, socket: Some(2), ..Episode::default() };
         let e = Evidence { accepts: 980, syn_drops: 40, drop_events: 40, episodes: vec![ep], sockets, window_secs: 5.0, ..base() };
         let f = diagnose(&e, &THRESHOLDS, &target());
         assert_eq!(f[0].verdict, "accept_stall");
@@ -960,6 +1289,27 @@ mod tests {
     }
 
     #[test]
+    fn a_brief_hiccup_does_not_outrank_the_somaxconn_cap() {
+        // Redis at somaxconn 20: 850 drops while accepting, one 0.21 s hiccup with 35.
+        let ep = Episode { start_s: 5.4, duration_s: 0.21, full_from_s: Some(5.45), waiting_from_s: 5.4, drops: 35, ..Episode::default() };
+        let e = Evidence {
+            backlog: Some(20),
+            somaxconn: Some(20),
+            accepts: 46_847,
+            syn_drops: 885,
+            drop_events: 885,
+            max_interval_drops: 60,
+            episodes: vec![ep.clone()],
+            ..base()
+        };
+        let f = diagnose(&e, &THRESHOLDS, &target());
+        assert_eq!(f.iter().map(|f| (f.verdict, f.severity)).collect::<Vec<_>>(), [("somaxconn_cap", Severity::High), ("accept_stall", Severity::Low)]);
+        // The same hiccup holding most of the drops is the verdict.
+        let e2 = Evidence { syn_drops: 40, drop_events: 40, episodes: vec![Episode { drops: 35, ..ep }], ..e };
+        assert_eq!(diagnose(&e2, &THRESHOLDS, &target())[0].verdict, "accept_stall");
+    }
+
+    #[test]
     fn no_listener_names_other_namespaces() {
         let gone = Evidence { listening: false, listening_elsewhere: vec!["netns 7: 0.0.0.0 (haproxy pid 9)".into()], ..Evidence::default() };
         let f = diagnose(&gone, &THRESHOLDS, &target());
@@ -967,6 +1317,59 @@ mod tests {
         assert!(f[0].fix[0].contains("wrong network namespace"));
         let all = Evidence { listening: false, all_namespaces: true, ..Evidence::default() };
         assert!(diagnose(&all, &THRESHOLDS, &target())[0].evidence[0].contains("in any network namespace"));
+    }
+
+    #[test]
+    fn failing_attempts_are_never_healthy() {
+        let nf = |syns, segments| Past { netfilter: Some(NetfilterDrops { syns, segments, peers: vec!["10.0.0.1".into()] }), unbound_syns: Some(Vec::new()), client_syn_retrans: Some(syns) };
+        // 70 of 170 SYNs dropped: High, with the clients' retransmits.
+        let fw = Evidence { past: nf(70, 0), netns_syn_retrans: Some(70), ..base() };
+        let f = diagnose(&fw, &THRESHOLDS, &target());
+        assert_eq!(f.iter().map(|f| (f.verdict, f.severity)).collect::<Vec<_>>(), [("firewall_drop", Severity::High)]);
+        assert!(f[0].evidence[0].starts_with("70 SYNs (connection attempts) and 0 other segments"), "{:?}", f[0].evidence);
+        assert!(f[0].evidence.iter().any(|l| l.starts_with("70 SYN retransmits by local clients")), "{:?}", f[0].evidence);
+        // A scanner blocked now and then: Low.
+        let few = Evidence { past: nf(2, 0), accepts: 1000, ..base() };
+        assert_eq!(diagnose(&few, &THRESHOLDS, &target())[0].severity, Severity::Low);
+        // Clients retransmitting with nothing seen: connect_failures, and it says why it cannot tell.
+        let blind = Evidence { past: Past { client_syn_retrans: Some(9), ..Past::default() }, ..base() };
+        let f = diagnose(&blind, &THRESHOLDS, &target());
+        assert_eq!(f[0].verdict, "connect_failures");
+        assert!(f[0].evidence[0].contains("cause not visible") && f[0].evidence[1].contains("UNAVAILABLE"), "{:?}", f[0].evidence);
+        // No retransmits: healthy.
+        let quiet = Evidence { past: nf(0, 0), ..base() };
+        assert!(verdicts(&quiet).is_empty());
+    }
+
+    #[test]
+    fn a_full_conntrack_table_explains_its_netfilter_drops() {
+        let e = Evidence {
+            accepts: 10,
+            conntrack: Some(Conntrack { drop: 30, early_drop: 0, insert_failed: 0, count: Some(12), max: Some(12) }),
+            past: Past { netfilter: Some(NetfilterDrops { syns: 30, segments: 0, peers: vec!["127.0.0.1".into()] }), ..Past::default() },
+            ..base()
+        };
+        let f = diagnose(&e, &THRESHOLDS, &target());
+        assert_eq!(f.iter().map(|f| (f.verdict, f.severity)).collect::<Vec<_>>(), [("conntrack_full", Severity::High)]);
+        assert!(f[0].evidence[0].contains("30 new connections dropped"), "{:?}", f[0].evidence);
+        // More netfilter drops than conntrack's: a rule drops too.
+        let both = Evidence { past: Past { netfilter: Some(NetfilterDrops { syns: 50, ..NetfilterDrops::default() }), ..Past::default() }, ..e };
+        assert_eq!(verdicts(&both), ["conntrack_full", "firewall_drop"]);
+    }
+
+    #[test]
+    fn wrong_address_names_both_addresses() {
+        let e = Evidence {
+            accepts: 0,
+            out_rsts: Some(12),
+            listen_addrs: vec!["127.0.0.1".into()],
+            past: Past { unbound_syns: Some(vec![("10.77.0.2".into(), 12)]), ..Past::default() },
+            ..base()
+        };
+        let f = diagnose(&e, &THRESHOLDS, &target());
+        assert_eq!((f[0].verdict, f[0].severity), ("wrong_address", Severity::Critical));
+        assert!(f[0].evidence[0].starts_with("12 SYNs to 10.77.0.2 port 80 answered with a RST") && f[0].evidence[0].ends_with("bound to 127.0.0.1 only"), "{:?}", f[0].evidence);
+        assert!(f[0].fix[0].contains("loopback"), "{:?}", f[0].fix);
     }
 
     #[test]

@@ -4,9 +4,15 @@
 //!
 //! `st-scenario server --netns NAME [--cgroup DIR] --addr IP:PORT --backlog N [--accept-after-ms A]
 //!                     [--accept-delay-ms D] [--run-ms T] [--max-accepts N] [--drain]`
-//!                     [--reply-chunks K --chunk-bytes B]
+//!                     [--reply-chunks K --chunk-bytes B] [--pause-ms P --pause-every-ms E]`
+//!   `--pause-ms P --pause-every-ms E`: a pausing acceptor (a GC pause, a blocked event loop): no
+//!   accept() during the last P ms of every E ms; each pause is printed as `{"event":"pause"}`
+//!   with its CLOCK_MONOTONIC start and end.
 //! `st-scenario clients --netns NAME --addr IP:PORT --count N [--hold-ms H] [--send-chunks K]
 //!                      [--chunk-bytes B] [--connect-timeout-ms T] [--bursts K --burst-gap-ms G]`
+//!                      [--rate R --duration-ms D]`
+//!   `--rate R --duration-ms D`: steady arrivals instead of bursts, one connection every 1/R s for
+//!   D ms (`--count` is then ignored).
 //! `st-scenario synflood --netns NAME --addr IP:PORT --src-net A.B --rate PPS --duration-ms D`:
 //!   raw SYNs from spoofed sources A.B.x.y (routed nowhere, so nobody answers the SYN-ACKs).
 
@@ -67,6 +73,7 @@ fn real_main() -> anyhow::Result<()> {
             num("max-accepts", u64::MAX)?,
             flags.iter().any(|f| f == "drain"),
             (num("reply-chunks", 0)?, usize::try_from(num("chunk-bytes", 200)?)?),
+            (Duration::from_millis(num("pause-ms", 0)?), Duration::from_millis(num("pause-every-ms", 0)?)),
         ),
         "synflood" => synflood(
             addr,
@@ -82,6 +89,7 @@ fn real_main() -> anyhow::Result<()> {
             usize::try_from(num("chunk-bytes", 100)?)?,
             Duration::from_millis(num("connect-timeout-ms", 15000)?),
             (num("bursts", 1)?, Duration::from_millis(num("burst-gap-ms", 1000)?)),
+            (num("rate", 0)?, Duration::from_millis(num("duration-ms", 0)?)),
         ),
         other => anyhow::bail!("unknown mode {other:?} (server|clients)"),
     }
@@ -128,6 +136,7 @@ fn emit(v: &serde_json::Value) {
     let _ = out.flush();
 }
 
+#[expect(clippy::too_many_arguments, reason = "one argument per command-line option")]
 fn server(
     addr: SocketAddr,
     backlog: i32,
@@ -137,7 +146,9 @@ fn server(
     max_accepts: u64,
     drain: bool,
     (reply_chunks, reply_bytes): (u64, usize),
+    (pause, every): (Duration, Duration),
 ) -> anyhow::Result<()> {
+    anyhow::ensure!(pause < every || every.is_zero(), "--pause-ms must be shorter than --pause-every-ms");
     let listener = listen(addr, backlog)?;
     let start = Instant::now();
     emit(&json!({"ready": true, "pid": std::process::id()}));
@@ -146,6 +157,15 @@ fn server(
     let mut accepted = 0u64;
     let mut drains = Vec::new();
     while start.elapsed() < run && accepted < max_accepts {
+        if !every.is_zero() && !pause.is_zero() {
+            let phase = Duration::from_nanos(u64::try_from(start.elapsed().as_nanos() % every.as_nanos()).unwrap_or(0));
+            if phase + pause >= every {
+                let from = monotonic_ns();
+                std::thread::sleep(every.saturating_sub(phase));
+                emit(&json!({"event": "pause", "start_ns": from, "end_ns": monotonic_ns()}));
+                continue;
+            }
+        }
         let mut pfd = libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: one valid pollfd.
         unsafe { libc::poll(&raw mut pfd, 1, 20) };
@@ -190,6 +210,7 @@ fn server(
     Ok(())
 }
 
+#[expect(clippy::too_many_arguments, reason = "one argument per command-line option")]
 fn clients(
     addr: SocketAddr,
     count: u64,
@@ -198,17 +219,24 @@ fn clients(
     chunk_bytes: usize,
     timeout: Duration,
     (bursts, gap): (u64, Duration),
+    (rate, duration): (u64, Duration),
 ) -> anyhow::Result<()> {
     emit(&json!({"ready": true, "pid": std::process::id()}));
     let mut handles = Vec::new();
-    for b in 0..bursts {
-        if b > 0 {
-            std::thread::sleep(gap);
-        }
+    // Arrival times: `bursts` bursts of `count`, or a steady `rate` per second for `duration`.
+    let schedule: Vec<(Duration, u64)> = if rate > 0 {
+        let n = u64::try_from(duration.as_millis()).unwrap_or(0) * rate / 1000;
+        (0..n).map(|i| (Duration::from_micros(i * 1_000_000 / rate), 1)).collect()
+    } else {
+        (0..bursts).map(|b| (gap * u32::try_from(b).unwrap_or(u32::MAX), count)).collect()
+    };
+    let t0 = Instant::now();
+    for (at, count) in schedule {
+        std::thread::sleep(at.saturating_sub(t0.elapsed()));
         handles.extend((0..count).map(|_| {
             std::thread::spawn(move || {
                 let started = monotonic_ns();
-                match TcpStream::connect_timeout(&addr, timeout) {
+                let line = match TcpStream::connect_timeout(&addr, timeout) {
                     Ok(mut s) => {
                         let connected = monotonic_ns();
                         let lport = s.local_addr().map(|a| a.port()).unwrap_or(0);
@@ -237,17 +265,18 @@ fn clients(
                         json!({"event": "connect", "ok": true, "lport": lport, "started_ns": started, "connected_ns": connected, "sent_bytes": sent, "received_bytes": received})
                     }
                     Err(e) => json!({"event": "connect", "ok": false, "error": e.to_string()}),
-                }
+                };
+                // Printed as each connection ends, so a test reading a run still in progress sees it.
+                emit(&line);
+                line["ok"] == true
             })
         }));
     }
     let mut ok = 0u64;
     for h in handles {
-        let v = h.join().map_err(|_| anyhow::anyhow!("client thread panicked"))?;
-        if v["ok"] == true {
+        if h.join().map_err(|_| anyhow::anyhow!("client thread panicked"))? {
             ok += 1;
         }
-        emit(&v);
     }
     emit(&json!({"event": "done", "connected": ok}));
     Ok(())
