@@ -27,7 +27,7 @@ use super::Ctx;
 
 /// Processes that belong to the benchmark itself; everything else (except kernel threads) is
 /// someone else's load.
-const OURS: &[&str] = &["socktrace", "st-bench", "xtask", "ip", "sysctl", "bpftool", "cargo", "ss", "netstat", "sleep"];
+const OURS: &[&str] = &["socktrace", "st-bench", "st-syscalls", "xtask", "ip", "sysctl", "bpftool", "cargo", "ss", "netstat", "sleep"];
 
 /// Processes at this nice level or above count as background: against nice-0 work they get
 /// about 1.5 % of a CPU (weight 15 vs 1024), they only fill idle time.
