@@ -145,13 +145,14 @@ impl Agent {
     }
 
     fn write_control(&mut self) -> anyhow::Result<()> {
-        // The `--netns`/`--port` shorthands also filter in the kernel (a coarse pre-filter: the
-        // rest of the filter is applied here).
+        // A namespace or port that every match must have (`--netns`/`--port`, or a term the whole
+        // expression requires) also filters in the kernel (a coarse pre-filter: the rest of the
+        // filter is applied here).
         let control = Control {
             epoch: self.epoch,
             mute: self.mute,
-            netns: self.filter.netns.unwrap_or(0),
-            port: self.filter.port.map_or(0, u32::from),
+            netns: self.filter.required_netns().unwrap_or(0),
+            port: self.filter.any_end_port().map_or(0, u32::from),
         };
         self.control.set(0, control, 0).context("writing CONTROL")
     }

@@ -260,10 +260,10 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
     agent.unmute(&[kind::LISTEN_OVERFLOW, kind::SYN_DROP])?;
     let mut paths = BTreeMap::new();
     let mut before: BTreeMap<u32, NetnsFacts> = BTreeMap::new();
-    let scope_netns = agent.filter.netns.or_else(system::own_netns);
+    let scope_netns = agent.filter.required_netns().or_else(system::own_netns);
     // Baseline counters of every namespace in scope (all of them without --netns), so that what
     // happens right at the start of the window counts in the deltas.
-    let scope: Vec<netns::Netns> = match agent.filter.netns {
+    let scope: Vec<netns::Netns> = match agent.filter.required_netns() {
         Some(n) => netns::discover().namespaces.into_iter().filter(|ns| ns.inode == n).collect(),
         None => netns::discover().namespaces,
     };
@@ -402,13 +402,14 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
             },
         });
     }
-    // A port asked for by --port with no listener in scope: connections to it are refused. Without
-    // --netns the scope is every namespace: only when none listens; with --netns, the other
-    // namespaces where the port does listen are named.
-    if let (Some(port), Some(netns), true) = (agent.filter.port, scope_netns, agent.diag_ok) {
+    // A port asked for (--port, or a `sport`/`src` port the filter requires) with no listener in
+    // scope: connections to it are refused. Without a namespace in the filter the scope is every
+    // namespace: only when none listens; with one, the other namespaces where the port does
+    // listen are named.
+    if let (Some(port), Some(netns), true) = (agent.filter.local_port(), scope_netns, agent.diag_ok) {
         let listening = |ns: Option<u32>| accs.iter().any(|(k, a)| k.lport == port && ns.is_none_or(|n| k.netns == n) && a.listening);
         let reported = |ns: Option<u32>| reports.iter().any(|r| r.lport == port && ns.is_none_or(|n| r.netns == n));
-        let scope = agent.filter.netns;
+        let scope = agent.filter.required_netns();
         if !listening(scope) && !reported(scope) {
             let elsewhere = match scope {
                 Some(n) => listening_elsewhere(port, n),
