@@ -912,14 +912,17 @@ fn stall_finding(e: &Evidence, base: &[String], saturated: bool, top: &str, targ
     }
     let mut severity = Severity::Critical;
     if intermittent {
-        // The arrival rate while healthy and the longest pause give the queue that absorbs one.
-        let healthy_s = (e.window_secs - stalled_s).max(0.001);
-        let rate = e.accepts as f64 / healthy_s;
+        // The arrival rate and the longest pause give the queue that absorbs one. The rate is
+        // accepted connections over the whole window: a client whose SYN was dropped in a pause
+        // retries and is accepted later, so it counts once (drops would count its every retry),
+        // and the catch-up after a pause is not mistaken for the steady rate (accepts over the
+        // healthy time alone over-estimated it by window / healthy time, 1.3–1.5× in the field).
+        let rate = e.accepts as f64 / e.window_secs.max(0.001);
         let longest = worst.iter().map(|x| x.duration_s).fold(0.0, f64::max);
         let period = (worst[worst.len() - 1].start_s - worst[0].start_s) / (worst.len() - 1) as f64;
         let absorb = (rate * longest).ceil() as u64;
         evidence.push(format!(
-            "pauses every {period:.1} s on average, the longest {longest:.1} s; arrivals while accepting {rate:.0}/s: a backlog of at least {absorb} (arrival rate × longest pause) would absorb one pause"
+            "pauses every {period:.1} s on average, the longest {longest:.1} s; arrivals {rate:.0}/s: a backlog of at least {absorb} (arrival rate × longest pause) would absorb one pause"
         ));
         if !ongoing && stalled_s < e.window_secs / 2.0 {
             severity = Severity::High;
@@ -1151,9 +1154,9 @@ mod tests {
         assert_eq!(f.iter().map(|f| f.verdict).collect::<Vec<_>>(), ["accept_stall"], "no backlog_too_small: every drop was in a pause");
         let text = f[0].evidence.join("\n");
         assert!(text.contains("intermittent: 3 stall episodes"), "{text}");
-        // Each gap is 505 ms (last accept 5 ms before the pause): 700 accepts in 3.485 healthy
-        // seconds = 201/s; × 0.505 s = 101.4 → 102.
-        assert!(text.contains("pauses every 1.5 s on average, the longest 0.5 s; arrivals while accepting 201/s: a backlog of at least 102"), "{text}");
+        // Each gap is 505 ms (last accept 5 ms before the pause): 700 accepts in 5 s = 140/s;
+        // × 0.505 s = 70.7 → 71.
+        assert!(text.contains("pauses every 1.5 s on average, the longest 0.5 s; arrivals 140/s: a backlog of at least 71"), "{text}");
         assert!(f[0].fix[1].contains("mitigation"), "{:?}", f[0].fix);
     }
 
