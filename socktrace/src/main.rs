@@ -151,6 +151,7 @@ fn start(args: &TraceArgs) -> anyhow::Result<probes::Tracer> {
         allowed: args.hooks.clone(),
         cgroup,
         ring_buffer_bytes: args.ring_buffer_kib * 1024,
+        accept_hooks: args.accept_hooks,
     };
     let tracer = probes::load(&layout, &opts)?;
     system::release_freed_heap();
@@ -167,7 +168,12 @@ fn print_probes(tracer: &probes::Tracer, json: bool) -> anyhow::Result<()> {
     for r in &tracer.report {
         match r.hook {
             Some(h) => writeln!(out, "{:<18} {:<11} {}", r.signal, h, r.attached.join(" + "))?,
-            None => writeln!(out, "{:<18} {:<11} no hook works on this kernel", r.signal, "UNAVAILABLE")?,
+            None => match r.failed.first().map(|f| f.reason.as_str()) {
+                Some(why) if r.failed.iter().all(|f| f.reason.starts_with("disabled by")) => {
+                    writeln!(out, "{:<18} {:<11} {}", r.signal, "UNAVAILABLE", why.split(" (").next().unwrap_or(why))?;
+                }
+                _ => writeln!(out, "{:<18} {:<11} no hook works on this kernel", r.signal, "UNAVAILABLE")?,
+            },
         }
         for n in &r.notes {
             writeln!(out, "{:<18}   note: {n}", "")?;
@@ -175,6 +181,10 @@ fn print_probes(tracer: &probes::Tracer, json: bool) -> anyhow::Result<()> {
         for f in &r.failed {
             writeln!(out, "{:<18}   tried {:<10} {}: {}", "", f.hook, f.at, f.reason)?;
         }
+    }
+    writeln!(out)?;
+    for line in tracer.mode_lines() {
+        writeln!(out, "{line}")?;
     }
     Ok(())
 }

@@ -3,8 +3,8 @@
 //! tracing slow path (`SYSCALL_WORK_SYSCALL_TRACEPOINT`), not only accept(2). socktrace attaches
 //! them for the accept signal on kernels without fexit or kprobes (this one). Measured with a
 //! network-free load (`st-syscalls`: one thread calling getppid(2) or read(2) in a tight loop):
-//! CPU ns per call untraced, with `socktrace serve` (default hooks), and with `serve --hooks`
-//! leaving the syscall tracepoints out (accept and listen then unavailable), alternating.
+//! CPU ns per call untraced, with `socktrace serve` in each `--accept-hooks` mode (`auto`, the
+//! default; `syscalls`; `off`: no syscall tracepoint, accept and listen unavailable), alternating.
 
 use std::{collections::BTreeMap, fmt::Write as _, process::Command};
 
@@ -17,22 +17,22 @@ use super::{Ctx, NetNs, Section, Summary, Table, Tracer, loadavg, provenance};
 enum Config {
     Untraced,
     Serve,
-    ServeNoSyscalls,
+    ServeSyscalls,
+    ServeOff,
 }
 
 impl Config {
     fn name(self) -> &'static str {
         match self {
             Config::Untraced => "untraced",
-            Config::Serve => "serve (default hooks: accept on syscall tracepoints)",
-            Config::ServeNoSyscalls => "serve --hooks without tracepoint (no syscall hooks)",
+            Config::Serve => "serve (--accept-hooks auto, the default)",
+            Config::ServeSyscalls => "serve --accept-hooks syscalls",
+            Config::ServeOff => "serve --accept-hooks off",
         }
     }
 }
 
 const CALLS: [&str; 2] = ["getppid", "read"];
-/// Every hook kind but the classic tracepoints (which, here, are the syscall hooks).
-const NO_SYSCALL_HOOKS: &str = "fentry,fexit,kprobe,tp_btf,raw_tp,cgroup_skb";
 
 struct Run {
     /// ns per call, by syscall.
@@ -40,6 +40,8 @@ struct Run {
     noise: f64,
     /// Syscall tracepoints other processes had attached (`bpftool perf`).
     foreign_syscall_tps: usize,
+    /// Syscall tracepoints the tracer itself attached (`bpftool perf`).
+    own_syscall_tps: usize,
 }
 
 pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
@@ -48,7 +50,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
     let ns = NetNs::new("sys")?;
     let load_before = loadavg();
     let mark = ctx.noise.mark();
-    let configs = [Config::Untraced, Config::Serve, Config::ServeNoSyscalls];
+    let configs = [Config::Untraced, Config::Serve, Config::ServeSyscalls, Config::ServeOff];
     let mut runs: BTreeMap<Config, Vec<Run>> = BTreeMap::new();
     for rep in 0..ctx.reps {
         for &c in &configs {
@@ -58,7 +60,16 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
             runs.entry(c).or_default().push(r);
         }
     }
-    let mut t = Table::new(&["config", "getppid ns/call", "+ ns vs untraced", "read(64 B) ns/call", "+ ns vs untraced", "other load (cores)", "others' syscall tracepoints"]);
+    let mut t = Table::new(&[
+        "config",
+        "getppid ns/call",
+        "+ ns vs untraced",
+        "read(64 B) ns/call",
+        "+ ns vs untraced",
+        "its syscall tracepoints",
+        "other load (cores)",
+        "others' syscall tracepoints",
+    ]);
     let med = |c: Config, call: &str| Summary::of(&runs[&c].iter().filter_map(|r| r.ns.get(call).copied()).collect::<Vec<_>>());
     for &c in &configs {
         let v = &runs[&c];
@@ -68,6 +79,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
             row.push(s.show(1));
             row.push(if c == Config::Untraced { "-".into() } else { format!("{:+.1}", s.median - med(Config::Untraced, call).median) });
         }
+        row.push(v.iter().map(|r| r.own_syscall_tps).max().unwrap_or(0).to_string());
         row.push(Summary::of(&v.iter().map(|r| r.noise).collect::<Vec<_>>()).show(2));
         row.push(v.iter().map(|r| r.foreign_syscall_tps).max().unwrap_or(0).to_string());
         t.row(row);
@@ -82,8 +94,10 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
          While any BPF program is attached to a syscall tracepoint, every syscall of every task on the machine \
          goes through the tracing slow path; socktrace attaches `sys_enter/exit_accept4`, `sys_enter/exit_accept` \
          and `sys_enter_listen` when the kernel offers neither fexit nor kprobes (here). Tracers: `socktrace serve \
-         --netns <ns>` with default hooks, and with `--hooks {NO_SYSCALL_HOOKS}` (no syscall tracepoints; accept and \
-         listen are then unavailable), started before the load. {} repetitions, alternating.\n\n",
+         --netns <ns>` in each `--accept-hooks` mode: `auto` (the default: fexit, kprobe, else the syscall \
+         tracepoints), `syscalls` (only those) and `off` (no accept, listen or enqueue hook: no syscall \
+         tracepoint; accept counts, wait, acceptors and listen's backlog request unavailable), started before the \
+         load. {} repetitions, alternating.\n\n",
         ctx.reps
     );
     md.push_str(&t.markdown());
@@ -98,10 +112,11 @@ fn one(ctx: &Ctx, ns: &NetNs, c: Config, secs: f64) -> anyhow::Result<Run> {
     let tracer = match c {
         Config::Untraced => None,
         Config::Serve => Some(Tracer::serve(ctx, ns, &[])?),
-        Config::ServeNoSyscalls => Some(Tracer::serve(ctx, ns, &["--hooks", NO_SYSCALL_HOOKS])?),
+        Config::ServeSyscalls => Some(Tracer::serve(ctx, ns, &["--accept-hooks", "syscalls"])?),
+        Config::ServeOff => Some(Tracer::serve(ctx, ns, &["--accept-hooks", "off"])?),
     };
     let ours = tracer.as_ref().map(|t| t.pid);
-    let foreign_syscall_tps = syscall_tracepoints_of_others(ours);
+    let (own_syscall_tps, foreign_syscall_tps) = syscall_tracepoints(ours);
     let mark = ctx.noise.mark();
     let mut ns_per = BTreeMap::new();
     for call in CALLS {
@@ -117,17 +132,22 @@ fn one(ctx: &Ctx, ns: &NetNs, c: Config, secs: f64) -> anyhow::Result<Run> {
     if let Some(t) = tracer {
         t.stop()?;
     }
-    Ok(Run { ns: ns_per, noise, foreign_syscall_tps })
+    Ok(Run { ns: ns_per, noise, foreign_syscall_tps, own_syscall_tps })
 }
 
-/// Syscall tracepoint attachments (`bpftool perf`) of processes other than `ours`.
-fn syscall_tracepoints_of_others(ours: Option<u32>) -> usize {
-    let Ok(out) = Command::new("bpftool").args(["perf", "show", "--json"]).output() else { return 0 };
+/// Syscall tracepoint attachments (`bpftool perf`): (those of `ours`, those of other processes).
+fn syscall_tracepoints(ours: Option<u32>) -> (usize, usize) {
+    let Ok(out) = Command::new("bpftool").args(["perf", "show", "--json"]).output() else { return (0, 0) };
     let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    v.as_array().map_or(0, |a| {
-        a.iter()
-            .filter(|p| p["tracepoint"].as_str().is_some_and(|t| t.starts_with("sys_")))
-            .filter(|p| p["pid"].as_u64().and_then(|x| u32::try_from(x).ok()) != ours)
-            .count()
-    })
+    let all: Vec<Option<u32>> = v
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|p| p["tracepoint"].as_str().is_some_and(|t| t.starts_with("sys_")))
+                .map(|p| p["pid"].as_u64().and_then(|x| u32::try_from(x).ok()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let own = all.iter().filter(|p| ours.is_some() && **p == ours).count();
+    (own, all.len() - own)
 }
