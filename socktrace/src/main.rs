@@ -141,7 +141,9 @@ fn diag_source(scope: Option<u32>, half_open: bool) -> agent::DiagSource {
 fn start(args: &TraceArgs) -> anyhow::Result<probes::Tracer> {
     system::require_root()?;
     let tracefs = system::ensure_tracefs()?;
-    let layout = offsets::resolve(&args.btf, &tracefs)?;
+    // Read once: the raw scan takes the offsets from it, aya parses it for the loader.
+    let btf = offsets::read_btf(&args.btf)?;
+    let layout = offsets::resolve_bytes(&btf, &args.btf, &tracefs)?;
     let cgroup = match &args.cgroup {
         Some(p) => p.clone(),
         None => system::cgroup2_root()?,
@@ -153,7 +155,8 @@ fn start(args: &TraceArgs) -> anyhow::Result<probes::Tracer> {
         ring_buffer_bytes: args.ring_buffer_kib * 1024,
         accept_hooks: args.accept_hooks,
     };
-    let tracer = probes::load(&layout, &opts)?;
+    let tracer = probes::load(&layout, &btf, &opts)?;
+    drop(btf);
     system::release_freed_heap();
     Ok(tracer)
 }

@@ -359,12 +359,15 @@ pub struct Tracer {
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/socktrace"));
 
 /// Loads the object with `layout` as its globals and attaches every signal's best hook.
-pub fn load(layout: &KernelLayout, opts: &LoadOptions) -> Result<Tracer, LoadError> {
+///
+/// `btf` is the kernel BTF file's bytes (`opts.btf`), read once for the offsets and for this.
+/// aya parses them here for the programs that attach by BTF id; `EbpfLoader::new()` parses the
+/// running kernel's BTF once more by itself (aya 0.14 has no way to hand it ours).
+pub fn load(layout: &KernelLayout, btf: &[u8], opts: &LoadOptions) -> Result<Tracer, LoadError> {
     if OBJECT.is_empty() {
         return Err(LoadError::NoObject);
     }
-    let btf = aya::Btf::parse_file(&opts.btf, aya::Endianness::default())
-        .map_err(|e| LoadError::Btf { path: opts.btf.clone(), message: e.to_string() })?;
+    let btf = aya::Btf::parse(btf, aya::Endianness::default()).map_err(|e| LoadError::Btf { path: opts.btf.clone(), message: e.to_string() })?;
     let mut ebpf = EbpfLoader::new()
         .btf(Some(&btf))
         .override_global("OFFSETS", &layout.offsets, true)

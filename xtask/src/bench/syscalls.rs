@@ -38,9 +38,9 @@ struct Run {
     /// ns per call, by syscall.
     ns: BTreeMap<&'static str, f64>,
     noise: f64,
-    /// Syscall tracepoints other processes had attached (`bpftool perf`).
+    /// Syscall tracepoints other processes had attached (fdinfo `tp_name`, `bpftool perf`).
     foreign_syscall_tps: usize,
-    /// Syscall tracepoints the tracer itself attached (`bpftool perf`).
+    /// Syscall tracepoints the tracer itself attached (likewise).
     own_syscall_tps: usize,
 }
 
@@ -102,8 +102,10 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
     );
     md.push_str(&t.markdown());
     md.push_str(
-        "\n\"others' syscall tracepoints\": BPF programs of other processes attached to syscall tracepoints during a \
-         run (`bpftool perf`): when non-zero, every configuration, \"untraced\" included, already ran on the slow path.\n",
+        "\n\"its\" / \"others' syscall tracepoints\": BPF programs of the tracer / of other processes attached to \
+         syscall tracepoints during a run (the `tp_name` of BPF links in /proc/PID/fdinfo, and `bpftool perf`, which \
+         misses links whose perf event fd was closed — the previous version of this column counted only that): when \
+         others' is non-zero, every configuration, \"untraced\" included, already ran on the slow path.\n",
     );
     Ok(Section { name: "syscalls", markdown: md })
 }
@@ -135,19 +137,30 @@ fn one(ctx: &Ctx, ns: &NetNs, c: Config, secs: f64) -> anyhow::Result<Run> {
     Ok(Run { ns: ns_per, noise, foreign_syscall_tps, own_syscall_tps })
 }
 
-/// Syscall tracepoint attachments (`bpftool perf`): (those of `ours`, those of other processes).
+/// Syscall tracepoint attachments: (those of `ours`, those of other processes). BPF links to a
+/// tracepoint show `tp_name:` in their fdinfo (`/proc/PID/fdinfo`); `bpftool perf show` misses
+/// them once the perf event fd is closed (aya keeps only the link), so both are looked at.
 fn syscall_tracepoints(ours: Option<u32>) -> (usize, usize) {
-    let Ok(out) = Command::new("bpftool").args(["perf", "show", "--json"]).output() else { return (0, 0) };
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    let all: Vec<Option<u32>> = v
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter(|p| p["tracepoint"].as_str().is_some_and(|t| t.starts_with("sys_")))
-                .map(|p| p["pid"].as_u64().and_then(|x| u32::try_from(x).ok()))
-                .collect()
-        })
-        .unwrap_or_default();
-    let own = all.iter().filter(|p| ours.is_some() && **p == ours).count();
-    (own, all.len() - own)
+    let syscall = |t: &str| t.starts_with("sys_enter_") || t.starts_with("sys_exit_");
+    let mut by_pid: Vec<(u32, String)> = Vec::new();
+    for proc_dir in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = proc_dir.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        for fd in std::fs::read_dir(proc_dir.path().join("fdinfo")).into_iter().flatten().flatten() {
+            let Ok(info) = std::fs::read_to_string(fd.path()) else { continue };
+            if let Some(tp) = info.lines().find_map(|l| l.strip_prefix("tp_name:")).map(str::trim).filter(|t| syscall(t)) {
+                by_pid.push((pid, tp.to_owned()));
+            }
+        }
+    }
+    if let Ok(out) = Command::new("bpftool").args(["perf", "show", "--json"]).output() {
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        for p in v.as_array().into_iter().flatten() {
+            let (Some(pid), Some(tp)) = (p["pid"].as_u64().and_then(|x| u32::try_from(x).ok()), p["tracepoint"].as_str()) else { continue };
+            if syscall(tp) && !by_pid.iter().any(|(q, t)| *q == pid && t == tp) {
+                by_pid.push((pid, tp.to_owned()));
+            }
+        }
+    }
+    let own = by_pid.iter().filter(|(pid, _)| Some(*pid) == ours).count();
+    (own, by_pid.len() - own)
 }
