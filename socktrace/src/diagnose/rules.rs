@@ -1085,6 +1085,24 @@ mod tests {
         diagnose(e, &THRESHOLDS, &target()).iter().map(|f| f.verdict).collect()
     }
 
+    /// `--accept-hooks off`: a full queue with drops and no accept seen is a stall when accepts are
+    /// traced, but without an accept hook it cannot be told from bursts: an ambiguous, medium
+    /// backlog finding that says so, and no accept rate or accept count claimed anywhere.
+    #[test]
+    fn without_accept_hook_no_stall_is_claimed() {
+        let traced = Evidence { samples_full: 48, queue_peak: Some(9), accepts: 0, syn_drops: 40, intervals_with_drops: 20, wait_p99_ns: None, ..base() };
+        assert_eq!(verdicts(&traced)[0], "accept_stall");
+        let off = Evidence { accepts_untraced: true, wait_p50_ns: None, wait_max_ns: None, ..traced };
+        let findings = diagnose(&off, &THRESHOLDS, &target());
+        assert_eq!(findings.iter().map(|f| f.verdict).collect::<Vec<_>>(), ["backlog_too_small"]);
+        assert!(findings[0].severity <= Severity::Medium);
+        let text = findings[0].evidence.join("\n");
+        assert!(text.contains("accept is not traced (--accept-hooks off)"), "{text}");
+        assert!(text.contains("accepts unknown") && !text.contains("accepts/s") && !text.contains("0 accepted"), "{text}");
+        // A queue that is never full and drops nothing: nothing to report in either mode.
+        assert!(verdicts(&Evidence { accepts_untraced: true, accepts: 0, ..base() }).is_empty());
+    }
+
     #[test]
     fn healthy_when_nothing_abnormal() {
         assert!(verdicts(&base()).is_empty());
