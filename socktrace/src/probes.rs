@@ -112,9 +112,11 @@ impl AcceptHooks {
 /// What each `--accept-hooks` mode costs, measured by `cargo xtask bench syscalls` and `cargo
 /// xtask bench accept` (docs/BENCHMARKS.md) on the reference machine named in [`COST_SOURCE`]:
 /// (mode, ns added to every syscall of every process, ns of BPF programs per connection).
+/// Syscall costs: the quiet 11:55 run (no other tracer held syscall tracepoints); per connection:
+/// the default mode on a quiet machine (3.5 µs) and both modes side by side on a busy one.
 pub const MODE_COSTS: [(AcceptHooks, &str, &str); 2] = [
-    (AcceptHooks::Auto, "+39 ns per getppid, +45 ns per 64-byte read", "3460 ns"),
-    (AcceptHooks::Off, "+0 ns (within noise)", "1000 ns"),
+    (AcceptHooks::Auto, "+39 ns per getppid, +45 ns per 64-byte read", "3.5–5.0 µs"),
+    (AcceptHooks::Off, "+0 ns (no syscall tracepoint)", "1.1 µs"),
 ];
 
 /// Where and when [`MODE_COSTS`] were measured.
