@@ -351,6 +351,7 @@ mod tests {
                 Ok(None)
             }
 
+            #[expect(clippy::match_same_arms, reason = "each arm binds a different btf-rs type")]
             fn strip(&self, mut ty: Type) -> Result<Type, OffsetError> {
                 for _ in 0..16 {
                     let next = match &ty {
@@ -380,7 +381,7 @@ mod tests {
                         ty = self.strip(member_ty)?;
                     }
                 }
-                if bits % 8 != 0 {
+                if !bits.is_multiple_of(8) {
                     return Err(OffsetError::Other(format!("{name}.{} is a bitfield", path.join("."))));
                 }
                 Ok(bits / 8)
@@ -412,12 +413,12 @@ mod tests {
             fn anonymous_enum_value(&self, member: &str) -> Option<u32> {
                 let mut id = 1;
                 while let Ok(ty) = self.btf.resolve_type_by_id(id) {
-                    if let Type::Enum(e) = &ty {
-                        if self.btf.resolve_name(e).unwrap_or_default().is_empty() {
-                            for m in &e.members {
-                                if self.btf.resolve_name(m).ok().as_deref() == Some(member) {
-                                    return Some(m.val());
-                                }
+                    if let Type::Enum(e) = &ty
+                        && self.btf.resolve_name(e).unwrap_or_default().is_empty()
+                    {
+                        for m in &e.members {
+                            if self.btf.resolve_name(m).ok().as_deref() == Some(member) {
+                                return Some(m.val());
                             }
                         }
                     }

@@ -128,7 +128,7 @@ impl<'a> RawBtf<'a> {
             bits += off;
             id = self.strip(ty).ok_or_else(missing)?;
         }
-        if bits % 8 == 0 { Ok(bits / 8) } else { Err(ScanError::NoMember(name.to_owned(), format!("{} (a bitfield)", path.join(".")))) }
+        if bits.is_multiple_of(8) { Ok(bits / 8) } else { Err(ScanError::NoMember(name.to_owned(), format!("{} (a bitfield)", path.join(".")))) }
     }
 
     /// Value of enumerator `member` of the (wanted) enum `name`; `None` when either is missing or
