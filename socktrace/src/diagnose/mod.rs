@@ -541,19 +541,13 @@ fn print_reports(out: &mut impl Write, reports: &[Report], md: bool, window: f64
             untraced.join(", ")
         )?;
     }
+    // What a mode without syscall hooks (`--accept-hooks off`) cannot judge.
+    let lead = if md { "> " } else { "note: " };
     if untraced.contains(&"accept") {
-        writeln!(
-            out,
-            "{}without accept events this run cannot judge: accept_stall (gaps between accepts), accept wait, who accepts from which socket, reuseport_imbalance, nor whether drops come from a stalled application or from bursts (reported as an ambiguous backlog_too_small); a listener without drops, floods or losses is `healthy` only in what was seen — rerun with `--accept-hooks auto` to judge the rest",
-            if md { "> " } else { "note: " }
-        )?;
+        writeln!(out, "{lead}without accept events this run cannot judge: accept_stall (gaps between accepts), accept wait, who accepts from which socket, reuseport_imbalance, nor whether drops come from a stalled application or from bursts (reported as an ambiguous backlog_too_small); a listener without drops, floods or losses is `healthy` only in what was seen — rerun with `--accept-hooks auto` to judge the rest")?;
     }
     if untraced.contains(&"listen") {
-        writeln!(
-            out,
-            "{}listen(2) not traced: the backlog an application asked for is unknown, so somaxconn_cap is judged from the backlog alone",
-            if md { "> " } else { "note: " }
-        )?;
+        writeln!(out, "{lead}listen(2) not traced: the backlog an application asked for is unknown, so somaxconn_cap is judged from the backlog alone")?;
     }
     for r in reports.iter().filter(|r| !r.findings.is_empty()) {
         let who = match (&r.comm, r.pid) {
