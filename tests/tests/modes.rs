@@ -19,15 +19,23 @@ fn s(v: &[&str]) -> Vec<String> {
 
 /// Tracepoints process `pid` has BPF programs attached to, by name, from the kernel's own view
 /// of its file descriptors: a BPF link to a tracepoint shows `tp_name:` in /proc/PID/fdinfo (a
-/// perf-event link for classic tracepoints, a raw_tracepoint link for tp_btf/raw_tp).
-/// `bpftool perf show` misses the classic ones once the perf event fd is closed (aya keeps only
-/// the link), so it is not used here.
+/// raw_tracepoint link for tp_btf/raw_tp; a perf-event link for classic tracepoints on recent
+/// kernels). `bpftool perf show` adds programs attached to a perf event fd the process still
+/// holds (older kernels, where aya attaches with an ioctl instead of a link); it misses links
+/// whose perf event fd was closed, hence both.
 fn tracepoints_of(pid: u32) -> Vec<String> {
     let mut out = Vec::new();
     for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).expect("fdinfo").flatten() {
         let info = std::fs::read_to_string(fd.path()).unwrap_or_default();
         if let Some(tp) = info.lines().find_map(|l| l.strip_prefix("tp_name:")) {
             out.push(tp.trim().to_owned());
+        }
+    }
+    let perf = Command::new("bpftool").args(["perf", "show", "--json"]).output().expect("bpftool perf show");
+    let v: Value = serde_json::from_slice(&perf.stdout).unwrap_or(Value::Null);
+    for p in v.as_array().into_iter().flatten().filter(|p| p["pid"].as_u64() == Some(u64::from(pid))) {
+        if let Some(tp) = p["tracepoint"].as_str().filter(|tp| !out.iter().any(|o| o == tp)) {
+            out.push(tp.to_owned());
         }
     }
     out
@@ -109,10 +117,14 @@ fn accept_hooks_off_counts_drops_and_shows_accepts_unavailable() {
     let hooks = probes(&trace[2..]).unwrap();
     let watch = Watch::start(&trace).unwrap();
     let serve = Serve::start(19481, &trace).unwrap();
-    let mut args = vec!["diagnose", "--json", "--duration", "12s", "--port", "9210"];
+    // Starting four tracers takes long on an emulated kernel (the qemu matrix): windows scale.
+    let scale = time_scale().unsigned_abs();
+    let window = format!("{}s", 12 * scale);
+    let iterations = (7 * scale).to_string();
+    let mut args = vec!["diagnose", "--json", "--duration", &window, "--port", "9210"];
     args.extend(trace);
     let diagnose = Socktrace::start(&args, "observing for").unwrap();
-    let mut args = vec!["top", "--json", "--interval", "2s", "--iterations", "7"];
+    let mut args = vec!["top", "--json", "--interval", "2s", "--iterations", &iterations];
     args.extend(trace);
     let top = Socktrace::start(&args, "tracing started").unwrap();
     let before = ns.counters().unwrap();
@@ -144,19 +156,23 @@ fn accept_hooks_off_counts_drops_and_shows_accepts_unavailable() {
     assert!(accepted > 0, "the server must accept connections (that nobody may count here)");
 
     // Drops exactly as the default mode counts them (bound: see check_overflow in privileged.rs).
-    let within = |total: i64, what: &str| {
+    // `missed`: runs the kernel skipped (recursion) of watch's programs; the other tracers' own
+    // programs may skip others, so for them only the kprobe bound applies.
+    let within = |total: i64, what: &str, missed: i64| {
         if hooks["syn_drop"].as_deref() == Some("cgroup_skb") {
             let bound = (delta * 8 / 100).max(3);
             assert!((total - delta).abs() <= bound, "{what}: overflow+syn_drop {total} vs kernel {delta} (bound {bound})");
         } else if [&hooks["syn_drop"], &hooks["listen_overflow"]].iter().any(|h| h.as_deref() == Some("kprobe")) {
             let bound = (delta * 6 / 100).max(3);
             assert!(total + missed <= delta && delta - total - missed <= bound, "{what}: {total} + {missed} skipped vs kernel {delta} (bound {bound})");
-        } else {
+        } else if what == "watch" {
             assert_eq!(total + missed, delta, "{what}: primary hooks must match the kernel exactly");
+        } else {
+            assert!(total <= delta && delta - total <= (delta * 6 / 100).max(3), "{what}: primary hooks, {total} vs kernel {delta}");
         }
     };
     assert!(overflows > 0 && syn_drops > 0, "both drop points must be exercised");
-    within(overflows + syn_drops, "watch");
+    within(overflows + syn_drops, "watch", missed);
     assert!(of_kind(&records, "accept").is_empty(), "no accept event without an accept hook");
     assert!(of_kind(&records, "listen").is_empty(), "no listen event without a listen hook");
 
@@ -182,7 +198,7 @@ fn accept_hooks_off_counts_drops_and_shows_accepts_unavailable() {
             drop_total = drop_total.max(total);
         }
     }
-    within(drop_total, "top");
+    within(drop_total, "top", 0);
 
     // serve: no accept or wait series, drops as counted by the kernel.
     assert_eq!(code, 200);
@@ -191,7 +207,7 @@ fn accept_hooks_off_counts_drops_and_shows_accepts_unavailable() {
     }
     assert!(metrics.contains(r#"socktrace_probe_info{signal="accept",hook="unavailable"} 0"#), "{metrics}");
     let served: f64 = series(&metrics, "socktrace_listen_overflows_total", &inode).iter().sum();
-    within(served as i64, "serve");
+    within(served as i64, "serve", 0);
 
     // diagnose: no accepts, no stall verdict, and the finding says why it cannot tell.
     let d: Value = serde_json::from_str(diag_lines.last().expect("diagnose printed nothing")).unwrap();
