@@ -137,6 +137,13 @@ pub struct TraceArgs {
     /// Hook kinds allowed, comma-separated (fentry,fexit,kprobe,tp_btf,raw_tp,tracepoint,cgroup_skb) or `all`.
     #[arg(long, value_name = "LIST", default_value = "all", value_parser = crate::probes::parse_hooks)]
     pub hooks: BTreeSet<HookKind>,
+    /// How accept(2) and listen(2) are traced: `auto` (fexit, kprobe, else the syscall
+    /// tracepoints, which slow every syscall of every process while attached), `syscalls` (the
+    /// syscall tracepoints only), `off` (no accept or listen hook and no enqueue hook: accept
+    /// counts, accept wait, acceptors and listen's backlog request unavailable; drops, queues,
+    /// retransmits as before). `socktrace probes` shows what each costs.
+    #[arg(long, value_name = "MODE", default_value = "auto")]
+    pub accept_hooks: crate::probes::AcceptHooks,
     /// cgroup-v2 directory for the cgroup_skb SYN-drop fallback (default: the cgroup-v2 root, i.e.
     /// every process). It only sees listeners owned by processes inside it.
     #[arg(long, value_name = "PATH")]

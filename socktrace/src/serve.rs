@@ -254,7 +254,8 @@ impl Metrics {
                     c.get_or_create(&labels).inc_by(n);
                 }
             }
-            {
+            // No accept hook (`--accept-hooks off`): the histogram is absent, not empty.
+            if self.traced.accept_wait {
                 let h = self.wait.get_or_create(&labels);
                 for v in l.waits.iter().flat_map(|w| w.iter_recorded()) {
                     let secs = v.value_iterated_to() as f64 / 1e9;

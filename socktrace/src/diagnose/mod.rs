@@ -240,7 +240,8 @@ struct Report {
 
 #[derive(Default, Serialize)]
 struct WindowCounts {
-    accepts: u64,
+    /// Null without an accept hook (`--accept-hooks off`).
+    accepts: Option<u64>,
     overflows: u64,
     syn_drops: u64,
     retransmits: u64,
@@ -312,6 +313,7 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
     };
     let mut reports = Vec::new();
     let no_timeline = model::Timeline::default();
+    let accepts_untraced = !agent.tracer.traced().accept;
     for (key, a) in &accs {
         let Some(l) = agent.model.listeners.get(key) else { continue };
         let facts = after.get(&key.netns);
@@ -319,7 +321,10 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
         let timeline = l.timeline.as_ref().unwrap_or(&no_timeline);
         // A port with several LISTEN sockets is judged socket by socket: one stuck SO_REUSEPORT
         // worker leaves no gap in the port's accepts (the others keep accepting).
-        let (episodes, sockets) = if a.sockets.len() > 1 {
+        // Episodes are gaps between accepts: without an accept hook every window is one gap.
+        let (episodes, sockets) = if accepts_untraced {
+            (Vec::new(), Vec::new())
+        } else if a.sockets.len() > 1 {
             socket_episodes(l, a, t0, now)
         } else {
             (rules::find_episodes(timeline, &a.points, t0, now, &THRESHOLDS), Vec::new())
@@ -337,6 +342,7 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
             samples_full: a.full,
             queue_peak: a.peak,
             accepts: a.accepts,
+            accepts_untraced,
             overflows: a.overflows,
             syn_drops: a.syn_drops,
             intervals_with_drops: a.drops_intervals,
@@ -391,7 +397,7 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
             episodes: e.episodes,
             drop_events: e.drop_events,
             window_counts: WindowCounts {
-                accepts: a.accepts,
+                accepts: (!accepts_untraced).then_some(a.accepts),
                 overflows: a.overflows,
                 syn_drops: a.syn_drops,
                 retransmits: a.retrans,
@@ -434,7 +440,8 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
                 findings,
                 episodes: Vec::new(),
                 drop_events: 0,
-                window_counts: WindowCounts::default(),
+                // No listener: nothing was accepted, whether or not accept is traced.
+                window_counts: WindowCounts { accepts: Some(0), ..WindowCounts::default() },
             });
         }
     }
@@ -445,12 +452,12 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
         Format::Json => {
             serde_json::to_writer(
                 &mut out,
-                &serde_json::json!({ "window_s": window, "sock_diag": agent.diag_ok, "events_lost": agent.lost(), "untraced": untraced, "listeners": reports }),
+                &serde_json::json!({ "window_s": window, "sock_diag": agent.diag_ok, "events_lost": agent.lost(), "untraced": untraced, "accept_hooks": agent.tracer.accept_hooks, "listeners": reports }),
             )?;
             writeln!(out)?;
         }
         Format::Text | Format::Markdown => {
-            print_reports(&mut out, &reports, format == Format::Markdown, window, agent.diag_ok, agent.lost(), &untraced)?;
+            print_reports(&mut out, &reports, format == Format::Markdown, window, agent.diag_ok, agent.lost(), &untraced, agent.tracer.why_untraced())?;
         }
     }
     Ok(())
@@ -507,7 +514,8 @@ fn listening_elsewhere(port: u16, netns: u32) -> Vec<String> {
         .collect()
 }
 
-fn print_reports(out: &mut impl Write, reports: &[Report], md: bool, window: f64, diag_ok: bool, lost: u64, untraced: &[&str]) -> anyhow::Result<()> {
+#[expect(clippy::too_many_arguments, reason = "the header facts of one report, each printed once")]
+fn print_reports(out: &mut impl Write, reports: &[Report], md: bool, window: f64, diag_ok: bool, lost: u64, untraced: &[&str], why: &str) -> anyhow::Result<()> {
     let healthy: BTreeSet<String> =
         reports.iter().filter(|r| r.findings.is_empty()).map(|r| format!("{}:{}", r.netns, r.lport)).collect();
     if md {
@@ -528,10 +536,19 @@ fn print_reports(out: &mut impl Write, reports: &[Report], md: bool, window: f64
     if !untraced.is_empty() {
         writeln!(
             out,
-            "{}UNAVAILABLE on this kernel (`socktrace probes` says why): {} — their counts are unknown, not 0, and verdicts resting on them cannot be reached",
+            "{}UNAVAILABLE {} (`socktrace probes` says why): {} — their counts are unknown, not 0, and verdicts resting on them cannot be reached",
             if md { "> " } else { "note: " },
+            why,
             untraced.join(", ")
         )?;
+    }
+    // What a mode without syscall hooks (`--accept-hooks off`) cannot judge.
+    let lead = if md { "> " } else { "note: " };
+    if untraced.contains(&"accept") {
+        writeln!(out, "{lead}without accept events this run cannot judge: accept_stall (gaps between accepts), accept wait, who accepts from which socket, reuseport_imbalance, nor whether drops come from a stalled application or from bursts (reported as an ambiguous backlog_too_small); a listener without drops, floods or losses is `healthy` only in what was seen — rerun with `--accept-hooks auto` to judge the rest")?;
+    }
+    if untraced.contains(&"listen") {
+        writeln!(out, "{lead}listen(2) not traced: the backlog an application asked for is unknown, so somaxconn_cap is judged from the backlog alone")?;
     }
     for r in reports.iter().filter(|r| !r.findings.is_empty()) {
         let who = match (&r.comm, r.pid) {
