@@ -15,6 +15,7 @@ mod generate;
 mod listeners;
 mod model;
 mod offsets;
+mod pressure;
 mod probes;
 mod ring;
 mod serve;
@@ -151,6 +152,7 @@ fn start(args: &TraceArgs) -> anyhow::Result<probes::Tracer> {
         allowed: args.hooks.clone(),
         cgroup,
         ring_buffer_bytes: args.ring_buffer_kib * 1024,
+        maps: pressure::MapSizes { listeners: args.map_listeners, pending: args.map_pending, accepting: args.map_accepting, past: args.map_past },
     };
     let tracer = probes::load(&layout, &opts)?;
     system::release_freed_heap();
@@ -175,6 +177,10 @@ fn print_probes(tracer: &probes::Tracer, json: bool) -> anyhow::Result<()> {
         for f in &r.failed {
             writeln!(out, "{:<18}   tried {:<10} {}: {}", "", f.hook, f.at, f.reason)?;
         }
+    }
+    // The bounded maps: what each holds at most, and that an eviction is counted, not silent.
+    for m in pressure::BoundedMap::ALL {
+        writeln!(out, "{:<18} {:<11} {} {} ({}); evictions counted", "map", m.name(), m.capacity(&tracer.maps), m.holds(), m.option())?;
     }
     Ok(())
 }

@@ -15,7 +15,10 @@ use aya::{
     },
 };
 
-use crate::offsets::{ACCEPT_PARAMS, KernelLayout};
+use crate::{
+    offsets::{ACCEPT_PARAMS, KernelLayout},
+    pressure::{BoundedMap, MapSizes},
+};
 
 /// The kinds of kernel hook, in the order the user can name them in `--hooks`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -286,6 +289,8 @@ pub struct LoadOptions {
     /// cgroup-v2 directory the cgroup_skb hook attaches to.
     pub cgroup: PathBuf,
     pub ring_buffer_bytes: u32,
+    /// Capacities of the bounded maps.
+    pub maps: MapSizes,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -304,6 +309,8 @@ pub struct Tracer {
     pub report: Vec<SignalReport>,
     /// What the programs were loaded with (which drop reasons this kernel has).
     pub offsets: socktrace_common::KernelOffsets,
+    /// Capacities the bounded maps were created with.
+    pub maps: MapSizes,
 }
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/socktrace"));
@@ -315,10 +322,12 @@ pub fn load(layout: &KernelLayout, opts: &LoadOptions) -> Result<Tracer, LoadErr
     }
     let btf = aya::Btf::parse_file(&opts.btf, aya::Endianness::default())
         .map_err(|e| LoadError::Btf { path: opts.btf.clone(), message: e.to_string() })?;
-    let mut ebpf = EbpfLoader::new()
-        .btf(Some(&btf))
-        .override_global("OFFSETS", &layout.offsets, true)
-        .map_max_entries("EVENTS", opts.ring_buffer_bytes)
+    let mut loader = EbpfLoader::new();
+    loader.btf(Some(&btf)).override_global("OFFSETS", &layout.offsets, true).map_max_entries("EVENTS", opts.ring_buffer_bytes);
+    for m in BoundedMap::ALL {
+        loader.map_max_entries(m.name(), m.capacity(&opts.maps));
+    }
+    let mut ebpf = loader
         .load(OBJECT)
         .map_err(|e| LoadError::Object(format!("{e:#}")))?;
     let cgroup = File::open(&opts.cgroup);
@@ -350,7 +359,7 @@ pub fn load(layout: &KernelLayout, opts: &LoadOptions) -> Result<Tracer, LoadErr
         }
         report.push(rep);
     }
-    Ok(Tracer { ebpf, report, offsets: layout.offsets })
+    Ok(Tracer { ebpf, report, offsets: layout.offsets, maps: opts.maps })
 }
 
 /// Why a kernel lacks what a candidate needs (`None`: it has it).
