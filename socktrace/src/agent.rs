@@ -249,6 +249,20 @@ impl Agent {
         })
     }
 
+    /// `; MAP EVICTIONS …` for the views' header lines when a bounded map lost entries or a
+    /// listener's kernel row was evicted (empty otherwise).
+    pub fn pressure_note(&self) -> String {
+        let evicted: Vec<String> = self.pressure.maps.iter().filter(|u| u.evicted > 0).map(|u| format!("{} {}/{} full, {} evicted", u.map, u.entries, u.capacity, u.evicted)).collect();
+        if evicted.is_empty() && self.model.rows_lost == 0 {
+            return String::new();
+        }
+        format!(
+            "; MAP EVICTIONS ({}; {} listener rows lost): counts may be incomplete, see the --map-* options",
+            evicted.join(", "),
+            self.model.rows_lost
+        )
+    }
+
     pub fn lost(&self) -> u64 {
         self.stats.get(stat::LOST)
     }

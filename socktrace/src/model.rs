@@ -4,7 +4,10 @@
 //! (queue now, backlog, owners, addresses).
 //!
 //! Counters are monotonic across intervals and across listener churn: a new listener on the same
-//! port continues the same row. Rows for ports that no longer listen and saw no events are
+//! port continues the same row. A kernel row evicted from the full `LISTENERS` map (it vanishes,
+//! or comes back with another `row_id`) is counted per listener and in [`Model::rows_lost`]; the
+//! totals keep their base and add what the new row counts: short by what the old row counted
+//! after the last read, never reset. Rows for ports that no longer listen and saw no events are
 //! dropped after a grace period.
 //!
 //! A listener row is a group: every LISTEN socket on the port (SO_REUSEPORT members, v4 and v6
@@ -648,6 +651,34 @@ mod tests {
         // The kernel entry was evicted and recreated: counting restarts, totals stay monotonic.
         m.close_interval(&[(key, stats(3, 0), None)], &[], None);
         assert_eq!(m.listeners[&key].total.accepts, 10);
+    }
+
+    #[test]
+    fn evicted_rows_are_counted_and_totals_carry_their_base() {
+        let key = ListenerKey { netns: 1, lport: 80 };
+        let with_id = |accepts, id| ListenerStats { row_id: id, netns: 1, lport: 80, ..stats(accepts, 0) };
+        let mut m = Model::default();
+        // Seeded by the agent, then read with counts.
+        m.seeded(listener_key(1, 80), &with_id(0, 7));
+        m.kernel_rows_present(&HashSet::from([listener_key(1, 80)]));
+        m.close_interval(&[(key, with_id(40, 7), None)], &[], None);
+        assert_eq!((m.listeners[&key].total.accepts, m.rows_lost), (40, 0));
+        // Evicted and created again by the kernel: more counts than before, yet another row.
+        m.kernel_rows_present(&HashSet::from([listener_key(1, 80)]));
+        m.close_interval(&[(key, with_id(55, 9), None)], &[], None);
+        let l = &m.listeners[&key];
+        assert_eq!((l.total.accepts, l.interval.accepts, l.kernel_resets, m.rows_lost), (95, 55, 1, 1), "the new row's counts all count");
+        // Gone from the map: counted once, and its return is a new row.
+        m.kernel_rows_present(&HashSet::new());
+        m.close_interval(&[], &[], None);
+        assert_eq!((m.listeners[&key].kernel_resets, m.rows_lost), (2, 2));
+        m.kernel_rows_present(&HashSet::from([listener_key(1, 80)]));
+        m.close_interval(&[(key, with_id(3, 11), None)], &[], None);
+        assert_eq!((m.listeners[&key].total.accepts, m.rows_lost), (98, 2));
+        // A socket row seeded and evicted before the first read is noticed too.
+        m.seeded(socket_key(5), &with_id(0, 12));
+        m.kernel_rows_present(&HashSet::from([listener_key(1, 80)]));
+        assert_eq!(m.rows_lost, 3);
     }
 
     fn diag(addr: &str, inode: u32, q: u32, backlog: u32, owner: (u32, &str)) -> DiagListener {

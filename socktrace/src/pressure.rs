@@ -165,14 +165,10 @@ impl Pressure {
             let inserts = inserts + if m == BoundedMap::Listeners { seeded } else { 0 };
             let deletes = del.map_or(0, |d| stats.get(d));
             let before = self.maps.iter().find(|u| u.map == m.name()).map_or(0, |u| u.evicted);
-            let evicted = before.max(inserts.saturating_sub(entries.saturating_add(deletes)));
+            let evicted = evictions(before, inserts, deletes, entries);
             maps.push(MapUse { map: m.name(), capacity, entries, inserts, deletes, evicted });
         }
         self.maps = maps;
-    }
-
-    pub fn evicted(&self, map: BoundedMap) -> u64 {
-        self.maps.iter().find(|u| u.map == map.name()).map_or(0, |u| u.evicted)
     }
 
     pub fn total_evicted(&self) -> u64 {
@@ -190,6 +186,12 @@ impl Pressure {
             .collect::<Vec<_>>()
             .join(", ")
     }
+}
+
+/// Evictions so far: `inserts - deletes - entries`, never below the count before (see the module
+/// documentation for why it is a lower bound).
+fn evictions(before: u64, inserts: u64, deletes: u64, entries: u64) -> u64 {
+    before.max(inserts.saturating_sub(entries.saturating_add(deletes)))
 }
 
 /// Keys in a map, walked with BPF_MAP_GET_NEXT_KEY (one syscall each). A walk whose cursor was
@@ -234,6 +236,15 @@ mod tests {
         };
         assert_eq!(p.summary(), "LISTENERS 8/8 (12 EVICTED), ENQUEUED 1/4");
         assert_eq!(p.total_evicted(), 12);
-        assert_eq!(p.evicted(BoundedMap::Enqueued), 0);
+    }
+
+    #[test]
+    fn evictions_are_what_is_neither_live_nor_deleted_and_never_decrease() {
+        // 100 children queued into 32 slots, then 20 accepted with their entry: 68 evicted.
+        assert_eq!(evictions(0, 100, 20, 12), 68);
+        // A walk that saw more (entries created during it, or counted twice) lowers the result;
+        // the count stays where it was.
+        assert_eq!(evictions(68, 110, 20, 40), 68);
+        assert_eq!(evictions(0, 5, 5, 3), 0);
     }
 }
