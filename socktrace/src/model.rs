@@ -416,9 +416,8 @@ impl Model {
         for k in gone {
             self.kernel_last.remove(&k);
             self.rows_lost += 1;
-            if let Some(l) = self.listeners.get_mut(&k) {
-                l.kernel_resets += 1;
-            }
+            // Also a listener seeded but not yet in the model: the loss stays with its row.
+            self.row(k).kernel_resets += 1;
         }
         let gone: Vec<u32> = self.kernel_last_socket.keys().filter(|i| !present.contains(&socket_key(**i))).copied().collect();
         for inode in gone {
