@@ -13,7 +13,7 @@ use std::{
 };
 
 use socktrace_tests::{
-    NetNs, Serve, Watch, http_get, privileged,
+    NetNs, Serve, Socktrace, Watch, http_get, privileged,
     reuseport::{label, samples},
 };
 
@@ -72,7 +72,16 @@ fn listeners_beyond_the_map_are_evictions_never_resets() {
     let ns = NetNs::new("plst").unwrap();
     let nsi = ns.inode().to_string();
     let ls = listeners(&ns, base, n);
-    let serve = Serve::start(19571, &["--netns", &nsi, "--map-listeners", &map_listeners.to_string()]).unwrap();
+    let ml = map_listeners.to_string();
+    // `top` attaching to them: its first interval already reports the seeds' evictions.
+    let top = Socktrace::start(&["top", "--once", "--json", "--netns", &nsi, "--map-listeners", &ml], "tracing started").unwrap();
+    let out = top.wait(Duration::from_secs(60)).unwrap();
+    let v: serde_json::Value = serde_json::from_str(out.last().unwrap()).unwrap();
+    let lst = v["maps"].as_array().unwrap().iter().find(|m| m["map"] == "LISTENERS").unwrap().clone();
+    assert_eq!(lst["capacity"], 2 * map_listeners);
+    assert!(lst["evicted"].as_u64().unwrap() >= u64::from(2 * (u32::from(n) - map_listeners)), "top --json: {lst}");
+    assert!(v["listener_rows_lost"].as_u64().unwrap() >= 1, "seeded rows evicted before the first read are lost rows: {v}");
+    let serve = Serve::start(19571, &["--netns", &nsi, "--map-listeners", &ml]).unwrap();
     let rows = f64::from(2 * map_listeners);
     let mut accepted: BTreeMap<u16, u64> = BTreeMap::new();
     let mut previous: Option<String> = None;
@@ -239,4 +248,77 @@ fn threads_in_accept_beyond_the_map_are_reported() {
     assert!(accepts <= f64::from(threads) && accepts >= f64::from(threads) - evicted, "{accepts} accepts seen of {threads}, {evicted} evictions");
     assert!(accepts <= f64::from(accepting), "at most {accepting} threads kept their entry: {accepts} accepts seen");
     drop((clients, servers, ls));
+}
+
+/// At the default capacity (16384 listeners, 32768 rows): a few hundred listeners more than that,
+/// opened before serve starts. The evictions reported are at least the rows that cannot fit, and
+/// the listeners that are exported with accepts never read short without saying so.
+#[test]
+fn more_listeners_than_the_default_map_holds() {
+    if !privileged() {
+        return;
+    }
+    let n = u16::try_from(16384 + 300 + vary(500)).unwrap();
+    // Each listener is a file descriptor of this process: the soft limit goes up to the hard one
+    // (20000 here; raising the hard limit needs CAP_SYS_RESOURCE, which this sandbox lacks).
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: valid pointers to an rlimit of this process.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim), 0);
+        let need = u64::from(n) + 256;
+        if lim.rlim_max < need {
+            lim.rlim_max = need;
+        }
+        lim.rlim_cur = lim.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim), 0, "RLIMIT_NOFILE to {}: {}", lim.rlim_max, std::io::Error::last_os_error());
+    }
+    // Below the ephemeral port range, so no client takes a listener's port.
+    let base = 1100;
+    let ns = NetNs::new("pdef").unwrap();
+    let nsi = ns.inode().to_string();
+    let ls = listeners(&ns, base, n);
+    let serve = Serve::start(19574, &["--netns", &nsi]).unwrap();
+    let mut accepted: BTreeMap<u16, u64> = BTreeMap::new();
+    let mut scrapes = 0u64;
+    let mut previous: Option<String> = None;
+    for round in 0..2u16 {
+        // The lowest ports are the exported ones (serve exports 1000 listeners, in port order).
+        for i in 0..(40 + round * 20) {
+            let c = connect(&ns, base + i);
+            let (s, _) = ls[usize::from(i)].accept().unwrap();
+            drop((c, s));
+            *accepted.entry(base + i).or_default() += 1;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let m = scrape(&serve);
+        scrapes += 1;
+        if let Some(p) = &previous {
+            assert!(map_metric(&m, "socktrace_map_evictions_total", "LISTENERS") >= map_metric(p, "socktrace_map_evictions_total", "LISTENERS"));
+            let before = per_port(p, "socktrace_accepts_total", &nsi);
+            let now = per_port(&m, "socktrace_accepts_total", &nsi);
+            for (port, v) in &before {
+                assert!(now.get(port).is_none_or(|n| n >= v), "port {port}: accepts_total went from {v} to {:?}", now.get(port));
+            }
+        }
+        previous = Some(m);
+    }
+    let m = previous.unwrap();
+    assert_eq!(map_metric(&m, "socktrace_map_capacity", "LISTENERS"), 32768.0);
+    let evicted = map_metric(&m, "socktrace_map_evictions_total", "LISTENERS");
+    let accepts: u64 = accepted.values().sum();
+    let lower = 2.0 * f64::from(n) - 32768.0;
+    let upper = 2.0 * f64::from(n) * (scrapes + 1) as f64 + 2.0 * accepts as f64;
+    println!("{n} listeners at the default capacity: {evicted} LISTENERS evictions in [{lower}, {upper}]");
+    assert!(evicted >= lower && evicted <= upper, "LISTENERS evictions {evicted} outside [{lower}, {upper}]");
+    let totals = per_port(&m, "socktrace_accepts_total", &nsi);
+    let resets = per_port(&m, "socktrace_kernel_row_evictions_total", &nsi);
+    for (port, want) in &accepted {
+        let Some(got) = totals.get(port) else { continue };
+        assert!(*got <= *want as f64, "port {port}: {got} accepts counted, {want} made");
+        if *got < *want as f64 {
+            assert!(resets.get(port).copied().unwrap_or(0.0) >= 1.0, "port {port}: {got} of {want} accepts and no eviction reported");
+        }
+    }
+    assert!(totals.len() >= 50, "the low ports are exported: {} of them", totals.len());
+    drop(ls);
 }
