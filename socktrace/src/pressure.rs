@@ -25,6 +25,8 @@
 //! wait is unknown (`STATS[ACCEPT_NO_WAIT]` counts those); an `ACCEPTING` entry lost is an accept
 //! (syscall or kprobe hook) that is not seen at all; a `PAST` row lost, its counts.
 
+use std::time::Instant;
+
 use aya::{
     Ebpf, Pod,
     maps::{HashMap, MapData},
@@ -139,7 +141,14 @@ pub struct MapUse {
 #[derive(Clone, Debug, Default)]
 pub struct Pressure {
     pub maps: Vec<MapUse>,
+    /// Per map: no walk before this instant (see [`WALK_SHARE`]).
+    next_walk: std::collections::BTreeMap<&'static str, Instant>,
 }
+
+/// A map walk takes at most this share of the time: after a walk of `d`, the next is `d /
+/// WALK_SHARE` later (a full 65536-entry `ENQUEUED`, tens of ms, is then walked every few
+/// seconds; a small map every interval). Until then the map's last numbers stand.
+const WALK_SHARE: u32 = 50;
 
 impl Pressure {
     /// Measures every map. `listeners_live`: the `LISTENERS` rows the caller just walked (the
@@ -150,21 +159,36 @@ impl Pressure {
         for m in BoundedMap::ALL {
             let capacity = m.capacity(sizes);
             let (ins, del) = m.counters();
+            let last = self.maps.iter().find(|u| u.map == m.name()).copied();
             let (inserts, entries) = match (m, listeners) {
                 (BoundedMap::Listeners, Some((inserts, live))) => (inserts, live),
                 _ => {
                     let inserts = stats.get(ins);
+                    let deleted = del.map_or(0, |d| stats.get(d));
+                    // Everything inserted is deleted or already counted evicted: empty, no walk.
+                    if inserts == deleted + last.map_or(0, |u| u.evicted) {
+                        maps.push(MapUse { map: m.name(), capacity, entries: 0, inserts, deletes: deleted, evicted: last.map_or(0, |u| u.evicted) });
+                        continue;
+                    }
+                    if let (Some(u), Some(t)) = (last, self.next_walk.get(m.name())) {
+                        if Instant::now() < *t {
+                            maps.push(u);
+                            continue;
+                        }
+                    }
+                    let started = Instant::now();
                     let live = match m {
                         BoundedMap::Listeners => count_keys::<u64, ListenerStats>(ebpf, m.name(), capacity),
                         BoundedMap::Past => count_keys::<PastKey, u64>(ebpf, m.name(), capacity),
                         BoundedMap::Enqueued | BoundedMap::Accepting => count_keys::<u64, u64>(ebpf, m.name(), capacity),
                     };
+                    self.next_walk.insert(m.name(), Instant::now() + started.elapsed() * WALK_SHARE);
                     (inserts, live)
                 }
             };
             let inserts = inserts + if m == BoundedMap::Listeners { seeded } else { 0 };
             let deletes = del.map_or(0, |d| stats.get(d));
-            let before = self.maps.iter().find(|u| u.map == m.name()).map_or(0, |u| u.evicted);
+            let before = last.map_or(0, |u| u.evicted);
             let evicted = evictions(before, inserts, deletes, entries);
             maps.push(MapUse { map: m.name(), capacity, entries, inserts, deletes, evicted });
         }
@@ -229,6 +253,7 @@ mod tests {
     #[test]
     fn summary_names_evictions() {
         let p = Pressure {
+            next_walk: std::collections::BTreeMap::new(),
             maps: vec![
                 MapUse { map: "LISTENERS", capacity: 8, entries: 8, inserts: 20, deletes: 0, evicted: 12 },
                 MapUse { map: "ENQUEUED", capacity: 4, entries: 1, inserts: 3, deletes: 2, evicted: 0 },
