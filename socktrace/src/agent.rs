@@ -21,9 +21,9 @@ use crate::{
     event::{self, Record},
     filter::Filter,
     model::{DiagSample, ListenerKey, Model},
+    pressure::Pressure,
     probes::{Signal, Tracer},
     ring::{Stats, ring},
-    pressure::Pressure,
     system,
 };
 
@@ -148,13 +148,13 @@ impl Agent {
                 self.model.seeded(key, row);
             }
             Err(e) => {
-            let exists = matches!(&e, aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::EEXIST));
-            if !exists {
-                if self.seed_errors == 0 {
-                    eprintln!("socktrace: warning: no kernel row for listener netns {} port {} (inode {}): {e}", d.netns, d.lport, d.inode);
+                let exists = matches!(&e, aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::EEXIST));
+                if !exists {
+                    if self.seed_errors == 0 {
+                        eprintln!("socktrace: warning: no kernel row for listener netns {} port {} (inode {}): {e}", d.netns, d.lport, d.inode);
+                    }
+                    self.seed_errors += 1;
                 }
-                self.seed_errors += 1;
-            }
             }
         }
     }
