@@ -153,7 +153,7 @@ pub struct TraceArgs {
     /// one is an accept with an unknown wait, counted).
     #[arg(long, value_name = "N", default_value_t = MapSizes::DEFAULT.pending, value_parser = parse_map_size)]
     pub map_pending: u32,
-    /// Threads inside accept() at once (ACCEPTING map, syscall and kprobe hooks; an evicted one is
+    /// Threads inside `accept()` at once (ACCEPTING map, syscall and kprobe hooks; an evicted one is
     /// an accept not seen, counted as an eviction).
     #[arg(long, value_name = "N", default_value_t = MapSizes::DEFAULT.accepting, value_parser = parse_map_size)]
     pub map_accepting: u32,

@@ -3,7 +3,7 @@
 //! capacities, `watch` its exit summary, the agent's views the counts).
 //!
 //! The kernel has no eviction callback and counts no LRU eviction, so evictions are derived:
-//! every program that creates an entry counts it (`STATS[*_INSERTS]`, only when BPF_NOEXIST
+//! every program that creates an entry counts it (`STATS[*_INSERTS]`, only when `BPF_NOEXIST`
 //! succeeded, so overwriting an existing entry is not an insert), every program that removes one
 //! counts it (`STATS[*_DELETES]`, only when the delete found it), the agent counts the
 //! `LISTENERS` rows it seeds itself, and nothing else removes entries. Every entry ever created is
@@ -43,7 +43,7 @@ pub struct MapSizes {
     pub listeners: u32,
     /// Child sockets in accept queues (`ENQUEUED`).
     pub pending: u32,
-    /// Threads inside accept() at once (`ACCEPTING`).
+    /// Threads inside `accept()` at once (`ACCEPTING`).
     pub accepting: u32,
     /// (netns, port, class, address) rows of segments that never reached a listener (`PAST`).
     pub past: u32,
@@ -93,7 +93,7 @@ impl BoundedMap {
         }
     }
 
-    /// Entries (max_entries) with these sizes.
+    /// Entries (`max_entries`) with these sizes.
     pub fn capacity(self, s: &MapSizes) -> u32 {
         match self {
             BoundedMap::Listeners => s.listeners.saturating_mul(2),
@@ -160,31 +160,30 @@ impl Pressure {
             let capacity = m.capacity(sizes);
             let (ins, del) = m.counters();
             let last = self.maps.iter().find(|u| u.map == m.name()).copied();
-            let (inserts, entries) = match (m, listeners) {
-                (BoundedMap::Listeners, Some((inserts, live))) => (inserts, live),
-                _ => {
-                    let inserts = stats.get(ins);
-                    let deleted = del.map_or(0, |d| stats.get(d));
-                    // Everything inserted is deleted or already counted evicted: empty, no walk.
-                    if inserts == deleted + last.map_or(0, |u| u.evicted) {
-                        maps.push(MapUse { map: m.name(), capacity, entries: 0, inserts, deletes: deleted, evicted: last.map_or(0, |u| u.evicted) });
-                        continue;
-                    }
-                    if let (Some(u), Some(t)) = (last, self.next_walk.get(m.name())) {
-                        if Instant::now() < *t {
-                            maps.push(u);
-                            continue;
-                        }
-                    }
-                    let started = Instant::now();
-                    let live = match m {
-                        BoundedMap::Listeners => count_keys::<u64, ListenerStats>(ebpf, m.name(), capacity),
-                        BoundedMap::Past => count_keys::<PastKey, u64>(ebpf, m.name(), capacity),
-                        BoundedMap::Enqueued | BoundedMap::Accepting => count_keys::<u64, u64>(ebpf, m.name(), capacity),
-                    };
-                    self.next_walk.insert(m.name(), Instant::now() + started.elapsed() * WALK_SHARE);
-                    (inserts, live)
+            let (inserts, entries) = if let (BoundedMap::Listeners, Some((inserts, live))) = (m, listeners) {
+                (inserts, live)
+            } else {
+                let inserts = stats.get(ins);
+                let deleted = del.map_or(0, |d| stats.get(d));
+                // Everything inserted is deleted or already counted evicted: empty, no walk.
+                if inserts == deleted + last.map_or(0, |u| u.evicted) {
+                    maps.push(MapUse { map: m.name(), capacity, entries: 0, inserts, deletes: deleted, evicted: last.map_or(0, |u| u.evicted) });
+                    continue;
                 }
+                if let (Some(u), Some(t)) = (last, self.next_walk.get(m.name()))
+                    && Instant::now() < *t
+                {
+                    maps.push(u);
+                    continue;
+                }
+                let started = Instant::now();
+                let live = match m {
+                    BoundedMap::Listeners => count_keys::<u64, ListenerStats>(ebpf, m.name(), capacity),
+                    BoundedMap::Past => count_keys::<PastKey, u64>(ebpf, m.name(), capacity),
+                    BoundedMap::Enqueued | BoundedMap::Accepting => count_keys::<u64, u64>(ebpf, m.name(), capacity),
+                };
+                self.next_walk.insert(m.name(), Instant::now() + started.elapsed() * WALK_SHARE);
+                (inserts, live)
             };
             let inserts = inserts + if m == BoundedMap::Listeners { seeded } else { 0 };
             let deletes = del.map_or(0, |d| stats.get(d));
@@ -218,7 +217,7 @@ fn evictions(before: u64, inserts: u64, deletes: u64, entries: u64) -> u64 {
     before.max(inserts.saturating_sub(entries.saturating_add(deletes)))
 }
 
-/// Keys in a map, walked with BPF_MAP_GET_NEXT_KEY (one syscall each). A walk whose cursor was
+/// Keys in a map, walked with `BPF_MAP_GET_NEXT_KEY` (one syscall each). A walk whose cursor was
 /// deleted restarts from the first key; it stops at twice the capacity and then says the map is
 /// full (an upper bound of what it holds, which only lowers the eviction count).
 fn count_keys<K: Pod, V: Pod>(ebpf: &Ebpf, name: &str, capacity: u32) -> u64 {

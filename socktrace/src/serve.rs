@@ -131,7 +131,7 @@ struct Metrics {
     map_entries: Family<MapLabels, Gauge>,
     map_evictions: Family<MapLabels, Counter>,
     rows_lost: Counter,
-    /// Accepts whose queue wait is unknown (kernel count); absent without the accept_wait signal.
+    /// Accepts whose queue wait is unknown (kernel count); absent without the `accept_wait` signal.
     wait_unknown: Option<Counter>,
 }
 
