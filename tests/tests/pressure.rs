@@ -322,3 +322,46 @@ fn more_listeners_than_the_default_map_holds() {
     assert!(totals.len() >= 50, "the low ports are exported: {} of them", totals.len());
     drop(ls);
 }
+
+/// `diagnose` says when the maps evicted during its window: children queued beyond
+/// `--map-pending` while it observes show up in `map_evictions`, and the text names them.
+#[test]
+fn diagnose_notes_evictions_in_its_window() {
+    if !privileged() {
+        return;
+    }
+    let pending = 16 + vary(8);
+    let conns = 2 * pending + 5 + vary(10);
+    let base = 24000;
+    let ns = NetNs::new("pdiag").unwrap();
+    let nsi = ns.inode().to_string();
+    let ls = listeners(&ns, base, 3);
+    let p = pending.to_string();
+    for json in [true, false] {
+        let mut args = vec!["diagnose", "--netns", &nsi, "--map-pending", &p, "--duration", "3s"];
+        if json {
+            args.push("--json");
+        }
+        let d = Socktrace::start(&args, "observing for").unwrap();
+        let mut clients = Vec::new();
+        for i in 0..conns {
+            clients.push(connect(&ns, base + u16::try_from(i % 3).unwrap()));
+        }
+        let out = d.wait(Duration::from_secs(60)).unwrap();
+        if json {
+            let v: serde_json::Value = serde_json::from_str(out.last().unwrap()).unwrap();
+            let n = v["map_evictions"]["ENQUEUED"].as_u64().unwrap_or(0);
+            println!("{conns} children queued in the window, ENQUEUED holds {pending}: {n} evictions in the window");
+            assert!(n >= u64::from(conns - pending), "diagnose --json: {v}");
+        } else {
+            let text = out.join("\n");
+            assert!(text.contains("evicted entries during the window (") && text.contains("ENQUEUED") && text.contains("counts may be incomplete"), "{text}");
+        }
+        // The children leave the queues (and the next window starts from a quiet map).
+        for l in &ls {
+            l.set_nonblocking(true).unwrap();
+            while l.accept().is_ok() {}
+        }
+        drop(clients);
+    }
+}
