@@ -21,6 +21,7 @@ use crate::{
     event::{self, Record},
     filter::Filter,
     model::{DiagSample, ListenerKey, Model},
+    pressure::Pressure,
     probes::{Signal, Tracer},
     ring::{Stats, ring},
     system,
@@ -49,6 +50,10 @@ pub struct Agent {
     /// CLOCK_MONOTONIC right before the last interval's kernel rows were read: the counts are
     /// as of (about) then, while the interval's sock_diag sample comes after.
     pub kernel_read_ns: u64,
+    /// `LISTENERS` rows this agent created (seeds), for the eviction count.
+    seeded: u64,
+    /// Evictions from the bounded maps, measured at every interval.
+    pub pressure: Pressure,
 }
 
 /// The `PAST` map at one instant, and which of its classes are counted on this kernel.
@@ -92,6 +97,8 @@ impl Agent {
             trimmed: Instant::now(),
             seed_errors: 0,
             kernel_read_ns: 0,
+            seeded: 0,
+            pressure: Pressure::default(),
         };
         agent.write_control()?;
         // Listeners that already exist get their kernel rows before anything else happens.
@@ -120,6 +127,8 @@ impl Agent {
             }
             let mut row = ListenerStats::ZERO;
             row.netns = d.netns;
+            // A row id of its own (the kernel's are random): the model tells a recreated row by it.
+            row.row_id = u32::try_from(self.seeded % u64::from(u32::MAX)).unwrap_or(0) | 0x8000_0000;
             row.lport = d.lport;
             row.family = if d.laddr.is_ipv4() { AF_INET } else { AF_INET6 };
             row.queue_max = d.backlog;
@@ -133,13 +142,19 @@ impl Agent {
 
     fn seed_row(&mut self, key: u64, row: &ListenerStats, d: &crate::model::DiagListener) {
         // BPF_NOEXIST: never reset a row a kernel program created in the meantime.
-        if let Err(e) = self.listeners.insert(key, row, BPF_NOEXIST) {
-            let exists = matches!(&e, aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::EEXIST));
-            if !exists {
-                if self.seed_errors == 0 {
-                    eprintln!("socktrace: warning: no kernel row for listener netns {} port {} (inode {}): {e}", d.netns, d.lport, d.inode);
+        match self.listeners.insert(key, row, BPF_NOEXIST) {
+            Ok(()) => {
+                self.seeded += 1;
+                self.model.seeded(key, row);
+            }
+            Err(e) => {
+                let exists = matches!(&e, aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::EEXIST));
+                if !exists {
+                    if self.seed_errors == 0 {
+                        eprintln!("socktrace: warning: no kernel row for listener netns {} port {} (inode {}): {e}", d.netns, d.lport, d.inode);
+                    }
+                    self.seed_errors += 1;
                 }
-                self.seed_errors += 1;
             }
         }
     }
@@ -182,6 +197,9 @@ impl Agent {
         let mut sockets = Vec::new();
         let mut present = HashSet::new();
         self.kernel_read_ns = system::monotonic_ns();
+        // Inserts before the walk, deletes after it: the eviction count stays a lower bound
+        // (pressure.rs).
+        let inserts = self.stats.get(stat::LISTENERS_INSERTS);
         for item in self.listeners.iter() {
             let (k, s) = item.context("reading LISTENERS")?;
             present.insert(k);
@@ -192,6 +210,9 @@ impl Agent {
                 sockets.push((u32::try_from(k & u64::from(u32::MAX)).unwrap_or(0), s, peak));
             }
         }
+        self.pressure.measure(&self.tracer.ebpf, &self.stats, &self.tracer.maps, Some((inserts, present.len() as u64)), self.seeded);
+        // Rows read before and missing now were evicted (neither side deletes them).
+        self.model.kernel_rows_present(&present);
         let diag = (self.diag)().map(|mut sample| {
             self.filter.select_listeners(&mut sample);
             sample
@@ -227,6 +248,20 @@ impl Agent {
             no_socket: drops && o.reason_no_socket_any != KernelOffsets::ABSENT,
             client_syn_retrans: self.tracer.has(Signal::Retransmit),
         })
+    }
+
+    /// `; MAP EVICTIONS …` for the views' header lines when a bounded map lost entries or a
+    /// listener's kernel row was evicted (empty otherwise).
+    pub fn pressure_note(&self) -> String {
+        let evicted: Vec<String> = self.pressure.maps.iter().filter(|u| u.evicted > 0).map(|u| format!("{} {}/{} full, {} evicted", u.map, u.entries, u.capacity, u.evicted)).collect();
+        if evicted.is_empty() && self.model.rows_lost == 0 {
+            return String::new();
+        }
+        format!(
+            "; MAP EVICTIONS ({}; {} listener rows lost): counts may be incomplete, see the --map-* options",
+            evicted.join(", "),
+            self.model.rows_lost
+        )
     }
 
     pub fn lost(&self) -> u64 {

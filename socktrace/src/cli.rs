@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::{
     filter::{self, Filter, FilterError, Scope},
+    pressure::MapSizes,
     probes::HookKind,
     system,
 };
@@ -151,6 +152,21 @@ pub struct TraceArgs {
     /// Ring buffer size in KiB (power of two, at least 4).
     #[arg(long, value_name = "KIB", default_value_t = 4096, value_parser = parse_ring_kib)]
     pub ring_buffer_kib: u32,
+    /// Listening sockets the kernel keeps counters for (LISTENERS map: a row per port and one per
+    /// LISTEN socket, so 2×N rows). Beyond it the least recently used rows are evicted (counted).
+    #[arg(long, value_name = "N", default_value_t = MapSizes::DEFAULT.listeners, value_parser = parse_map_size)]
+    pub map_listeners: u32,
+    /// Child sockets waiting in accept queues whose enqueue time is kept (ENQUEUED map; an evicted
+    /// one is an accept with an unknown wait, counted).
+    #[arg(long, value_name = "N", default_value_t = MapSizes::DEFAULT.pending, value_parser = parse_map_size)]
+    pub map_pending: u32,
+    /// Threads inside `accept()` at once (ACCEPTING map, syscall and kprobe hooks; an evicted one is
+    /// an accept not seen, counted as an eviction).
+    #[arg(long, value_name = "N", default_value_t = MapSizes::DEFAULT.accepting, value_parser = parse_map_size)]
+    pub map_accepting: u32,
+    /// Rows of segments that never reached a listener (PAST map: per netns, port, class, address).
+    #[arg(long, value_name = "N", default_value_t = MapSizes::DEFAULT.past, value_parser = parse_map_size)]
+    pub map_past: u32,
 }
 
 /// What a tracing command shows: the shorthands and the filter expression (all must match).
@@ -375,6 +391,13 @@ fn parse_port(s: &str) -> Result<u16, String> {
     match s.parse::<u32>() {
         Ok(p) if (1..=65535).contains(&p) => Ok(u16::try_from(p).unwrap_or_default()),
         _ => Err(format!("{s:?} is not a TCP port (1-65535)")),
+    }
+}
+
+fn parse_map_size(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n) if (1..=MapSizes::MAX).contains(&n) => Ok(n),
+        _ => Err(format!("{s:?} is not a number of entries between 1 and {}", MapSizes::MAX)),
     }
 }
 

@@ -15,6 +15,7 @@ mod generate;
 mod listeners;
 mod model;
 mod offsets;
+mod pressure;
 mod probes;
 mod ring;
 mod serve;
@@ -154,6 +155,7 @@ fn start(args: &TraceArgs) -> anyhow::Result<probes::Tracer> {
         cgroup,
         ring_buffer_bytes: args.ring_buffer_kib * 1024,
         accept_hooks: args.accept_hooks,
+        maps: pressure::MapSizes { listeners: args.map_listeners, pending: args.map_pending, accepting: args.map_accepting, past: args.map_past },
     };
     let tracer = probes::load(&layout, &btf, &opts)?;
     drop(btf);
@@ -184,6 +186,10 @@ fn print_probes(tracer: &probes::Tracer, json: bool) -> anyhow::Result<()> {
         for f in &r.failed {
             writeln!(out, "{:<18}   tried {:<10} {}: {}", "", f.hook, f.at, f.reason)?;
         }
+    }
+    // The bounded maps: what each holds at most, and that an eviction is counted, not silent.
+    for m in pressure::BoundedMap::ALL {
+        writeln!(out, "{:<18} {:<11} {} {} ({}); evictions counted", "map", m.name(), m.capacity(&tracer.maps), m.holds(), m.option())?;
     }
     writeln!(out)?;
     for line in tracer.mode_lines() {

@@ -15,7 +15,10 @@ use aya::{
     },
 };
 
-use crate::offsets::{ACCEPT_PARAMS, KernelLayout};
+use crate::{
+    offsets::{ACCEPT_PARAMS, KernelLayout},
+    pressure::{BoundedMap, MapSizes},
+};
 
 /// The kinds of kernel hook, in the order the user can name them in `--hooks`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -336,6 +339,8 @@ pub struct LoadOptions {
     pub cgroup: PathBuf,
     pub ring_buffer_bytes: u32,
     pub accept_hooks: AcceptHooks,
+    /// Capacities of the bounded maps.
+    pub maps: MapSizes,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -356,6 +361,8 @@ pub struct Tracer {
     pub offsets: socktrace_common::KernelOffsets,
     /// The `--accept-hooks` mode it was loaded in.
     pub accept_hooks: AcceptHooks,
+    /// Capacities the bounded maps were created with.
+    pub maps: MapSizes,
 }
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/socktrace"));
@@ -370,10 +377,12 @@ pub fn load(layout: &KernelLayout, btf: &[u8], opts: &LoadOptions) -> Result<Tra
         return Err(LoadError::NoObject);
     }
     let btf = aya::Btf::parse(btf, aya::Endianness::default()).map_err(|e| LoadError::Btf { path: opts.btf.clone(), message: e.to_string() })?;
-    let mut ebpf = EbpfLoader::new()
-        .btf(Some(&btf))
-        .override_global("OFFSETS", &layout.offsets, true)
-        .map_max_entries("EVENTS", opts.ring_buffer_bytes)
+    let mut loader = EbpfLoader::new();
+    loader.btf(Some(&btf)).override_global("OFFSETS", &layout.offsets, true).map_max_entries("EVENTS", opts.ring_buffer_bytes);
+    for m in BoundedMap::ALL {
+        loader.map_max_entries(m.name(), m.capacity(&opts.maps));
+    }
+    let mut ebpf = loader
         .load(OBJECT)
         .map_err(|e| LoadError::Object(format!("{e:#}")))?;
     let cgroup = File::open(&opts.cgroup);
@@ -411,7 +420,7 @@ pub fn load(layout: &KernelLayout, btf: &[u8], opts: &LoadOptions) -> Result<Tra
         }
         report.push(rep);
     }
-    Ok(Tracer { ebpf, report, offsets: layout.offsets, accept_hooks: opts.accept_hooks })
+    Ok(Tracer { ebpf, report, offsets: layout.offsets, accept_hooks: opts.accept_hooks, maps: opts.maps })
 }
 
 /// Why a kernel lacks what a candidate needs (`None`: it has it).

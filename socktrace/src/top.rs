@@ -61,6 +61,8 @@ pub struct Row {
     pub last_acceptor: Option<(u32, u32, String)>,
     /// Every LISTEN socket on the port (one for a plain listener).
     pub sockets: Vec<SocketJson>,
+    /// Times its kernel row was evicted since the agent started: its totals may be short.
+    pub kernel_row_evictions: u64,
 }
 
 /// A process (or thread) in `--json`.
@@ -159,6 +161,7 @@ impl Row {
             sk_drops: l.drops,
             last_acceptor: l.last_acceptor.as_ref().map(|a| (a.pid, a.tid, a.comm.clone())),
             sockets: l.sockets.values().map(|s| SocketJson::of(s, traced)).collect(),
+            kernel_row_evictions: l.kernel_resets,
         }
     }
 }
@@ -305,6 +308,8 @@ fn print_interval(out: &mut impl Write, agent: &Agent, opts: &TopOptions) -> any
             "sock_diag": agent.diag_ok,
             "untraced": agent.tracer.traced().missing(),
             "accept_hooks": agent.tracer.accept_hooks,
+            "maps": agent.pressure.maps,
+            "listener_rows_lost": agent.model.rows_lost,
             "listeners": listeners,
         });
         writeln!(out, "{v}")?;
@@ -328,12 +333,13 @@ fn print_interval(out: &mut impl Write, agent: &Agent, opts: &TopOptions) -> any
     let untraced = agent.tracer.traced().missing();
     writeln!(
         out,
-        "socktrace top: {} listeners, interval {:.1}s, events lost {}{}{}",
+        "socktrace top: {} listeners, interval {:.1}s, events lost {}{}{}{}",
         rows.len(),
         secs,
         agent.lost(),
         if agent.diag_ok { "" } else { " (sock_diag unavailable: queue now/backlog/owner unknown)" },
-        if untraced.is_empty() { String::new() } else { format!(" (UNAVAILABLE {}, shown as -: {})", agent.tracer.why_untraced(), untraced.join(", ")) }
+        if untraced.is_empty() { String::new() } else { format!(" (UNAVAILABLE {}, shown as -: {})", agent.tracer.why_untraced(), untraced.join(", ")) },
+        agent.pressure_note()
     )?;
     for (i, row) in table.iter().enumerate() {
         let mark = if hot[i] { "!" } else { " " };

@@ -236,6 +236,9 @@ struct Report {
     drop_events: u64,
     /// What the kernel aggregates counted for this listener during the window.
     window_counts: WindowCounts,
+    /// Times its kernel row was evicted during the window (the map was full): its window counts
+    /// may be short by what it counted between a sample and the eviction.
+    kernel_row_evictions: u64,
 }
 
 #[derive(Default, Serialize)]
@@ -279,6 +282,10 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
     // window's counts start here (rows created at start-up already hold what came before).
     agent.close_interval()?;
     let past_before = agent.past_counts()?;
+    // Evictions before the window, to tell those that touched it.
+    let evicted_before: BTreeMap<&'static str, u64> = agent.pressure.maps.iter().map(|u| (u.map, u.evicted)).collect();
+    let resets_before: BTreeMap<ListenerKey, u64> = agent.model.listeners.iter().map(|(k, l)| (*k, l.kernel_resets)).collect();
+    let rows_lost_before = agent.model.rows_lost;
     let t0 = system::monotonic_ns();
     let t0_unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok().and_then(|d| u64::try_from(d.as_millis()).ok());
     // Only once the baseline counters are read: scripts start traffic on this line.
@@ -396,6 +403,7 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
             findings,
             episodes: e.episodes,
             drop_events: e.drop_events,
+            kernel_row_evictions: l.kernel_resets - resets_before.get(key).copied().unwrap_or(0).min(l.kernel_resets),
             window_counts: WindowCounts {
                 accepts: (!accepts_untraced).then_some(a.accepts),
                 overflows: a.overflows,
@@ -440,6 +448,7 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
                 findings,
                 episodes: Vec::new(),
                 drop_events: 0,
+                kernel_row_evictions: 0,
                 // No listener: nothing was accepted, whether or not accept is traced.
                 window_counts: WindowCounts { accepts: Some(0), ..WindowCounts::default() },
             });
@@ -448,16 +457,34 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
     let mut out = std::io::stdout().lock();
     // Signals no hook traces on this kernel: their counts are unknown, not 0.
     let untraced = agent.tracer.traced().missing();
+    // Entries the bounded kernel maps lost during the window (absent when none).
+    let evicted: BTreeMap<&'static str, u64> = agent
+        .pressure
+        .maps
+        .iter()
+        .map(|u| (u.map, u.evicted.saturating_sub(evicted_before.get(u.map).copied().unwrap_or(0))))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    let rows_lost = agent.model.rows_lost - rows_lost_before.min(agent.model.rows_lost);
+    let pressure = (!evicted.is_empty() || rows_lost > 0).then(|| {
+        let maps: Vec<String> = evicted.iter().map(|(m, n)| format!("{m} {n}")).collect();
+        format!(
+            "the kernel maps evicted entries during the window ({}; {rows_lost} listener rows lost): counts may be incomplete — raise the --map-* options (`socktrace probes` lists the capacities)",
+            if maps.is_empty() { "no map-level count yet".to_owned() } else { maps.join(", ") }
+        )
+    });
     match format {
         Format::Json => {
             serde_json::to_writer(
                 &mut out,
-                &serde_json::json!({ "window_s": window, "sock_diag": agent.diag_ok, "events_lost": agent.lost(), "untraced": untraced, "accept_hooks": agent.tracer.accept_hooks, "listeners": reports }),
+                &serde_json::json!({ "window_s": window, "sock_diag": agent.diag_ok, "events_lost": agent.lost(), "untraced": untraced,
+                    "accept_hooks": agent.tracer.accept_hooks, "map_evictions": evicted, "listener_rows_lost": rows_lost, "listeners": reports }),
             )?;
             writeln!(out)?;
         }
         Format::Text | Format::Markdown => {
-            print_reports(&mut out, &reports, format == Format::Markdown, window, agent.diag_ok, agent.lost(), &untraced, agent.tracer.why_untraced())?;
+            let notes = HeaderNotes { why_untraced: agent.tracer.why_untraced(), pressure: pressure.as_deref() };
+            print_reports(&mut out, &reports, format == Format::Markdown, window, agent.diag_ok, agent.lost(), &untraced, &notes)?;
         }
     }
     Ok(())
@@ -514,8 +541,17 @@ fn listening_elsewhere(port: u16, netns: u32) -> Vec<String> {
         .collect()
 }
 
+/// Window-wide notes printed above the reports.
+struct HeaderNotes<'a> {
+    /// Why the untraced signals are untraced (this kernel, or `--accept-hooks off`).
+    why_untraced: &'a str,
+    /// Map evictions during the window, if any.
+    pressure: Option<&'a str>,
+}
+
 #[expect(clippy::too_many_arguments, reason = "the header facts of one report, each printed once")]
-fn print_reports(out: &mut impl Write, reports: &[Report], md: bool, window: f64, diag_ok: bool, lost: u64, untraced: &[&str], why: &str) -> anyhow::Result<()> {
+fn print_reports(out: &mut impl Write, reports: &[Report], md: bool, window: f64, diag_ok: bool, lost: u64, untraced: &[&str], notes: &HeaderNotes) -> anyhow::Result<()> {
+    let (why, pressure) = (notes.why_untraced, notes.pressure);
     let healthy: BTreeSet<String> =
         reports.iter().filter(|r| r.findings.is_empty()).map(|r| format!("{}:{}", r.netns, r.lport)).collect();
     if md {
@@ -532,6 +568,9 @@ fn print_reports(out: &mut impl Write, reports: &[Report], md: bool, window: f64
             "{}{lost} events were lost in the ring buffer: counts are exact (kernel aggregates), but episode timing misses those events",
             if md { "> " } else { "note: " }
         )?;
+    }
+    if let Some(p) = pressure {
+        writeln!(out, "{}{p}", if md { "> " } else { "note: " })?;
     }
     if !untraced.is_empty() {
         writeln!(
@@ -560,6 +599,10 @@ fn print_reports(out: &mut impl Write, reports: &[Report], md: bool, window: f64
             writeln!(out, "\n## `{addr}:{}` in netns {} — {who}: **{}**\n", r.lport, r.netns, r.verdict)?;
         } else {
             writeln!(out, "\n{addr}:{} netns {} — {who}: {}", r.lport, r.netns, r.verdict.to_uppercase())?;
+        }
+        if r.kernel_row_evictions > 0 {
+            let n = r.kernel_row_evictions;
+            writeln!(out, "{}its kernel row was evicted {n} time(s) in the window (map full): its counts may be short", if md { "> " } else { "  note: " })?;
         }
         for f in &r.findings {
             if md {
