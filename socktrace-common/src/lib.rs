@@ -7,6 +7,7 @@
 #![no_std]
 
 pub mod iter;
+pub mod wait;
 
 /// Kinds of [`Event`].
 pub mod kind {
@@ -390,6 +391,12 @@ mod pod {
     unsafe impl aya::Pod for super::Control {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PastKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::wait::WaitKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::wait::AcceptorKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::wait::AcceptorSeen {}
 }
 
 #[cfg(test)]

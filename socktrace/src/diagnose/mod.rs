@@ -257,7 +257,7 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
     agent.model.keep_total_waits = true;
     // Episodes need when accepts and drops happened, not only how many.
     agent.model.keep_timeline = true;
-    agent.unmute(&[kind::LISTEN_OVERFLOW, kind::SYN_DROP])?;
+    agent.unmute(&[kind::ACCEPT, kind::LISTEN_OVERFLOW, kind::SYN_DROP])?;
     let mut paths = BTreeMap::new();
     let mut before: BTreeMap<u32, NetnsFacts> = BTreeMap::new();
     let scope_netns = agent.filter.netns.or_else(system::own_netns);
