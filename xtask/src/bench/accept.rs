@@ -124,9 +124,10 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
             md.push_str("\n### In-kernel cost per connection (BPF run-time statistics)\n\n");
             md.push_str(&k.markdown());
             md.push_str(
-                "\nOne `watch --json` run at full rate with `BPF_ENABLE_STATS` held by the bench \
-                 (`run_time_ns`/`run_cnt` from the program fds' fdinfo): time inside each program, \
-                 without the tracepoint dispatch around it.\n",
+                "\nOne `serve` run (accept events muted in the kernel: waits and acceptors go to the \
+                 `WAITS`/`ACCEPTORS` maps) and one `watch --json` run (every accept sent), each at full rate \
+                 with `BPF_ENABLE_STATS` held by the bench (`run_time_ns`/`run_cnt` from the program fds' \
+                 fdinfo): time inside each program, without the tracepoint dispatch around it.\n",
             );
         }
         Err(e) => {
@@ -258,33 +259,74 @@ fn prog_names() -> BTreeMap<u64, String> {
         .unwrap_or_default()
 }
 
-fn kernel_cost(ctx: &Ctx, ns: &NetNs) -> anyhow::Result<Table> {
-    println!("  kernel cost: one traced run with BPF run-time statistics");
+/// One traced run at full rate with BPF run-time statistics: per program name (runs, run ns),
+/// connections accepted and their rate.
+struct StatsRun {
+    progs: BTreeMap<String, (u64, u64)>,
+    conns: f64,
+    rate: f64,
+}
+
+fn stats_run(ctx: &Ctx, ns: &NetNs, c: Config) -> anyhow::Result<StatsRun> {
     let stats_fd = enable_bpf_stats()?;
-    let t = Tracer::watch(ctx, ns, &[], &Stdout::Null)?;
+    let t = match c {
+        Config::Serve => Tracer::serve(ctx, ns, &[])?,
+        _ => Tracer::watch(ctx, ns, &[], &Stdout::Null)?,
+    };
     let before = prog_stats(t.pid);
-    let load = storm(ctx, ns, &Storm::max(ctx.secs.min(3.0)), || {})?;
+    let load = storm(ctx, ns, &Storm::max(ctx.secs.min(3.0)), || {
+        if c == Config::Serve {
+            let _ = t.scrape();
+        }
+    })?;
     let after = prog_stats(t.pid);
     let names = prog_names();
     t.stop()?;
     drop(stats_fd);
     anyhow::ensure!(!after.is_empty(), "no BPF program fds found in /proc/PID/fdinfo");
-    let conns = load.accepted.max(1) as f64;
-    let mut tab = Table::new(&["program", "runs/conn", "ns/run", "ns/conn"]);
-    let (mut total_ns, mut rows) = (0u64, Vec::new());
+    let mut progs = BTreeMap::new();
     for (id, (ns1, c1)) in &after {
         let (ns0, c0) = before.get(id).copied().unwrap_or((0, 0));
         let (dns, dc) = (ns1 - ns0, c1 - c0);
         if dc == 0 {
             continue;
         }
-        total_ns += dns;
-        rows.push((dns, names.get(id).cloned().unwrap_or_else(|| format!("id {id}")), dc));
+        let e: &mut (u64, u64) = progs.entry(names.get(id).cloned().unwrap_or_else(|| format!("id {id}"))).or_default();
+        e.0 += dc;
+        e.1 += dns;
     }
-    rows.sort_by_key(|r| std::cmp::Reverse(r.0));
-    for (dns, name, dc) in rows {
-        tab.row(vec![name, format!("{:.2}", dc as f64 / conns), format!("{:.0}", dns as f64 / dc as f64), format!("{:.0}", dns as f64 / conns)]);
+    Ok(StatsRun { progs, conns: load.accepted.max(1) as f64, rate: load.rate })
+}
+
+/// Per program: runs per connection and ns per run under `serve` (accept events muted in the
+/// kernel) and under `watch --json` (every accept sent).
+fn kernel_cost(ctx: &Ctx, ns: &NetNs) -> anyhow::Result<Table> {
+    println!("  kernel cost: one traced run each (serve, watch) with BPF run-time statistics");
+    let serve = stats_run(ctx, ns, Config::Serve)?;
+    let watch = stats_run(ctx, ns, Config::Watch)?;
+    let mut tab = Table::new(&["program", "serve runs/conn", "serve ns/run", "serve ns/conn", "watch runs/conn", "watch ns/run", "watch ns/conn"]);
+    let per_conn = |r: &StatsRun, name: &str| r.progs.get(name).map_or(0.0, |(_, ns)| *ns as f64 / r.conns);
+    let mut names: Vec<&String> = serve.progs.keys().chain(watch.progs.keys()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+    names.sort_by(|a, b| per_conn(&watch, b).max(per_conn(&serve, b)).total_cmp(&per_conn(&watch, a).max(per_conn(&serve, a))));
+    let cells = |r: &StatsRun, name: &str| match r.progs.get(name) {
+        Some((runs, ns)) => [format!("{:.2}", *runs as f64 / r.conns), format!("{:.0}", *ns as f64 / *runs as f64), format!("{:.0}", *ns as f64 / r.conns)],
+        None => ["-".into(), "-".into(), "-".into()],
+    };
+    for name in names {
+        let mut row = vec![name.clone()];
+        row.extend(cells(&serve, name));
+        row.extend(cells(&watch, name));
+        tab.row(row);
     }
-    tab.row(vec![format!("all ({} connections at {:.0}/s)", load.accepted, load.rate), String::new(), String::new(), format!("{:.0}", total_ns as f64 / conns)]);
+    let total = |r: &StatsRun| format!("{:.0}", r.progs.values().map(|(_, ns)| *ns).sum::<u64>() as f64 / r.conns);
+    tab.row(vec![
+        format!("all (serve: {:.0} connections at {:.0}/s; watch: {:.0} at {:.0}/s)", serve.conns, serve.rate, watch.conns, watch.rate),
+        String::new(),
+        String::new(),
+        total(&serve),
+        String::new(),
+        String::new(),
+        total(&watch),
+    ]);
     Ok(tab)
 }
