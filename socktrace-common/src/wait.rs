@@ -89,7 +89,7 @@ mod tests {
     #[test]
     fn buckets_are_contiguous_monotonic_and_tight() {
         // Every bucket starts right after the previous one ends.
-        for b in 0..u16::try_from(bucket(u64::MAX)).unwrap() {
+        for b in 0..bucket(u64::MAX) {
             assert_eq!(upper(b) + 1, lower(b + 1), "bucket {b}");
         }
         assert_eq!(upper(bucket(u64::MAX)), u64::MAX);

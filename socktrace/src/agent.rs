@@ -1,7 +1,7 @@
 //! The long-running agent behind `top` (and every interval-based view): it owns the loaded
 //! programs, feeds ring-buffer events into the [`Model`], and closes an interval on demand by
 //! bumping the kernel's peak epoch, reading the `LISTENERS` aggregates, the `WAITS` histograms,
-//! the `ACCEPTORS` table and a sock_diag listing. Accept events are muted in the kernel: nothing
+//! the `ACCEPTORS` table and a `sock_diag` listing. Accept events are muted in the kernel: nothing
 //! here costs more with more connections per second (`diagnose` unmutes them for its timeline).
 //!
 //! Attaching to a busy system is the normal case: every listener sock_diag reports gets its
@@ -75,7 +75,7 @@ const TRIM_EVERY: Duration = Duration::from_secs(1);
 
 impl Agent {
     /// Interval views need no per-connection event: counters, wait histograms and acceptors are
-    /// aggregated in the kernel, so those events are muted (listen() calls still come through).
+    /// aggregated in the kernel, so those events are muted (`listen()` calls still come through).
     pub fn new(mut tracer: Tracer, filter: Filter, diag: DiagSource) -> anyhow::Result<Agent> {
         let stats = Stats::new(&mut tracer)?;
         let ring = ring(&mut tracer)?;

@@ -1,7 +1,7 @@
 //! The per-listener model every view reads (`top`, and the views built on it): a table keyed by
 //! (netns, port) merging the kernel's aggregates (`LISTENERS` map: counters, queue high-water
 //! mark per interval; `WAITS`: accept-wait histograms per socket; `ACCEPTORS`: who accepted),
-//! events where a view needs their times (`diagnose`'s timeline) and sock_diag listings (queue
+//! events where a view needs their times (`diagnose`'s timeline) and `sock_diag` listings (queue
 //! now, backlog, owners, addresses).
 //!
 //! Counters are monotonic across intervals and across listener churn: a new listener on the same
@@ -388,7 +388,7 @@ impl Model {
         })
     }
 
-    /// An event from the ring buffer: listen() calls (the backlog asked for), and the times of
+    /// An event from the ring buffer: `listen()` calls (the backlog asked for), and the times of
     /// accepts and drops for [`Model::keep_timeline`]. Waits and acceptors come from the kernel's
     /// maps ([`Model::take_waits`], [`Model::take_acceptors`]), whether or not accepts are sent.
     pub fn on_event(&mut self, r: &Record) {
@@ -751,8 +751,7 @@ mod tests {
     fn kernel_wait_counts_are_taken_as_deltas() {
         let key = ListenerKey { netns: 1, lport: 80 };
         let k = |inode, w| WaitKey { netns: 1, inode, lport: 80, bucket: wait::bucket(w), _pad: 0 };
-        let mut m = Model::default();
-        m.keep_total_waits = true;
+        let mut m = Model { keep_total_waits: true, ..Model::default() };
         m.take_waits(&[(k(5, 2_000_000), 3), (k(6, 40_000_000), 1)]);
         m.close_interval(&[], &[], None);
         assert_eq!(m.listeners[&key].waits.as_ref().map(Histogram::len), Some(4), "both sockets make the port's histogram");

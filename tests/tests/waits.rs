@@ -21,7 +21,9 @@ fn close(reported: u64, exact: u64) -> bool {
 
 /// Sample at quantile `q` the way HDR ranks (the `ceil(q * n)`-th smallest, at least the first).
 fn at_quantile(sorted: &[u64], q: f64) -> u64 {
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    let n = sorted.len();
+    #[expect(clippy::cast_precision_loss, reason = "n ≤ 60 here: exact in f64")]
+    let rank = (1..=n).find(|r| (*r as f64) >= q * n as f64).unwrap_or(n);
     sorted[rank - 1]
 }
 
@@ -58,17 +60,17 @@ fn top_serve_and_diagnose_waits_match_the_accept_events() {
     )
     .unwrap();
     let server_pid = server.pid();
-    clients.wait(Duration::from_secs(60)).unwrap();
+    clients.wait(Duration::from_mins(1)).unwrap();
     // serve: two scrapes after the last accept (the first closes the interval with the accepts).
     let scrape = || http_get(&serve.addr, "/metrics", Duration::from_secs(5)).unwrap().1;
     std::thread::sleep(Duration::from_millis(300));
     let first = scrape();
     std::thread::sleep(Duration::from_millis(1200));
     let second = scrape();
-    let top_lines = top.wait(Duration::from_secs(60)).unwrap();
-    let diag_lines = diagnose.wait(Duration::from_secs(60)).unwrap();
+    let top_lines = top.wait(Duration::from_mins(1)).unwrap();
+    let diag_lines = diagnose.wait(Duration::from_mins(1)).unwrap();
     // The listener outlives both windows (diagnose reports listeners it saw listening).
-    let server_lines = server.wait(Duration::from_secs(60)).unwrap();
+    let server_lines = server.wait(Duration::from_mins(1)).unwrap();
     assert_eq!(server_lines.iter().find(|l| l["event"] == "done").map(|l| l["accepted"].clone()), Some(Value::from(60)));
     let records = watch.finish().unwrap();
 
@@ -120,9 +122,10 @@ fn top_serve_and_diagnose_waits_match_the_accept_events() {
     // without accepts (counters monotonic, no interval counted twice).
     let count = metric(&first, "socktrace_accept_wait_seconds_count", port).unwrap();
     let sum = metric(&first, "socktrace_accept_wait_seconds_sum", port).unwrap();
-    let exact_sum = waits.iter().sum::<u64>() as f64 / 1e9;
+    #[expect(clippy::cast_precision_loss, reason = "waits below a second: exact in f64")]
+    let exact_sum = waits.iter().map(|w| *w as f64).sum::<f64>() / 1e9;
     eprintln!("serve: count {count} sum {sum} s (events {exact_sum} s)");
-    assert_eq!(count, 60.0);
+    assert!((count - 60.0).abs() < 0.5, "serve counted {count} waits");
     assert!((sum - exact_sum).abs() <= exact_sum / 64.0, "serve sum {sum} s, events {exact_sum} s");
     assert_eq!(metric(&first, "socktrace_accepts_total", port), Some(60.0));
     for name in ["socktrace_accept_wait_seconds_count", "socktrace_accept_wait_seconds_sum", "socktrace_accepts_total"] {
