@@ -88,7 +88,7 @@ pub fn record(ev: &Event) {
     if let Some(s) = entry(key, ev) {
         apply(s, ev);
     }
-    if ev.kind == kind::ACCEPT {
+    if ev.kind == kind::ACCEPT && CONTROL.get(0).is_some_and(|c| c.waits != 0) {
         accepted(ev);
     }
     if ev.sock_ino != 0 {

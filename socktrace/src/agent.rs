@@ -163,6 +163,7 @@ impl Agent {
             mute: self.mute,
             netns: self.filter.netns.unwrap_or(0),
             port: self.filter.port.map_or(0, u32::from),
+            waits: 1,
         };
         self.control.set(0, control, 0).context("writing CONTROL")
     }
