@@ -366,7 +366,8 @@ pub struct Control {
     /// Non-zero: only events whose local or remote port is this one reach the ring buffer.
     pub port: u32,
     /// Non-zero: keep accept waits and acceptors in the `WAITS`/`ACCEPTORS` maps (the interval
-    /// views read them); `watch` leaves it 0, its events carry both.
+    /// views read them), for listeners within `netns`/`port` when set; `watch` leaves it 0, its
+    /// events carry both.
     pub waits: u32,
 }
 

@@ -88,7 +88,10 @@ pub fn record(ev: &Event) {
     if let Some(s) = entry(key, ev) {
         apply(s, ev);
     }
-    if ev.kind == kind::ACCEPT && CONTROL.get(0).is_some_and(|c| c.waits != 0) {
+    // Only within the view's `--netns`/`--port` scope: the maps stay as small as what is read.
+    if ev.kind == kind::ACCEPT
+        && CONTROL.get(0).is_some_and(|c| c.waits != 0 && (c.netns == 0 || c.netns == ev.netns) && (c.port == 0 || c.port == u32::from(ev.lport)))
+    {
         accepted(ev);
     }
     if ev.sock_ino != 0 {

@@ -15,7 +15,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::maps::{Array, HashMap, MapData, RingBuf};
+use aya::maps::{Array, HashMap, Map, MapData, RingBuf};
 use socktrace_common::{
     AF_INET, AF_INET6, Control, KernelOffsets, ListenerStats, PastKey, SOCKET_KEY, kind, listener_key, socket_key, stat,
     wait::{AcceptorKey, AcceptorSeen, WaitKey},
@@ -23,6 +23,7 @@ use socktrace_common::{
 use tokio::io::unix::AsyncFd;
 
 use crate::{
+    batch,
     event::{self, Record},
     filter::Filter,
     model::{DiagSample, ListenerKey, Model},
@@ -39,8 +40,9 @@ pub struct Agent {
     ring: AsyncFd<RingBuf<MapData>>,
     pub stats: Stats,
     listeners: HashMap<MapData, u64, ListenerStats>,
-    waits: HashMap<MapData, WaitKey, u64>,
-    acceptors: HashMap<MapData, AcceptorKey, AcceptorSeen>,
+    /// Read whole at every interval (see [`read_map`]).
+    waits: Map,
+    acceptors: Map,
     control: Array<MapData, Control>,
     epoch: u32,
     mute: u32,
@@ -81,8 +83,8 @@ impl Agent {
         let ring = ring(&mut tracer)?;
         let listeners = HashMap::try_from(tracer.ebpf.take_map("LISTENERS").context("LISTENERS map missing")?)?;
         let control = Array::try_from(tracer.ebpf.take_map("CONTROL").context("CONTROL map missing")?)?;
-        let waits = HashMap::try_from(tracer.ebpf.take_map("WAITS").context("WAITS map missing")?)?;
-        let acceptors = HashMap::try_from(tracer.ebpf.take_map("ACCEPTORS").context("ACCEPTORS map missing")?)?;
+        let waits = tracer.ebpf.take_map("WAITS").context("WAITS map missing")?;
+        let acceptors = tracer.ebpf.take_map("ACCEPTORS").context("ACCEPTORS map missing")?;
         let mute = [kind::ACCEPT, kind::LISTEN_OVERFLOW, kind::SYN_DROP, kind::RETRANSMIT, kind::SYNACK_RETRANSMIT]
             .iter()
             .fold(0u32, |m, k| m | (1 << k));
@@ -254,9 +256,18 @@ impl Agent {
     }
 }
 
-/// Every entry of a kernel hash map.
-fn read_map<K: aya::Pod, V: aya::Pod>(map: &HashMap<MapData, K, V>, name: &str) -> anyhow::Result<Vec<(K, V)>> {
-    map.iter().map(|item| item.with_context(|| format!("reading {name}"))).collect()
+/// Every entry of a kernel hash map: in batches where the kernel can (5.6+), else entry by entry.
+fn read_map<K: aya::Pod, V: aya::Pod>(map: &Map, name: &str) -> anyhow::Result<Vec<(K, V)>> {
+    // Checks that K and V have the map's key and value sizes.
+    let typed: HashMap<&MapData, K, V> = HashMap::try_from(map).with_context(|| format!("{name} map"))?;
+    if let Map::HashMap(data) | Map::LruHashMap(data) = map {
+        match batch::lookup_all(data) {
+            Ok(entries) => return Ok(entries),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOTSUP | 524)) => {}
+            Err(e) => return Err(e).with_context(|| format!("reading {name}")),
+        }
+    }
+    typed.iter().map(|item| item.with_context(|| format!("reading {name}"))).collect()
 }
 
 fn feed(rb: &mut RingBuf<MapData>, filter: &mut Filter, model: &mut Model) -> anyhow::Result<()> {
