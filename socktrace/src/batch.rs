@@ -15,7 +15,8 @@ use aya::{Pod, maps::MapData};
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 
 /// Entries asked for per call.
-const CHUNK: usize = 4096;
+const CHUNK_U32: u32 = 4096;
+const CHUNK: usize = CHUNK_U32 as usize;
 
 /// The `batch` member of `union bpf_attr`.
 #[repr(C)]
@@ -50,7 +51,7 @@ pub fn lookup_all<K: Pod, V: Pod>(map: &MapData) -> io::Result<Vec<(K, V)>> {
             out_batch: (&raw mut token_out) as u64,
             keys: keys.as_mut_ptr() as u64,
             values: values.as_mut_ptr() as u64,
-            count: CHUNK as u32,
+            count: CHUNK_U32,
             map_fd: fd,
             ..BatchAttr::default()
         };
