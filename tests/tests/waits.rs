@@ -43,10 +43,12 @@ fn top_serve_and_diagnose_waits_match_the_accept_events() {
     let port = 9611u16;
     let scope = ["--netns", &inode, "--port", "9611"];
     let watch = Watch::start(&scope).unwrap();
-    // Long enough to cover the scenario on a loaded machine; `--iterations 1`: one interval.
-    let top = Socktrace::start(&[&["top", "--json", "--interval", "20s", "--iterations", "1"][..], &scope].concat(), "tracing started").unwrap();
-    let diagnose = Socktrace::start(&[&["diagnose", "--format", "json", "--duration", "20s"][..], &scope].concat(), "tracing started").unwrap();
     let serve = Serve::start(19611, &scope).unwrap();
+    // Started last, right before the scenario, with windows far longer than its ~1 s of accepts
+    // (a loaded machine starts each tracer in seconds); `--iterations 1`: one interval.
+    let top = Socktrace::start(&[&["top", "--json", "--interval", "20s", "--iterations", "1"][..], &scope].concat(), "tracing started").unwrap();
+    // diagnose's window counts from its baseline, read after "tracing started".
+    let diagnose = Socktrace::start(&[&["diagnose", "--format", "json", "--duration", "20s"][..], &scope].concat(), "observing for").unwrap();
     // 60 connections: the server accepts after 250 ms, then one every 7 ms; they wait 250-670 ms.
     let server = Scenario::start(
         Path::new(SCENARIO),
