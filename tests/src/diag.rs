@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::{Cgroup, Counters, NetNs, Socktrace, monotonic_ns, probes};
+use crate::{Cgroup, Counters, NetNs, Socktrace, monotonic_ns};
 
 /// How long before a window's end the scenarios stop their traffic, so that the counters read
 /// after diagnose exits hold nothing from after its window.
@@ -186,14 +186,6 @@ pub fn drops_in(ev: &str) -> i64 {
     number_before(ev, "SYN drops") + number_before(ev, "listen overflows")
 }
 
-/// How far socktrace's drop count may be from `TcpExtListenOverflows`: 0 on the primary hooks;
-/// on the `cgroup_skb` SYN-drop fallback (it checks the queue just before the kernel does) 8 % of the
-/// delta, at least 3, as measured in the privileged suite.
-pub fn drop_bound(cg: &Cgroup, delta: i64) -> i64 {
-    let cgp = cg.path.to_string_lossy().into_owned();
-    let hooks = probes(&["--cgroup", &cgp]).unwrap_or_default();
-    if hooks.get("syn_drop").and_then(Option::as_deref) == Some("cgroup_skb") { (delta * 8 / 100).max(3) } else { 0 }
-}
 
 /// Asserts `seen` lies between the kernel's inner and outer deltas of `key`, allowing `below`
 /// less than the inner and `above` more than the outer one.
@@ -217,9 +209,8 @@ pub fn retransmit_shortfall(kernel: i64) -> i64 {
     (kernel * 2 / 100).max(1)
 }
 
-/// Drops in the evidence against `TcpExtListenOverflows` (bounded on the `cgroup_skb` fallback).
-pub fn assert_drops_match(ev: &str, o: &Outcome, cg: &Cgroup) {
-    let (_, outer) = o.delta("TcpExtListenOverflows");
-    let bound = drop_bound(cg, outer);
-    assert_within("drops", drops_in(ev), o, "TcpExtListenOverflows", (bound, bound));
+/// Drops in the evidence against `TcpExtListenOverflows`: exact on every hook (the `cgroup_skb`
+/// SYN-drop fallback included), within the kernel's deltas from the ready line and from the spawn.
+pub fn assert_drops_match(ev: &str, o: &Outcome) {
+    assert_within("drops", drops_in(ev), o, "TcpExtListenOverflows", (0, 0));
 }
