@@ -162,21 +162,23 @@ fn syn_to_listener(ctx: &SkBuffContext) -> Result<Option<(u64, usize, bool)>, i6
     if sk.is_null() {
         return Ok(None);
     }
-    // SAFETY: non-null sock_common from the context; only state and family are readable there
-    // (the protocol is checked in the packet and by bpf_skc_to_tcp_sock below).
-    let (state, family) = unsafe { ((*sk).state, (*sk).family) };
+    // SAFETY: non-null sock_common from the context; only state is needed there (the protocol
+    // is checked in the packet and by bpf_skc_to_tcp_sock below).
+    let state = unsafe { (*sk).state };
     if state != TCP_LISTEN as u32 {
         return Ok(None);
     }
-    // The packet starts at the IP header; only a bare SYN (no ACK) is a connection request.
-    let (tcp_off, v6) = if family == u32::from(AF_INET6) {
+    // The packet starts at the IP header, whose version says how to parse it (not the socket's
+    // family: a dual-stack IPv6 listener receives IPv4 SYNs); only a bare SYN (no ACK) is a
+    // connection request.
+    let vihl: u8 = ctx.load(0).map_err(i64::from)?;
+    let (tcp_off, v6) = if vihl >> 4 == 6 {
         let next: u8 = ctx.load(6).map_err(i64::from)?;
         if next != 6 {
             return Ok(None);
         }
         (40usize, true)
     } else {
-        let vihl: u8 = ctx.load(0).map_err(i64::from)?;
         let proto: u8 = ctx.load(9).map_err(i64::from)?;
         if vihl >> 4 != 4 || proto != 6 {
             return Ok(None);
@@ -192,14 +194,20 @@ fn syn_to_listener(ctx: &SkBuffContext) -> Result<Option<(u64, usize, bool)>, i6
     Ok((tp != 0).then_some((tp, tcp_off, v6)))
 }
 
-/// Source port and address of the packet (the remote side of a SYN).
+/// Source port and address of the packet (the remote side of a SYN); an IPv4 source of an IPv6
+/// listener (`listener_v6`) is written v4-mapped (`::ffff:a.b.c.d`), as the kernel names it.
 #[inline(always)]
-fn packet_source(ctx: &SkBuffContext, tcp_off: usize, v6: bool) -> Result<(u16, [u8; 16]), i64> {
+fn packet_source(ctx: &SkBuffContext, tcp_off: usize, v6: bool, listener_v6: bool) -> Result<(u16, [u8; 16]), i64> {
     let sport: u16 = ctx.load(tcp_off).map_err(i64::from)?;
     let mut raddr = [0u8; 16];
     // Fixed-size loads: the verifier rejects a length it cannot bound.
     if v6 {
         raddr = ctx.load::<[u8; 16]>(8).map_err(i64::from)?;
+    } else if listener_v6 {
+        let a: [u8; 4] = ctx.load(12).map_err(i64::from)?;
+        raddr[10] = 0xff;
+        raddr[11] = 0xff;
+        raddr[12..].copy_from_slice(&a);
     } else {
         let a: [u8; 4] = ctx.load(12).map_err(i64::from)?;
         raddr[..4].copy_from_slice(&a);
@@ -217,7 +225,7 @@ fn try_cgroup_skb(ctx: &SkBuffContext) -> Result<u32, i64> {
     }
     let mut ev = new_syn_drop(tp, hook::CGROUP_SKB);
     let _ = fill_queue(&mut ev, tp);
-    (ev.rport, ev.raddr) = packet_source(ctx, tcp_off, v6)?;
+    (ev.rport, ev.raddr) = packet_source(ctx, tcp_off, v6, ev.family == AF_INET6)?;
     emit(&mut ev);
     Ok(0)
 }
@@ -234,7 +242,8 @@ fn try_cgroup_skb_counted(ctx: &SkBuffContext) -> Result<u32, i64> {
         settle(p);
     }
     let counter = counted::counter_here(tp)?;
-    let (rport, raddr) = packet_source(ctx, tcp_off, v6)?;
+    let family: u16 = read(tp, off!(skc_family))?;
+    let (rport, raddr) = packet_source(ctx, tcp_off, v6, family == AF_INET6)?;
     let rec = SynPending {
         skb: ctx.skb.skb as u64,
         counter,

@@ -426,6 +426,10 @@ mod tests {
         let n = l.accept_params.expect("inet_csk_accept in BTF");
         assert!(ACCEPT_PARAMS.contains(&n), "{n} parameters");
         assert_eq!(o.accept_ret_arg as usize, n);
+        // The per-CPU ListenOverflows counter is found: __per_cpu_offset from kallsyms, or
+        // bpf_array.pptrs (after the embedded struct bpf_map, 8-byte aligned) to derive it.
+        assert!(l.counted_drops);
+        assert!(o.per_cpu_offset != 0 || (o.bpf_array_pptrs >= 64 && o.bpf_array_pptrs % 8 == 0), "{o:?}");
     }
 
     /// No BTF, or a damaged file: an error (never a panic) that names the file and says how to

@@ -58,16 +58,21 @@ fn drop_events(records: &[Value], port: u16) -> (i64, i64) {
     (n("syn_drop"), n("listen_overflow"))
 }
 
-/// Connect storms from both CPUs against small backlogs (1, 3, 6; IPv4 and IPv6; 8-24 threads)
-/// that the server drains as fast as it can: every drop event equals the kernel's counter.
+/// Connect storms from both CPUs against small backlogs (1, 6, 3, 2; IPv4, IPv6, and IPv4 clients
+/// of a dual-stack IPv6 listener; 8-24 threads) that the server drains as fast as it can: every
+/// drop event equals the kernel's counter.
 #[test]
 fn syn_drops_exact_under_connect_storm_from_every_cpu() {
     if !privileged() {
         return;
     }
-    for (i, (addr, port, backlog, threads)) in
-        [("127.0.0.1:9330", 9330u16, 1u32, 8u32), ("127.0.0.1:9331", 9331, 6, 24), ("[::1]:9332", 9332, 3, 16)].into_iter().enumerate()
-    {
+    let cases = [
+        ("127.0.0.1:9330", "127.0.0.1:9330", 9330u16, 1u32, 8u32),
+        ("127.0.0.1:9331", "127.0.0.1:9331", 9331, 6, 24),
+        ("[::1]:9332", "[::1]:9332", 9332, 3, 16),
+        ("[::]:9335", "127.0.0.1:9335", 9335, 2, 12),
+    ];
+    for (i, (listen, addr, port, backlog, threads)) in cases.into_iter().enumerate() {
         let tag = format!("storm{i}");
         let ns = NetNs::new(&tag).unwrap();
         let cg = Cgroup::new(&tag).unwrap();
@@ -77,7 +82,7 @@ fn syn_drops_exact_under_connect_storm_from_every_cpu() {
         let port_s = port.to_string();
         let watch = Watch::start(&["--netns", &inode, "--port", &port_s, "--cgroup", &cgp]).unwrap();
         let before = ns.counters().unwrap();
-        let server = fast_server(&ns, &cgp, addr, backlog, 4500);
+        let server = fast_server(&ns, &cgp, listen, backlog, 4500);
         let clients = storm(&ns, addr, threads, 2500).wait(Duration::from_secs(60)).unwrap();
         server.wait(Duration::from_secs(60)).unwrap();
         let after = ns.counters().unwrap();
@@ -87,7 +92,7 @@ fn syn_drops_exact_under_connect_storm_from_every_cpu() {
         let (syn, ovf) = drop_events(&records, port);
         let summary = clients.iter().find(|l| l["event"] == "done").cloned().unwrap_or_default();
         eprintln!(
-            "{addr} backlog {backlog}, {threads} threads: TcpExtListenOverflows {delta}; syn_drop {syn} ({}), listen_overflow {ovf} ({}); storm {summary}; recursion misses {missed}; {}",
+            "{listen} ← {addr}, backlog {backlog}, {threads} threads: TcpExtListenOverflows {delta}; syn_drop {syn} ({}), listen_overflow {ovf} ({}); storm {summary}; recursion misses {missed}; {}",
             hooks["syn_drop"].as_deref().unwrap_or("-"),
             hooks["listen_overflow"].as_deref().unwrap_or("-"),
             stderr.last().cloned().unwrap_or_default()
