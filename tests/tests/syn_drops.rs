@@ -52,6 +52,15 @@ fn metric(text: &str, name: &str, port: u16) -> Option<i64> {
     (!values.is_empty()).then(|| values.iter().sum())
 }
 
+/// `top --json`'s row for `port` in each interval.
+fn top_rows(lines: &[String], port: u16) -> Vec<Value> {
+    lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| v["listeners"].as_array().and_then(|a| a.iter().find(|r| r["lport"] == port).cloned()))
+        .collect()
+}
+
 /// listen_overflow + syn_drop events of `records` for `port`.
 fn drop_events(records: &[Value], port: u16) -> (i64, i64) {
     let n = |kind| of_kind(records, kind).iter().filter(|r| r["lport"] == port).count() as i64;
@@ -147,11 +156,7 @@ fn syn_drops_exact_when_attached_to_a_running_overflow() {
 
     let served = metric(&text, "socktrace_listen_overflows_total", port).expect("serve exports the listener's overflows");
     let served_syn = metric(&text, "socktrace_syn_drops_total", port).expect("serve exports the listener's SYN drops");
-    let top_rows: Vec<Value> = lines
-        .iter()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter_map(|v| v["listeners"].as_array().and_then(|a| a.iter().find(|r| r["lport"] == port).cloned()))
-        .collect();
+    let top_rows = top_rows(&lines, port);
     let topped: i64 = top_rows.iter().map(|r| r["syn_drops"].as_i64().unwrap_or(0) + r["overflows"].as_i64().unwrap_or(0)).sum();
     let top_syn: i64 = top_rows.iter().map(|r| r["syn_drops"].as_i64().unwrap_or(0)).sum();
     let (serve_lo, serve_hi) = (overflows(&serve_ready, &end), overflows(&serve_started, &end));
@@ -191,11 +196,7 @@ fn syn_drops_exact_when_overflow_starts_mid_window() {
     assert_eq!(code, 200);
     let lines = top.wait(Duration::from_secs(60)).unwrap();
     let delta = overflows(&before, &after);
-    let rows: Vec<Value> = lines
-        .iter()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter_map(|v| v["listeners"].as_array().and_then(|a| a.iter().find(|r| r["lport"] == port).cloned()))
-        .collect();
+    let rows = top_rows(&lines, port);
     let per_interval: Vec<i64> = rows.iter().map(|r| r["syn_drops"].as_i64().unwrap_or(0) + r["overflows"].as_i64().unwrap_or(0)).collect();
     let served = metric(&text, "socktrace_listen_overflows_total", port).unwrap_or(0);
     eprintln!("TcpExtListenOverflows {delta}; top per interval {per_interval:?}; serve {served}");
