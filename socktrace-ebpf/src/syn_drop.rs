@@ -31,7 +31,7 @@ use socktrace_common::{AF_INET6, Event, hook, kind, stat};
 
 use crate::{
     counted,
-    kernel::{Args, TCP_LISTEN, accept_queue_full, fill_local, fill_queue, fill_remote_from_skb, now, off, read},
+    kernel::{Args, TCP_LISTEN, accept_queue_full, fill_local, fill_queue, fill_remote_from_skb, now, read},
     maps::{count, emit},
 };
 
@@ -143,10 +143,10 @@ struct SynPending {
     count: u64,
     listener: u64,
     ts_ns: u64,
-    queue_len: u32,
-    queue_max: u32,
     rport: u16,
-    _pad: [u8; 6],
+    /// 1: the SYN is IPv6 (else IPv4, its address in `raddr[..4]`).
+    v6: u8,
+    _pad: [u8; 5],
     raddr: [u8; 16],
 }
 
@@ -194,25 +194,31 @@ fn syn_to_listener(ctx: &SkBuffContext) -> Result<Option<(u64, usize, bool)>, i6
     Ok((tp != 0).then_some((tp, tcp_off, v6)))
 }
 
-/// Source port and address of the packet (the remote side of a SYN); an IPv4 source of an IPv6
-/// listener (`listener_v6`) is written v4-mapped (`::ffff:a.b.c.d`), as the kernel names it.
+/// Source port and address of the packet (the remote side of a SYN; IPv4 in the first 4 bytes).
 #[inline(always)]
-fn packet_source(ctx: &SkBuffContext, tcp_off: usize, v6: bool, listener_v6: bool) -> Result<(u16, [u8; 16]), i64> {
+fn packet_source(ctx: &SkBuffContext, tcp_off: usize, v6: bool) -> Result<(u16, [u8; 16]), i64> {
     let sport: u16 = ctx.load(tcp_off).map_err(i64::from)?;
     let mut raddr = [0u8; 16];
     // Fixed-size loads: the verifier rejects a length it cannot bound.
     if v6 {
         raddr = ctx.load::<[u8; 16]>(8).map_err(i64::from)?;
-    } else if listener_v6 {
-        let a: [u8; 4] = ctx.load(12).map_err(i64::from)?;
-        raddr[10] = 0xff;
-        raddr[11] = 0xff;
-        raddr[12..].copy_from_slice(&a);
     } else {
         let a: [u8; 4] = ctx.load(12).map_err(i64::from)?;
         raddr[..4].copy_from_slice(&a);
     }
     Ok((u16::from_be(sport), raddr))
+}
+
+/// The event's remote side from the packet's: an IPv4 source of an IPv6 listener (dual-stack) is
+/// written v4-mapped (`::ffff:a.b.c.d`), as the kernel names that peer.
+#[inline(always)]
+fn set_remote(ev: &mut Event, rport: u16, raddr: [u8; 16], v6: bool) {
+    ev.rport = rport;
+    if !v6 && ev.family == AF_INET6 {
+        ev.raddr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, raddr[0], raddr[1], raddr[2], raddr[3]];
+    } else {
+        ev.raddr = raddr;
+    }
 }
 
 #[inline(always)]
@@ -225,7 +231,8 @@ fn try_cgroup_skb(ctx: &SkBuffContext) -> Result<u32, i64> {
     }
     let mut ev = new_syn_drop(tp, hook::CGROUP_SKB);
     let _ = fill_queue(&mut ev, tp);
-    (ev.rport, ev.raddr) = packet_source(ctx, tcp_off, v6, ev.family == AF_INET6)?;
+    let (rport, raddr) = packet_source(ctx, tcp_off, v6)?;
+    set_remote(&mut ev, rport, raddr, v6);
     emit(&mut ev);
     Ok(0)
 }
@@ -241,19 +248,19 @@ fn try_cgroup_skb_counted(ctx: &SkBuffContext) -> Result<u32, i64> {
         count(stat::SYN_SETTLED_LATE);
         settle(p);
     }
+    // Only what the drop decision can change or the packet alone says is saved here: the rest
+    // (local side, queue) is read when a drop is confirmed, which is rare.
     let counter = counted::counter_here(tp)?;
-    let family: u16 = read(tp, off!(skc_family))?;
-    let (rport, raddr) = packet_source(ctx, tcp_off, v6, family == AF_INET6)?;
+    let (rport, raddr) = packet_source(ctx, tcp_off, v6)?;
     let rec = SynPending {
         skb: ctx.skb.skb as u64,
         counter,
         count: read(counter, 0)?,
         listener: tp,
         ts_ns: now(),
-        queue_len: read(tp, off!(sk_ack_backlog)).unwrap_or(0),
-        queue_max: read(tp, off!(sk_max_ack_backlog)).unwrap_or(u32::MAX),
         rport,
-        _pad: [0; 6],
+        v6: u8::from(v6),
+        _pad: [0; 5],
         raddr,
     };
     // SAFETY: as above.
@@ -284,9 +291,9 @@ fn settle(p: *mut SynPending) {
     }
     let mut ev = new_syn_drop(rec.listener, hook::CGROUP_SKB);
     ev.ts_ns = rec.ts_ns;
-    let pending = counted::Pending { listener: rec.listener, skb: rec.skb, count: rec.count, queue_len: rec.queue_len, queue_max: rec.queue_max };
+    // The queue as it is right after the kernel's decision (still full unless accept() ran since).
+    let pending = counted::Pending { listener: rec.listener, skb: rec.skb, count: rec.count, queue_len: 0, queue_max: 0 };
     counted::fill_full_queue(&mut ev, &pending);
-    ev.rport = rec.rport;
-    ev.raddr = rec.raddr;
+    set_remote(&mut ev, rec.rport, rec.raddr, rec.v6 != 0);
     emit(&mut ev);
 }

@@ -76,12 +76,13 @@ fn syn_drops_exact_under_connect_storm_from_every_cpu() {
         return;
     }
     let cases = [
-        ("127.0.0.1:9330", "127.0.0.1:9330", 9330u16, 1u32, 8u32),
-        ("127.0.0.1:9331", "127.0.0.1:9331", 9331, 6, 24),
-        ("[::1]:9332", "[::1]:9332", 9332, 3, 16),
-        ("[::]:9335", "127.0.0.1:9335", 9335, 2, 12),
+        ("127.0.0.1:9330", "127.0.0.1:9330", 9330u16, 1u32, 8u32, "127.0.0.1"),
+        ("127.0.0.1:9331", "127.0.0.1:9331", 9331, 6, 24, "127.0.0.1"),
+        ("[::1]:9332", "[::1]:9332", 9332, 3, 16, "::1"),
+        // An IPv4 peer of a dual-stack IPv6 listener: v4-mapped in the event, shown as IPv4 (as ss).
+        ("[::]:9335", "127.0.0.1:9335", 9335, 2, 12, "127.0.0.1"),
     ];
-    for (i, (listen, addr, port, backlog, threads)) in cases.into_iter().enumerate() {
+    for (i, (listen, addr, port, backlog, threads, peer)) in cases.into_iter().enumerate() {
         let tag = format!("storm{i}");
         let ns = NetNs::new(&tag).unwrap();
         let cg = Cgroup::new(&tag).unwrap();
@@ -111,6 +112,12 @@ fn syn_drops_exact_under_connect_storm_from_every_cpu() {
         assert!(stderr.iter().any(|l| l.contains(" 0 lost in the ring buffer")), "ring buffer loss would hide events: {stderr:?}");
         assert_eq!(syn + ovf + missed, delta, "drop events vs the kernel's TcpExtListenOverflows");
         assert!(!stderr.iter().any(|l| l.contains("settled late")), "{stderr:?}");
+        for ev in of_kind(&records, "syn_drop") {
+            assert_eq!(ev["raddr"], peer, "{ev}");
+            if let Some(q) = ev["queue_len"].as_u64() {
+                assert!(q > ev["queue_max"].as_u64().unwrap_or(u64::MAX), "a drop needs a full queue: {ev}");
+            }
+        }
     }
 }
 
