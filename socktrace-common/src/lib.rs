@@ -412,7 +412,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<Event>(), 8 * 3 + 4 * 9 + 2 * 4 + 4 + 16 * 2 + 16);
         assert_eq!(core::mem::offset_of!(Event, sock_ino) % 4, 0);
         assert_eq!(core::mem::size_of::<Event>() % 8, 0);
-        assert_eq!(core::mem::size_of::<KernelOffsets>(), 4 * 46 + 8 * 5);
+        assert_eq!(core::mem::size_of::<KernelOffsets>(), 4 * 48 + 8 * 5);
         assert_eq!(core::mem::size_of::<PastKey>(), 4 + 2 + 1 + 1 + 2 + 6 + 16);
         assert_eq!(core::mem::offset_of!(PastKey, addr), 16);
         assert_eq!(core::mem::size_of::<ListenerStats>(), 8 * 7 + 4 * 6 + 2 * 2 + 4);
