@@ -198,6 +198,12 @@ pub struct KernelOffsets {
     /// the kernel lacks the reason or kfree_skb passes none.
     pub reason_netfilter_drop: u32,
     pub reason_no_socket_any: u32,
+    /// `struct bpf_array` → `pptrs` (the per-CPU pointers of a per-CPU array map's values): with
+    /// it a program finds this CPU's per-CPU offset without kallsyms (a per-CPU array value's
+    /// address minus its `pptrs[0]`), when `per_cpu_offset` is unknown. [`KernelOffsets::ABSENT`]:
+    /// not used.
+    pub bpf_array_pptrs: u32,
+    pub _pad1: u32,
 }
 
 impl KernelOffsets {
@@ -252,6 +258,8 @@ impl KernelOffsets {
         cookie_v6_check: [0; 2],
         reason_netfilter_drop: Self::ABSENT,
         reason_no_socket_any: Self::ABSENT,
+        bpf_array_pptrs: Self::ABSENT,
+        _pad1: 0,
     };
 }
 
@@ -383,6 +391,9 @@ pub mod stat {
     /// `tcp_retransmit_skb` tracepoint runs with `err != 0` (the segment did not leave the host);
     /// not events. The kernel's TcpRetransSegs may include some of them (it counts before sending).
     pub const RETRANSMIT_UNSENT: u32 = 2;
+    /// cgroup_skb SYN-drop records settled late: the SYN's own free (consume_skb/kfree_skb) was
+    /// not seen before the next SYN on that CPU, so the counter check may include other drops.
+    pub const SYN_SETTLED_LATE: u32 = 3;
     // Map pressure (issue 15). The kernel reports no LRU eviction, so every program that adds or
     // removes an entry of a bounded map counts it here: for a map, evicted = inserts - deletes -
     // live entries (live entries counted by the agent; `socktrace/src/pressure.rs`). An insert is
@@ -434,7 +445,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<Event>(), 8 * 3 + 4 * 9 + 2 * 4 + 4 + 16 * 2 + 16);
         assert_eq!(core::mem::offset_of!(Event, sock_ino) % 4, 0);
         assert_eq!(core::mem::size_of::<Event>() % 8, 0);
-        assert_eq!(core::mem::size_of::<KernelOffsets>(), 4 * 46 + 8 * 5);
+        assert_eq!(core::mem::size_of::<KernelOffsets>(), 4 * 48 + 8 * 5);
         assert_eq!(core::mem::size_of::<PastKey>(), 4 + 2 + 1 + 1 + 2 + 6 + 16);
         assert_eq!(core::mem::offset_of!(PastKey, addr), 16);
         assert_eq!(core::mem::size_of::<ListenerStats>(), 8 * 7 + 4 * 6 + 2 * 2 + 4);

@@ -10,11 +10,16 @@
 //! count. Nested calls — a TFO child created inside `tcp_conn_request`, `tcp_v6_syn_recv_sock`
 //! calling the v4 one for a v4-mapped peer — consume their increment so it is reported once.
 //!
-//! Without the counter's per-CPU address (kallsyms hides `__per_cpu_offset`), the entry hooks fall
-//! back to the entry-time queue check and the exit hooks do nothing.
+//! This CPU's per-CPU offset is `__per_cpu_offset[cpu]` when kallsyms lists it; kernels without
+//! CONFIG_KALLSYMS_ALL (this project's 6.18 machines) list no data symbols, and then the offset is
+//! derived from a per-CPU map of our own ([`cpu_offset`]). Without either, the entry hooks fall back
+//! to the entry-time queue check and the exit hooks do nothing. The cgroup_skb SYN-drop hook uses
+//! the same counter (see `syn_drop`).
+
+use core::ptr::{addr_of, read_volatile, write_volatile};
 
 use aya_ebpf::{helpers::bpf_get_smp_processor_id, macros::map, maps::PerCpuArray};
-use socktrace_common::{Event, flags};
+use socktrace_common::{Event, KernelOffsets, flags};
 
 use crate::kernel::{off, read};
 
@@ -39,22 +44,65 @@ pub struct Pending {
 #[map]
 static PENDING: PerCpuArray<Pending> = PerCpuArray::with_max_entries(3, 0);
 
+/// This CPU's per-CPU offset, derived once per CPU when kallsyms has no `__per_cpu_offset` (0: not
+/// yet derived).
+#[map]
+static CPU_OFFSET: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 /// Whether drops are confirmed by the counter (else: entry-time queue check).
 #[inline(always)]
 pub fn enabled() -> bool {
-    off!(per_cpu_offset) != 0
+    off!(per_cpu_offset) != 0 || off!(bpf_array_pptrs) != KernelOffsets::ABSENT
 }
 
-/// This CPU's `LINUX_MIB_LISTENOVERFLOWS` of `sk`'s netns: `net->mib.net_statistics` is per-CPU,
-/// this CPU's copy is at `+ __per_cpu_offset[cpu]`.
+/// This CPU's per-CPU offset (`per_cpu_ptr(p, cpu) == p + offset`): `__per_cpu_offset[cpu]`, or
+/// derived from [`CPU_OFFSET`] itself: a per-CPU array lookup returns this CPU's copy of the
+/// value, `array->pptrs[0] + offset`, and `pptrs[0]` is read from the map's `struct bpf_array`.
+/// Both addresses pass through the map slot to become plain numbers for the verifier (storing a
+/// pointer there is allowed with CAP_PERFMON / CAP_SYS_ADMIN, which loading these programs needs).
 #[inline(always)]
-fn overflows_here(sk: u64) -> Result<u64, i64> {
+fn cpu_offset() -> Result<u64, i64> {
+    if off!(per_cpu_offset) != 0 {
+        // SAFETY: no preconditions.
+        let cpu = unsafe { bpf_get_smp_processor_id() };
+        return read(off!(per_cpu_offset), cpu.wrapping_mul(8));
+    }
+    let pptrs = off!(bpf_array_pptrs);
+    let slot = CPU_OFFSET.get_ptr_mut(0).ok_or(-1i64)?;
+    // SAFETY: this CPU's slot of our own map; volatile so the stores and loads stay as written.
+    let (value_here, array) = unsafe {
+        let known = read_volatile(slot);
+        if known != 0 {
+            return Ok(known);
+        }
+        write_volatile(slot, slot as u64);
+        let value_here = read_volatile(slot);
+        write_volatile(slot, addr_of!(CPU_OFFSET) as u64);
+        let array = read_volatile(slot);
+        write_volatile(slot, 0);
+        (value_here, array)
+    };
+    let pptr: u64 = read(array, pptrs)?;
+    let offset = value_here.wrapping_sub(pptr);
+    // SAFETY: as above.
+    unsafe { write_volatile(slot, offset) };
+    Ok(offset)
+}
+
+/// Address of this CPU's `LINUX_MIB_LISTENOVERFLOWS` of `sk`'s netns: `net->mib.net_statistics`
+/// is per-CPU, this CPU's copy is at `+` this CPU's per-CPU offset.
+#[inline(always)]
+pub fn counter_here(sk: u64) -> Result<u64, i64> {
     let net: u64 = read(sk, off!(skc_net))?;
     let mib: u64 = read(net, off!(net_mib_net_statistics))?;
-    // SAFETY: no preconditions.
-    let cpu = unsafe { bpf_get_smp_processor_id() };
-    let cpu_off: u64 = read(off!(per_cpu_offset), cpu.wrapping_mul(8))?;
-    read(mib.wrapping_add(cpu_off), off!(mib_listen_overflows).wrapping_mul(8))
+    let cpu_off = cpu_offset()?;
+    Ok(mib.wrapping_add(cpu_off).wrapping_add(u64::from(off!(mib_listen_overflows)).wrapping_mul(8)))
+}
+
+/// This CPU's `LINUX_MIB_LISTENOVERFLOWS` of `sk`'s netns.
+#[inline(always)]
+fn overflows_here(sk: u64) -> Result<u64, i64> {
+    read(counter_here(sk)?, 0)
 }
 
 /// Entry hook: remembers the listener, the packet, the queue and the counter.

@@ -75,6 +75,7 @@ const WANTED: &[&str] = &[
     "dst_entry",
     "tcp_skb_cb",
     "socket_alloc",
+    "bpf_array",
     "inode",
     "skb_drop_reason",
     "inet_csk_accept",
@@ -194,16 +195,21 @@ fn resolve_with(l: &impl Query, tracefs: &Path) -> Result<KernelLayout, OffsetEr
         o.kfree_skb_rx_sk_arg = 3;
     }
     let kallsyms = std::fs::read_to_string("/proc/kallsyms").unwrap_or_default();
-    // The fentry/kprobe drop hooks read this CPU's LINUX_MIB_LISTENOVERFLOWS (net->mib.net_statistics
-    // + __per_cpu_offset[cpu]); all three must be known, else they re-check the queue at entry.
-    if let (Ok(stats), Some(index), Some(pcpu)) = (
+    // The drop hooks read this CPU's LINUX_MIB_LISTENOVERFLOWS (net->mib.net_statistics + this
+    // CPU's per-CPU offset). The offset is __per_cpu_offset[cpu] from kallsyms, or, when kallsyms
+    // lists no data symbols (CONFIG_KALLSYMS_ALL off) or hides addresses, derived in the program
+    // from a per-CPU map (`struct bpf_array.pptrs`). Without either they re-check the queue.
+    let pcpu = kallsyms_addr(&kallsyms, "__per_cpu_offset");
+    let pptrs = l.offset("bpf_array", &["pptrs"]).ok();
+    if let (Ok(stats), Some(index), true) = (
         l.offset("net", &["mib", "net_statistics"]),
         l.anonymous_enum_value("LINUX_MIB_LISTENOVERFLOWS"),
-        kallsyms_addr(&kallsyms, "__per_cpu_offset"),
+        pcpu.is_some() || pptrs.is_some(),
     ) {
         o.net_mib_net_statistics = stats;
         o.mib_listen_overflows = index;
-        o.per_cpu_offset = pcpu;
+        o.per_cpu_offset = pcpu.unwrap_or(0);
+        o.bpf_array_pptrs = if pcpu.is_some() { KernelOffsets::ABSENT } else { pptrs.unwrap_or(KernelOffsets::ABSENT) };
     }
     if let Some(no_socket) = l.enum_value("skb_drop_reason", "SKB_DROP_REASON_NO_SOCKET") {
         if let Some(syms) = kallsyms_ranges(&kallsyms, &["cookie_v4_check", "cookie_v6_check"]) {
@@ -231,7 +237,7 @@ fn resolve_with(l: &impl Query, tracefs: &Path) -> Result<KernelLayout, OffsetEr
     o.tp_listen_fd = tracepoint_field(&syscalls.join("sys_enter_listen/format"), "fd").unwrap_or(16);
     o.tp_listen_backlog = tracepoint_field(&syscalls.join("sys_enter_listen/format"), "backlog").unwrap_or(24);
     let cookie_overflows = o.reason_no_socket != KernelOffsets::ABSENT;
-    let counted_drops = o.per_cpu_offset != 0;
+    let counted_drops = o.per_cpu_offset != 0 || o.bpf_array_pptrs != KernelOffsets::ABSENT;
     Ok(KernelLayout { offsets: o, has_listen_overflow_reason: reason.is_some() && rx_sk, cookie_overflows, counted_drops, accept_params })
 }
 
@@ -530,6 +536,10 @@ mod tests {
         let n = l.accept_params.expect("inet_csk_accept in BTF");
         assert!(ACCEPT_PARAMS.contains(&n), "{n} parameters");
         assert_eq!(o.accept_ret_arg as usize, n);
+        // The per-CPU ListenOverflows counter is found: __per_cpu_offset from kallsyms, or
+        // bpf_array.pptrs (after the embedded struct bpf_map, 8-byte aligned) to derive it.
+        assert!(l.counted_drops);
+        assert!(o.per_cpu_offset != 0 || (o.bpf_array_pptrs >= 64 && o.bpf_array_pptrs % 8 == 0), "{o:?}");
     }
 
     /// No BTF, or a damaged file: an error (never a panic) that names the file and says how to

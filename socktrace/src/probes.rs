@@ -173,6 +173,8 @@ enum Need {
     AcceptParams,
     /// kfree_skb passes a reason and the kernel has NETFILTER_DROP or NO_SOCKET.
     PacketDropReason,
+    /// The kernel's per-CPU ListenOverflows counter is readable (`KernelLayout::counted_drops`).
+    CountedDrops,
 }
 
 /// The signals socktrace traces.
@@ -285,6 +287,17 @@ impl Signal {
                         Prog { name: "syn_drop_kretprobe", attach: Attach::KRetProbe("tcp_conn_request") },
                     ],
                     needs: Need::Nothing,
+                },
+                // Counted: the SYN's record is settled when its skb is freed (see syn_drop.rs);
+                // the settling programs go first so no record waits for them.
+                Candidate {
+                    kind: HookKind::CgroupSkb,
+                    progs: &[
+                        Prog { name: "syn_settle_consume", attach: Attach::RawTp("consume_skb") },
+                        Prog { name: "syn_settle_kfree", attach: Attach::RawTp("kfree_skb") },
+                        Prog { name: "syn_drop_cgroup_counted", attach: Attach::CgroupSkbIngress },
+                    ],
+                    needs: Need::CountedDrops,
                 },
                 Candidate { kind: HookKind::CgroupSkb, progs: &[Prog { name: "syn_drop_cgroup", attach: Attach::CgroupSkbIngress }], needs: Need::Nothing },
             ],
@@ -412,7 +425,7 @@ pub fn load(layout: &KernelLayout, btf: &[u8], opts: &LoadOptions) -> Result<Tra
                 Ok(()) => {
                     rep.hook = Some(cand.kind.name());
                     rep.attached = cand.progs.iter().map(|p| p.attach.to_string()).collect();
-                    rep.notes = notes(signal, cand.kind, layout);
+                    rep.notes = notes(signal, cand.kind, cand.needs, layout);
                     break;
                 }
                 Err(reason) => rep.failed.push(HookFailure { hook: cand.kind.name(), at, reason }),
@@ -440,10 +453,13 @@ fn unmet(need: Need, layout: &KernelLayout) -> Option<String> {
         },
         Need::PacketDropReason => (!layout.netfilter_drops() && !layout.no_socket_drops())
             .then(|| "kernel's kfree_skb has no SKB_DROP_REASON_NETFILTER_DROP or NO_SOCKET".to_owned()),
+        Need::CountedDrops => (!layout.counted_drops).then(|| {
+            "the per-CPU ListenOverflows counter cannot be located (no net.mib.net_statistics or LINUX_MIB_LISTENOVERFLOWS in BTF, or neither __per_cpu_offset in kallsyms nor bpf_array.pptrs in BTF)".to_owned()
+        }),
     }
 }
 
-fn notes(signal: Signal, kind: HookKind, layout: &KernelLayout) -> Vec<String> {
+fn notes(signal: Signal, kind: HookKind, needs: Need, layout: &KernelLayout) -> Vec<String> {
     match (signal, kind) {
         (Signal::ListenOverflow, HookKind::TpBtf | HookKind::RawTp) if layout.cookie_overflows => vec![
             "SYN-cookie ACK overflows: kfree_skb NO_SOCKET inside cookie_v4_check/cookie_v6_check (kallsyms)".into(),
@@ -457,8 +473,13 @@ fn notes(signal: Signal, kind: HookKind, layout: &KernelLayout) -> Vec<String> {
         (Signal::ListenOverflow | Signal::SynDrop, HookKind::Fentry | HookKind::Kprobe) => vec![
             "approximate: kallsyms hides __per_cpu_offset, so the queue is re-checked at function entry (races with accept())".into(),
         ],
+        (Signal::SynDrop, HookKind::CgroupSkb) if needs == Need::CountedDrops => vec![
+            "sees SYNs only for listeners owned by processes in the attached cgroup".into(),
+            "exact: a SYN is reported dropped when the kernel's ListenOverflows counter (this CPU's) grew between the cgroup program and the free of that SYN (raw_tp consume_skb + kfree_skb)".into(),
+        ],
         (Signal::SynDrop, HookKind::CgroupSkb) => vec![
-            "sees SYNs only for listeners owned by processes in the attached cgroup; checks the queue just before the kernel does".into(),
+            "sees SYNs only for listeners owned by processes in the attached cgroup".into(),
+            "approximate: checks the queue just before the kernel does (races with accept() and other CPUs)".into(),
         ],
         (Signal::PacketDrop, _) => {
             let mut v = Vec::new();

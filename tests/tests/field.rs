@@ -73,7 +73,7 @@ fn nginx_worker_stopped_mid_window_is_accept_stall() {
     assert!(inner > 0, "the stopped worker must make the queue overflow");
     assert_eq!(l["verdict"], "accept_stall", "{l}");
     let ev = evidence(&l, "accept_stall");
-    assert_drops_match(&ev, &o, &cg);
+    assert_drops_match(&ev, &o);
     // nginx's own count (stub_status) of what it accepted before it was stopped, from the ready
     // line (inner) or from the spawn (outer).
     let accepted = number_before(&ev, "accepted,");
@@ -138,7 +138,7 @@ fn pausing_acceptor_is_intermittent_accept_stall() {
     assert_eq!(l["verdict"], "accept_stall", "{l}");
     let ev = evidence(&l, "accept_stall");
     assert!(ev.contains("intermittent"), "{ev}");
-    assert_drops_match(&ev, &o, &cg);
+    assert_drops_match(&ev, &o);
     let ep = episodes(&l);
     assert!(ep.len() >= 2 && ep.len() <= pauses, "{} episodes for {pauses} pauses in the window: {l}", ep.len());
     // Each episode lines up with one of the server's own pauses (start within 0.3 s, relative to
@@ -199,7 +199,7 @@ fn redis_above_somaxconn_is_somaxconn_cap() {
     assert!(f["fix"].to_string().contains("somaxconn"), "{f}");
     // Where a finding counts the drops, they are the kernel's.
     if drops.is_some() {
-        assert_drops_match(&ev_all, &o, &cg);
+        assert_drops_match(&ev_all, &o);
     }
 }
 

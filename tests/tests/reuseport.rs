@@ -124,7 +124,7 @@ fn nginx_reuseport_stopped_worker_is_accept_stall_on_its_socket() {
     assert!(inner > 0, "the stopped worker's queue must overflow");
     assert_eq!(l["verdict"], "accept_stall", "{l}");
     let ev = evidence(&l, "accept_stall");
-    assert_drops_match(&ev, &o, &cg);
+    assert_drops_match(&ev, &o);
     // The stalled socket is the stopped worker's, with its own backlog, and only that one.
     let stalled = ev.lines().find(|x| x.starts_with("stalled socket inode")).unwrap_or_else(|| panic!("no stalled socket named: {ev}"));
     assert!(stalled.starts_with(&format!("stalled socket inode {victim_ino} (127.0.0.1:{port}, backlog {backlog} of its own)")), "{stalled}");

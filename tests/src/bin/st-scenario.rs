@@ -13,6 +13,10 @@
 //!                      [--rate R --duration-ms D]`
 //!   `--rate R --duration-ms D`: steady arrivals instead of bursts, one connection every 1/R s for
 //!   D ms (`--count` is then ignored).
+//! `st-scenario storm --netns NAME --addr IP:PORT --threads T --duration-ms D [--connect-timeout-ms C]`:
+//!   a connect storm from every CPU: T threads, thread i pinned to CPU i mod (CPUs), each
+//!   connecting and closing at once in a loop for D ms (a dropped SYN waits up to C ms, default
+//!   300); prints the connections made and failed.
 //! `st-scenario synflood --netns NAME --addr IP:PORT --src-net A.B --rate PPS --duration-ms D`:
 //!   raw SYNs from spoofed sources A.B.x.y (routed nowhere, so nobody answers the SYN-ACKs).
 
@@ -91,7 +95,13 @@ fn real_main() -> anyhow::Result<()> {
             (num("bursts", 1)?, Duration::from_millis(num("burst-gap-ms", 1000)?)),
             (num("rate", 0)?, Duration::from_millis(num("duration-ms", 0)?)),
         ),
-        other => anyhow::bail!("unknown mode {other:?} (server|clients)"),
+        "storm" => storm(
+            addr,
+            num("threads", 8)?,
+            Duration::from_millis(num("duration-ms", 2000)?),
+            Duration::from_millis(num("connect-timeout-ms", 300)?),
+        ),
+        other => anyhow::bail!("unknown mode {other:?} (server|clients|storm|synflood)"),
     }
 }
 
@@ -279,6 +289,44 @@ fn clients(
         }
     }
     emit(&json!({"event": "done", "connected": ok}));
+    Ok(())
+}
+
+fn storm(addr: SocketAddr, threads: u64, duration: Duration, timeout: Duration) -> anyhow::Result<()> {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    emit(&json!({"ready": true, "pid": std::process::id(), "cpus": cpus}));
+    let until = Instant::now() + duration;
+    let handles: Vec<_> = (0..threads)
+        .map(|i| {
+            let cpu = usize::try_from(i).unwrap_or(0) % cpus;
+            std::thread::spawn(move || {
+                // SAFETY: a zeroed cpu_set_t is valid; CPU_SET stays within it (cpu < CPUs).
+                unsafe {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(cpu, &mut set);
+                    libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &raw const set);
+                }
+                let (mut ok, mut failed) = (0u64, 0u64);
+                while Instant::now() < until {
+                    match TcpStream::connect_timeout(&addr, timeout) {
+                        Ok(s) => {
+                            ok += 1;
+                            drop(s);
+                        }
+                        Err(_) => failed += 1,
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    let (mut ok, mut failed) = (0u64, 0u64);
+    for h in handles {
+        let (o, f) = h.join().map_err(|_| anyhow::anyhow!("storm thread panicked"))?;
+        ok += o;
+        failed += f;
+    }
+    emit(&json!({"event": "done", "connected": ok, "failed": failed}));
     Ok(())
 }
 

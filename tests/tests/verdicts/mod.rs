@@ -148,7 +148,7 @@ pub fn accept_stall(order: Order, port: u16) {
     // kernel's fullness check, so the queue may hold one more).
     let peak = ev.split("at its backlog ").nth(1).and_then(|r| r.split('/').next()).and_then(|n| n.parse::<u32>().ok());
     assert!(peak.is_some_and(|p| (9..=10).contains(&p)) && ev.contains("/8 (peak)"), "{ev}");
-    assert_drops_match(&ev, &o, &cg);
+    assert_drops_match(&ev, &o);
     assert_eq!(l["comm"], "st-scenario");
     if order == Order::TrafficFirst {
         assert!(!episodes(&l).is_empty(), "a stall is an episode: {l}");
@@ -181,14 +181,14 @@ fn bursty(order: Order, tag: &str, port: u16, backlog: &str, somaxconn: Option<&
 }
 
 pub fn backlog_too_small(order: Order, port: u16) {
-    let (l, o, (inner, outer), cg) = bursty(order, &format!("vburst{}", order as u8), port, "4", None);
+    let (l, o, (inner, outer), _cg) = bursty(order, &format!("vburst{}", order as u8), port, "4", None);
     assert!(o.delta("TcpExtListenOverflows").0 > 0, "the bursts must overflow");
     assert_eq!(l["verdict"], "backlog_too_small", "{l}");
     assert!(!verdicts(&l).contains(&"somaxconn_cap".to_owned()), "somaxconn is 4096 here");
     let ev = evidence(&l, "backlog_too_small");
     let seen = number_before(&ev, "accepted,");
     assert!(seen >= inner && seen <= outer, "evidence says {seen} accepted; the server accepted {inner} after the ready line, {outer} after the spawn: {ev}");
-    assert_drops_match(&ev, &o, &cg);
+    assert_drops_match(&ev, &o);
 }
 
 pub fn somaxconn_cap(order: Order, port: u16) {
