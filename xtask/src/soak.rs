@@ -869,22 +869,21 @@ fn flood_one(bins: &Bins, secs: u64, name: &'static str, cookies: u8, what: &'st
     let lines = clients.wait(Duration::from_mins(1))?;
     let ok = lines.iter().filter(|l| l["event"] == "connect" && l["ok"] == true).count() as u64;
     let bad = lines.iter().filter(|l| l["event"] == "connect" && l["ok"] == false).count() as u64;
-    // SYN-ACK retransmits of the last half-open requests end within ~30 s (5 retries, 1+2+4+8+16 s
-    // would be 31 s; the request times out and the counts settle): wait for the kernel's count to
-    // stop moving, at most 40 s.
-    let mut previous = -1;
-    for _ in 0..40 {
-        let now = counters(&b)?.get("TcpExtTCPSynRetrans").copied().unwrap_or(0);
-        if now == previous {
-            break;
+    // Half-open requests still get SYN-ACK retransmits for about a minute (timer-driven, seconds
+    // apart): read the kernel's counters on both sides of the scrape and keep a reading during
+    // which they did not move.
+    let keys = ["TcpExtListenOverflows", "TcpExtListenDrops", "TcpExtTCPSynRetrans"];
+    let (body, kernel_after) = loop {
+        let k1 = counters(&b)?;
+        let (body, _) = scrape(&addr)?;
+        let k2 = counters(&b)?;
+        if keys.iter().all(|k| k1.get(*k) == k2.get(*k)) || started.elapsed() > Duration::from_secs(secs + 120) {
+            break (body, k2);
         }
-        previous = now;
-        nap(Duration::from_secs(2), &AtomicBool::new(false))?;
-    }
-    let (body, _) = scrape(&addr)?;
+        nap(Duration::from_millis(200), &AtomicBool::new(false))?;
+    };
     let ours_after = serve_counts(&body);
     let lost = metric(&body, "socktrace_events_lost_total", &[]) - lost_before;
-    let kernel_after = counters(&b)?;
     drop(server);
     stop_agent(serve, "serve")?;
     let hping_tail = String::from_utf8_lossy(&hping_out.stdout).lines().chain(String::from_utf8_lossy(&hping_out.stderr).lines()).filter(|l| l.contains("packets")).collect::<Vec<_>>().join(" ");
