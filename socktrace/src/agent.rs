@@ -203,7 +203,23 @@ impl Agent {
             self.seed(sample, &present);
         }
         self.model.close_interval(&kernel, &sockets, diag.as_ref());
+        self.delete_gone_rows(&kernel, &sockets);
         Ok(())
+    }
+
+    /// Deletes the kernel rows of listeners and sockets the model has let go (only rows this
+    /// process's filter selects: the others never reach the model). A row the map refuses to
+    /// delete keeps its last-read counters, so nothing is counted twice.
+    fn delete_gone_rows(&mut self, kernel: &[(ListenerKey, ListenerStats, Option<u32>)], sockets: &[(u32, ListenerStats, Option<u32>)]) {
+        let (ports, socks) = self.model.gone_rows(kernel, sockets);
+        let mut gone = |key: u64| match self.listeners.remove(&key) {
+            Ok(()) => true,
+            Err(aya::maps::MapError::SyscallError(e)) => e.io_error.raw_os_error() == Some(libc::ENOENT),
+            Err(_) => false,
+        };
+        let ports: Vec<ListenerKey> = ports.into_iter().filter(|k| gone(listener_key(k.netns, k.lport))).collect();
+        let socks: Vec<u32> = socks.into_iter().filter(|ino| gone(socket_key(*ino))).collect();
+        self.model.forget_rows(&ports, &socks);
     }
 
     /// Counts in the kernel's `PAST` map now (segments that never reached a listener and local
