@@ -679,7 +679,9 @@ fn soak(ctx: &Ctx, bins: &Bins, minutes: f64) -> anyhow::Result<Report> {
     for (title, list) in [("Monotonicity violations", &mono.violations), ("Scrape errors", &scrape_errors), ("Scrapes of 100 ms or more", &slow), ("Per-socket series restarted under a reused `socket` label", &mono.index_reused), ("File descriptors by kind", &fd_lines)] {
         if !list.is_empty() {
             let _ = write!(text, "\n{title}:\n  {}\n", list.join("\n  "));
-            let _ = write!(md, "\n{title}:\n\n{}\n", list.iter().map(|l| format!("- `{l}`")).collect::<Vec<_>>().join("\n"));
+            // The document keeps the first 12 of a long list (the terminal got them all).
+            let more = if list.len() > 12 { format!("\n- … and {} more", list.len() - 12) } else { String::new() };
+            let _ = write!(md, "\n{title} ({}):\n\n{}{more}\n", list.len(), list.iter().take(12).map(|l| format!("- `{l}`")).collect::<Vec<_>>().join("\n"));
         }
     }
     let _ = write!(md, "\nEvery 60 s (s: serve RSS KiB/fds, top RSS KiB/fds, namespaces on the host): {}\n", mem_trace(&mem));
