@@ -282,7 +282,10 @@ pub struct ListenerStats {
     pub netns: u32,
     pub lport: u16,
     pub family: u16,
-    pub _pad: u32,
+    /// Random identity given to the row when it is created (kernel: bpf_get_prandom_u32; agent
+    /// seeds: its own counter). A different id under the same key between two reads means the
+    /// row was evicted and created again: its counters restarted from zero.
+    pub row_id: u32,
 }
 
 impl ListenerStats {
@@ -300,7 +303,7 @@ impl ListenerStats {
         netns: 0,
         lport: 0,
         family: 0,
-        _pad: 0,
+        row_id: 0,
     };
 }
 
@@ -375,7 +378,26 @@ pub mod stat {
     /// `tcp_retransmit_skb` tracepoint runs with `err != 0` (the segment did not leave the host);
     /// not events. The kernel's TcpRetransSegs may include some of them (it counts before sending).
     pub const RETRANSMIT_UNSENT: u32 = 2;
-    pub const COUNT: u32 = 4;
+    // Map pressure (issue 15). The kernel reports no LRU eviction, so every program that adds or
+    // removes an entry of a bounded map counts it here: for a map, evicted = inserts - deletes -
+    // live entries (live entries counted by the agent; `socktrace/src/pressure.rs`). An insert is
+    // counted only when it created an entry (BPF_NOEXIST succeeded), a delete only when it removed one.
+    /// `LISTENERS` rows created by the kernel programs (the agent counts the rows it seeds itself).
+    pub const LISTENERS_INSERTS: u32 = 4;
+    /// `ENQUEUED` entries created (a child socket entered an accept queue).
+    pub const ENQUEUED_INSERTS: u32 = 5;
+    /// `ENQUEUED` entries removed by an accept.
+    pub const ENQUEUED_DELETES: u32 = 6;
+    /// `ACCEPTING` entries created (a thread entered accept()).
+    pub const ACCEPTING_INSERTS: u32 = 7;
+    /// `ACCEPTING` entries removed when the accept returned.
+    pub const ACCEPTING_DELETES: u32 = 8;
+    /// `PAST` rows created.
+    pub const PAST_INSERTS: u32 = 9;
+    /// Accepts whose child socket had no `ENQUEUED` entry (its wait is unknown): queued before the
+    /// programs were loaded, or its entry was evicted.
+    pub const ACCEPT_NO_WAIT: u32 = 10;
+    pub const COUNT: u32 = 11;
 }
 
 #[cfg(feature = "user")]

@@ -11,11 +11,11 @@ use aya_ebpf::{
     macros::{fexit, kprobe, kretprobe, tracepoint},
     programs::{FExitContext, ProbeContext, RetProbeContext, TracePointContext},
 };
-use socktrace_common::{Event, flags, hook, kind};
+use socktrace_common::{Event, flags, hook, kind, stat};
 
 use crate::{
     kernel::{fill_local, fill_queue, fill_remote, fill_task, is_inet_tcp, now, off, sock_of_fd},
-    maps::{ACCEPTING, ENQUEUED, emit},
+    maps::{ACCEPTING, ENQUEUED, count, emit, insert_counted, remove_counted},
 };
 
 /// `*(u64 *)(ctx + OFF)` as one instruction with the constant offset.
@@ -53,7 +53,7 @@ pub fn accept_fexit(ctx: FExitContext) -> i32 {
 #[kprobe(function = "inet_csk_accept")]
 pub fn accept_kprobe(ctx: ProbeContext) -> u32 {
     if let Some(listener) = ctx.arg::<u64>(0) {
-        let _ = ACCEPTING.insert(bpf_get_current_pid_tgid(), listener, 0);
+        let _ = insert_counted(&ACCEPTING, bpf_get_current_pid_tgid(), listener, stat::ACCEPTING_INSERTS);
     }
     0
 }
@@ -68,7 +68,7 @@ fn try_accept_kretprobe(ctx: &RetProbeContext) -> Result<u32, i64> {
     let id = bpf_get_current_pid_tgid();
     // SAFETY: the value is copied out before the entry is removed.
     let listener = unsafe { ACCEPTING.get(id) }.copied().ok_or(-1i64)?;
-    let _ = ACCEPTING.remove(id);
+    remove_counted(&ACCEPTING, id, stat::ACCEPTING_DELETES);
     let child: u64 = ctx.ret();
     emit_accept(listener, child, hook::KRETPROBE)
 }
@@ -100,7 +100,7 @@ fn accept_enter(ctx: &TracePointContext) -> u32 {
     let at = off!(tp_accept_fd) as usize;
     // SAFETY: offset validated against the tracepoint's format file by userspace.
     if let Ok(fd) = unsafe { ctx.read_at::<i64>(at) } {
-        let _ = ACCEPTING.insert(bpf_get_current_pid_tgid(), fd as u64, 0);
+        let _ = insert_counted(&ACCEPTING, bpf_get_current_pid_tgid(), fd as u64, stat::ACCEPTING_INSERTS);
     }
     0
 }
@@ -110,7 +110,7 @@ fn accept_exit(ctx: &TracePointContext) -> Result<u32, i64> {
     let id = bpf_get_current_pid_tgid();
     // SAFETY: the value is copied out before the entry is removed.
     let listener_fd = unsafe { ACCEPTING.get(id) }.copied().ok_or(-1i64)?;
-    let _ = ACCEPTING.remove(id);
+    remove_counted(&ACCEPTING, id, stat::ACCEPTING_DELETES);
     let at = off!(tp_accept_ret) as usize;
     // SAFETY: as in `accept_enter`.
     let ret = unsafe { ctx.read_at::<i64>(at) }.map_err(i64::from)?;
@@ -171,9 +171,13 @@ fn emit_accept(listener: u64, child: u64, via: u32) -> Result<u32, i64> {
     fill_task(&mut ev);
     // SAFETY: the value is copied out before the entry is removed.
     if let Some(start) = unsafe { ENQUEUED.get(child) }.copied() {
-        let _ = ENQUEUED.remove(child);
+        remove_counted(&ENQUEUED, child, stat::ENQUEUED_DELETES);
         ev.accept_wait_ns = ev.ts_ns.saturating_sub(start);
         ev.flags |= flags::HAS_WAIT;
+    } else {
+        // Queued before the programs were loaded, or its entry was evicted: counted, so a lost
+        // wait is never silent (the agent bounds the evicted share with the map's evictions).
+        count(stat::ACCEPT_NO_WAIT);
     }
     emit(&mut ev);
     Ok(0)

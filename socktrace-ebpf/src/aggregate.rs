@@ -4,11 +4,12 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
-use socktrace_common::{Event, KernelOffsets, ListenerStats, flags, kind, listener_key, socket_key};
+use aya_ebpf::helpers::bpf_get_prandom_u32;
+use socktrace_common::{Event, KernelOffsets, ListenerStats, flags, kind, listener_key, socket_key, stat};
 
 use crate::{
     kernel::{off, read},
-    maps::{CONTROL, LISTENERS},
+    maps::{CONTROL, LISTENERS, count},
 };
 
 #[inline(always)]
@@ -27,8 +28,13 @@ fn entry(key: u64, ev: &Event) -> Option<*mut ListenerStats> {
     init.netns = ev.netns;
     init.lport = ev.lport;
     init.family = ev.family;
-    // BPF_NOEXIST: another CPU may have created it meanwhile; either way it exists now.
-    let _ = LISTENERS.insert(key, init, 1);
+    // SAFETY: a helper without arguments.
+    init.row_id = unsafe { bpf_get_prandom_u32() };
+    // BPF_NOEXIST: another CPU may have created it meanwhile; either way it exists now. Only a
+    // row this call created is counted (evictions = inserts - live rows, see `stat`).
+    if LISTENERS.insert(key, init, 1).is_ok() {
+        count(stat::LISTENERS_INSERTS);
+    }
     LISTENERS.get_ptr_mut(key)
 }
 

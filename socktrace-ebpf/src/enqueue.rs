@@ -10,9 +10,11 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, RawTracePointContext},
 };
 
+use socktrace_common::stat;
+
 use crate::{
     kernel::{Args, IPPROTO_TCP, TCP_LISTEN, TCP_SYN_RECV, now, off, read},
-    maps::ENQUEUED,
+    maps::{ENQUEUED, insert_counted},
 };
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
@@ -39,6 +41,6 @@ fn try_enqueue<C: Args>(ctx: &C) -> Result<u32, i64> {
     if protocol != IPPROTO_TCP {
         return Ok(0);
     }
-    ENQUEUED.insert(sk, now(), 0).map_err(i64::from)?;
+    insert_counted(&ENQUEUED, sk, now(), stat::ENQUEUED_INSERTS)?;
     Ok(0)
 }

@@ -57,6 +57,28 @@ pub fn count(index: u32) {
     }
 }
 
+/// Puts `key` → `value` into a correlation map, counting in `STATS[inserts]` only an entry this
+/// call created. An existing entry (a child socket address reused after its predecessor was never
+/// seen accepted; a thread killed inside accept()) is overwritten and not counted: the number of
+/// entries did not change. Eviction accounting (`stat`) needs exactly that.
+#[inline(always)]
+pub fn insert_counted(map: &LruHashMap<u64, u64>, key: u64, value: u64, inserts: u32) -> Result<(), i64> {
+    // BPF_NOEXIST first: only a new entry is an insert.
+    if map.insert(key, value, 1).is_ok() {
+        count(inserts);
+        return Ok(());
+    }
+    map.insert(key, value, 0).map_err(i64::from)
+}
+
+/// Removes `key`, counting in `STATS[deletes]` only an entry that was there.
+#[inline(always)]
+pub fn remove_counted(map: &LruHashMap<u64, u64>, key: u64, deletes: u32) {
+    if map.remove(key).is_ok() {
+        count(deletes);
+    }
+}
+
 /// Aggregates an event for its listener (naming the listening socket's inode first), then sends
 /// it unless its kind is muted; a full ring buffer is counted, never silent.
 #[inline(always)]

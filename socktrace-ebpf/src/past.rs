@@ -11,11 +11,11 @@ use aya_ebpf::{
     macros::{btf_tracepoint, raw_tracepoint},
     programs::{BtfTracePointContext, RawTracePointContext},
 };
-use socktrace_common::{PastKey, past};
+use socktrace_common::{PastKey, past, stat};
 
 use crate::{
     kernel::{Args, off, packet_netns, tcp_packet},
-    maps::PAST,
+    maps::{PAST, count},
 };
 
 /// TCP header flag bits.
@@ -72,7 +72,9 @@ pub fn bump(key: &PastKey) {
         return;
     }
     // BPF_NOEXIST: another CPU may have created it meanwhile; then add to that one.
-    if PAST.insert(key, &1, 1).is_err() {
+    if PAST.insert(key, &1, 1).is_ok() {
+        count(stat::PAST_INSERTS);
+    } else {
         if let Some(v) = PAST.get_ptr_mut(key) {
             // SAFETY: as above.
             unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(v, 1) };

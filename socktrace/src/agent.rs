@@ -21,6 +21,7 @@ use crate::{
     event::{self, Record},
     filter::Filter,
     model::{DiagSample, ListenerKey, Model},
+    pressure::Pressure,
     probes::{Signal, Tracer},
     ring::{Stats, ring},
     system,
@@ -49,6 +50,12 @@ pub struct Agent {
     /// CLOCK_MONOTONIC right before the last interval's kernel rows were read: the counts are
     /// as of (about) then, while the interval's sock_diag sample comes after.
     pub kernel_read_ns: u64,
+    /// `LISTENERS` rows this agent created (seeds), for the eviction count.
+    seeded: u64,
+    /// `LISTENERS` rows this agent deleted (listeners it let go), for the eviction count.
+    rows_deleted: u64,
+    /// Evictions from the bounded maps, measured at every interval.
+    pub pressure: Pressure,
 }
 
 /// The `PAST` map at one instant, and which of its classes are counted on this kernel.
@@ -92,6 +99,9 @@ impl Agent {
             trimmed: Instant::now(),
             seed_errors: 0,
             kernel_read_ns: 0,
+            seeded: 0,
+            rows_deleted: 0,
+            pressure: Pressure::default(),
         };
         agent.write_control()?;
         // Listeners that already exist get their kernel rows before anything else happens.
@@ -120,6 +130,8 @@ impl Agent {
             }
             let mut row = ListenerStats::ZERO;
             row.netns = d.netns;
+            // A row id of its own (the kernel's are random): the model tells a recreated row by it.
+            row.row_id = u32::try_from(self.seeded % u64::from(u32::MAX)).unwrap_or(0) | 0x8000_0000;
             row.lport = d.lport;
             row.family = if d.laddr.is_ipv4() { AF_INET } else { AF_INET6 };
             row.queue_max = d.backlog;
@@ -133,25 +145,32 @@ impl Agent {
 
     fn seed_row(&mut self, key: u64, row: &ListenerStats, d: &crate::model::DiagListener) {
         // BPF_NOEXIST: never reset a row a kernel program created in the meantime.
-        if let Err(e) = self.listeners.insert(key, row, BPF_NOEXIST) {
-            let exists = matches!(&e, aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::EEXIST));
-            if !exists {
-                if self.seed_errors == 0 {
-                    eprintln!("socktrace: warning: no kernel row for listener netns {} port {} (inode {}): {e}", d.netns, d.lport, d.inode);
+        match self.listeners.insert(key, row, BPF_NOEXIST) {
+            Ok(()) => {
+                self.seeded += 1;
+                self.model.seeded(key, row);
+            }
+            Err(e) => {
+                let exists = matches!(&e, aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::EEXIST));
+                if !exists {
+                    if self.seed_errors == 0 {
+                        eprintln!("socktrace: warning: no kernel row for listener netns {} port {} (inode {}): {e}", d.netns, d.lport, d.inode);
+                    }
+                    self.seed_errors += 1;
                 }
-                self.seed_errors += 1;
             }
         }
     }
 
     fn write_control(&mut self) -> anyhow::Result<()> {
-        // The `--netns`/`--port` shorthands also filter in the kernel (a coarse pre-filter: the
-        // rest of the filter is applied here).
+        // A namespace or port that every match must have (`--netns`/`--port`, or a term the whole
+        // expression requires) also filters in the kernel (a coarse pre-filter: the rest of the
+        // filter is applied here).
         let control = Control {
             epoch: self.epoch,
             mute: self.mute,
-            netns: self.filter.netns.unwrap_or(0),
-            port: self.filter.port.map_or(0, u32::from),
+            netns: self.filter.required_netns().unwrap_or(0),
+            port: self.filter.any_end_port().map_or(0, u32::from),
         };
         self.control.set(0, control, 0).context("writing CONTROL")
     }
@@ -181,6 +200,9 @@ impl Agent {
         let mut sockets = Vec::new();
         let mut present = HashSet::new();
         self.kernel_read_ns = system::monotonic_ns();
+        // Inserts before the walk, deletes after it: the eviction count stays a lower bound
+        // (pressure.rs).
+        let inserts = self.stats.get(stat::LISTENERS_INSERTS);
         for item in self.listeners.iter() {
             let (k, s) = item.context("reading LISTENERS")?;
             present.insert(k);
@@ -191,6 +213,9 @@ impl Agent {
                 sockets.push((u32::try_from(k & u64::from(u32::MAX)).unwrap_or(0), s, peak));
             }
         }
+        self.pressure.measure(&self.tracer.ebpf, &self.stats, &self.tracer.maps, Some((inserts, present.len() as u64, self.rows_deleted)), self.seeded);
+        // Rows read before and missing now were evicted (the agent forgets the rows it deletes).
+        self.model.kernel_rows_present(&present);
         let diag = (self.diag)().map(|mut sample| {
             self.filter.select_listeners(&mut sample);
             sample
@@ -212,13 +237,19 @@ impl Agent {
     /// delete keeps its last-read counters, so nothing is counted twice.
     fn delete_gone_rows(&mut self, kernel: &[(ListenerKey, ListenerStats, Option<u32>)], sockets: &[(u32, ListenerStats, Option<u32>)]) {
         let (ports, socks) = self.model.gone_rows(kernel, sockets);
+        // Deleted here (counted: the eviction estimate subtracts them), or already evicted (ENOENT).
+        let mut deleted = 0;
         let mut gone = |key: u64| match self.listeners.remove(&key) {
-            Ok(()) => true,
+            Ok(()) => {
+                deleted += 1;
+                true
+            }
             Err(aya::maps::MapError::SyscallError(e)) => e.io_error.raw_os_error() == Some(libc::ENOENT),
             Err(_) => false,
         };
         let ports: Vec<ListenerKey> = ports.into_iter().filter(|k| gone(listener_key(k.netns, k.lport))).collect();
         let socks: Vec<u32> = socks.into_iter().filter(|ino| gone(socket_key(*ino))).collect();
+        self.rows_deleted += deleted;
         self.model.forget_rows(&ports, &socks);
     }
 
@@ -242,6 +273,20 @@ impl Agent {
             no_socket: drops && o.reason_no_socket_any != KernelOffsets::ABSENT,
             client_syn_retrans: self.tracer.has(Signal::Retransmit),
         })
+    }
+
+    /// `; MAP EVICTIONS …` for the views' header lines when a bounded map lost entries or a
+    /// listener's kernel row was evicted (empty otherwise).
+    pub fn pressure_note(&self) -> String {
+        let evicted: Vec<String> = self.pressure.maps.iter().filter(|u| u.evicted > 0).map(|u| format!("{} {}/{} full, {} evicted", u.map, u.entries, u.capacity, u.evicted)).collect();
+        if evicted.is_empty() && self.model.rows_lost == 0 {
+            return String::new();
+        }
+        format!(
+            "; MAP EVICTIONS ({}; {} listener rows lost): counts may be incomplete, see the --map-* options",
+            evicted.join(", "),
+            self.model.rows_lost
+        )
     }
 
     pub fn lost(&self) -> u64 {

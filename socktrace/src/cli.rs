@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::{
     filter::{self, Filter, FilterError, Scope},
+    pressure::MapSizes,
     probes::HookKind,
     system,
 };
@@ -137,6 +138,13 @@ pub struct TraceArgs {
     /// Hook kinds allowed, comma-separated (fentry,fexit,kprobe,tp_btf,raw_tp,tracepoint,cgroup_skb) or `all`.
     #[arg(long, value_name = "LIST", default_value = "all", value_parser = crate::probes::parse_hooks)]
     pub hooks: BTreeSet<HookKind>,
+    /// How accept(2) and listen(2) are traced: `auto` (fexit, kprobe, else the syscall
+    /// tracepoints, which slow every syscall of every process while attached), `syscalls` (the
+    /// syscall tracepoints only), `off` (no accept or listen hook and no enqueue hook: accept
+    /// counts, accept wait, acceptors and listen's backlog request unavailable; drops, queues,
+    /// retransmits as before). `socktrace probes` shows what each costs.
+    #[arg(long, value_name = "MODE", default_value = "auto")]
+    pub accept_hooks: crate::probes::AcceptHooks,
     /// cgroup-v2 directory for the cgroup_skb SYN-drop fallback (default: the cgroup-v2 root, i.e.
     /// every process). It only sees listeners owned by processes inside it.
     #[arg(long, value_name = "PATH")]
@@ -144,6 +152,21 @@ pub struct TraceArgs {
     /// Ring buffer size in KiB (power of two, at least 4).
     #[arg(long, value_name = "KIB", default_value_t = 4096, value_parser = parse_ring_kib)]
     pub ring_buffer_kib: u32,
+    /// Listening sockets the kernel keeps counters for (LISTENERS map: a row per port and one per
+    /// LISTEN socket, so 2×N rows). Beyond it the least recently used rows are evicted (counted).
+    #[arg(long, value_name = "N", default_value_t = MapSizes::DEFAULT.listeners, value_parser = parse_map_size)]
+    pub map_listeners: u32,
+    /// Child sockets waiting in accept queues whose enqueue time is kept (ENQUEUED map; an evicted
+    /// one is an accept with an unknown wait, counted).
+    #[arg(long, value_name = "N", default_value_t = MapSizes::DEFAULT.pending, value_parser = parse_map_size)]
+    pub map_pending: u32,
+    /// Threads inside `accept()` at once (ACCEPTING map, syscall and kprobe hooks; an evicted one is
+    /// an accept not seen, counted as an eviction).
+    #[arg(long, value_name = "N", default_value_t = MapSizes::DEFAULT.accepting, value_parser = parse_map_size)]
+    pub map_accepting: u32,
+    /// Rows of segments that never reached a listener (PAST map: per netns, port, class, address).
+    #[arg(long, value_name = "N", default_value_t = MapSizes::DEFAULT.past, value_parser = parse_map_size)]
+    pub map_past: u32,
 }
 
 /// What a tracing command shows: the shorthands and the filter expression (all must match).
@@ -368,6 +391,13 @@ fn parse_port(s: &str) -> Result<u16, String> {
     match s.parse::<u32>() {
         Ok(p) if (1..=65535).contains(&p) => Ok(u16::try_from(p).unwrap_or_default()),
         _ => Err(format!("{s:?} is not a TCP port (1-65535)")),
+    }
+}
+
+fn parse_map_size(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n) if (1..=MapSizes::MAX).contains(&n) => Ok(n),
+        _ => Err(format!("{s:?} is not a number of entries between 1 and {}", MapSizes::MAX)),
     }
 }
 

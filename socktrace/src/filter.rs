@@ -156,6 +156,18 @@ impl Expr {
         }
     }
 
+    /// The terms every match must satisfy: the operands of the top-level `and` chain.
+    fn conjuncts(&self) -> Vec<&Expr> {
+        match self {
+            Expr::And(a, b) => {
+                let mut v = a.conjuncts();
+                v.extend(b.conjuncts());
+                v
+            }
+            e => vec![e],
+        }
+    }
+
     fn netns_terms(&mut self, f: &mut dyn FnMut(&mut Expr)) {
         match self {
             Expr::Or(a, b) | Expr::And(a, b) => {
@@ -789,6 +801,36 @@ impl Filter {
         Filter { port, pid, netns, expr, by_addr, seen: HashMap::new(), seen_sockets: HashMap::new() }
     }
 
+    /// The local port every match has: `--port` (in listener views, the listener's port), else a
+    /// `sport = :P` or `src …:P` term the whole expression requires.
+    pub fn local_port(&self) -> Option<u16> {
+        self.port.or_else(|| self.required_port(|side| side == Side::Src))
+    }
+
+    /// A port every match has at one end or the other: what the kernel's coarse ring pre-filter
+    /// can use (`--port`, or a required `sport`/`dport`/`src`/`dst` port).
+    pub fn any_end_port(&self) -> Option<u16> {
+        self.port.or_else(|| self.required_port(|_| true))
+    }
+
+    /// The network namespace every match is in: `--netns`, else a required `netns NS` term.
+    pub fn required_netns(&self) -> Option<u32> {
+        self.netns.or_else(|| {
+            self.expr.as_ref()?.conjuncts().into_iter().find_map(|e| match e {
+                Expr::Netns { inode, .. } => *inode,
+                _ => None,
+            })
+        })
+    }
+
+    fn required_port(&self, side_ok: impl Fn(Side) -> bool) -> Option<u16> {
+        self.expr.as_ref()?.conjuncts().into_iter().find_map(|e| match e {
+            Expr::Port { side, op: PortOp::Eq, port, .. } if side_ok(*side) => Some(*port),
+            Expr::Host { side, cond: HostCond { port: Some(port), .. }, .. } if side_ok(*side) => Some(*port),
+            _ => None,
+        })
+    }
+
     fn listener_subject(netns: u32, ip: Option<IpAddr>, lport: u16) -> Subject {
         Subject { netns, local: End { ip, port: lport }, peer: None }
     }
@@ -1100,6 +1142,30 @@ mod tests {
         assert!(err("netns < 3").message.contains("netns takes ="));
         let mut q = parsed("netns nowhere");
         assert_eq!(q.resolve_netns(|_| Err::<u32, _>("unknown")), Err("unknown"));
+    }
+
+    #[test]
+    fn required_port_and_netns_come_from_the_top_level_and_chain() {
+        let f = |s: &str| {
+            let mut q = parsed(s);
+            q.resolve_netns(|n| Ok::<_, ()>(if n == "blue" { 5 } else { n.parse().unwrap() })).unwrap();
+            Filter::new(None, None, None, q.expr)
+        };
+        let g = f("netns blue and sport = :8080");
+        assert_eq!((g.local_port(), g.any_end_port(), g.required_netns()), (Some(8080), Some(8080), Some(5)));
+        let g = f("src 10.0.0.1:443 and dport > :1000");
+        assert_eq!((g.local_port(), g.any_end_port(), g.required_netns()), (Some(443), Some(443), None));
+        let g = f("dport = :6379");
+        assert_eq!((g.local_port(), g.any_end_port()), (None, Some(6379)));
+        // Not required by every match: an `or`, a negation, an inequality.
+        for s in ["sport = :1 or sport = :2", "not sport = :1", "sport >= :1024", "netns blue or sport = :1"] {
+            let g = f(s);
+            assert_eq!((g.local_port(), g.required_netns()), (None, None), "{s}");
+        }
+        assert_eq!(f("netns blue or sport = :1").any_end_port(), None);
+        // The shorthands win.
+        let g = Filter::new(Some(9), None, Some(3), f("netns blue and sport = :1").expr);
+        assert_eq!((g.local_port(), g.any_end_port(), g.required_netns()), (Some(9), Some(9), Some(3)));
     }
 
     #[test]

@@ -15,6 +15,7 @@ mod generate;
 mod listeners;
 mod model;
 mod offsets;
+mod pressure;
 mod probes;
 mod ring;
 mod serve;
@@ -141,7 +142,9 @@ fn diag_source(scope: Option<u32>, half_open: bool) -> agent::DiagSource {
 fn start(args: &TraceArgs) -> anyhow::Result<probes::Tracer> {
     system::require_root()?;
     let tracefs = system::ensure_tracefs()?;
-    let layout = offsets::resolve(&args.btf, &tracefs)?;
+    // Read once: the raw scan takes the offsets from it, aya parses it for the loader.
+    let btf = offsets::read_btf(&args.btf)?;
+    let layout = offsets::resolve_bytes(&btf, &args.btf, &tracefs)?;
     let cgroup = match &args.cgroup {
         Some(p) => p.clone(),
         None => system::cgroup2_root()?,
@@ -151,8 +154,11 @@ fn start(args: &TraceArgs) -> anyhow::Result<probes::Tracer> {
         allowed: args.hooks.clone(),
         cgroup,
         ring_buffer_bytes: args.ring_buffer_kib * 1024,
+        accept_hooks: args.accept_hooks,
+        maps: pressure::MapSizes { listeners: args.map_listeners, pending: args.map_pending, accepting: args.map_accepting, past: args.map_past },
     };
-    let tracer = probes::load(&layout, &opts)?;
+    let tracer = probes::load(&layout, &btf, &opts)?;
+    drop(btf);
     system::release_freed_heap();
     Ok(tracer)
 }
@@ -167,7 +173,12 @@ fn print_probes(tracer: &probes::Tracer, json: bool) -> anyhow::Result<()> {
     for r in &tracer.report {
         match r.hook {
             Some(h) => writeln!(out, "{:<18} {:<11} {}", r.signal, h, r.attached.join(" + "))?,
-            None => writeln!(out, "{:<18} {:<11} no hook works on this kernel", r.signal, "UNAVAILABLE")?,
+            None => match r.failed.first().map(|f| f.reason.as_str()) {
+                Some(why) if r.failed.iter().all(|f| f.reason.starts_with("disabled by")) => {
+                    writeln!(out, "{:<18} {:<11} {}", r.signal, "UNAVAILABLE", why.split(" (").next().unwrap_or(why))?;
+                }
+                _ => writeln!(out, "{:<18} {:<11} no hook works on this kernel", r.signal, "UNAVAILABLE")?,
+            },
         }
         for n in &r.notes {
             writeln!(out, "{:<18}   note: {n}", "")?;
@@ -175,6 +186,14 @@ fn print_probes(tracer: &probes::Tracer, json: bool) -> anyhow::Result<()> {
         for f in &r.failed {
             writeln!(out, "{:<18}   tried {:<10} {}: {}", "", f.hook, f.at, f.reason)?;
         }
+    }
+    // The bounded maps: what each holds at most, and that an eviction is counted, not silent.
+    for m in pressure::BoundedMap::ALL {
+        writeln!(out, "{:<18} {:<11} {} {} ({}); evictions counted", "map", m.name(), m.capacity(&tracer.maps), m.holds(), m.option())?;
+    }
+    writeln!(out)?;
+    for line in tracer.mode_lines() {
+        writeln!(out, "{line}")?;
     }
     Ok(())
 }

@@ -4,7 +4,10 @@
 //! (queue now, backlog, owners, addresses).
 //!
 //! Counters are monotonic across intervals and across listener churn: a new listener on the same
-//! port continues the same row. Rows for ports that no longer listen and saw no events are
+//! port continues the same row. A kernel row evicted from the full `LISTENERS` map (it vanishes,
+//! or comes back with another `row_id`) is counted per listener and in [`Model::rows_lost`]; the
+//! totals keep their base and add what the new row counts: short by what the old row counted
+//! after the last read, never reset. Rows for ports that no longer listen and saw no events are
 //! dropped after a grace period.
 //!
 //! A listener row is a group: every LISTEN socket on the port (SO_REUSEPORT members, v4 and v6
@@ -13,12 +16,12 @@
 //! member, never a sum (each socket drops on its own queue).
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     net::IpAddr,
 };
 
 use hdrhistogram::Histogram;
-use socktrace_common::ListenerStats;
+use socktrace_common::{ListenerStats, SOCKET_KEY, listener_key, socket_key};
 
 use crate::event::Record;
 
@@ -196,6 +199,8 @@ pub struct SocketRow {
     pub acceptors: Vec<Acceptor>,
     /// Accept gaps and drop times ([`Model::keep_timeline`]).
     pub timeline: Option<Timeline>,
+    /// Times its kernel row was evicted: counts between the read before and the eviction are lost.
+    pub kernel_resets: u64,
     seen: u64,
 }
 
@@ -215,6 +220,7 @@ impl SocketRow {
             interval: Counts::default(),
             acceptors: Vec::new(),
             timeline: None,
+            kernel_resets: 0,
             seen: now,
         }
     }
@@ -274,6 +280,9 @@ pub struct Listener {
     pub history: Vec<u32>,
     /// The LISTEN sockets of this port, by inode.
     pub sockets: BTreeMap<u32, SocketRow>,
+    /// Times its kernel row was evicted (LRU, the map was full): the counts between the read
+    /// before and the eviction are lost, so its totals may be short by that much (never reset).
+    pub kernel_resets: u64,
     /// Interval number in which this row last had activity or was listening.
     seen: u64,
 }
@@ -320,6 +329,7 @@ impl Listener {
             requested_backlog: None,
             history: Vec::new(),
             sockets: BTreeMap::new(),
+            kernel_resets: 0,
             seen: 0,
         }
     }
@@ -361,11 +371,14 @@ pub const GRACE_INTERVALS: u64 = 30;
 #[derive(Default)]
 pub struct Model {
     pub listeners: BTreeMap<ListenerKey, Listener>,
-    /// Kernel counters at the last read, per key (kept for dropped listeners until their kernel
-    /// row is deleted: [`Model::gone_rows`]).
-    kernel_last: BTreeMap<ListenerKey, Counts>,
+    /// Kernel row id and counters at the last read (or seed), per key (kept for listeners dropped
+    /// from the model until the agent deletes their kernel row: [`Model::gone_rows`]).
+    kernel_last: BTreeMap<ListenerKey, (u32, Counts)>,
     /// The same per socket inode.
-    kernel_last_socket: BTreeMap<u32, Counts>,
+    kernel_last_socket: BTreeMap<u32, (u32, Counts)>,
+    /// Kernel rows read (or seeded) before and evicted since: vanished from the map, or back
+    /// with another `row_id`. Their counts since the read before are lost.
+    pub rows_lost: u64,
     interval: u64,
     /// Also keep every wait since start per listener (`diagnose`; `top` and `serve` need only the
     /// last interval's).
@@ -374,7 +387,48 @@ pub struct Model {
     pub keep_timeline: bool,
 }
 
+/// `now - last` for a row read before with `last_id`; `reset` when the row is another one (it
+/// was evicted and created again: everything it holds is new).
+fn kernel_delta(last: Option<(u32, Counts)>, row_id: u32, now: &Counts) -> (Counts, bool) {
+    match last {
+        Some((id, c)) if id == row_id => (now.since(&c), false),
+        Some(_) => (*now, true),
+        None => (*now, false),
+    }
+}
+
 impl Model {
+    /// The agent created this kernel row (`LISTENERS` key): an eviction before the next read is
+    /// then noticed too.
+    pub fn seeded(&mut self, key: u64, row: &ListenerStats) {
+        if key & SOCKET_KEY != 0 {
+            let inode = u32::try_from(key & u64::from(u32::MAX)).unwrap_or(0);
+            self.kernel_last_socket.insert(inode, (row.row_id, Counts::default()));
+        } else {
+            self.kernel_last.insert(ListenerKey { netns: row.netns, lport: row.lport }, (row.row_id, Counts::default()));
+        }
+    }
+
+    /// Every `LISTENERS` key the map holds now (before [`Model::close_interval`]): a row read or
+    /// seeded before and missing now was evicted (neither the kernel nor the agent deletes rows).
+    pub fn kernel_rows_present(&mut self, present: &HashSet<u64>) {
+        let gone: Vec<ListenerKey> = self.kernel_last.keys().filter(|k| !present.contains(&listener_key(k.netns, k.lport))).copied().collect();
+        for k in gone {
+            self.kernel_last.remove(&k);
+            self.rows_lost += 1;
+            // Also a listener seeded but not yet in the model: the loss stays with its row.
+            self.row(k).kernel_resets += 1;
+        }
+        let gone: Vec<u32> = self.kernel_last_socket.keys().filter(|i| !present.contains(&socket_key(**i))).copied().collect();
+        for inode in gone {
+            self.kernel_last_socket.remove(&inode);
+            self.rows_lost += 1;
+            if let Some(s) = self.listeners.values_mut().find_map(|l| l.sockets.get_mut(&inode)) {
+                s.kernel_resets += 1;
+            }
+        }
+    }
+
     fn row(&mut self, key: ListenerKey) -> &mut Listener {
         let n = self.interval;
         self.listeners.entry(key).or_insert_with(|| {
@@ -460,23 +514,27 @@ impl Model {
         }
         for (inode, stats, peak) in sockets {
             let counts = Counts::of(stats);
-            let delta = counts.since(&self.kernel_last_socket.insert(*inode, counts).unwrap_or_default());
+            let (delta, reset) = kernel_delta(self.kernel_last_socket.insert(*inode, (stats.row_id, counts)), stats.row_id, &counts);
             let key = ListenerKey { netns: stats.netns, lport: stats.lport };
             let known = self.listeners.get(&key).is_some_and(|l| l.sockets.contains_key(inode));
-            if delta == Counts::default() && peak.is_none() && !known {
+            self.rows_lost += u64::from(reset);
+            if delta == Counts::default() && peak.is_none() && !known && !reset {
                 continue;
             }
             let row = self.row(key);
             let sock = row.sockets.entry(*inode).or_insert_with(|| SocketRow::new(*inode, now));
+            sock.kernel_resets += u64::from(reset);
             absorb((&mut sock.total, &mut sock.interval, &mut sock.queue_peak, &mut sock.backlog, &mut sock.seen), delta, *peak, stats.queue_max, now);
         }
         for (key, stats, peak) in kernel {
             let counts = Counts::of(stats);
-            let delta = counts.since(&self.kernel_last.insert(*key, counts).unwrap_or_default());
-            if delta == Counts::default() && peak.is_none() && !self.listeners.contains_key(key) {
+            let (delta, reset) = kernel_delta(self.kernel_last.insert(*key, (stats.row_id, counts)), stats.row_id, &counts);
+            self.rows_lost += u64::from(reset);
+            if delta == Counts::default() && peak.is_none() && !self.listeners.contains_key(key) && !reset {
                 continue;
             }
             let row = self.row(*key);
+            row.kernel_resets += u64::from(reset);
             absorb((&mut row.total, &mut row.interval, &mut row.queue_peak, &mut row.backlog, &mut row.seen), delta, *peak, stats.queue_max, now);
         }
         if let Some(sample) = diag {
@@ -617,6 +675,34 @@ mod tests {
         // The kernel entry was evicted and recreated: counting restarts, totals stay monotonic.
         m.close_interval(&[(key, stats(3, 0), None)], &[], None);
         assert_eq!(m.listeners[&key].total.accepts, 10);
+    }
+
+    #[test]
+    fn evicted_rows_are_counted_and_totals_carry_their_base() {
+        let key = ListenerKey { netns: 1, lport: 80 };
+        let with_id = |accepts, id| ListenerStats { row_id: id, netns: 1, lport: 80, ..stats(accepts, 0) };
+        let mut m = Model::default();
+        // Seeded by the agent, then read with counts.
+        m.seeded(listener_key(1, 80), &with_id(0, 7));
+        m.kernel_rows_present(&HashSet::from([listener_key(1, 80)]));
+        m.close_interval(&[(key, with_id(40, 7), None)], &[], None);
+        assert_eq!((m.listeners[&key].total.accepts, m.rows_lost), (40, 0));
+        // Evicted and created again by the kernel: more counts than before, yet another row.
+        m.kernel_rows_present(&HashSet::from([listener_key(1, 80)]));
+        m.close_interval(&[(key, with_id(55, 9), None)], &[], None);
+        let l = &m.listeners[&key];
+        assert_eq!((l.total.accepts, l.interval.accepts, l.kernel_resets, m.rows_lost), (95, 55, 1, 1), "the new row's counts all count");
+        // Gone from the map: counted once, and its return is a new row.
+        m.kernel_rows_present(&HashSet::new());
+        m.close_interval(&[], &[], None);
+        assert_eq!((m.listeners[&key].kernel_resets, m.rows_lost), (2, 2));
+        m.kernel_rows_present(&HashSet::from([listener_key(1, 80)]));
+        m.close_interval(&[(key, with_id(3, 11), None)], &[], None);
+        assert_eq!((m.listeners[&key].total.accepts, m.rows_lost), (98, 2));
+        // A socket row seeded and evicted before the first read is noticed too.
+        m.seeded(socket_key(5), &with_id(0, 12));
+        m.kernel_rows_present(&HashSet::from([listener_key(1, 80)]));
+        assert_eq!(m.rows_lost, 3);
     }
 
     fn diag(addr: &str, inode: u32, q: u32, backlog: u32, owner: (u32, &str)) -> DiagListener {

@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use btf_rs::{Btf, Type};
+use crate::snapshot::btf_scan::{RawBtf, ScanError};
 use socktrace_common::KernelOffsets;
 
 /// How to supply kernel BTF, appended to every error about a missing or unusable BTF file.
@@ -60,16 +60,92 @@ impl KernelLayout {
     }
 }
 
-/// Resolves every offset the programs use. `tracefs` is where the syscall `format` files live.
-pub fn resolve(btf_path: &Path, tracefs: &Path) -> Result<KernelLayout, OffsetError> {
+/// Structs, enums, functions and tracepoint typedefs [`resolve_with`] asks about: the raw scan
+/// notes only these.
+const WANTED: &[&str] = &[
+    "sock",
+    "net",
+    "task_struct",
+    "files_struct",
+    "fdtable",
+    "file",
+    "socket",
+    "sk_buff",
+    "net_device",
+    "dst_entry",
+    "tcp_skb_cb",
+    "socket_alloc",
+    "inode",
+    "skb_drop_reason",
+    "inet_csk_accept",
+    "btf_trace_kfree_skb",
+    "btf_trace_tcp_retransmit_skb",
+];
+
+/// The kernel BTF file's bytes, read once at start-up for the offsets and the loader.
+pub fn read_btf(btf_path: &Path) -> Result<Vec<u8>, OffsetError> {
     let bytes = std::fs::read(btf_path).map_err(|source| match source.kind() {
         std::io::ErrorKind::NotFound => OffsetError::Missing { path: btf_path.to_owned() },
         _ => OffsetError::Read { path: btf_path.to_owned(), source },
     })?;
     check_btf_size(&bytes).map_err(|message| OffsetError::Parse { path: btf_path.to_owned(), message })?;
-    let btf = Btf::from_bytes(&bytes)
-        .map_err(|e| OffsetError::Parse { path: btf_path.to_owned(), message: format!("{e:#}") })?;
-    let l = Layout { btf: &btf };
+    Ok(bytes)
+}
+
+/// Resolves every offset the programs use. `tracefs` is where the syscall `format` files live.
+#[cfg(test)]
+pub fn resolve(btf_path: &Path, tracefs: &Path) -> Result<KernelLayout, OffsetError> {
+    resolve_bytes(&read_btf(btf_path)?, btf_path, tracefs)
+}
+
+/// [`resolve`] from the bytes of `btf_path` already read ([`read_btf`]): one pass over the raw
+/// type section (no full parse).
+pub fn resolve_bytes(bytes: &[u8], btf_path: &Path, tracefs: &Path) -> Result<KernelLayout, OffsetError> {
+    let raw = RawBtf::parse(bytes, WANTED).map_err(|e| OffsetError::Parse { path: btf_path.to_owned(), message: e.to_string() })?;
+    resolve_with(&raw, tracefs)
+}
+
+/// What [`resolve_with`] asks of the kernel BTF.
+trait Query {
+    /// Byte offset of `path` (member names, each possibly inside anonymous structs/unions) in
+    /// `struct name`.
+    fn offset(&self, name: &str, path: &[&str]) -> Result<u32, OffsetError>;
+    fn enum_value(&self, enum_name: &str, member: &str) -> Option<u32>;
+    /// Value of an enumerator of an anonymous enum (such as `LINUX_MIB_*`).
+    fn anonymous_enum_value(&self, member: &str) -> Option<u32>;
+    /// Number of parameters of kernel function `name` (`None` when BTF has no such function).
+    fn func_arity(&self, name: &str) -> Option<usize>;
+    /// Number of tracepoint arguments (excluding the leading `void *ctx`) of `btf_trace_<tp>`.
+    fn tracepoint_arity(&self, tp: &str) -> Result<usize, OffsetError>;
+}
+
+impl Query for RawBtf<'_> {
+    fn offset(&self, name: &str, path: &[&str]) -> Result<u32, OffsetError> {
+        self.offset_path(name, path).map_err(|e| match e {
+            ScanError::NoStruct(s) => OffsetError::NoStruct(s),
+            ScanError::NoMember(s, m) => OffsetError::NoMember(s, m),
+            other => OffsetError::Other(other.to_string()),
+        })
+    }
+
+    fn enum_value(&self, enum_name: &str, member: &str) -> Option<u32> {
+        RawBtf::enum_value(self, enum_name, member)
+    }
+
+    fn anonymous_enum_value(&self, member: &str) -> Option<u32> {
+        RawBtf::anonymous_enum_value(self, member)
+    }
+
+    fn func_arity(&self, name: &str) -> Option<usize> {
+        RawBtf::func_arity(self, name)
+    }
+
+    fn tracepoint_arity(&self, tp: &str) -> Result<usize, OffsetError> {
+        RawBtf::tracepoint_arity(self, tp).map_err(|e| OffsetError::Other(e.to_string()))
+    }
+}
+
+fn resolve_with(l: &impl Query, tracefs: &Path) -> Result<KernelLayout, OffsetError> {
     let sk = |path: &[&str]| l.offset("sock", &path_with("__sk_common", path));
     let mut o = KernelOffsets::ZERO;
     o.skc_daddr = sk(&["skc_daddr"])?;
@@ -215,156 +291,6 @@ fn path_with<'a>(first: &'a str, rest: &[&'a str]) -> Vec<&'a str> {
     v
 }
 
-struct Layout<'a> {
-    btf: &'a Btf,
-}
-
-impl Layout<'_> {
-    /// Byte offset of `path` (member names, each possibly inside anonymous structs/unions) in
-    /// `struct name`.
-    fn offset(&self, name: &str, path: &[&str]) -> Result<u32, OffsetError> {
-        let mut ty = self.named_struct(name)?;
-        let mut bits = 0u32;
-        for (i, member) in path.iter().enumerate() {
-            let (off, member_ty) = self
-                .find_member(&ty, member)?
-                .ok_or_else(|| OffsetError::NoMember(name.to_owned(), path[..=i].join(".")))?;
-            bits += off;
-            if i + 1 < path.len() {
-                ty = self.strip(member_ty)?;
-            }
-        }
-        if bits % 8 != 0 {
-            return Err(OffsetError::Other(format!("{name}.{} is a bitfield", path.join("."))));
-        }
-        Ok(bits / 8)
-    }
-
-    fn named_struct(&self, name: &str) -> Result<Type, OffsetError> {
-        self.btf
-            .resolve_types_by_name(name)
-            .unwrap_or_default()
-            .into_iter()
-            .find(|t| matches!(t, Type::Struct(s) if !s.members.is_empty()))
-            .ok_or_else(|| OffsetError::NoStruct(name.to_owned()))
-    }
-
-    /// Looks for `want` among the members of a struct/union, descending into anonymous members.
-    /// Returns the bit offset and the member's type.
-    fn find_member(&self, ty: &Type, want: &str) -> Result<Option<(u32, Type)>, OffsetError> {
-        let members = match ty {
-            Type::Struct(s) | Type::Union(s) => &s.members,
-            _ => return Ok(None),
-        };
-        for m in members {
-            let name = self.btf.resolve_name(m).unwrap_or_default();
-            let member_ty = self.btf.resolve_chained_type(m).map_err(|e| OffsetError::Other(format!("{e:#}")))?;
-            if name == want {
-                return Ok(Some((m.bit_offset(), member_ty)));
-            }
-            if name.is_empty() {
-                let inner = self.strip(member_ty)?;
-                if let Some((off, t)) = self.find_member(&inner, want)? {
-                    return Ok(Some((m.bit_offset() + off, t)));
-                }
-            }
-        }
-        Ok(None)
-    }
-
-    /// Follows typedefs and qualifiers to the underlying type.
-    fn strip(&self, mut ty: Type) -> Result<Type, OffsetError> {
-        for _ in 0..16 {
-            let next = match &ty {
-                Type::Typedef(t) => self.btf.resolve_chained_type(t),
-                Type::Const(t) => self.btf.resolve_chained_type(t),
-                Type::Volatile(t) => self.btf.resolve_chained_type(t),
-                Type::Restrict(t) => self.btf.resolve_chained_type(t),
-                Type::TypeTag(t) => self.btf.resolve_chained_type(t),
-                _ => return Ok(ty),
-            };
-            ty = next.map_err(|e| OffsetError::Other(format!("{e:#}")))?;
-        }
-        Ok(ty)
-    }
-
-    fn enum_value(&self, enum_name: &str, member: &str) -> Option<u32> {
-        for ty in self.btf.resolve_types_by_name(enum_name).unwrap_or_default() {
-            match ty {
-                Type::Enum(e) => {
-                    for m in &e.members {
-                        if self.btf.resolve_name(m).ok().as_deref() == Some(member) {
-                            return Some(m.val());
-                        }
-                    }
-                }
-                Type::Enum64(e) => {
-                    for m in &e.members {
-                        if self.btf.resolve_name(m).ok().as_deref() == Some(member) {
-                            return u32::try_from(m.val()).ok();
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-        None
-    }
-
-    /// Value of an enumerator of an anonymous enum (such as `LINUX_MIB_*`): BTF names no such
-    /// enum, so every type is scanned (once, until found).
-    fn anonymous_enum_value(&self, member: &str) -> Option<u32> {
-        let mut id = 1;
-        while let Ok(ty) = self.btf.resolve_type_by_id(id) {
-            if let Type::Enum(e) = &ty {
-                if self.btf.resolve_name(e).unwrap_or_default().is_empty() {
-                    for m in &e.members {
-                        if self.btf.resolve_name(m).ok().as_deref() == Some(member) {
-                            return Some(m.val());
-                        }
-                    }
-                }
-            }
-            id += 1;
-        }
-        None
-    }
-
-    /// Number of parameters of kernel function `name` (`None` when BTF has no such function).
-    fn func_arity(&self, name: &str) -> Option<usize> {
-        self.btf.resolve_types_by_name(name).ok()?.into_iter().find_map(|t| match t {
-            Type::Func(f) => match self.btf.resolve_chained_type(&f) {
-                Ok(Type::FuncProto(p)) => Some(p.parameters.len()),
-                _ => None,
-            },
-            _ => None,
-        })
-    }
-
-    /// Number of tracepoint arguments (excluding the leading `void *ctx`) of `btf_trace_<tp>`.
-    fn tracepoint_arity(&self, tp: &str) -> Result<usize, OffsetError> {
-        let name = format!("btf_trace_{tp}");
-        let ty = self
-            .btf
-            .resolve_types_by_name(&name)
-            .ok()
-            .and_then(|v| v.into_iter().next())
-            .ok_or_else(|| OffsetError::Other(format!("no {name} typedef")))?;
-        let Type::Typedef(td) = ty else {
-            return Err(OffsetError::Other(format!("{name} is not a typedef")));
-        };
-        let ptr = self.btf.resolve_chained_type(&td).map_err(|e| OffsetError::Other(format!("{e:#}")))?;
-        let Type::Ptr(p) = ptr else {
-            return Err(OffsetError::Other(format!("{name} is not a function pointer")));
-        };
-        let proto = self.btf.resolve_chained_type(&p).map_err(|e| OffsetError::Other(format!("{e:#}")))?;
-        let Type::FuncProto(f) = proto else {
-            return Err(OffsetError::Other(format!("{name} is not a function pointer")));
-        };
-        Ok(f.parameters.len().saturating_sub(1))
-    }
-}
-
 /// Offset of `field` in a classic tracepoint record, from its tracefs `format` file.
 pub fn tracepoint_field(format_file: &Path, field: &str) -> Option<u32> {
     let text = std::fs::read_to_string(format_file).ok()?;
@@ -383,6 +309,189 @@ pub fn tracepoint_field(format_file: &Path, field: &str) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The full parse (btf-rs) the raw scan replaced, kept as the oracle it must agree with.
+    mod btf_rs_oracle {
+        use btf_rs::{Btf, Type};
+
+        use super::super::{OffsetError, Query};
+
+        pub struct Layout<'a> {
+            pub btf: &'a Btf,
+        }
+
+        impl Layout<'_> {
+            fn named_struct(&self, name: &str) -> Result<Type, OffsetError> {
+                self.btf
+                    .resolve_types_by_name(name)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .find(|t| matches!(t, Type::Struct(s) if !s.members.is_empty()))
+                    .ok_or_else(|| OffsetError::NoStruct(name.to_owned()))
+            }
+
+            fn find_member(&self, ty: &Type, want: &str) -> Result<Option<(u32, Type)>, OffsetError> {
+                let members = match ty {
+                    Type::Struct(s) | Type::Union(s) => &s.members,
+                    _ => return Ok(None),
+                };
+                for m in members {
+                    let name = self.btf.resolve_name(m).unwrap_or_default();
+                    let member_ty = self.btf.resolve_chained_type(m).map_err(|e| OffsetError::Other(format!("{e:#}")))?;
+                    if name == want {
+                        return Ok(Some((m.bit_offset(), member_ty)));
+                    }
+                    if name.is_empty() {
+                        let inner = self.strip(member_ty)?;
+                        if let Some((off, t)) = self.find_member(&inner, want)? {
+                            return Ok(Some((m.bit_offset() + off, t)));
+                        }
+                    }
+                }
+                Ok(None)
+            }
+
+            #[expect(clippy::match_same_arms, reason = "each arm binds a different btf-rs type")]
+            fn strip(&self, mut ty: Type) -> Result<Type, OffsetError> {
+                for _ in 0..16 {
+                    let next = match &ty {
+                        Type::Typedef(t) => self.btf.resolve_chained_type(t),
+                        Type::Const(t) => self.btf.resolve_chained_type(t),
+                        Type::Volatile(t) => self.btf.resolve_chained_type(t),
+                        Type::Restrict(t) => self.btf.resolve_chained_type(t),
+                        Type::TypeTag(t) => self.btf.resolve_chained_type(t),
+                        _ => return Ok(ty),
+                    };
+                    ty = next.map_err(|e| OffsetError::Other(format!("{e:#}")))?;
+                }
+                Ok(ty)
+            }
+        }
+
+        impl Query for Layout<'_> {
+            fn offset(&self, name: &str, path: &[&str]) -> Result<u32, OffsetError> {
+                let mut ty = self.named_struct(name)?;
+                let mut bits = 0u32;
+                for (i, member) in path.iter().enumerate() {
+                    let (off, member_ty) = self
+                        .find_member(&ty, member)?
+                        .ok_or_else(|| OffsetError::NoMember(name.to_owned(), path[..=i].join(".")))?;
+                    bits += off;
+                    if i + 1 < path.len() {
+                        ty = self.strip(member_ty)?;
+                    }
+                }
+                if !bits.is_multiple_of(8) {
+                    return Err(OffsetError::Other(format!("{name}.{} is a bitfield", path.join("."))));
+                }
+                Ok(bits / 8)
+            }
+
+            fn enum_value(&self, enum_name: &str, member: &str) -> Option<u32> {
+                for ty in self.btf.resolve_types_by_name(enum_name).unwrap_or_default() {
+                    match ty {
+                        Type::Enum(e) => {
+                            for m in &e.members {
+                                if self.btf.resolve_name(m).ok().as_deref() == Some(member) {
+                                    return Some(m.val());
+                                }
+                            }
+                        }
+                        Type::Enum64(e) => {
+                            for m in &e.members {
+                                if self.btf.resolve_name(m).ok().as_deref() == Some(member) {
+                                    return u32::try_from(m.val()).ok();
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                None
+            }
+
+            fn anonymous_enum_value(&self, member: &str) -> Option<u32> {
+                let mut id = 1;
+                while let Ok(ty) = self.btf.resolve_type_by_id(id) {
+                    if let Type::Enum(e) = &ty
+                        && self.btf.resolve_name(e).unwrap_or_default().is_empty()
+                    {
+                        for m in &e.members {
+                            if self.btf.resolve_name(m).ok().as_deref() == Some(member) {
+                                return Some(m.val());
+                            }
+                        }
+                    }
+                    id += 1;
+                }
+                None
+            }
+
+            fn func_arity(&self, name: &str) -> Option<usize> {
+                self.btf.resolve_types_by_name(name).ok()?.into_iter().find_map(|t| match t {
+                    Type::Func(f) => match self.btf.resolve_chained_type(&f) {
+                        Ok(Type::FuncProto(p)) => Some(p.parameters.len()),
+                        _ => None,
+                    },
+                    _ => None,
+                })
+            }
+
+            fn tracepoint_arity(&self, tp: &str) -> Result<usize, OffsetError> {
+                let name = format!("btf_trace_{tp}");
+                let ty = self
+                    .btf
+                    .resolve_types_by_name(&name)
+                    .ok()
+                    .and_then(|v| v.into_iter().next())
+                    .ok_or_else(|| OffsetError::Other(format!("no {name} typedef")))?;
+                let Type::Typedef(td) = ty else {
+                    return Err(OffsetError::Other(format!("{name} is not a typedef")));
+                };
+                let ptr = self.btf.resolve_chained_type(&td).map_err(|e| OffsetError::Other(format!("{e:#}")))?;
+                let Type::Ptr(p) = ptr else {
+                    return Err(OffsetError::Other(format!("{name} is not a function pointer")));
+                };
+                let proto = self.btf.resolve_chained_type(&p).map_err(|e| OffsetError::Other(format!("{e:#}")))?;
+                let Type::FuncProto(f) = proto else {
+                    return Err(OffsetError::Other(format!("{name} is not a function pointer")));
+                };
+                Ok(f.parameters.len().saturating_sub(1))
+            }
+        }
+    }
+
+    /// The raw scan resolves exactly what the full btf-rs parse resolved, every offset, enum
+    /// value and arity, on this machine's kernel BTF.
+    #[test]
+    fn raw_scan_agrees_with_the_full_parse() {
+        let btf = Path::new("/sys/kernel/btf/vmlinux");
+        let Ok(bytes) = std::fs::read(btf) else {
+            eprintln!("skipped: no {}", btf.display());
+            return;
+        };
+        let tracefs = Path::new("/sys/kernel/tracing");
+        let raw = resolve(btf, tracefs).unwrap();
+        let parsed = btf_rs::Btf::from_bytes(&bytes).unwrap();
+        let full = resolve_with(&btf_rs_oracle::Layout { btf: &parsed }, tracefs).unwrap();
+        assert_eq!(raw.offsets, full.offsets);
+        assert_eq!(
+            (raw.has_listen_overflow_reason, raw.cookie_overflows, raw.counted_drops, raw.accept_params),
+            (full.has_listen_overflow_reason, full.cookie_overflows, full.counted_drops, full.accept_params)
+        );
+        let scan = RawBtf::parse(&bytes, WANTED).unwrap();
+        let oracle = btf_rs_oracle::Layout { btf: &parsed };
+        for (e, m) in [("skb_drop_reason", "SKB_DROP_REASON_NOT_SPECIFIED"), ("skb_drop_reason", "SKB_DROP_REASON_NO_SUCH_THING"), ("no_such_enum", "X")] {
+            assert_eq!(Query::enum_value(&scan, e, m), oracle.enum_value(e, m), "{e}::{m}");
+        }
+        for m in ["LINUX_MIB_LISTENDROPS", "LINUX_MIB_NO_SUCH_THING"] {
+            assert_eq!(Query::anonymous_enum_value(&scan, m), oracle.anonymous_enum_value(m), "{m}");
+        }
+        assert!(Query::offset(&scan, "sock", &["__sk_common", "no_such_member"]).is_err());
+        assert!(Query::offset(&scan, "no_such_struct", &["x"]).is_err());
+        assert!(Query::tracepoint_arity(&scan, "no_such_tracepoint").is_err());
+    }
+
 
     #[test]
     fn parses_tracepoint_format_offsets() {

@@ -15,7 +15,10 @@ use aya::{
     },
 };
 
-use crate::offsets::{ACCEPT_PARAMS, KernelLayout};
+use crate::{
+    offsets::{ACCEPT_PARAMS, KernelLayout},
+    pressure::{BoundedMap, MapSizes},
+};
 
 /// The kinds of kernel hook, in the order the user can name them in `--hooks`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -72,6 +75,55 @@ impl HookKind {
         }
     }
 }
+
+/// `--accept-hooks`: which hooks may trace accept(2) and listen(2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AcceptHooks {
+    /// Best per-call hook: fexit, kprobe, else the syscall tracepoints.
+    Auto,
+    /// The syscall tracepoints only (what `auto` ends on where fexit and kprobes are missing).
+    Syscalls,
+    /// No accept, listen or enqueue hook: no syscall tracepoint at all.
+    Off,
+}
+
+impl AcceptHooks {
+    pub fn name(self) -> &'static str {
+        match self {
+            AcceptHooks::Auto => "auto",
+            AcceptHooks::Syscalls => "syscalls",
+            AcceptHooks::Off => "off",
+        }
+    }
+
+    /// Why `--accept-hooks` rules out candidate `kind` of `signal` (`None`: allowed).
+    fn excludes(self, signal: Signal, kind: HookKind) -> Option<String> {
+        let per_accept = matches!(signal, Signal::Accept | Signal::Listen | Signal::Enqueue);
+        match self {
+            AcceptHooks::Auto => None,
+            AcceptHooks::Syscalls => (signal == Signal::Accept && kind != HookKind::Tracepoint)
+                .then(|| "disabled by --accept-hooks syscalls".to_owned()),
+            AcceptHooks::Off if per_accept && signal == Signal::Enqueue => {
+                Some("disabled by --accept-hooks off (only accept wait needs the enqueue time)".to_owned())
+            }
+            AcceptHooks::Off => per_accept.then(|| "disabled by --accept-hooks off".to_owned()),
+        }
+    }
+}
+
+/// What each `--accept-hooks` mode costs, measured by `cargo xtask bench syscalls` and `cargo
+/// xtask bench accept` (docs/BENCHMARKS.md) on the reference machine named in [`COST_SOURCE`]:
+/// (mode, ns added to every syscall of every process, ns of BPF programs per connection).
+/// Syscall costs: the quiet 11:55 run (no other tracer held syscall tracepoints); per connection:
+/// the default mode on a quiet machine (3.5 µs) and both modes side by side on a busy one.
+pub const MODE_COSTS: [(AcceptHooks, &str, &str); 2] = [
+    (AcceptHooks::Auto, "+39 ns per getppid, +45 ns per 64-byte read", "3.5–5.0 µs"),
+    (AcceptHooks::Off, "+0 ns (no syscall tracepoint)", "1.1 µs"),
+];
+
+/// Where and when [`MODE_COSTS`] were measured.
+pub const COST_SOURCE: &str = "2-vCPU Firecracker VM, Linux 6.18, fexit refused, no kprobes; 2026-12-03; docs/BENCHMARKS.md";
 
 /// Where one program attaches.
 #[derive(Clone, Copy, Debug)]
@@ -286,6 +338,9 @@ pub struct LoadOptions {
     /// cgroup-v2 directory the cgroup_skb hook attaches to.
     pub cgroup: PathBuf,
     pub ring_buffer_bytes: u32,
+    pub accept_hooks: AcceptHooks,
+    /// Capacities of the bounded maps.
+    pub maps: MapSizes,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -304,21 +359,30 @@ pub struct Tracer {
     pub report: Vec<SignalReport>,
     /// What the programs were loaded with (which drop reasons this kernel has).
     pub offsets: socktrace_common::KernelOffsets,
+    /// The `--accept-hooks` mode it was loaded in.
+    pub accept_hooks: AcceptHooks,
+    /// Capacities the bounded maps were created with.
+    pub maps: MapSizes,
 }
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/socktrace"));
 
 /// Loads the object with `layout` as its globals and attaches every signal's best hook.
-pub fn load(layout: &KernelLayout, opts: &LoadOptions) -> Result<Tracer, LoadError> {
+///
+/// `btf` is the kernel BTF file's bytes (`opts.btf`), read once for the offsets and for this.
+/// aya parses them here for the programs that attach by BTF id; `EbpfLoader::new()` parses the
+/// running kernel's BTF once more by itself (aya 0.14 has no way to hand it ours).
+pub fn load(layout: &KernelLayout, btf: &[u8], opts: &LoadOptions) -> Result<Tracer, LoadError> {
     if OBJECT.is_empty() {
         return Err(LoadError::NoObject);
     }
-    let btf = aya::Btf::parse_file(&opts.btf, aya::Endianness::default())
-        .map_err(|e| LoadError::Btf { path: opts.btf.clone(), message: e.to_string() })?;
-    let mut ebpf = EbpfLoader::new()
-        .btf(Some(&btf))
-        .override_global("OFFSETS", &layout.offsets, true)
-        .map_max_entries("EVENTS", opts.ring_buffer_bytes)
+    let btf = aya::Btf::parse(btf, aya::Endianness::default()).map_err(|e| LoadError::Btf { path: opts.btf.clone(), message: e.to_string() })?;
+    let mut loader = EbpfLoader::new();
+    loader.btf(Some(&btf)).override_global("OFFSETS", &layout.offsets, true).map_max_entries("EVENTS", opts.ring_buffer_bytes);
+    for m in BoundedMap::ALL {
+        loader.map_max_entries(m.name(), m.capacity(&opts.maps));
+    }
+    let mut ebpf = loader
         .load(OBJECT)
         .map_err(|e| LoadError::Object(format!("{e:#}")))?;
     let cgroup = File::open(&opts.cgroup);
@@ -333,7 +397,13 @@ pub fn load(layout: &KernelLayout, opts: &LoadOptions) -> Result<Tracer, LoadErr
         };
         for cand in signal.candidates() {
             let at = cand.progs.iter().map(|p| p.attach.to_string()).collect::<Vec<_>>().join(" + ");
-            let skip = if opts.allowed.contains(&cand.kind) { unmet(cand.needs, layout) } else { Some("disabled by --hooks".to_owned()) };
+            let skip = if !opts.allowed.contains(&cand.kind) {
+                Some("disabled by --hooks".to_owned())
+            } else if let Some(reason) = opts.accept_hooks.excludes(signal, cand.kind) {
+                Some(reason)
+            } else {
+                unmet(cand.needs, layout)
+            };
             let result = match skip {
                 Some(reason) => Err(reason),
                 None => attach_all(&mut ebpf, cand.progs, &btf, cgroup.as_ref(), opts),
@@ -350,7 +420,7 @@ pub fn load(layout: &KernelLayout, opts: &LoadOptions) -> Result<Tracer, LoadErr
         }
         report.push(rep);
     }
-    Ok(Tracer { ebpf, report, offsets: layout.offsets })
+    Ok(Tracer { ebpf, report, offsets: layout.offsets, accept_hooks: opts.accept_hooks, maps: opts.maps })
 }
 
 /// Why a kernel lacks what a candidate needs (`None`: it has it).
@@ -400,7 +470,7 @@ fn notes(signal: Signal, kind: HookKind, layout: &KernelLayout) -> Vec<String> {
         (Signal::Accept, HookKind::Tracepoint) => {
             vec![
                 "accept(2)/accept4(2) syscalls only (io_uring accepts are not seen)".into(),
-                "syscall tracepoints: while attached, every syscall of every process takes the kernel's tracing slow path (cost: `cargo xtask bench syscalls`; --hooks without tracepoint avoids it, losing accept)".into(),
+                "syscall tracepoints: while attached, every syscall of every process takes the kernel's tracing slow path (see `modes` below; --accept-hooks off avoids it)".into(),
             ]
         }
         _ => Vec::new(),
@@ -532,10 +602,14 @@ fn short(e: ProgramError) -> String {
 #[expect(clippy::struct_excessive_bools, reason = "one flag per counted signal, read by name in the views")]
 pub struct Traced {
     pub accept: bool,
+    /// Accept-queue wait: needs both the enqueue and the accept hook.
+    pub accept_wait: bool,
     pub listen_overflow: bool,
     pub syn_drop: bool,
     pub retransmit: bool,
     pub synack_retransmit: bool,
+    /// listen(2) calls (the backlog asked for).
+    pub listen: bool,
 }
 
 impl Traced {
@@ -543,10 +617,12 @@ impl Traced {
     pub fn missing(self) -> Vec<&'static str> {
         [
             (self.accept, Signal::Accept),
+            (self.accept_wait, Signal::Enqueue),
             (self.listen_overflow, Signal::ListenOverflow),
             (self.syn_drop, Signal::SynDrop),
             (self.retransmit, Signal::Retransmit),
             (self.synack_retransmit, Signal::SynackRetransmit),
+            (self.listen, Signal::Listen),
         ]
         .into_iter()
         .filter(|(on, _)| !on)
@@ -564,11 +640,60 @@ impl Tracer {
     pub fn traced(&self) -> Traced {
         Traced {
             accept: self.has(Signal::Accept),
+            accept_wait: self.has(Signal::Accept) && self.has(Signal::Enqueue),
             listen_overflow: self.has(Signal::ListenOverflow),
             syn_drop: self.has(Signal::SynDrop),
             retransmit: self.has(Signal::Retransmit),
             synack_retransmit: self.has(Signal::SynackRetransmit),
+            listen: self.has(Signal::Listen),
         }
+    }
+
+    /// Why the views show some signals as unavailable: the mode chosen, or the kernel.
+    pub fn why_untraced(&self) -> &'static str {
+        if self.accept_hooks == AcceptHooks::Off { "on this kernel or by --accept-hooks off" } else { "on this kernel" }
+    }
+
+    /// Syscall tracepoints attached now (each costs every syscall of every process).
+    pub fn syscall_tracepoints(&self) -> Vec<&str> {
+        self.report.iter().flat_map(|r| &r.attached).filter(|a| a.starts_with("tracepoint/syscalls/")).map(String::as_str).collect()
+    }
+
+    /// Lines for `socktrace probes`: the mode in use, what it attached, and what each mode costs.
+    pub fn mode_lines(&self) -> Vec<String> {
+        let tps = self.syscall_tracepoints();
+        let accept = self.report.iter().find(|r| r.signal == Signal::Accept.name()).and_then(|r| r.hook);
+        let mut v = vec![format!(
+            "accept hooks: {} (--accept-hooks {}): {}",
+            self.accept_hooks.name(),
+            self.accept_hooks.name(),
+            if tps.is_empty() {
+                "no syscall tracepoint attached".to_owned()
+            } else {
+                format!("{} syscall tracepoints attached, every syscall of every process pays for them", tps.len())
+            }
+        )];
+        v.push(format!("modes, cost measured by `cargo xtask bench syscalls` and `accept` ({COST_SOURCE}; rerun them to measure this machine):"));
+        let auto_here = match (self.accept_hooks, accept) {
+            (AcceptHooks::Auto, Some("tracepoint")) => " (here: the syscall tracepoints)",
+            (AcceptHooks::Auto, Some(_)) => " (here: no syscall tracepoint, so no cost to other syscalls)",
+            _ => "",
+        };
+        for (mode, per_syscall, per_conn) in MODE_COSTS {
+            let what = match mode {
+                AcceptHooks::Auto => format!(
+                    "fexit, kprobe, else syscall tracepoints{auto_here}; with syscall tracepoints: {per_syscall} of every process, {per_conn} of BPF per connection; everything traced"
+                ),
+                _ => format!(
+                    "no accept, listen or enqueue hook: {per_syscall} per syscall, {per_conn} of BPF per connection; accept counts, accept wait, acceptors and listen's backlog UNAVAILABLE; drops, queues and retransmits as in auto"
+                ),
+            };
+            v.push(format!("  {:<9} {what}", mode.name()));
+            if mode == AcceptHooks::Auto {
+                v.push(format!("  {:<9} the syscall tracepoints only: the cost of auto with them", AcceptHooks::Syscalls.name()));
+            }
+        }
+        v
     }
 
     /// One line for stderr once everything is attached.
@@ -578,7 +703,8 @@ impl Tracer {
             .iter()
             .map(|r| format!("{}={}", r.signal, r.hook.unwrap_or("UNAVAILABLE")))
             .collect();
-        format!("socktrace: tracing started ({})", parts.join(", "))
+        let mode = if self.accept_hooks == AcceptHooks::Auto { String::new() } else { format!("; accept_hooks={}", self.accept_hooks.name()) };
+        format!("socktrace: tracing started ({}{mode})", parts.join(", "))
     }
 }
 

@@ -46,7 +46,13 @@ use tokio::{
     sync::{Semaphore, mpsc, oneshot},
 };
 
-use crate::{agent::Agent, model::ListenerKey, probes::Traced};
+use socktrace_common::stat;
+
+use crate::{
+    agent::Agent,
+    model::ListenerKey,
+    probes::{Signal, Traced},
+};
 
 pub struct ServeOptions {
     pub listen: SocketAddr,
@@ -72,6 +78,12 @@ struct SocketLabels {
 
 /// Sockets of one port exported at most (more are counted in `sockets_not_exported`).
 pub const MAX_SOCKETS_PER_PORT: usize = 64;
+
+/// One bounded kernel map.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabels {
+    map: String,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProbeLabels {
@@ -113,6 +125,14 @@ struct Metrics {
     exported_sockets: HashSet<SocketLabels>,
     /// Counters of a signal with no hook are not exported (absent, not 0).
     traced: Traced,
+    /// Per listener: times its kernel row was evicted (only for listeners that had one).
+    row_evictions: Family<Labels, Counter>,
+    map_capacity: Family<MapLabels, Gauge>,
+    map_entries: Family<MapLabels, Gauge>,
+    map_evictions: Family<MapLabels, Counter>,
+    rows_lost: Counter,
+    /// Accepts whose queue wait is unknown (kernel count); absent without the `accept_wait` signal.
+    wait_unknown: Option<Counter>,
 }
 
 impl Metrics {
@@ -143,6 +163,12 @@ impl Metrics {
             socket_index: BTreeMap::new(),
             exported_sockets: HashSet::new(),
             traced: agent.tracer.traced(),
+            row_evictions: Family::default(),
+            map_capacity: Family::default(),
+            map_entries: Family::default(),
+            map_evictions: Family::default(),
+            rows_lost: Counter::default(),
+            wait_unknown: (agent.tracer.has(Signal::Accept) && agent.tracer.has(Signal::Enqueue)).then(Counter::default),
         };
         registry.register("accept_queue_length", "Connections in the accept queue now (sock_diag; the port's fullest socket)", m.queue_len.clone());
         registry.register("accept_queue_max", "Accept queue limit (listen backlog) of the port's fullest socket", m.queue_max.clone());
@@ -166,6 +192,22 @@ impl Metrics {
         registry.register("retransmits", "Segments retransmitted on the listener's connections (its local port)", m.retrans.clone());
         registry.register("events_lost", "Events lost because the ring buffer was full", m.lost.clone());
         registry.register("listeners_not_exported", "Listeners beyond --max-listeners, not exported", m.skipped.clone());
+        registry.register("map_capacity", "Entries a bounded kernel map holds at most (--map-* options)", m.map_capacity.clone());
+        registry.register("map_entries", "Entries in a bounded kernel map at the last scrape", m.map_entries.clone());
+        registry.register(
+            "map_evictions",
+            "Entries a bounded kernel map lost to LRU eviction (inserts - deletes - entries; a lower bound): counts may be incomplete",
+            m.map_evictions.clone(),
+        );
+        registry.register("listener_rows_lost", "Per-listener kernel rows evicted after the agent read or created them (their counts since the read before are lost)", m.rows_lost.clone());
+        registry.register(
+            "kernel_row_evictions",
+            "Times this listener's kernel row was evicted: its counters may be short by what it counted between the scrape before and the eviction",
+            m.row_evictions.clone(),
+        );
+        if let Some(c) = &m.wait_unknown {
+            registry.register("accepts_wait_unknown", "Accepts whose queue wait is unknown: queued before tracing started, or the ENQUEUED entry was evicted", c.clone());
+        }
         let probes: Family<ProbeLabels, Gauge> = Family::default();
         for r in &agent.tracer.report {
             probes
@@ -198,6 +240,7 @@ impl Metrics {
         for c in self.families() {
             c.remove(labels);
         }
+        self.row_evictions.remove(labels);
         self.wait.remove(labels);
     }
 
@@ -207,6 +250,16 @@ impl Metrics {
         let lost = agent.lost();
         self.lost.inc_by(lost.saturating_sub(self.lost_seen));
         self.lost_seen = lost;
+        for u in &agent.pressure.maps {
+            let labels = MapLabels { map: u.map.into() };
+            self.map_capacity.get_or_create(&labels).set(i64::from(u.capacity));
+            self.map_entries.get_or_create(&labels).set(i64::try_from(u.entries).unwrap_or(i64::MAX));
+            raise(&self.map_evictions.get_or_create(&labels), u.evicted);
+        }
+        raise(&self.rows_lost, agent.model.rows_lost);
+        if let Some(c) = &self.wait_unknown {
+            raise(c, agent.stats.get(stat::ACCEPT_NO_WAIT));
+        }
         let mut current = BTreeMap::new();
         let mut current_sockets = HashSet::new();
         let mut skipped = 0i64;
@@ -254,7 +307,8 @@ impl Metrics {
                     c.get_or_create(&labels).inc_by(n);
                 }
             }
-            {
+            // No accept hook (`--accept-hooks off`): the histogram is absent, not empty.
+            if self.traced.accept_wait {
                 let h = self.wait.get_or_create(&labels);
                 for v in l.waits.iter().flat_map(|w| w.iter_recorded()) {
                     let secs = v.value_iterated_to() as f64 / 1e9;
@@ -262,6 +316,9 @@ impl Metrics {
                         h.observe(secs);
                     }
                 }
+            }
+            if l.kernel_resets > 0 {
+                raise(&self.row_evictions.get_or_create(&labels), l.kernel_resets);
             }
             current.insert(*key, labels);
             sockets_skipped += self.update_sockets(*key, l, &mut current_sockets);
@@ -342,6 +399,11 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry).context("encoding metrics")?;
         Ok(out)
     }
+}
+
+/// Brings a counter up to `total` (a monotonic count kept elsewhere).
+fn raise(c: &Counter, total: u64) {
+    c.inc_by(total.saturating_sub(c.get()));
 }
 
 type Scrape = oneshot::Sender<Result<String, String>>;

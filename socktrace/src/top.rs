@@ -61,6 +61,8 @@ pub struct Row {
     pub last_acceptor: Option<(u32, u32, String)>,
     /// Every LISTEN socket on the port (one for a plain listener).
     pub sockets: Vec<SocketJson>,
+    /// Times its kernel row was evicted since the agent started: its totals may be short.
+    pub kernel_row_evictions: u64,
 }
 
 /// A process (or thread) in `--json`.
@@ -97,8 +99,9 @@ pub struct SocketJson {
     pub sk_drops: Option<u64>,
     /// The queue passed its backlog in the interval.
     pub saturated: bool,
-    /// Threads that accepted from it (latest first) and, apart, the processes holding its fd.
-    pub acceptors: Vec<Task>,
+    /// Threads that accepted from it (latest first; null when accept is not traced, e.g.
+    /// `--accept-hooks off`) and, apart, the processes holding its fd.
+    pub acceptors: Option<Vec<Task>>,
     pub holders: Vec<Task>,
 }
 
@@ -121,7 +124,9 @@ impl SocketJson {
             syn_drops_total: traced.syn_drop.then_some(s.total.syn_drops),
             sk_drops: s.drops,
             saturated: s.saturated(),
-            acceptors: s.acceptors.iter().map(|a| Task { pid: a.pid, tid: Some(a.tid), comm: a.comm.clone(), last_accept_ns: Some(a.ts_ns) }).collect(),
+            acceptors: traced.accept.then(|| {
+                s.acceptors.iter().map(|a| Task { pid: a.pid, tid: Some(a.tid), comm: a.comm.clone(), last_accept_ns: Some(a.ts_ns) }).collect()
+            }),
             holders: s.owners.iter().map(|(pid, comm)| Task { pid: *pid, tid: None, comm: comm.clone(), last_accept_ns: None }).collect(),
         }
     }
@@ -156,6 +161,7 @@ impl Row {
             sk_drops: l.drops,
             last_acceptor: l.last_acceptor.as_ref().map(|a| (a.pid, a.tid, a.comm.clone())),
             sockets: l.sockets.values().map(|s| SocketJson::of(s, traced)).collect(),
+            kernel_row_evictions: l.kernel_resets,
         }
     }
 }
@@ -206,9 +212,13 @@ pub fn lines(r: &Row, secs: f64) -> Vec<([String; 13], bool)> {
 
 /// A socket's row under its port: who accepts from it (else who holds it, marked), its queue.
 fn member_cells(s: &SocketJson, last: bool, secs: f64) -> [String; 13] {
-    let who = match (s.acceptors.first(), s.holders.first()) {
+    // Without an accept hook nobody is known to accept: name the holder, claim nothing.
+    let untraced = s.acceptors.is_none();
+    let who = match (s.acceptors.as_ref().and_then(|a| a.first()), s.holders.first()) {
         (Some(a), _) => format!("{}/{}", a.comm, a.tid.unwrap_or(a.pid)),
+        (None, Some(h)) if untraced => format!("held: {}/{}", h.comm, h.pid),
         (None, Some(h)) => format!("held: {}/{} (no accept)", h.comm, h.pid),
+        (None, None) if untraced => "-".into(),
         (None, None) => "no accept".into(),
     };
     [
@@ -297,6 +307,9 @@ fn print_interval(out: &mut impl Write, agent: &Agent, opts: &TopOptions) -> any
             "lost": agent.lost(),
             "sock_diag": agent.diag_ok,
             "untraced": agent.tracer.traced().missing(),
+            "accept_hooks": agent.tracer.accept_hooks,
+            "maps": agent.pressure.maps,
+            "listener_rows_lost": agent.model.rows_lost,
             "listeners": listeners,
         });
         writeln!(out, "{v}")?;
@@ -320,12 +333,13 @@ fn print_interval(out: &mut impl Write, agent: &Agent, opts: &TopOptions) -> any
     let untraced = agent.tracer.traced().missing();
     writeln!(
         out,
-        "socktrace top: {} listeners, interval {:.1}s, events lost {}{}{}",
+        "socktrace top: {} listeners, interval {:.1}s, events lost {}{}{}{}",
         rows.len(),
         secs,
         agent.lost(),
         if agent.diag_ok { "" } else { " (sock_diag unavailable: queue now/backlog/owner unknown)" },
-        if untraced.is_empty() { String::new() } else { format!(" (UNAVAILABLE on this kernel, shown as -: {})", untraced.join(", ")) }
+        if untraced.is_empty() { String::new() } else { format!(" (UNAVAILABLE {}, shown as -: {})", agent.tracer.why_untraced(), untraced.join(", ")) },
+        agent.pressure_note()
     )?;
     for (i, row) in table.iter().enumerate() {
         let mark = if hot[i] { "!" } else { " " };

@@ -1,7 +1,8 @@
 //! `socktrace watch`: the event stream, as a table or NDJSON, until Ctrl-C/SIGTERM or `--duration`.
 //!
 //! Events lost in the ring buffer are counted in the kernel (`STATS[LOST]`); `watch` reports new
-//! losses as `{"kind":"lost",…}` records (JSON) or a stderr line (table), and always on exit.
+//! losses as `{"kind":"lost",…}` records (JSON) or a stderr line (table), and always on exit,
+//! with what each bounded kernel map held and lost to eviction.
 
 use std::{
     io::{BufWriter, Write},
@@ -15,6 +16,7 @@ use tokio::signal::unix::SignalKind;
 use crate::{
     event::{self, Record},
     filter::Filter,
+    pressure::Pressure,
     probes::Tracer,
     ring::{Stats, ring},
     system,
@@ -78,6 +80,15 @@ pub async fn run(mut tracer: Tracer, filter: Filter, json: bool, duration: Optio
         stats.get(stat::LOST),
         stats.get(stat::READ_ERRORS),
         stats.get(stat::RETRANSMIT_UNSENT)
+    );
+    // Bounded maps: what each held at the end and what it lost to eviction (pressure.rs).
+    let mut pressure = Pressure::default();
+    pressure.measure(&tracer.ebpf, &stats, &tracer.maps, None, 0);
+    eprintln!(
+        "socktrace: maps (entries/capacity): {}; {} accepts without a known queue wait (queued before tracing started, or evicted){}",
+        pressure.summary(),
+        stats.get(stat::ACCEPT_NO_WAIT),
+        if pressure.total_evicted() > 0 { "; MAP EVICTIONS: counts may be incomplete, see the --map-* options" } else { "" }
     );
     Ok(())
 }

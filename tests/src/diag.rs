@@ -45,12 +45,20 @@ impl<'a> Diagnose<'a> {
     pub fn start(ns: &'a NetNs, cg: &Cgroup, port: u16, secs: u32, scoped: bool) -> anyhow::Result<Diagnose<'a>> {
         let inode = ns.inode().to_string();
         let port = port.to_string();
+        let mut scope = vec!["--port", &port];
+        if scoped {
+            scope.extend(["--netns", &inode]);
+        }
+        Self::start_scoped(ns, cg, secs, &scope)
+    }
+
+    /// `diagnose --json --duration SECS --cgroup CG SCOPE…` (`--port`/`--netns` or a filter
+    /// expression); `ns`'s counters are read around it.
+    pub fn start_scoped(ns: &'a NetNs, cg: &Cgroup, secs: u32, scope: &[&str]) -> anyhow::Result<Diagnose<'a>> {
         let dur = format!("{secs}s");
         let cgp = cg.path.to_string_lossy().into_owned();
-        let mut args = vec!["diagnose", "--port", &port, "--duration", &dur, "--json", "--cgroup", &cgp];
-        if scoped {
-            args.extend(["--netns", &inode]);
-        }
+        let mut args = vec!["diagnose", "--duration", &dur, "--json", "--cgroup", &cgp];
+        args.extend(scope);
         let spawned = ns.counters()?;
         let spawned_ns = monotonic_ns();
         let proc = Socktrace::start(&args, "observing for")?;

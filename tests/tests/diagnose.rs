@@ -57,3 +57,10 @@ fn no_listener() {
         verdicts::no_listener(TracerFirst, 9506);
     }
 }
+
+#[test]
+fn no_listener_from_a_filter_expression() {
+    if privileged() {
+        verdicts::no_listener_scoped(TracerFirst, 9517, true);
+    }
+}

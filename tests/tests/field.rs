@@ -151,8 +151,10 @@ fn pausing_acceptor_is_intermittent_accept_stall() {
     // The backlog that absorbs one pause is arrival rate × pause, offered as a mitigation.
     let line = ev.lines().find(|l| l.contains("absorb"));
     let absorb = number_after(line.unwrap_or_else(|| panic!("no backlog suggested to absorb a pause: {ev}")), "at least");
+    // Clients whose SYN fell in a pause retry 1 s later; some retries land after the window or
+    // in the next pause, and the longest gap is a little longer than a pause.
     let expected = i64::try_from(rate * pause_ms / 1000).unwrap();
-    assert!(absorb >= expected / 2 && absorb <= expected * 3, "suggested backlog {absorb}, arrival rate × pause = {expected}: {ev}");
+    assert!(absorb * 10 >= expected * 7 && absorb * 10 <= expected * 16, "suggested backlog {absorb}, arrival rate × pause = {expected}: {ev}");
     let fix = socktrace_tests::diag::fix(&l, "accept_stall");
     assert!(fix.contains("mitigation") && fix.contains("backlog"), "{fix}");
 }

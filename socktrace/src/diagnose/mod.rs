@@ -236,11 +236,15 @@ struct Report {
     drop_events: u64,
     /// What the kernel aggregates counted for this listener during the window.
     window_counts: WindowCounts,
+    /// Times its kernel row was evicted during the window (the map was full): its window counts
+    /// may be short by what it counted between a sample and the eviction.
+    kernel_row_evictions: u64,
 }
 
 #[derive(Default, Serialize)]
 struct WindowCounts {
-    accepts: u64,
+    /// Null without an accept hook (`--accept-hooks off`).
+    accepts: Option<u64>,
     overflows: u64,
     syn_drops: u64,
     retransmits: u64,
@@ -260,10 +264,10 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
     agent.unmute(&[kind::LISTEN_OVERFLOW, kind::SYN_DROP])?;
     let mut paths = BTreeMap::new();
     let mut before: BTreeMap<u32, NetnsFacts> = BTreeMap::new();
-    let scope_netns = agent.filter.netns.or_else(system::own_netns);
+    let scope_netns = agent.filter.required_netns().or_else(system::own_netns);
     // Baseline counters of every namespace in scope (all of them without --netns), so that what
     // happens right at the start of the window counts in the deltas.
-    let scope: Vec<netns::Netns> = match agent.filter.netns {
+    let scope: Vec<netns::Netns> = match agent.filter.required_netns() {
         Some(n) => netns::discover().namespaces.into_iter().filter(|ns| ns.inode == n).collect(),
         None => netns::discover().namespaces,
     };
@@ -278,6 +282,10 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
     // window's counts start here (rows created at start-up already hold what came before).
     agent.close_interval()?;
     let past_before = agent.past_counts()?;
+    // Evictions before the window, to tell those that touched it.
+    let evicted_before: BTreeMap<&'static str, u64> = agent.pressure.maps.iter().map(|u| (u.map, u.evicted)).collect();
+    let resets_before: BTreeMap<ListenerKey, u64> = agent.model.listeners.iter().map(|(k, l)| (*k, l.kernel_resets)).collect();
+    let rows_lost_before = agent.model.rows_lost;
     let t0 = system::monotonic_ns();
     let t0_unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok().and_then(|d| u64::try_from(d.as_millis()).ok());
     // Only once the baseline counters are read: scripts start traffic on this line.
@@ -312,6 +320,7 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
     };
     let mut reports = Vec::new();
     let no_timeline = model::Timeline::default();
+    let accepts_untraced = !agent.tracer.traced().accept;
     for (key, a) in &accs {
         let Some(l) = agent.model.listeners.get(key) else { continue };
         let facts = after.get(&key.netns);
@@ -319,7 +328,10 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
         let timeline = l.timeline.as_ref().unwrap_or(&no_timeline);
         // A port with several LISTEN sockets is judged socket by socket: one stuck SO_REUSEPORT
         // worker leaves no gap in the port's accepts (the others keep accepting).
-        let (episodes, sockets) = if a.sockets.len() > 1 {
+        // Episodes are gaps between accepts: without an accept hook every window is one gap.
+        let (episodes, sockets) = if accepts_untraced {
+            (Vec::new(), Vec::new())
+        } else if a.sockets.len() > 1 {
             socket_episodes(l, a, t0, now)
         } else {
             (rules::find_episodes(timeline, &a.points, t0, now, &THRESHOLDS), Vec::new())
@@ -337,6 +349,7 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
             samples_full: a.full,
             queue_peak: a.peak,
             accepts: a.accepts,
+            accepts_untraced,
             overflows: a.overflows,
             syn_drops: a.syn_drops,
             intervals_with_drops: a.drops_intervals,
@@ -390,8 +403,9 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
             findings,
             episodes: e.episodes,
             drop_events: e.drop_events,
+            kernel_row_evictions: l.kernel_resets - resets_before.get(key).copied().unwrap_or(0).min(l.kernel_resets),
             window_counts: WindowCounts {
-                accepts: a.accepts,
+                accepts: (!accepts_untraced).then_some(a.accepts),
                 overflows: a.overflows,
                 syn_drops: a.syn_drops,
                 retransmits: a.retrans,
@@ -402,13 +416,14 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
             },
         });
     }
-    // A port asked for by --port with no listener in scope: connections to it are refused. Without
-    // --netns the scope is every namespace: only when none listens; with --netns, the other
-    // namespaces where the port does listen are named.
-    if let (Some(port), Some(netns), true) = (agent.filter.port, scope_netns, agent.diag_ok) {
+    // A port asked for (--port, or a `sport`/`src` port the filter requires) with no listener in
+    // scope: connections to it are refused. Without a namespace in the filter the scope is every
+    // namespace: only when none listens; with one, the other namespaces where the port does
+    // listen are named.
+    if let (Some(port), Some(netns), true) = (agent.filter.local_port(), scope_netns, agent.diag_ok) {
         let listening = |ns: Option<u32>| accs.iter().any(|(k, a)| k.lport == port && ns.is_none_or(|n| k.netns == n) && a.listening);
         let reported = |ns: Option<u32>| reports.iter().any(|r| r.lport == port && ns.is_none_or(|n| r.netns == n));
-        let scope = agent.filter.netns;
+        let scope = agent.filter.required_netns();
         if !listening(scope) && !reported(scope) {
             let elsewhere = match scope {
                 Some(n) => listening_elsewhere(port, n),
@@ -433,23 +448,43 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
                 findings,
                 episodes: Vec::new(),
                 drop_events: 0,
-                window_counts: WindowCounts::default(),
+                kernel_row_evictions: 0,
+                // No listener: nothing was accepted, whether or not accept is traced.
+                window_counts: WindowCounts { accepts: Some(0), ..WindowCounts::default() },
             });
         }
     }
     let mut out = std::io::stdout().lock();
     // Signals no hook traces on this kernel: their counts are unknown, not 0.
     let untraced = agent.tracer.traced().missing();
+    // Entries the bounded kernel maps lost during the window (absent when none).
+    let evicted: BTreeMap<&'static str, u64> = agent
+        .pressure
+        .maps
+        .iter()
+        .map(|u| (u.map, u.evicted.saturating_sub(evicted_before.get(u.map).copied().unwrap_or(0))))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    let rows_lost = agent.model.rows_lost - rows_lost_before.min(agent.model.rows_lost);
+    let pressure = (!evicted.is_empty() || rows_lost > 0).then(|| {
+        let maps: Vec<String> = evicted.iter().map(|(m, n)| format!("{m} {n}")).collect();
+        format!(
+            "the kernel maps evicted entries during the window ({}; {rows_lost} listener rows lost): counts may be incomplete — raise the --map-* options (`socktrace probes` lists the capacities)",
+            if maps.is_empty() { "no map-level count yet".to_owned() } else { maps.join(", ") }
+        )
+    });
     match format {
         Format::Json => {
             serde_json::to_writer(
                 &mut out,
-                &serde_json::json!({ "window_s": window, "sock_diag": agent.diag_ok, "events_lost": agent.lost(), "untraced": untraced, "listeners": reports }),
+                &serde_json::json!({ "window_s": window, "sock_diag": agent.diag_ok, "events_lost": agent.lost(), "untraced": untraced,
+                    "accept_hooks": agent.tracer.accept_hooks, "map_evictions": evicted, "listener_rows_lost": rows_lost, "listeners": reports }),
             )?;
             writeln!(out)?;
         }
         Format::Text | Format::Markdown => {
-            print_reports(&mut out, &reports, format == Format::Markdown, window, agent.diag_ok, agent.lost(), &untraced)?;
+            let notes = HeaderNotes { why_untraced: agent.tracer.why_untraced(), pressure: pressure.as_deref() };
+            print_reports(&mut out, &reports, format == Format::Markdown, window, agent.diag_ok, agent.lost(), &untraced, &notes)?;
         }
     }
     Ok(())
@@ -506,7 +541,17 @@ fn listening_elsewhere(port: u16, netns: u32) -> Vec<String> {
         .collect()
 }
 
-fn print_reports(out: &mut impl Write, reports: &[Report], md: bool, window: f64, diag_ok: bool, lost: u64, untraced: &[&str]) -> anyhow::Result<()> {
+/// Window-wide notes printed above the reports.
+struct HeaderNotes<'a> {
+    /// Why the untraced signals are untraced (this kernel, or `--accept-hooks off`).
+    why_untraced: &'a str,
+    /// Map evictions during the window, if any.
+    pressure: Option<&'a str>,
+}
+
+#[expect(clippy::too_many_arguments, reason = "the header facts of one report, each printed once")]
+fn print_reports(out: &mut impl Write, reports: &[Report], md: bool, window: f64, diag_ok: bool, lost: u64, untraced: &[&str], notes: &HeaderNotes) -> anyhow::Result<()> {
+    let (why, pressure) = (notes.why_untraced, notes.pressure);
     let healthy: BTreeSet<String> =
         reports.iter().filter(|r| r.findings.is_empty()).map(|r| format!("{}:{}", r.netns, r.lport)).collect();
     if md {
@@ -524,13 +569,25 @@ fn print_reports(out: &mut impl Write, reports: &[Report], md: bool, window: f64
             if md { "> " } else { "note: " }
         )?;
     }
+    if let Some(p) = pressure {
+        writeln!(out, "{}{p}", if md { "> " } else { "note: " })?;
+    }
     if !untraced.is_empty() {
         writeln!(
             out,
-            "{}UNAVAILABLE on this kernel (`socktrace probes` says why): {} — their counts are unknown, not 0, and verdicts resting on them cannot be reached",
+            "{}UNAVAILABLE {} (`socktrace probes` says why): {} — their counts are unknown, not 0, and verdicts resting on them cannot be reached",
             if md { "> " } else { "note: " },
+            why,
             untraced.join(", ")
         )?;
+    }
+    // What a mode without syscall hooks (`--accept-hooks off`) cannot judge.
+    let lead = if md { "> " } else { "note: " };
+    if untraced.contains(&"accept") {
+        writeln!(out, "{lead}without accept events this run cannot judge: accept_stall (gaps between accepts), accept wait, who accepts from which socket, reuseport_imbalance, nor whether drops come from a stalled application or from bursts (reported as an ambiguous backlog_too_small); a listener without drops, floods or losses is `healthy` only in what was seen — rerun with `--accept-hooks auto` to judge the rest")?;
+    }
+    if untraced.contains(&"listen") {
+        writeln!(out, "{lead}listen(2) not traced: the backlog an application asked for is unknown, so somaxconn_cap is judged from the backlog alone")?;
     }
     for r in reports.iter().filter(|r| !r.findings.is_empty()) {
         let who = match (&r.comm, r.pid) {
@@ -542,6 +599,10 @@ fn print_reports(out: &mut impl Write, reports: &[Report], md: bool, window: f64
             writeln!(out, "\n## `{addr}:{}` in netns {} — {who}: **{}**\n", r.lport, r.netns, r.verdict)?;
         } else {
             writeln!(out, "\n{addr}:{} netns {} — {who}: {}", r.lport, r.netns, r.verdict.to_uppercase())?;
+        }
+        if r.kernel_row_evictions > 0 {
+            let n = r.kernel_row_evictions;
+            writeln!(out, "{}its kernel row was evicted {n} time(s) in the window (map full): its counts may be short", if md { "> " } else { "  note: " })?;
         }
         for f in &r.findings {
             if md {

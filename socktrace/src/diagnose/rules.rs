@@ -183,6 +183,9 @@ pub struct Evidence {
     /// Highest queue length seen (eBPF high-water mark and sock_diag samples).
     pub queue_peak: Option<u32>,
     pub accepts: u64,
+    /// No accept hook (`--accept-hooks off`): `accepts` is unknown, not 0, and so are the wait,
+    /// the acceptors and the stall episodes (gaps between accepts).
+    pub accepts_untraced: bool,
     /// Listen overflows at the 3rd ACK, and SYNs dropped, in the window.
     pub overflows: u64,
     pub syn_drops: u64,
@@ -378,6 +381,13 @@ fn queue_lines(e: &Evidence) -> Vec<String> {
 }
 
 fn rate_line(e: &Evidence) -> String {
+    if e.accepts_untraced {
+        return format!(
+            "accepts unknown (accept not traced: --accept-hooks off); {} dropped in {:.1} s",
+            e.overflows + e.syn_drops,
+            e.window_secs
+        );
+    }
     let arrivals = e.accepts + e.overflows + e.syn_drops;
     format!(
         "{:.1} accepts/s ({} accepted, {} dropped of {arrivals} arrivals in {:.1} s)",
@@ -493,7 +503,8 @@ pub fn diagnose(e: &Evidence, t: &Thresholds, target: &Target) -> Vec<Finding> {
     } else {
         outside >= t.outside_drops_min && outside as f64 >= t.outside_drops_share * e.drop_events as f64
     };
-    let saturated = e.episodes.is_empty() && full_share >= t.stall_full_share && (accept_share <= t.stall_accept_share || long_wait);
+    // Without accepts a stall and a burst look alike: neither stall rule can be judged.
+    let saturated = !e.accepts_untraced && e.episodes.is_empty() && full_share >= t.stall_full_share && (accept_share <= t.stall_accept_share || long_wait);
     let stalled = !e.episodes.is_empty() || saturated;
     // Brief hiccups: every episode ended and was shorter than `minor_stall_ns`, and together they
     // hold fewer drops than happened while the application accepted. On a busy single-threaded
@@ -513,6 +524,13 @@ pub fn diagnose(e: &Evidence, t: &Thresholds, target: &Target) -> Vec<Finding> {
     let capped = e.somaxconn.is_some_and(|s| Some(s) == e.backlog) && e.requested_backlog.is_none_or(|r| Some(r) > e.backlog);
     if drops > 0 && drops_while_accepting && !saturated {
         let mut f = if capped { somaxconn_finding(e, &top, target) } else { backlog_finding(e, &base, t, &top, target, full_share) };
+        if e.accepts_untraced {
+            f.severity = f.severity.min(Severity::Medium);
+            f.evidence.push(
+                "ambiguous: accept is not traced (--accept-hooks off), so an application that stopped accepting and bursts larger than the queue look the same; `socktrace diagnose --accept-hooks auto` tells them apart"
+                    .into(),
+            );
+        }
         if stalled && !minor {
             // Secondary to the stall: worth knowing, not the reason connections fail.
             f.severity = Severity::Low;
@@ -608,14 +626,18 @@ fn firewall_finding(e: &Evidence, t: &Thresholds, target: &Target) -> Option<Fin
             "{} SYNs (connection attempts) and {} other segments to port {} dropped by netfilter in netns {} during the {:.1} s window",
             nf.syns, nf.segments, target.lport, target.netns, e.window_secs
         ),
-        format!("{:.0} % of the SYNs for this port were dropped ({} dropped, {} connections accepted)", 100.0 * share, nf.syns, e.accepts),
+        if e.accepts_untraced {
+            "share of the port's SYNs dropped unknown: accept is not traced (--accept-hooks off)".into()
+        } else {
+            format!("{:.0} % of the SYNs for this port were dropped ({} dropped, {} connections accepted)", 100.0 * share, nf.syns, e.accepts)
+        },
         format!("from {} distinct peers: {}", nf.peers.len(), some(&nf.peers)),
         "which hook and rule dropped them is not recorded by the kernel's drop reason: the rule's own counter names it".into(),
     ];
     evidence.extend(client_lines(e, target));
     Some(Finding {
         verdict: "firewall_drop",
-        severity: if share >= t.firewall_share || e.accepts == 0 { Severity::High } else { Severity::Low },
+        severity: if e.accepts_untraced || share >= t.firewall_share || e.accepts == 0 { Severity::High } else { Severity::Low },
         evidence,
         fix: vec![
             format!(
@@ -649,7 +671,7 @@ fn conntrack_finding(e: &Evidence, target: &Target) -> Option<Finding> {
     evidence.extend(client_lines(e, target));
     Some(Finding {
         verdict: "conntrack_full",
-        severity: match (c.drop > 0, e.accepts == 0) {
+        severity: match (c.drop > 0, !e.accepts_untraced && e.accepts == 0) {
             (true, true) => Severity::Critical,
             (true, false) => Severity::High,
             _ => Severity::Low,
@@ -681,7 +703,11 @@ fn wrong_address_finding(e: &Evidence, target: &Target) -> Option<Finding> {
     if let Some(r) = e.out_rsts {
         evidence.push(format!("{r} TCP resets sent in netns {} during the window (TcpOutRsts)", target.netns));
     }
-    evidence.push(format!("{} connections accepted on {bound} in the window", e.accepts));
+    evidence.push(if e.accepts_untraced {
+        format!("connections accepted on {bound}: unknown (accept not traced: --accept-hooks off)")
+    } else {
+        format!("{} connections accepted on {bound} in the window", e.accepts)
+    });
     let used = unbound.iter().map(|(a, _)| a.as_str()).collect::<Vec<_>>().join(", ");
     let mut fix = vec![
         format!("bind the listener to the address the clients use ({used}) or to every address (0.0.0.0 / [::]) in its configuration (its listen/bind setting), then restart it"),
@@ -692,7 +718,7 @@ fn wrong_address_finding(e: &Evidence, target: &Target) -> Option<Finding> {
     }
     Some(Finding {
         verdict: "wrong_address",
-        severity: if e.accepts == 0 { Severity::Critical } else { Severity::High },
+        severity: if !e.accepts_untraced && e.accepts == 0 { Severity::Critical } else { Severity::High },
         evidence,
         fix,
         verify: vec![
@@ -705,10 +731,10 @@ fn wrong_address_finding(e: &Evidence, target: &Target) -> Option<Finding> {
 /// Local clients keep re-sending SYNs to the port, and nothing seen here explains it.
 fn unexplained_finding(e: &Evidence, t: &Thresholds, target: &Target) -> Option<Finding> {
     let n = e.past.client_syn_retrans.filter(|n| *n >= t.unexplained_syn_retrans)?;
+    let accepted = if e.accepts_untraced { "accepts not traced".to_owned() } else { format!("{} accepted", e.accepts) };
     let mut evidence = vec![format!(
-        "{n} SYN retransmits from local clients to port {}, cause not visible: the listener dropped nothing ({} accepted, {} dropped at its queue)",
+        "{n} SYN retransmits from local clients to port {}, cause not visible: the listener dropped nothing ({accepted}, {} dropped at its queue)",
         target.lport,
-        e.accepts,
         e.overflows + e.syn_drops
     )];
     evidence.push(match &e.past.netfilter {
@@ -766,6 +792,10 @@ fn accepted_from(s: &SocketFacts) -> String {
 
 /// SO_REUSEPORT members receiving very different shares of the arrivals while all of them drain.
 fn imbalance_finding(e: &Evidence, t: &Thresholds, top: &str) -> Option<Finding> {
+    if e.accepts_untraced {
+        // Arrivals per socket are accepts + drops: unknown without accepts.
+        return None;
+    }
     let n = e.sockets.len() as u64;
     let arrivals: Vec<u64> = e.sockets.iter().map(|s| s.accepts + s.drops).collect();
     let total: u64 = arrivals.iter().sum();
@@ -912,14 +942,17 @@ fn stall_finding(e: &Evidence, base: &[String], saturated: bool, top: &str, targ
     }
     let mut severity = Severity::Critical;
     if intermittent {
-        // The arrival rate while healthy and the longest pause give the queue that absorbs one.
-        let healthy_s = (e.window_secs - stalled_s).max(0.001);
-        let rate = e.accepts as f64 / healthy_s;
+        // The arrival rate and the longest pause give the queue that absorbs one. The rate is
+        // accepted connections over the whole window: a client whose SYN was dropped in a pause
+        // retries and is accepted later, so it counts once (drops would count its every retry),
+        // and the catch-up after a pause is not mistaken for the steady rate (accepts over the
+        // healthy time alone over-estimated it by window / healthy time, 1.3–1.5× in the field).
+        let rate = e.accepts as f64 / e.window_secs.max(0.001);
         let longest = worst.iter().map(|x| x.duration_s).fold(0.0, f64::max);
         let period = (worst[worst.len() - 1].start_s - worst[0].start_s) / (worst.len() - 1) as f64;
         let absorb = (rate * longest).ceil() as u64;
         evidence.push(format!(
-            "pauses every {period:.1} s on average, the longest {longest:.1} s; arrivals while accepting {rate:.0}/s: a backlog of at least {absorb} (arrival rate × longest pause) would absorb one pause"
+            "pauses every {period:.1} s on average, the longest {longest:.1} s; arrivals {rate:.0}/s: a backlog of at least {absorb} (arrival rate × longest pause) would absorb one pause"
         ));
         if !ongoing && stalled_s < e.window_secs / 2.0 {
             severity = Severity::High;
@@ -1055,6 +1088,24 @@ mod tests {
         diagnose(e, &THRESHOLDS, &target()).iter().map(|f| f.verdict).collect()
     }
 
+    /// `--accept-hooks off`: a full queue with drops and no accept seen is a stall when accepts are
+    /// traced, but without an accept hook it cannot be told from bursts: an ambiguous, medium
+    /// backlog finding that says so, and no accept rate or accept count claimed anywhere.
+    #[test]
+    fn without_accept_hook_no_stall_is_claimed() {
+        let traced = Evidence { samples_full: 48, queue_peak: Some(9), accepts: 0, syn_drops: 40, intervals_with_drops: 20, wait_p99_ns: None, ..base() };
+        assert_eq!(verdicts(&traced)[0], "accept_stall");
+        let off = Evidence { accepts_untraced: true, wait_p50_ns: None, wait_max_ns: None, ..traced };
+        let findings = diagnose(&off, &THRESHOLDS, &target());
+        assert_eq!(findings.iter().map(|f| f.verdict).collect::<Vec<_>>(), ["backlog_too_small"]);
+        assert!(findings[0].severity <= Severity::Medium);
+        let text = findings[0].evidence.join("\n");
+        assert!(text.contains("accept is not traced (--accept-hooks off)"), "{text}");
+        assert!(text.contains("accepts unknown") && !text.contains("accepts/s") && !text.contains("0 accepted"), "{text}");
+        // A queue that is never full and drops nothing: nothing to report in either mode.
+        assert!(verdicts(&Evidence { accepts_untraced: true, accepts: 0, ..base() }).is_empty());
+    }
+
     #[test]
     fn healthy_when_nothing_abnormal() {
         assert!(verdicts(&base()).is_empty());
@@ -1151,9 +1202,9 @@ mod tests {
         assert_eq!(f.iter().map(|f| f.verdict).collect::<Vec<_>>(), ["accept_stall"], "no backlog_too_small: every drop was in a pause");
         let text = f[0].evidence.join("\n");
         assert!(text.contains("intermittent: 3 stall episodes"), "{text}");
-        // Each gap is 505 ms (last accept 5 ms before the pause): 700 accepts in 3.485 healthy
-        // seconds = 201/s; × 0.505 s = 101.4 → 102.
-        assert!(text.contains("pauses every 1.5 s on average, the longest 0.5 s; arrivals while accepting 201/s: a backlog of at least 102"), "{text}");
+        // Each gap is 505 ms (last accept 5 ms before the pause): 700 accepts in 5 s = 140/s;
+        // × 0.505 s = 70.7 → 71.
+        assert!(text.contains("pauses every 1.5 s on average, the longest 0.5 s; arrivals 140/s: a backlog of at least 71"), "{text}");
         assert!(f[0].fix[1].contains("mitigation"), "{:?}", f[0].fix);
     }
 

@@ -13,7 +13,7 @@
 //! [`render`] prints; the ss-style expression is [`crate::filter`]'s.
 
 mod bpf_owners;
-mod btf_scan;
+pub mod btf_scan;
 pub(crate) mod diag;
 pub(crate) mod netns;
 pub(crate) mod procs;

@@ -36,25 +36,41 @@ pub fn scen(args: &[&str]) -> Scenario {
 pub struct Attach<'a> {
     ns: &'a NetNs,
     cg: &'a Cgroup,
-    port: u16,
+    /// `--port P --netns N`, or a filter expression.
+    scope: Vec<String>,
     secs: u32,
     diag: Option<Diagnose<'a>>,
 }
 
 impl<'a> Attach<'a> {
     pub fn new(order: Order, ns: &'a NetNs, cg: &'a Cgroup, port: u16, secs: u32) -> Attach<'a> {
-        let mut a = Attach { ns, cg, port, secs, diag: None };
+        let scope = vec!["--port".to_owned(), port.to_string(), "--netns".to_owned(), ns.inode().to_string()];
+        Self::scoped(order, ns, cg, scope, secs)
+    }
+
+    /// Scoped by a filter expression instead of `--port`/`--netns`.
+    pub fn with_expression(order: Order, ns: &'a NetNs, cg: &'a Cgroup, expr: &str, secs: u32) -> Attach<'a> {
+        Self::scoped(order, ns, cg, vec![expr.to_owned()], secs)
+    }
+
+    fn scoped(order: Order, ns: &'a NetNs, cg: &'a Cgroup, scope: Vec<String>, secs: u32) -> Attach<'a> {
+        let mut a = Attach { ns, cg, scope, secs, diag: None };
         if order == Order::TracerFirst {
-            a.diag = Some(Diagnose::start(ns, cg, port, secs, true).unwrap());
+            a.start();
         }
         a
+    }
+
+    fn start(&mut self) {
+        let scope: Vec<&str> = self.scope.iter().map(String::as_str).collect();
+        self.diag = Some(Diagnose::start_scoped(self.ns, self.cg, self.secs, &scope).unwrap());
     }
 
     /// The traffic runs: after [`LEAD`], diagnose attaches (traffic first).
     pub fn traffic_running(&mut self) {
         std::thread::sleep(LEAD);
         if self.diag.is_none() {
-            self.diag = Some(Diagnose::start(self.ns, self.cg, self.port, self.secs, true).unwrap());
+            self.start();
         }
     }
 
@@ -234,11 +250,21 @@ pub fn packet_loss(order: Order, port: u16) {
 }
 
 pub fn no_listener(order: Order, port: u16) {
-    let tag = format!("vnone{}", order as u8);
+    no_listener_scoped(order, port, false);
+}
+
+/// `no_listener` with the port and namespace given as a filter expression (`netns N and sport =
+/// :P`) instead of `--port`/`--netns` when `by_expression`.
+pub fn no_listener_scoped(order: Order, port: u16, by_expression: bool) {
+    let tag = format!("vnone{}{}", order as u8, u8::from(by_expression));
     let ns = NetNs::new(&tag).unwrap();
     let cg = Cgroup::new(&tag).unwrap();
     let addr = format!("127.0.0.1:{port}");
-    let mut a = Attach::new(order, &ns, &cg, port, 3);
+    let mut a = if by_expression {
+        Attach::with_expression(order, &ns, &cg, &format!("netns {} and sport = :{port}", ns.inode()), 3)
+    } else {
+        Attach::new(order, &ns, &cg, port, 3)
+    };
     let c = scen(&["clients", "--netns", &ns.name, "--addr", &addr, "--count", "3", "--bursts", "40", "--burst-gap-ms", "300", "--hold-ms", "10"]);
     a.traffic_running();
     a.until_quiet();

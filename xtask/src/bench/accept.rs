@@ -1,6 +1,6 @@
 //! Accept-storm overhead: connections/s of a loopback server that accepts and closes as fast as
-//! it can, untraced vs with `socktrace serve` attached vs with `socktrace watch --json > /dev/null`
-//! attached, alternating, `--reps` times. The load saturates both cores, so connections/s measures
+//! it can, untraced vs with `socktrace serve` attached (default hooks, and `--accept-hooks off`)
+//! vs with `socktrace watch --json > /dev/null` attached, alternating, `--reps` times. The load saturates both cores, so connections/s measures
 //! the CPU cost of a connection; the CPU time of the load generator and of the tracer per
 //! connection are reported too (less sensitive to other load than the rate).
 //!
@@ -22,6 +22,8 @@ use super::{
 enum Config {
     Untraced,
     Serve,
+    /// `serve --accept-hooks off`: no syscall tracepoint, no enqueue hook, accepts unavailable.
+    ServeOff,
     Watch,
 }
 
@@ -30,6 +32,7 @@ impl Config {
         match self {
             Config::Untraced => "untraced",
             Config::Serve => "serve",
+            Config::ServeOff => "serve --accept-hooks off",
             Config::Watch => "watch --json >/dev/null",
         }
     }
@@ -50,7 +53,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
     let ns = NetNs::new("accept")?;
     let load_before = loadavg();
     let mark = ctx.noise.mark();
-    let configs = [Config::Untraced, Config::Serve, Config::Watch];
+    let configs = [Config::Untraced, Config::Serve, Config::ServeOff, Config::Watch];
     let mut runs: BTreeMap<Config, Vec<Run>> = BTreeMap::new();
     for rep in 0..ctx.reps {
         for k in 0..configs.len() {
@@ -71,12 +74,13 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
             runs.entry(c).or_default().push(r);
         }
     }
-    let kernel = kernel_cost(ctx, &ns);
+    let kernel = kernel_cost(ctx, &ns, &[]);
+    let kernel_off = kernel_cost(ctx, &ns, &["--accept-hooks", "off"]);
     let foreign_bpf = runs.values().flatten().map(|r| r.foreign_bpf).max().unwrap_or(0);
 
     let t = table(&configs, &runs);
     println!("\n{}", t.text());
-    if let Ok(k) = &kernel {
+    for k in [&kernel, &kernel_off].into_iter().flatten() {
         println!("\n{}", k.text());
     }
 
@@ -90,7 +94,9 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
          as fast as they can for {} s, at most 512 connections waiting in accept queues (a client waits \
          rather than overflow a queue: a dropped SYN would stall it for the 1 s SYN timeout). The load aims \
          to keep both cores busy, so conn/s follows the CPU cost of a connection. Tracers: \
-         `socktrace serve --listen 127.0.0.1:<port> --netns <ns>` (scraped every second) and \
+         `socktrace serve --listen 127.0.0.1:<port> --netns <ns>` (scraped every second), the same with \
+         `--accept-hooks off` (no syscall tracepoint, no enqueue hook: accept counts, wait and acceptors \
+         unavailable) and \
          `socktrace watch --json --netns <ns> > /dev/null`, started before the load (after their \
          \"tracing started\"/\"serving\" line), default hooks and ring buffer (4 MiB), the cgroup_skb \
          SYN-drop hook on the cgroup-v2 root. {} repetitions, order rotated each repetition.\n\n",
@@ -113,26 +119,30 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
     );
     md.push_str(
         "\n\"no event lost\": runs where the tracer accounted for every connection accepted (`serve`: \
-         `socktrace_accepts_total` of the netns equal to it, `watch`: the exit summary shows at least as many events \
+         `socktrace_accepts_total` of the netns equal to it; with `--accept-hooks off`: the series absent, as \
+         unavailable must be; `watch`: the exit summary shows at least as many events \
          and none lost). \
          CPU µs/conn: user+system time of the load generator (getrusage) and of the tracer \
          (/proc/PID/stat) over the run, per accepted connection; eBPF programs run in the context of \
          the load's syscalls and softirqs, so their cost is in the load generator's column.\n",
     );
-    match kernel {
-        Ok(k) => {
-            md.push_str("\n### In-kernel cost per connection (BPF run-time statistics)\n\n");
-            md.push_str(&k.markdown());
-            md.push_str(
-                "\nOne `watch --json` run at full rate with `BPF_ENABLE_STATS` held by the bench \
-                 (`run_time_ns`/`run_cnt` from the program fds' fdinfo): time inside each program, \
-                 without the tracepoint dispatch around it.\n",
-            );
-        }
-        Err(e) => {
-            let _ = writeln!(md, "\nIn-kernel cost: not measured ({e:#}).");
+    for (kernel, mode) in [(kernel, "default hooks"), (kernel_off, "`--accept-hooks off`")] {
+        match kernel {
+            Ok(k) => {
+                let _ = write!(md, "\n### In-kernel cost per connection (BPF run-time statistics), {mode}\n\n");
+                md.push_str(&k.markdown());
+            }
+            Err(e) => {
+                let _ = writeln!(md, "\nIn-kernel cost, {mode}: not measured ({e:#}).");
+            }
         }
     }
+    md.push_str(
+        "\nOne `watch --json` run per mode at full rate with `BPF_ENABLE_STATS` held by the bench \
+         (`run_time_ns`/`run_cnt` from the program fds' fdinfo): time inside each program, \
+         without the tracepoint dispatch around it (the syscall tracepoints' slow path, paid by every \
+         syscall, is in the CPU per connection above and in the syscalls section).\n",
+    );
     Ok(Section { name: "accept", markdown: md })
 }
 
@@ -193,8 +203,9 @@ fn one_run(ctx: &Ctx, ns: &NetNs, c: Config) -> anyhow::Result<Run> {
             let load = storm(ctx, ns, &s, || {})?;
             Ok(Run { load, tracer_cpu: 0.0, check: String::new(), exact: true, foreign_bpf: 0 })
         }
-        Config::Serve => {
-            let t = Tracer::serve(ctx, ns, &[])?;
+        Config::Serve | Config::ServeOff => {
+            let off = c == Config::ServeOff;
+            let t = Tracer::serve(ctx, ns, if off { &["--accept-hooks", "off"] } else { &[] })?;
             let c0 = t.cpu_secs();
             let load = storm(ctx, ns, &s, || {
                 let _ = t.scrape();
@@ -205,6 +216,11 @@ fn one_run(ctx: &Ctx, ns: &NetNs, c: Config) -> anyhow::Result<Run> {
             let counted = metric_sum(&text, "socktrace_accepts_total", &[("netns", &inode)]) as u64;
             let lost = metric_sum(&text, "socktrace_events_lost_total", &[]) as u64;
             t.stop()?;
+            if off {
+                let absent = !text.contains("socktrace_accepts_total{");
+                let check = format!("accepts_total {} ({} accepted), {lost} events lost", if absent { "absent" } else { "PRESENT" }, load.accepted);
+                return Ok(Run { check, exact: absent, load, tracer_cpu, foreign_bpf: 0 });
+            }
             let exact = counted == load.accepted;
             Ok(Run { check: format!("accepts_total {counted} vs {} accepted, {lost} events lost", load.accepted), exact, load, tracer_cpu, foreign_bpf: 0 })
         }
@@ -258,10 +274,10 @@ fn prog_names() -> BTreeMap<u64, String> {
         .unwrap_or_default()
 }
 
-fn kernel_cost(ctx: &Ctx, ns: &NetNs) -> anyhow::Result<Table> {
-    println!("  kernel cost: one traced run with BPF run-time statistics");
+fn kernel_cost(ctx: &Ctx, ns: &NetNs, extra: &[&str]) -> anyhow::Result<Table> {
+    println!("  kernel cost: one traced run with BPF run-time statistics {}", extra.join(" "));
     let stats_fd = enable_bpf_stats()?;
-    let t = Tracer::watch(ctx, ns, &[], &Stdout::Null)?;
+    let t = Tracer::watch(ctx, ns, extra, &Stdout::Null)?;
     let before = prog_stats(t.pid);
     let load = storm(ctx, ns, &Storm::max(ctx.secs.min(3.0)), || {})?;
     let after = prog_stats(t.pid);

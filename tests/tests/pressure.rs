@@ -1,0 +1,367 @@
+//! Map pressure: more listeners, queued children and threads in accept() than the kernel maps
+//! hold (small `--map-*` capacities). Evictions must be reported with counts within the bounds
+//! the scenario implies, serve's counters must never decrease, and a listener whose counts were
+//! lost must say so (its `kernel_row_evictions_total`), never read as a silent reset or zero.
+//! Every scenario opens its listeners in a namespace of its own; the kernel maps are machine-wide,
+//! so bounds that other traffic could move are lower bounds only.
+
+use std::{
+    collections::BTreeMap,
+    net::{TcpListener, TcpStream},
+    sync::Arc,
+    time::Duration,
+};
+
+use socktrace_tests::{
+    NetNs, Serve, Socktrace, Watch, http_get, privileged,
+    reuseport::{label, samples},
+};
+
+fn scrape(serve: &Serve) -> String {
+    http_get(&serve.addr, "/metrics", Duration::from_secs(20)).unwrap().1
+}
+
+/// A metric without labels.
+fn scalar(m: &str, name: &str) -> f64 {
+    m.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{m}"))
+}
+
+/// A metric without labels besides `map`.
+fn map_metric(m: &str, name: &str, map: &str) -> f64 {
+    let s = samples(m, name, &[("map", map)]);
+    assert_eq!(s.len(), 1, "{name}{{map=\"{map}\"}} once in:\n{m}");
+    s[0].1
+}
+
+/// Per port of the namespace: the value of a per-listener metric.
+fn per_port(m: &str, name: &str, netns: &str) -> BTreeMap<u16, f64> {
+    samples(m, name, &[("netns", netns)])
+        .into_iter()
+        .map(|(labels, v)| (label(&labels, "lport").and_then(|p| p.parse().ok()).unwrap_or(0), v))
+        .collect()
+}
+
+/// `n` listeners on consecutive ports from `base`, opened inside the namespace.
+fn listeners(ns: &NetNs, base: u16, n: u16) -> Vec<Arc<TcpListener>> {
+    ns.within(move || (0..n).map(|i| TcpListener::bind(("127.0.0.1", base + i)).map(Arc::new)).collect::<Result<Vec<_>, _>>())
+        .unwrap()
+        .unwrap()
+}
+
+fn connect(ns: &NetNs, port: u16) -> TcpStream {
+    ns.within(move || TcpStream::connect(("127.0.0.1", port))).unwrap().unwrap()
+}
+
+/// A value that differs from run to run (the scenario's numbers vary).
+fn vary(m: u32) -> u32 {
+    std::process::id() % m
+}
+
+/// More listeners than `LISTENERS` holds, all opened before serve starts (it seeds their rows
+/// from sock_diag, attaching mid-flight), then rounds of accepts with a scrape after each.
+#[test]
+fn listeners_beyond_the_map_are_evictions_never_resets() {
+    if !privileged() {
+        return;
+    }
+    let map_listeners = 12 + vary(12);
+    let n = u16::try_from(3 * map_listeners + 20 + vary(30)).unwrap();
+    let base = 21000;
+    let ns = NetNs::new("plst").unwrap();
+    let nsi = ns.inode().to_string();
+    let ls = listeners(&ns, base, n);
+    let ml = map_listeners.to_string();
+    // `top` attaching to them: its first interval already reports the seeds' evictions.
+    let top = Socktrace::start(&["top", "--once", "--json", "--netns", &nsi, "--map-listeners", &ml], "tracing started").unwrap();
+    let out = top.wait(Duration::from_secs(60)).unwrap();
+    let v: serde_json::Value = serde_json::from_str(out.last().unwrap()).unwrap();
+    let lst = v["maps"].as_array().unwrap().iter().find(|m| m["map"] == "LISTENERS").unwrap().clone();
+    assert_eq!(lst["capacity"], 2 * map_listeners);
+    assert!(lst["evicted"].as_u64().unwrap() >= u64::from(2 * (u32::from(n) - map_listeners)), "top --json: {lst}");
+    assert!(v["listener_rows_lost"].as_u64().unwrap() >= 1, "seeded rows evicted before the first read are lost rows: {v}");
+    let serve = Serve::start(19571, &["--netns", &nsi, "--map-listeners", &ml]).unwrap();
+    let rows = f64::from(2 * map_listeners);
+    let mut accepted: BTreeMap<u16, u64> = BTreeMap::new();
+    let mut previous: Option<String> = None;
+    let rounds = 3;
+    let mut scrapes = 0u64;
+    for round in 0..rounds {
+        for (i, l) in ls.iter().enumerate() {
+            let port = base + u16::try_from(i).unwrap();
+            // 1 to 3 connections per listener and round, varied.
+            for _ in 0..=(i + round) % 3 {
+                let c = connect(&ns, port);
+                let (s, _) = l.accept().unwrap();
+                drop((c, s));
+                *accepted.entry(port).or_default() += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let m = scrape(&serve);
+        scrapes += 1;
+        assert_eq!(map_metric(&m, "socktrace_map_capacity", "LISTENERS"), rows);
+        assert!(map_metric(&m, "socktrace_map_entries", "LISTENERS") <= rows);
+        if let Some(p) = &previous {
+            // Never a decrease: accepts per listener, evictions, rows lost.
+            let before = per_port(p, "socktrace_accepts_total", &nsi);
+            let now = per_port(&m, "socktrace_accepts_total", &nsi);
+            for (port, v) in &before {
+                assert!(now.get(port).is_some_and(|n| n >= v), "port {port}: accepts_total went from {v} to {:?}", now.get(port));
+            }
+            for map in ["LISTENERS", "ENQUEUED", "ACCEPTING", "PAST"] {
+                assert!(map_metric(&m, "socktrace_map_evictions_total", map) >= map_metric(p, "socktrace_map_evictions_total", map), "{map}");
+            }
+            assert!(scalar(&m, "socktrace_listener_rows_lost_total") >= scalar(p, "socktrace_listener_rows_lost_total"));
+        }
+        previous = Some(m);
+    }
+    let m = previous.unwrap();
+    let evicted = map_metric(&m, "socktrace_map_evictions_total", "LISTENERS");
+    let total_accepts: u64 = accepted.values().sum();
+    // Every port and every socket had a row (seeded or created by an accept): 2n distinct rows,
+    // at most `rows` of them live. Inserts: the seeds at start and at each scrape (2n at most
+    // each) and two rows per accept at most.
+    let lower = f64::from(2 * n) - rows;
+    let upper = f64::from(2 * n) * (scrapes + 1) as f64 + 2.0 * total_accepts as f64;
+    println!("{n} listeners, map for {map_listeners} ({rows} rows): {evicted} evictions in [{lower}, {upper}], {total_accepts} accepts");
+    assert!(evicted >= lower && evicted <= upper, "LISTENERS evictions {evicted} outside [{lower}, {upper}]");
+    // Never silent: a listener whose total is short has its evictions counted; none invented.
+    let totals = per_port(&m, "socktrace_accepts_total", &nsi);
+    let resets = per_port(&m, "socktrace_kernel_row_evictions_total", &nsi);
+    let mut short = 0;
+    for (port, want) in &accepted {
+        let got = totals.get(port).copied().unwrap_or(0.0);
+        assert!(got <= *want as f64, "port {port}: {got} accepts counted, {want} made");
+        if got < *want as f64 {
+            short += 1;
+            assert!(resets.get(port).copied().unwrap_or(0.0) >= 1.0, "port {port}: {got} of {want} accepts and no eviction reported:\n{m}");
+        }
+    }
+    let lost = scalar(&m, "socktrace_listener_rows_lost_total");
+    println!("{short} listeners short of their accepts, {lost} rows lost, {} listeners with evictions", resets.len());
+    assert!(lost >= 1.0 && !resets.is_empty(), "rows were evicted: some must have been lost after a read");
+    drop(ls);
+}
+
+/// More children queued (never accepted yet) across several listeners than `ENQUEUED` holds:
+/// the accepts are all counted, the waits of the evicted ones are unknown and counted as such.
+/// `watch` running alongside reports the evictions in its exit summary.
+#[test]
+fn queued_children_beyond_the_map_lose_only_their_wait() {
+    if !privileged() {
+        return;
+    }
+    let pending = 24 + vary(16);
+    let nl = 4 + u16::try_from(vary(4)).unwrap();
+    let conns = 3 * pending + vary(20);
+    let base = 22000;
+    let ns = NetNs::new("ppend").unwrap();
+    let nsi = ns.inode().to_string();
+    let ls = listeners(&ns, base, nl);
+    let p = pending.to_string();
+    let serve = Serve::start(19572, &["--netns", &nsi, "--map-pending", &p]).unwrap();
+    let watch = Watch::start(&["--netns", &nsi, "--map-pending", &p]).unwrap();
+    let mut clients = Vec::new();
+    for i in 0..conns {
+        clients.push(connect(&ns, base + u16::try_from(i).unwrap() % nl));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let m = scrape(&serve);
+    assert_eq!(map_metric(&m, "socktrace_map_capacity", "ENQUEUED"), f64::from(pending));
+    let evicted_queued = map_metric(&m, "socktrace_map_evictions_total", "ENQUEUED");
+    assert!(map_metric(&m, "socktrace_map_entries", "ENQUEUED") <= f64::from(pending));
+    // All `conns` children entered the map, at most `pending` fit.
+    assert!(evicted_queued >= f64::from(conns - pending), "{evicted_queued} ENQUEUED evictions, at least {} expected", conns - pending);
+    let mut servers = Vec::new();
+    for (i, l) in ls.iter().enumerate() {
+        let mine = (0..conns).filter(|c| c % u32::from(nl) == u32::try_from(i).unwrap()).count();
+        for _ in 0..mine {
+            servers.push(l.accept().unwrap().0);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let m = scrape(&serve);
+    let accepts: f64 = per_port(&m, "socktrace_accepts_total", &nsi).values().sum();
+    let with_wait: f64 = per_port(&m, "socktrace_accept_wait_seconds_count", &nsi).values().sum();
+    let evicted = map_metric(&m, "socktrace_map_evictions_total", "ENQUEUED");
+    let unknown = scalar(&m, "socktrace_accepts_wait_unknown_total");
+    let lost_events = scalar(&m, "socktrace_events_lost_total");
+    println!("{conns} children over {nl} listeners, ENQUEUED holds {pending}: {accepts} accepts, {with_wait} with a wait, {evicted} evictions, {unknown} without a wait (machine-wide)");
+    assert_eq!(accepts, f64::from(conns), "the accepts themselves are exact (LISTENERS)");
+    assert_eq!(lost_events, 0.0);
+    // At most `pending` of the children kept their entry; each lost wait is an eviction and an
+    // accept without a wait (both machine-wide: other traffic can only add).
+    let lost_waits = f64::from(conns) - with_wait;
+    assert!(with_wait <= f64::from(pending), "{with_wait} waits known, the map holds {pending}");
+    assert!(evicted >= lost_waits && unknown >= lost_waits, "{lost_waits} waits lost: evictions {evicted}, accepts without wait {unknown}");
+    // watch saw the same kernel events in maps of its own.
+    let (_, stderr) = watch.finish_with_stderr().unwrap();
+    let line = stderr.iter().find(|l| l.contains("maps (entries/capacity)")).unwrap_or_else(|| panic!("no maps line in {stderr:?}"));
+    let n: u64 = line
+        .split("ENQUEUED ")
+        .nth(1)
+        .and_then(|s| s.split_once(" EVICTED"))
+        .and_then(|(s, _)| s.rsplit('(').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no ENQUEUED evictions in {line:?}"));
+    assert!(n >= u64::from(conns - pending), "watch: {line}");
+    assert!(line.contains(&format!("/{pending} ")), "watch names the capacity: {line}");
+    drop((clients, servers, ls));
+}
+
+/// More threads blocked in accept() than `ACCEPTING` holds: the accepts whose entry was evicted
+/// are not seen, and that is reported (evictions), never a silent shortfall.
+#[test]
+fn threads_in_accept_beyond_the_map_are_reported() {
+    if !privileged() {
+        return;
+    }
+    let accepting = 8 + vary(4);
+    let threads = accepting + 10 + vary(10);
+    let nl = 3u16;
+    let base = 23000;
+    let ns = NetNs::new("pacc").unwrap();
+    let nsi = ns.inode().to_string();
+    let ls = listeners(&ns, base, nl);
+    let serve = Serve::start(19573, &["--netns", &nsi, "--map-accepting", &accepting.to_string()]).unwrap();
+    let mut handles = Vec::new();
+    for t in 0..threads {
+        let l = Arc::clone(&ls[usize::try_from(t % u32::from(nl)).unwrap()]);
+        handles.push(std::thread::spawn(move || l.accept().map(|(s, _)| s)));
+    }
+    std::thread::sleep(Duration::from_millis(800));
+    let m = scrape(&serve);
+    let evicted = map_metric(&m, "socktrace_map_evictions_total", "ACCEPTING");
+    assert!(evicted >= f64::from(threads - accepting), "{evicted} ACCEPTING evictions with {threads} threads in accept, {accepting} slots");
+    let mut clients = Vec::new();
+    for t in 0..threads {
+        clients.push(connect(&ns, base + u16::try_from(t % u32::from(nl)).unwrap()));
+    }
+    let servers: Vec<TcpStream> = handles.into_iter().map(|h| h.join().unwrap().unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let m = scrape(&serve);
+    let accepts: f64 = per_port(&m, "socktrace_accepts_total", &nsi).values().sum();
+    let evicted = map_metric(&m, "socktrace_map_evictions_total", "ACCEPTING");
+    println!("{threads} threads in accept, ACCEPTING holds {accepting}: {accepts} accepts seen, {evicted} evictions");
+    // Seen: at most every accept, at least those whose entry stayed; unseen ones are evictions.
+    assert!(accepts <= f64::from(threads) && accepts >= f64::from(threads) - evicted, "{accepts} accepts seen of {threads}, {evicted} evictions");
+    assert!(accepts <= f64::from(accepting), "at most {accepting} threads kept their entry: {accepts} accepts seen");
+    drop((clients, servers, ls));
+}
+
+/// At the default capacity (16384 listeners, 32768 rows): a few hundred listeners more than that,
+/// opened before serve starts. The evictions reported are at least the rows that cannot fit, and
+/// the listeners that are exported with accepts never read short without saying so.
+#[test]
+fn more_listeners_than_the_default_map_holds() {
+    if !privileged() {
+        return;
+    }
+    let n = u16::try_from(16384 + 300 + vary(500)).unwrap();
+    // Each listener is a file descriptor of this process: the soft limit goes up to the hard one
+    // (20000 here; raising the hard limit needs CAP_SYS_RESOURCE, which this sandbox lacks).
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: valid pointers to an rlimit of this process.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim), 0);
+        let need = u64::from(n) + 256;
+        if lim.rlim_max < need {
+            lim.rlim_max = need;
+        }
+        lim.rlim_cur = lim.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim), 0, "RLIMIT_NOFILE to {}: {}", lim.rlim_max, std::io::Error::last_os_error());
+    }
+    // Below the ephemeral port range, so no client takes a listener's port.
+    let base = 1100;
+    let ns = NetNs::new("pdef").unwrap();
+    let nsi = ns.inode().to_string();
+    let ls = listeners(&ns, base, n);
+    let serve = Serve::start(19574, &["--netns", &nsi]).unwrap();
+    let mut accepted: BTreeMap<u16, u64> = BTreeMap::new();
+    let mut scrapes = 0u64;
+    let mut previous: Option<String> = None;
+    for round in 0..2u16 {
+        // The lowest ports are the exported ones (serve exports 1000 listeners, in port order).
+        for i in 0..(40 + round * 20) {
+            let c = connect(&ns, base + i);
+            let (s, _) = ls[usize::from(i)].accept().unwrap();
+            drop((c, s));
+            *accepted.entry(base + i).or_default() += 1;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let m = scrape(&serve);
+        scrapes += 1;
+        if let Some(p) = &previous {
+            assert!(map_metric(&m, "socktrace_map_evictions_total", "LISTENERS") >= map_metric(p, "socktrace_map_evictions_total", "LISTENERS"));
+            let before = per_port(p, "socktrace_accepts_total", &nsi);
+            let now = per_port(&m, "socktrace_accepts_total", &nsi);
+            for (port, v) in &before {
+                assert!(now.get(port).is_none_or(|n| n >= v), "port {port}: accepts_total went from {v} to {:?}", now.get(port));
+            }
+        }
+        previous = Some(m);
+    }
+    let m = previous.unwrap();
+    assert_eq!(map_metric(&m, "socktrace_map_capacity", "LISTENERS"), 32768.0);
+    let evicted = map_metric(&m, "socktrace_map_evictions_total", "LISTENERS");
+    let accepts: u64 = accepted.values().sum();
+    let lower = 2.0 * f64::from(n) - 32768.0;
+    let upper = 2.0 * f64::from(n) * (scrapes + 1) as f64 + 2.0 * accepts as f64;
+    println!("{n} listeners at the default capacity: {evicted} LISTENERS evictions in [{lower}, {upper}]");
+    assert!(evicted >= lower && evicted <= upper, "LISTENERS evictions {evicted} outside [{lower}, {upper}]");
+    let totals = per_port(&m, "socktrace_accepts_total", &nsi);
+    let resets = per_port(&m, "socktrace_kernel_row_evictions_total", &nsi);
+    for (port, want) in &accepted {
+        let Some(got) = totals.get(port) else { continue };
+        assert!(*got <= *want as f64, "port {port}: {got} accepts counted, {want} made");
+        if *got < *want as f64 {
+            assert!(resets.get(port).copied().unwrap_or(0.0) >= 1.0, "port {port}: {got} of {want} accepts and no eviction reported");
+        }
+    }
+    assert!(totals.len() >= 50, "the low ports are exported: {} of them", totals.len());
+    drop(ls);
+}
+
+/// `diagnose` says when the maps evicted during its window: children queued beyond
+/// `--map-pending` while it observes show up in `map_evictions`, and the text names them.
+#[test]
+fn diagnose_notes_evictions_in_its_window() {
+    if !privileged() {
+        return;
+    }
+    let pending = 16 + vary(8);
+    let conns = 2 * pending + 5 + vary(10);
+    let base = 24000;
+    let ns = NetNs::new("pdiag").unwrap();
+    let nsi = ns.inode().to_string();
+    let ls = listeners(&ns, base, 3);
+    let p = pending.to_string();
+    for json in [true, false] {
+        let mut args = vec!["diagnose", "--netns", &nsi, "--map-pending", &p, "--duration", "3s"];
+        if json {
+            args.push("--json");
+        }
+        let d = Socktrace::start(&args, "observing for").unwrap();
+        let mut clients = Vec::new();
+        for i in 0..conns {
+            clients.push(connect(&ns, base + u16::try_from(i % 3).unwrap()));
+        }
+        let out = d.wait(Duration::from_secs(60)).unwrap();
+        if json {
+            let v: serde_json::Value = serde_json::from_str(out.last().unwrap()).unwrap();
+            let n = v["map_evictions"]["ENQUEUED"].as_u64().unwrap_or(0);
+            println!("{conns} children queued in the window, ENQUEUED holds {pending}: {n} evictions in the window");
+            assert!(n >= u64::from(conns - pending), "diagnose --json: {v}");
+        } else {
+            let text = out.join("\n");
+            assert!(text.contains("evicted entries during the window (") && text.contains("ENQUEUED") && text.contains("counts may be incomplete"), "{text}");
+        }
+        // The children leave the queues (and the next window starts from a quiet map).
+        for l in &ls {
+            l.set_nonblocking(true).unwrap();
+            while l.accept().is_ok() {}
+        }
+        drop(clients);
+    }
+}
