@@ -7,6 +7,7 @@
 #![no_std]
 
 pub mod iter;
+pub mod wait;
 
 /// Kinds of [`Event`].
 pub mod kind {
@@ -367,6 +368,10 @@ pub struct Control {
     pub netns: u32,
     /// Non-zero: only events whose local or remote port is this one reach the ring buffer.
     pub port: u32,
+    /// Non-zero: keep accept waits and acceptors in the `WAITS`/`ACCEPTORS` maps (the interval
+    /// views read them), for listeners within `netns`/`port` when set; `watch` leaves it 0, its
+    /// events carry both.
+    pub waits: u32,
 }
 
 /// Index of the counters in the per-CPU `STATS` array.
@@ -412,6 +417,12 @@ mod pod {
     unsafe impl aya::Pod for super::Control {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PastKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::wait::WaitKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::wait::AcceptorKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::wait::AcceptorSeen {}
 }
 
 #[cfg(test)]
@@ -430,5 +441,6 @@ mod tests {
         assert_eq!(listener_key(1, 80), (1 << 16) | 80);
         assert!(listener_key(u32::MAX, u16::MAX) & SOCKET_KEY == 0);
         assert_eq!(socket_key(7), SOCKET_KEY | 7);
+        assert_eq!(core::mem::size_of::<Control>(), 4 * 5);
     }
 }

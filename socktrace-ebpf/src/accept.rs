@@ -15,7 +15,7 @@ use socktrace_common::{Event, flags, hook, kind, stat};
 
 use crate::{
     kernel::{fill_local, fill_queue, fill_remote, fill_task, is_inet_tcp, now, off, sock_of_fd},
-    maps::{ACCEPTING, ENQUEUED, count, emit, insert_counted, remove_counted},
+    maps::{ACCEPTING, ENQUEUED, count, emit, insert_counted, muted, remove_counted},
 };
 
 /// `*(u64 *)(ctx + OFF)` as one instruction with the constant offset.
@@ -166,7 +166,10 @@ fn emit_accept(listener: u64, child: u64, via: u32) -> Result<u32, i64> {
     ev.hook = via;
     ev.sock_id = listener;
     fill_local(&mut ev, listener)?;
-    fill_remote(&mut ev, child)?;
+    // The peer is only in the event: views that aggregate in the kernel mute accepts.
+    if !muted(kind::ACCEPT) {
+        fill_remote(&mut ev, child)?;
+    }
     let _ = fill_queue(&mut ev, listener);
     fill_task(&mut ev);
     // SAFETY: the value is copied out before the entry is removed.

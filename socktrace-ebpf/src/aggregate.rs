@@ -1,15 +1,19 @@
 //! In-kernel per-listener aggregation (`LISTENERS`): counters and the accept-queue high-water mark
 //! per epoch, updated on every event whether or not the event itself is sent to userspace, in the
-//! port's row and in the listening socket's own row (SO_REUSEPORT members each have one).
+//! port's row and in the listening socket's own row (SO_REUSEPORT members each have one); for
+//! accepts also the wait histogram (`WAITS`) and the accepting thread (`ACCEPTORS`).
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
-use socktrace_common::{Event, KernelOffsets, ListenerStats, flags, kind, listener_key, socket_key, stat};
+use socktrace_common::{
+    Event, KernelOffsets, ListenerStats, flags, kind, listener_key, socket_key, stat,
+    wait::{self, AcceptorKey, AcceptorSeen, WaitKey},
+};
 
 use crate::{
     kernel::{off, read},
-    maps::{CONTROL, LISTENERS, count},
+    maps::{ACCEPTORS, CONTROL, LISTENERS, WAITS, count},
 };
 
 #[inline(always)]
@@ -90,6 +94,12 @@ pub fn record(ev: &Event) {
     if let Some(s) = entry(key, ev) {
         apply(s, ev);
     }
+    // Only within the view's `--netns`/`--port` scope: the maps stay as small as what is read.
+    if ev.kind == kind::ACCEPT
+        && CONTROL.get(0).is_some_and(|c| c.waits != 0 && (c.netns == 0 || c.netns == ev.netns) && (c.port == 0 || c.port == u32::from(ev.lport)))
+    {
+        accepted(ev);
+    }
     if ev.sock_ino != 0 {
         if let Some(s) = entry(socket_key(ev.sock_ino), ev) {
             apply(s, ev);
@@ -132,6 +142,38 @@ fn apply(s: *mut ListenerStats, ev: &Event) {
                 }
             }
             _ => {}
+        }
+    }
+}
+
+/// An accept's wait into its socket's histogram, and its thread into the socket's acceptors.
+#[inline(always)]
+fn accepted(ev: &Event) {
+    if ev.flags & flags::HAS_WAIT != 0 {
+        let key = WaitKey { netns: ev.netns, inode: ev.sock_ino, lport: ev.lport, bucket: wait::bucket(ev.accept_wait_ns), _pad: 0 };
+        match WAITS.get_ptr_mut(&key) {
+            Some(n) => add(n, 1),
+            // BPF_NOEXIST: when another CPU created it meanwhile, add to that one.
+            None => {
+                if WAITS.insert(&key, &1, 1).is_err() {
+                    if let Some(n) = WAITS.get_ptr_mut(&key) {
+                        add(n, 1);
+                    }
+                }
+            }
+        }
+    }
+    if ev.flags & flags::HAS_TASK != 0 {
+        let key = AcceptorKey { netns: ev.netns, inode: ev.sock_ino, tid: ev.tid, lport: ev.lport, _pad: 0 };
+        if let Some(a) = ACCEPTORS.get_ptr_mut(&key) {
+            // SAFETY: live map value; only this thread updates its own entry (a racing reader sees
+            // an older or newer accept, both true).
+            unsafe {
+                (*a).ts_ns = ev.ts_ns;
+                (*a).comm = ev.comm;
+            }
+        } else {
+            let _ = ACCEPTORS.insert(&key, &AcceptorSeen { ts_ns: ev.ts_ns, pid: ev.pid, _pad: 0, comm: ev.comm }, 0);
         }
     }
 }

@@ -7,7 +7,10 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
 };
-use socktrace_common::{Control, Event, ListenerStats, PastKey, stat};
+use socktrace_common::{
+    Control, Event, ListenerStats, PastKey, stat,
+    wait::{AcceptorKey, AcceptorSeen, WaitKey},
+};
 
 /// Events for userspace. Its size is set at load time (`--ring-buffer-kib`).
 #[map]
@@ -31,6 +34,18 @@ pub static ACCEPTING: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384,
 /// so twice the listeners it can hold. LRU: listeners come and go.
 #[map]
 pub static LISTENERS: LruHashMap<u64, ListenerStats> = LruHashMap::with_max_entries(32768, 0);
+
+/// Accept-queue waits per listening socket and log-linear bucket (`socktrace_common::wait`): a
+/// sparse histogram, one `u64` count per bucket in use, so memory follows the buckets used (a
+/// dense row of 128 buckets per power of two would be 16 KiB+ per socket). LRU: an evicted bucket
+/// loses its count (the agent sees it go backwards), never invents one.
+#[map]
+pub static WAITS: LruHashMap<WaitKey, u64> = LruHashMap::with_max_entries(65536, 0);
+
+/// Latest accept of each thread from each listening socket (`top`'s acceptors without
+/// per-accept events). LRU: threads come and go.
+#[map]
+pub static ACCEPTORS: LruHashMap<AcceptorKey, AcceptorSeen> = LruHashMap::with_max_entries(16384, 0);
 
 /// Segments to a port that never reached a listener, and local clients' SYN retransmits, per
 /// (netns, port, class, address) (see `socktrace_common::past`). LRU: a scan of many ports or
@@ -77,6 +92,12 @@ pub fn remove_counted(map: &LruHashMap<u64, u64>, key: u64, deletes: u32) {
     if map.remove(key).is_ok() {
         count(deletes);
     }
+}
+
+/// Whether events of `kind` are muted (not sent to userspace; still aggregated).
+#[inline(always)]
+pub fn muted(kind: u32) -> bool {
+    CONTROL.get(0).is_some_and(|c| c.mute & (1 << (kind & 31)) != 0)
 }
 
 /// Aggregates an event for its listener (naming the listening socket's inode first), then sends

@@ -112,25 +112,28 @@ fn try_cgroup_skb(ctx: &SkBuffContext) -> Result<u32, i64> {
     if state != TCP_LISTEN as u32 {
         return Ok(0);
     }
-    // The packet starts at the IP header; only a bare SYN (no ACK) is a connection request.
+    // The packet starts at the IP header; only a bare SYN (no ACK) is a connection request. One
+    // load covers the IP header and the TCP header up to its flags (one helper call, not three:
+    // a LISTEN socket's packets are SYNs and handshake ACKs, half of every connection's packets).
     let (tcp_off, v6) = if family == u32::from(AF_INET6) {
-        let next: u8 = ctx.load(6).map_err(i64::from)?;
-        if next != 6 {
+        let h: [u8; 40 + 14] = ctx.load(0).map_err(i64::from)?;
+        if h[6] != 6 || h[40 + 13] & (TCP_FLAG_SYN | TCP_FLAG_ACK) != TCP_FLAG_SYN {
             return Ok(0);
         }
         (40usize, true)
     } else {
-        let vihl: u8 = ctx.load(0).map_err(i64::from)?;
-        let proto: u8 = ctx.load(9).map_err(i64::from)?;
-        if vihl >> 4 != 4 || proto != 6 {
+        let h: [u8; 20 + 14] = ctx.load(0).map_err(i64::from)?;
+        if h[0] >> 4 != 4 || h[9] != 6 {
             return Ok(0);
         }
-        (usize::from(vihl & 0x0f) * 4, false)
+        let tcp_off = usize::from(h[0] & 0x0f) * 4;
+        // IP options move the TCP header: read its flags on their own then.
+        let tcp_flags = if tcp_off == 20 { h[20 + 13] } else { ctx.load(tcp_off + 13).map_err(i64::from)? };
+        if tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) != TCP_FLAG_SYN {
+            return Ok(0);
+        }
+        (tcp_off, false)
     };
-    let tcp_flags: u8 = ctx.load(tcp_off + 13).map_err(i64::from)?;
-    if tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) != TCP_FLAG_SYN {
-        return Ok(0);
-    }
     // SAFETY: helper takes any sock_common pointer and returns NULL when it is not a TCP socket.
     let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast()) } as u64;
     if tp == 0 || !accept_queue_full(tp)? {

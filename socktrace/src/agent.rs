@@ -1,6 +1,8 @@
 //! The long-running agent behind `top` (and every interval-based view): it owns the loaded
 //! programs, feeds ring-buffer events into the [`Model`], and closes an interval on demand by
-//! bumping the kernel's peak epoch, reading the `LISTENERS` aggregates and a sock_diag listing.
+//! bumping the kernel's peak epoch, reading the `LISTENERS` aggregates, the `WAITS` histograms,
+//! the `ACCEPTORS` table and a `sock_diag` listing. Accept events are muted in the kernel: nothing
+//! here costs more with more connections per second (`diagnose` unmutes them for its timeline).
 //!
 //! Attaching to a busy system is the normal case: every listener sock_diag reports gets its
 //! kernel-side row when the agent starts and whenever a new one appears, so retransmits on
@@ -13,11 +15,15 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::maps::{Array, HashMap, MapData, RingBuf};
-use socktrace_common::{AF_INET, AF_INET6, Control, KernelOffsets, ListenerStats, PastKey, SOCKET_KEY, kind, listener_key, socket_key, stat};
+use aya::maps::{Array, HashMap, Map, MapData, RingBuf};
+use socktrace_common::{
+    AF_INET, AF_INET6, Control, KernelOffsets, ListenerStats, PastKey, SOCKET_KEY, kind, listener_key, socket_key, stat,
+    wait::{AcceptorKey, AcceptorSeen, WaitKey},
+};
 use tokio::io::unix::AsyncFd;
 
 use crate::{
+    batch,
     event::{self, Record},
     filter::Filter,
     model::{DiagSample, ListenerKey, Model},
@@ -35,6 +41,9 @@ pub struct Agent {
     ring: AsyncFd<RingBuf<MapData>>,
     pub stats: Stats,
     listeners: HashMap<MapData, u64, ListenerStats>,
+    /// Read whole at every interval (see [`read_map`]).
+    waits: Map,
+    acceptors: Map,
     control: Array<MapData, Control>,
     epoch: u32,
     mute: u32,
@@ -74,14 +83,16 @@ const BPF_NOEXIST: u64 = 1;
 const TRIM_EVERY: Duration = Duration::from_secs(1);
 
 impl Agent {
-    /// Interval views only need accept events (wait histograms, who accepted); everything else is
-    /// aggregated in the kernel, so those events are muted.
+    /// Interval views need no per-connection event: counters, wait histograms and acceptors are
+    /// aggregated in the kernel, so those events are muted (`listen()` calls still come through).
     pub fn new(mut tracer: Tracer, filter: Filter, diag: DiagSource) -> anyhow::Result<Agent> {
         let stats = Stats::new(&mut tracer)?;
         let ring = ring(&mut tracer)?;
         let listeners = HashMap::try_from(tracer.ebpf.take_map("LISTENERS").context("LISTENERS map missing")?)?;
         let control = Array::try_from(tracer.ebpf.take_map("CONTROL").context("CONTROL map missing")?)?;
-        let mute = [kind::LISTEN_OVERFLOW, kind::SYN_DROP, kind::RETRANSMIT, kind::SYNACK_RETRANSMIT]
+        let waits = tracer.ebpf.take_map("WAITS").context("WAITS map missing")?;
+        let acceptors = tracer.ebpf.take_map("ACCEPTORS").context("ACCEPTORS map missing")?;
+        let mute = [kind::ACCEPT, kind::LISTEN_OVERFLOW, kind::SYN_DROP, kind::RETRANSMIT, kind::SYNACK_RETRANSMIT]
             .iter()
             .fold(0u32, |m, k| m | (1 << k));
         let mut agent = Agent {
@@ -89,6 +100,8 @@ impl Agent {
             ring,
             stats,
             listeners,
+            waits,
+            acceptors,
             control,
             epoch: 1,
             mute,
@@ -113,7 +126,7 @@ impl Agent {
     }
 
     /// Lets events of these kinds through to the ring buffer (they are aggregated in the kernel
-    /// either way); `diagnose` needs drop times.
+    /// either way); `diagnose` needs accept and drop times.
     pub fn unmute(&mut self, kinds: &[u32]) -> anyhow::Result<()> {
         for k in kinds {
             self.mute &= !(1 << k);
@@ -171,6 +184,7 @@ impl Agent {
             mute: self.mute,
             netns: self.filter.required_netns().unwrap_or(0),
             port: self.filter.any_end_port().map_or(0, u32::from),
+            waits: 1,
         };
         self.control.set(0, control, 0).context("writing CONTROL")
     }
@@ -227,7 +241,16 @@ impl Agent {
         if let Some(sample) = &diag {
             self.seed(sample, &present);
         }
+        let in_view = |f: &Filter, netns: u32, lport: u16, inode: u32| {
+            if inode == 0 { f.matches_listener(netns, lport) } else { f.matches_listener_socket(netns, lport, inode) }
+        };
+        let waits: Vec<(WaitKey, u64)> = read_map(&self.waits, "WAITS")?;
+        let waits: Vec<_> = waits.into_iter().filter(|(k, _)| in_view(&self.filter, k.netns, k.lport, k.inode)).collect();
+        self.model.take_waits(&waits);
         self.model.close_interval(&kernel, &sockets, diag.as_ref());
+        let acceptors: Vec<(AcceptorKey, AcceptorSeen)> = read_map(&self.acceptors, "ACCEPTORS")?;
+        let acceptors: Vec<_> = acceptors.into_iter().filter(|(k, _)| in_view(&self.filter, k.netns, k.lport, k.inode)).collect();
+        self.model.take_acceptors(&acceptors);
         self.delete_gone_rows(&kernel, &sockets);
         Ok(())
     }
@@ -292,6 +315,20 @@ impl Agent {
     pub fn lost(&self) -> u64 {
         self.stats.get(stat::LOST)
     }
+}
+
+/// Every entry of a kernel hash map: in batches where the kernel can (5.6+), else entry by entry.
+fn read_map<K: aya::Pod, V: aya::Pod>(map: &Map, name: &str) -> anyhow::Result<Vec<(K, V)>> {
+    // Checks that K and V have the map's key and value sizes.
+    let typed: HashMap<&MapData, K, V> = HashMap::try_from(map).with_context(|| format!("{name} map"))?;
+    if let Map::HashMap(data) | Map::LruHashMap(data) = map {
+        match batch::lookup_all(data) {
+            Ok(entries) => return Ok(entries),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOTSUP | 524)) => {}
+            Err(e) => return Err(e).with_context(|| format!("reading {name}")),
+        }
+    }
+    typed.iter().map(|item| item.with_context(|| format!("reading {name}"))).collect()
 }
 
 fn feed(rb: &mut RingBuf<MapData>, filter: &mut Filter, model: &mut Model) -> anyhow::Result<()> {

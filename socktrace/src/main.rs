@@ -7,6 +7,7 @@
 //! Exit status: 0 success (also when stdout is closed early), 1 runtime error, 2 usage error.
 
 mod agent;
+mod batch;
 mod cli;
 mod diagnose;
 mod event;

@@ -1,7 +1,8 @@
 //! The per-listener model every view reads (`top`, and the views built on it): a table keyed by
 //! (netns, port) merging the kernel's aggregates (`LISTENERS` map: counters, queue high-water
-//! mark per interval), accept events (wait histograms, who accepted) and sock_diag listings
-//! (queue now, backlog, owners, addresses).
+//! mark per interval; `WAITS`: accept-wait histograms per socket; `ACCEPTORS`: who accepted),
+//! events where a view needs their times (`diagnose`'s timeline) and `sock_diag` listings (queue
+//! now, backlog, owners, addresses).
 //!
 //! Counters are monotonic across intervals and across listener churn: a new listener on the same
 //! port continues the same row. A kernel row evicted from the full `LISTENERS` map (it vanishes,
@@ -21,7 +22,10 @@ use std::{
 };
 
 use hdrhistogram::Histogram;
-use socktrace_common::{ListenerStats, SOCKET_KEY, listener_key, socket_key};
+use socktrace_common::{
+    ListenerStats, SOCKET_KEY, listener_key, socket_key,
+    wait::{self, AcceptorKey, AcceptorSeen, WaitKey},
+};
 
 use crate::event::Record;
 
@@ -66,6 +70,8 @@ pub struct Counts {
     pub syn_drops: u64,
     pub synack_retransmits: u64,
     pub retransmits: u64,
+    /// Accepts whose queue wait is known (the enqueue was seen).
+    pub waited: u64,
 }
 
 impl Counts {
@@ -76,6 +82,7 @@ impl Counts {
             syn_drops: s.syn_drops,
             synack_retransmits: s.synack_retransmits,
             retransmits: s.retransmits,
+            waited: s.wait_count,
         }
     }
 
@@ -89,6 +96,7 @@ impl Counts {
             syn_drops: d(self.syn_drops, earlier.syn_drops),
             synack_retransmits: d(self.synack_retransmits, earlier.synack_retransmits),
             retransmits: d(self.retransmits, earlier.retransmits),
+            waited: d(self.waited, earlier.waited),
         }
     }
 
@@ -98,6 +106,7 @@ impl Counts {
         self.syn_drops += o.syn_drops;
         self.synack_retransmits += o.synack_retransmits;
         self.retransmits += o.retransmits;
+        self.waited += o.waited;
     }
 }
 
@@ -223,12 +232,6 @@ impl SocketRow {
             kernel_resets: 0,
             seen: now,
         }
-    }
-
-    fn accepted_by(&mut self, a: Acceptor) {
-        self.acceptors.retain(|x| x.tid != a.tid);
-        self.acceptors.insert(0, a);
-        self.acceptors.truncate(MAX_ACCEPTORS);
     }
 
     /// The queue passed its backlog (the kernel drops at `len > backlog`) in the last interval.
@@ -385,6 +388,8 @@ pub struct Model {
     pub keep_total_waits: bool,
     /// Also keep each listener's [`Timeline`] (`diagnose`, which then also needs drop events).
     pub keep_timeline: bool,
+    /// `WAITS` counts at the last read.
+    waits_last: std::collections::HashMap<WaitKey, u64>,
 }
 
 /// `now - last` for a row read before with `last_id`; `reset` when the row is another one (it
@@ -438,8 +443,9 @@ impl Model {
         })
     }
 
-    /// An event from the ring buffer (only accepts and listen() calls carry what the kernel map
-    /// lacks).
+    /// An event from the ring buffer: `listen()` calls (the backlog asked for), and the times of
+    /// accepts and drops for [`Model::keep_timeline`]. Waits and acceptors come from the kernel's
+    /// maps ([`Model::take_waits`], [`Model::take_acceptors`]), whether or not accepts are sent.
     pub fn on_event(&mut self, r: &Record) {
         if r.kind == "listen" {
             let row = self.row(ListenerKey { netns: r.netns, lport: r.lport });
@@ -461,35 +467,60 @@ impl Model {
         if r.kind != "accept" {
             return;
         }
-        let keep_total = self.keep_total_waits;
         let row = self.row(ListenerKey { netns: r.netns, lport: r.lport });
         if keep_timeline {
             row.timeline.get_or_insert_default().accept(r.ts_ns, r.accept_wait_ns);
-        }
-        if r.accept_wait_ns.is_none() {
-            row.accepts_unknown_wait += 1;
-        }
-        if let Some(w) = r.accept_wait_ns {
-            let w = w.clamp(1_000, MAX_WAIT_NS);
-            // Auto-resizing: only fails if the counts array cannot be allocated.
-            let _ = row.waits_open.get_or_insert_with(histogram).record(w);
-            if keep_total {
-                let _ = row.waits_total.get_or_insert_with(histogram).record(w);
-            }
-        }
-        if let (Some(pid), Some(tid), Some(comm)) = (r.pid, r.tid, r.comm.clone()) {
-            let a = Acceptor { pid, tid, comm, ts_ns: r.ts_ns };
             if let Some(ino) = r.inode {
-                let sock = row.sockets.entry(ino).or_insert_with(|| SocketRow::new(ino, now));
-                sock.accepted_by(a.clone());
-                if keep_timeline {
-                    sock.timeline.get_or_insert_default().accept(r.ts_ns, r.accept_wait_ns);
-                }
+                row.sockets.entry(ino).or_insert_with(|| SocketRow::new(ino, now)).timeline.get_or_insert_default().accept(r.ts_ns, r.accept_wait_ns);
             }
-            row.last_acceptor = Some(a);
         }
         if let Some(a) = r.laddr {
             row.laddrs.insert(a);
+        }
+    }
+
+    /// The kernel's wait buckets now (`WAITS`: monotonic counts per socket and bucket, within the
+    /// view's filter) into the open interval of each port: what grew since the last read. A count
+    /// that went backwards (its entry was evicted and recreated) counts from zero again. Each
+    /// bucket is recorded at its lower bound, which lands in the HDR bucket its waits would have.
+    pub fn take_waits(&mut self, now: &[(WaitKey, u64)]) {
+        let keep_total = self.keep_total_waits;
+        let mut last = std::mem::take(&mut self.waits_last);
+        for (k, count) in now {
+            let before = last.remove(k).unwrap_or(0);
+            let delta = if *count >= before { count - before } else { *count };
+            self.waits_last.insert(*k, *count);
+            if delta == 0 {
+                continue;
+            }
+            let w = wait::lower(k.bucket).clamp(1_000, MAX_WAIT_NS);
+            let row = self.row(ListenerKey { netns: k.netns, lport: k.lport });
+            // Auto-resizing: only fails if the counts array cannot be allocated.
+            let _ = row.waits_open.get_or_insert_with(histogram).record_n(w, delta);
+            if keep_total {
+                let _ = row.waits_total.get_or_insert_with(histogram).record_n(w, delta);
+            }
+        }
+    }
+
+    /// The kernel's acceptors now (`ACCEPTORS`: each thread's latest accept per socket, within the
+    /// view's filter): each socket row's threads, newest first, and each port's latest acceptor.
+    pub fn take_acceptors(&mut self, now: &[(AcceptorKey, AcceptorSeen)]) {
+        let mut by_port: BTreeMap<ListenerKey, Vec<(u32, Acceptor)>> = BTreeMap::new();
+        for (k, seen) in now {
+            let len = seen.comm.iter().position(|&b| b == 0).unwrap_or(seen.comm.len());
+            let a = Acceptor { pid: seen.pid, tid: k.tid, comm: String::from_utf8_lossy(&seen.comm[..len]).into_owned(), ts_ns: seen.ts_ns };
+            by_port.entry(ListenerKey { netns: k.netns, lport: k.lport }).or_default().push((k.inode, a));
+        }
+        for (key, mut seen) in by_port {
+            let Some(row) = self.listeners.get_mut(&key) else { continue };
+            seen.sort_by(|a, b| b.1.ts_ns.cmp(&a.1.ts_ns).then(a.1.tid.cmp(&b.1.tid)));
+            if let Some((_, newest)) = seen.first() {
+                row.last_acceptor = Some(newest.clone());
+            }
+            for sock in row.sockets.values_mut() {
+                sock.acceptors = seen.iter().filter(|(ino, _)| *ino == sock.inode).take(MAX_ACCEPTORS).map(|(_, a)| a.clone()).collect();
+            }
         }
     }
 
@@ -535,6 +566,7 @@ impl Model {
             }
             let row = self.row(*key);
             row.kernel_resets += u64::from(reset);
+            row.accepts_unknown_wait += delta.accepts.saturating_sub(delta.waited);
             absorb((&mut row.total, &mut row.interval, &mut row.queue_peak, &mut row.backlog, &mut row.seen), delta, *peak, stats.queue_max, now);
         }
         if let Some(sample) = diag {
@@ -751,37 +783,19 @@ mod tests {
             ],
             syn_recv: BTreeMap::new(),
         };
-        let accept = |ino: u32, tid: u32| Record {
-            kind: "accept",
-            ts_ns: 5,
-            netns: 1,
-            pid: Some(tid),
-            tid: Some(tid),
-            comm: Some("nginx".into()),
-            family: Some("ipv4"),
-            laddr: Some("0.0.0.0".parse().unwrap()),
-            lport: 80,
-            raddr: None,
-            rport: 1,
-            queue_len: Some(0),
-            queue_max: Some(16),
-            accept_wait_ns: Some(1000),
-            segs: 1,
-            hook: "tracepoint",
-            inode: Some(ino),
-        };
-        m.on_event(&accept(21, 101));
-        m.on_event(&accept(22, 102));
-        m.on_event(&accept(21, 101));
         let member = |accepts, overflows| ListenerStats { netns: 1, lport: 80, ..stats(accepts, overflows) };
         let socks = [(21, member(40, 0), Some(2)), (22, member(38, 0), Some(3)), (23, member(0, 9), Some(17))];
         m.close_interval(&[(key, stats(78, 9), Some(17))], &socks, Some(&sample));
+        // Thread 101 accepted from socket 21 (latest at 9), 102 from 22, 103 from 21 earlier.
+        m.take_acceptors(&[acceptor(21, 101, 9), acceptor(22, 102, 7), acceptor(21, 103, 3)]);
         let l = &m.listeners[&key];
+        assert_eq!(l.sockets[&21].acceptors.iter().map(|a| (a.tid, a.ts_ns)).collect::<Vec<_>>(), [(101, 9), (103, 3)]);
+        assert_eq!(l.last_acceptor.as_ref().map(|a| (a.pid, a.tid, a.comm.as_str())), Some((101, 101, "nginx")));
         assert_eq!((l.queue_len, l.backlog), (Some(17), Some(16)));
         assert!(l.saturated());
         assert_eq!(l.sockets[&23].interval.overflows, 9);
         assert!(l.sockets[&23].acceptors.is_empty() && l.sockets[&23].saturated());
-        assert_eq!(l.sockets[&21].acceptors.iter().map(|a| a.tid).collect::<Vec<_>>(), [101]);
+        assert_eq!(l.sockets[&22].acceptors.iter().map(|a| a.tid).collect::<Vec<_>>(), [102]);
         assert!(!l.sockets[&21].saturated());
         let sum: u64 = l.sockets.values().map(|s| s.interval.accepts).sum();
         assert_eq!(sum, l.interval.accepts);
@@ -792,6 +806,81 @@ mod tests {
         }
         let inodes: Vec<u32> = m.listeners[&key].sockets.keys().copied().collect();
         assert_eq!(inodes, [21, 22, 24]);
+    }
+
+    fn acceptor(inode: u32, tid: u32, ts_ns: u64) -> (AcceptorKey, AcceptorSeen) {
+        let mut comm = [0u8; 16];
+        comm[..5].copy_from_slice(b"nginx");
+        (AcceptorKey { netns: 1, inode, tid, lport: 80, _pad: 0 }, AcceptorSeen { ts_ns, pid: tid, _pad: 0, comm })
+    }
+
+    /// Deterministic waits from 1 µs to ~20 s, log-uniform, with repeats (a tiny LCG: no new
+    /// dependency for a test).
+    fn waits(n: usize, seed: u64) -> Vec<u64> {
+        let mut x = seed;
+        (0..n)
+            .map(|_| {
+                x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                let exp = (x >> 33) % 24;
+                let mant = (x >> 11) & 0x3f_ffff;
+                (1u64 << (exp + 10)) + (mant % (1u64 << (exp + 10)))
+            })
+            .collect()
+    }
+
+    /// The same waits as per-accept events recorded them and as kernel buckets read back.
+    fn both(samples: &[u64]) -> (Histogram<u64>, Histogram<u64>) {
+        let mut direct = histogram();
+        let mut counts: BTreeMap<u16, u64> = BTreeMap::new();
+        for w in samples {
+            direct.record((*w).clamp(1_000, MAX_WAIT_NS)).unwrap();
+            *counts.entry(wait::bucket(*w)).or_default() += 1;
+        }
+        let mut m = Model::default();
+        let key = |bucket| WaitKey { netns: 1, inode: 5, lport: 80, bucket, _pad: 0 };
+        m.take_waits(&counts.iter().map(|(b, n)| (key(*b), *n)).collect::<Vec<_>>());
+        m.close_interval(&[], &[], None);
+        let via_kernel = m.listeners[&ListenerKey { netns: 1, lport: 80 }].waits.clone().unwrap();
+        (direct, via_kernel)
+    }
+
+    #[test]
+    fn kernel_buckets_give_the_percentiles_events_gave() {
+        for (n, seed) in [(1, 1), (7, 2), (1000, 3), (50_000, 4)] {
+            let (direct, via_kernel) = both(&waits(n, seed));
+            assert_eq!(quantiles(&direct), quantiles(&via_kernel), "{n} waits");
+            for q in [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 0.999, 1.0] {
+                assert_eq!(direct.value_at_quantile(q), via_kernel.value_at_quantile(q), "q {q} of {n}");
+            }
+            assert_eq!(direct.len(), via_kernel.len());
+        }
+        // Edges: below the 1 µs floor, at it, at and past the 1 h ceiling.
+        let (direct, via_kernel) = both(&[0, 5, 999, 1000, 1001, 131_071, 131_072, MAX_WAIT_NS, MAX_WAIT_NS * 3]);
+        assert_eq!(direct.iter_recorded().map(|v| (v.value_iterated_to(), v.count_at_value())).collect::<Vec<_>>(), via_kernel.iter_recorded().map(|v| (v.value_iterated_to(), v.count_at_value())).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn kernel_wait_counts_are_taken_as_deltas() {
+        let key = ListenerKey { netns: 1, lport: 80 };
+        let k = |inode, w| WaitKey { netns: 1, inode, lport: 80, bucket: wait::bucket(w), _pad: 0 };
+        let mut m = Model { keep_total_waits: true, ..Model::default() };
+        m.take_waits(&[(k(5, 2_000_000), 3), (k(6, 40_000_000), 1)]);
+        m.close_interval(&[], &[], None);
+        assert_eq!(m.listeners[&key].waits.as_ref().map(Histogram::len), Some(4), "both sockets make the port's histogram");
+        // Nothing new: no waits this interval.
+        m.take_waits(&[(k(5, 2_000_000), 3), (k(6, 40_000_000), 1)]);
+        m.close_interval(&[], &[], None);
+        assert_eq!(m.listeners[&key].wait_quantiles(), None);
+        // Socket 5 +2; socket 6's bucket was evicted and recreated with 1: counted from zero.
+        m.take_waits(&[(k(5, 2_000_000), 5), (k(6, 40_000_000), 1), (k(6, 40_000_000 * 2), 0)]);
+        m.close_interval(&[], &[], None);
+        assert_eq!(m.listeners[&key].waits.as_ref().map(Histogram::len), Some(2));
+        m.take_waits(&[(k(5, 2_000_000), 5)]);
+        m.take_waits(&[(k(5, 2_000_000), 5), (k(6, 40_000_000), 1)]);
+        m.close_interval(&[], &[], None);
+        let l = &m.listeners[&key];
+        assert_eq!(l.waits.as_ref().map(Histogram::len), Some(1), "an entry that vanished and came back");
+        assert_eq!(l.waits_total.as_ref().map(Histogram::len), Some(7), "since start: monotonic");
     }
 
     #[test]

@@ -107,7 +107,7 @@ fn nap(d: Duration, stop: &AtomicBool) -> anyhow::Result<()> {
 
 pub fn run(args: &SoakArgs) -> anyhow::Result<()> {
     catch_interrupts();
-    let mut ctx = Ctx::new(&bench::BenchArgs { which: bench::Which::All, reps: 1, secs: 1.0, no_write: args.no_write })?;
+    let mut ctx = Ctx::new(&bench::BenchArgs { which: bench::Which::All, reps: 1, secs: 1.0, no_write: args.no_write, socktrace: None })?;
     ctx.command = std::iter::once("cargo xtask soak".to_owned()).chain(std::env::args().skip(2)).collect::<Vec<_>>().join(" ");
     let bins = Bins::new()?;
     let (name, report) = if args.flood { ("flood", flood(&ctx, &bins, args.seconds)?) } else { ("soak", soak(&ctx, &bins, args.minutes)?) };

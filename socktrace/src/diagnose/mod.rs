@@ -254,6 +254,10 @@ struct WindowCounts {
     netfilter_drops: Option<u64>,
     no_socket_syns: Option<u64>,
     client_syn_retransmits: Option<u64>,
+    /// Accept-queue waits in the window (the kernel's histograms; null without a known wait).
+    accept_wait_p50_ns: Option<u64>,
+    accept_wait_p99_ns: Option<u64>,
+    accept_wait_max_ns: Option<u64>,
 }
 
 pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow::Result<()> {
@@ -261,7 +265,7 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
     agent.model.keep_total_waits = true;
     // Episodes need when accepts and drops happened, not only how many.
     agent.model.keep_timeline = true;
-    agent.unmute(&[kind::LISTEN_OVERFLOW, kind::SYN_DROP])?;
+    agent.unmute(&[kind::ACCEPT, kind::LISTEN_OVERFLOW, kind::SYN_DROP])?;
     let mut paths = BTreeMap::new();
     let mut before: BTreeMap<u32, NetnsFacts> = BTreeMap::new();
     let scope_netns = agent.filter.required_netns().or_else(system::own_netns);
@@ -413,6 +417,9 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
                 netfilter_drops: e.past.netfilter.as_ref().map(|n| n.syns + n.segments),
                 no_socket_syns: e.past.unbound_syns.as_ref().map(|u| u.iter().map(|(_, n)| n).sum()),
                 client_syn_retransmits: e.past.client_syn_retrans,
+                accept_wait_p50_ns: e.wait_p50_ns,
+                accept_wait_p99_ns: e.wait_p99_ns,
+                accept_wait_max_ns: e.wait_max_ns,
             },
         });
     }

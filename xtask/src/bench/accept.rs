@@ -74,13 +74,12 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
             runs.entry(c).or_default().push(r);
         }
     }
-    let kernel = kernel_cost(ctx, &ns, &[]);
-    let kernel_off = kernel_cost(ctx, &ns, &["--accept-hooks", "off"]);
+    let kernel = kernel_cost(ctx, &ns);
     let foreign_bpf = runs.values().flatten().map(|r| r.foreign_bpf).max().unwrap_or(0);
 
     let t = table(&configs, &runs);
     println!("\n{}", t.text());
-    for k in [&kernel, &kernel_off].into_iter().flatten() {
+    if let Ok(k) = &kernel {
         println!("\n{}", k.text());
     }
 
@@ -126,23 +125,24 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
          (/proc/PID/stat) over the run, per accepted connection; eBPF programs run in the context of \
          the load's syscalls and softirqs, so their cost is in the load generator's column.\n",
     );
-    for (kernel, mode) in [(kernel, "default hooks"), (kernel_off, "`--accept-hooks off`")] {
-        match kernel {
-            Ok(k) => {
-                let _ = write!(md, "\n### In-kernel cost per connection (BPF run-time statistics), {mode}\n\n");
-                md.push_str(&k.markdown());
-            }
-            Err(e) => {
-                let _ = writeln!(md, "\nIn-kernel cost, {mode}: not measured ({e:#}).");
-            }
+    match kernel {
+        Ok(k) => {
+            md.push_str("\n### In-kernel cost per connection (BPF run-time statistics)\n\n");
+            md.push_str(&k.markdown());
+            md.push_str(
+                "\nOne `serve` run (accept events muted in the kernel: waits and acceptors go to the \
+                 `WAITS`/`ACCEPTORS` maps), one `serve --accept-hooks off` run (no syscall tracepoint, no \
+                 enqueue hook) and one `watch --json` run (every accept sent), each at full rate with \
+                 `BPF_ENABLE_STATS` held by the bench (`run_time_ns`/`run_cnt` from the program fds' fdinfo): \
+                 time inside each program, without the tracepoint dispatch around it (the syscall \
+                 tracepoints' slow path, paid by every syscall, is in the CPU per connection above and in \
+                 the syscalls section).\n",
+            );
+        }
+        Err(e) => {
+            let _ = writeln!(md, "\nIn-kernel cost: not measured ({e:#}).");
         }
     }
-    md.push_str(
-        "\nOne `watch --json` run per mode at full rate with `BPF_ENABLE_STATS` held by the bench \
-         (`run_time_ns`/`run_cnt` from the program fds' fdinfo): time inside each program, \
-         without the tracepoint dispatch around it (the syscall tracepoints' slow path, paid by every \
-         syscall, is in the CPU per connection above and in the syscalls section).\n",
-    );
     Ok(Section { name: "accept", markdown: md })
 }
 
@@ -274,33 +274,78 @@ fn prog_names() -> BTreeMap<u64, String> {
         .unwrap_or_default()
 }
 
-fn kernel_cost(ctx: &Ctx, ns: &NetNs, extra: &[&str]) -> anyhow::Result<Table> {
-    println!("  kernel cost: one traced run with BPF run-time statistics {}", extra.join(" "));
+/// One traced run at full rate with BPF run-time statistics: per program name (runs, run ns),
+/// connections accepted and their rate.
+struct StatsRun {
+    progs: BTreeMap<String, (u64, u64)>,
+    conns: f64,
+    rate: f64,
+}
+
+fn stats_run(ctx: &Ctx, ns: &NetNs, c: Config) -> anyhow::Result<StatsRun> {
     let stats_fd = enable_bpf_stats()?;
-    let t = Tracer::watch(ctx, ns, extra, &Stdout::Null)?;
+    let t = match c {
+        Config::Serve => Tracer::serve(ctx, ns, &[])?,
+        Config::ServeOff => Tracer::serve(ctx, ns, &["--accept-hooks", "off"])?,
+        Config::Untraced | Config::Watch => Tracer::watch(ctx, ns, &[], &Stdout::Null)?,
+    };
     let before = prog_stats(t.pid);
-    let load = storm(ctx, ns, &Storm::max(ctx.secs.min(3.0)), || {})?;
+    let load = storm(ctx, ns, &Storm::max(ctx.secs.min(3.0)), || {
+        if matches!(c, Config::Serve | Config::ServeOff) {
+            let _ = t.scrape();
+        }
+    })?;
     let after = prog_stats(t.pid);
     let names = prog_names();
     t.stop()?;
     drop(stats_fd);
     anyhow::ensure!(!after.is_empty(), "no BPF program fds found in /proc/PID/fdinfo");
-    let conns = load.accepted.max(1) as f64;
-    let mut tab = Table::new(&["program", "runs/conn", "ns/run", "ns/conn"]);
-    let (mut total_ns, mut rows) = (0u64, Vec::new());
+    let mut progs = BTreeMap::new();
     for (id, (ns1, c1)) in &after {
         let (ns0, c0) = before.get(id).copied().unwrap_or((0, 0));
         let (dns, dc) = (ns1 - ns0, c1 - c0);
         if dc == 0 {
             continue;
         }
-        total_ns += dns;
-        rows.push((dns, names.get(id).cloned().unwrap_or_else(|| format!("id {id}")), dc));
+        let e: &mut (u64, u64) = progs.entry(names.get(id).cloned().unwrap_or_else(|| format!("id {id}"))).or_default();
+        e.0 += dc;
+        e.1 += dns;
     }
-    rows.sort_by_key(|r| std::cmp::Reverse(r.0));
-    for (dns, name, dc) in rows {
-        tab.row(vec![name, format!("{:.2}", dc as f64 / conns), format!("{:.0}", dns as f64 / dc as f64), format!("{:.0}", dns as f64 / conns)]);
+    Ok(StatsRun { progs, conns: load.accepted.max(1) as f64, rate: load.rate })
+}
+
+/// Per program: runs per connection and ns per run under `serve` (accept events muted in the
+/// kernel), `serve --accept-hooks off` and `watch --json` (every accept sent).
+fn kernel_cost(ctx: &Ctx, ns: &NetNs) -> anyhow::Result<Table> {
+    println!("  kernel cost: one traced run each (serve, serve --accept-hooks off, watch) with BPF run-time statistics");
+    let configs = [Config::Serve, Config::ServeOff, Config::Watch];
+    let runs = configs.iter().map(|c| stats_run(ctx, ns, *c)).collect::<anyhow::Result<Vec<_>>>()?;
+    let mut head = vec!["program".to_owned()];
+    for c in configs {
+        head.extend([format!("{} runs/conn", c.name()), format!("{} ns/run", c.name()), format!("{} ns/conn", c.name())]);
     }
-    tab.row(vec![format!("all ({} connections at {:.0}/s)", load.accepted, load.rate), String::new(), String::new(), format!("{:.0}", total_ns as f64 / conns)]);
+    let mut tab = Table::new(&head.iter().map(String::as_str).collect::<Vec<_>>());
+    let per_conn = |r: &StatsRun, name: &str| r.progs.get(name).map_or(0.0, |(_, ns)| *ns as f64 / r.conns);
+    let mut names: Vec<&String> = runs.iter().flat_map(|r| r.progs.keys()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+    let worst = |name: &str| runs.iter().map(|r| per_conn(r, name)).fold(0.0, f64::max);
+    names.sort_by(|a, b| worst(b).total_cmp(&worst(a)));
+    let cells = |r: &StatsRun, name: &str| match r.progs.get(name) {
+        Some((n, ns)) => [format!("{:.2}", *n as f64 / r.conns), format!("{:.0}", *ns as f64 / *n as f64), format!("{:.0}", *ns as f64 / r.conns)],
+        None => ["-".into(), "-".into(), "-".into()],
+    };
+    for name in names {
+        let mut row = vec![name.clone()];
+        for r in &runs {
+            row.extend(cells(r, name));
+        }
+        tab.row(row);
+    }
+    let total = |r: &StatsRun| format!("{:.0}", r.progs.values().map(|(_, ns)| *ns).sum::<u64>() as f64 / r.conns);
+    let what: Vec<String> = configs.iter().zip(&runs).map(|(c, r)| format!("{}: {:.0} connections at {:.0}/s", c.name(), r.conns, r.rate)).collect();
+    let mut row = vec![format!("all ({})", what.join("; "))];
+    for r in &runs {
+        row.extend([String::new(), String::new(), total(r)]);
+    }
+    tab.row(row);
     Ok(tab)
 }

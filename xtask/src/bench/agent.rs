@@ -1,7 +1,8 @@
 //! Agent cost: CPU (% of one core, from utime+stime in /proc/PID/stat over the run) and memory
 //! (`VmRSS` at the end, `VmHWM`: peak) of `socktrace serve` (scraped every second by the bench) and of
-//! `socktrace watch --json > /dev/null`, idle and at about 1k, 10k and 50k accept events/s
-//! (rate-limited storm), alternating; then `serve` with 1k listeners and 100k sockets in the netns.
+//! `socktrace top --json` (one interval per second) and of `socktrace watch --json > /dev/null`, idle
+//! and at about 1k, 5k and 20k accepts/s (rate-limited storm) and as fast as the storm goes,
+//! alternating; then `serve` with 1k listeners and 100k sockets in the netns.
 //!
 //! CPU here is the agent process only. The eBPF programs run in the context of the traced
 //! syscalls and softirqs and are charged to the load (see the accept benchmark).
@@ -13,19 +14,24 @@ use std::{
 
 use super::{Ctx, Hold, NetNs, Section, Storm, Stdout, Summary, Table, Tracer, loadavg, metric_sum, netns_inode, provenance, storm};
 
-const RATES: [u64; 4] = [0, 1_000, 10_000, 50_000];
+/// Accepts per second; 0 idle, `u64::MAX` as fast as possible.
+const RATES: [u64; 5] = [0, 1_000, 5_000, 20_000, u64::MAX];
 const REPS: usize = 2;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Agent {
     Serve,
+    Top,
     Watch,
 }
+
+const AGENTS: [Agent; 3] = [Agent::Serve, Agent::Top, Agent::Watch];
 
 impl Agent {
     fn name(self) -> &'static str {
         match self {
             Agent::Serve => "serve (scraped every 1 s)",
+            Agent::Top => "top --json (1 s interval)",
             Agent::Watch => "watch --json >/dev/null",
         }
     }
@@ -48,7 +54,8 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
     for rate in RATES {
         let mut runs: Vec<(Agent, Run)> = Vec::new();
         for rep in 0..REPS {
-            let order = if rep % 2 == 0 { [Agent::Serve, Agent::Watch] } else { [Agent::Watch, Agent::Serve] };
+            let mut order = AGENTS;
+            order.rotate_left(rep % AGENTS.len());
             for a in order {
                 let r = one(ctx, &ns, a, rate, secs)?;
                 println!(
@@ -63,12 +70,16 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
                 runs.push((a, r));
             }
         }
-        for a in [Agent::Serve, Agent::Watch] {
+        for a in AGENTS {
             let v: Vec<&Run> = runs.iter().filter(|(x, _)| *x == a).map(|(_, r)| r).collect();
             let s = |f: &dyn Fn(&Run) -> f64| Summary::of(&v.iter().map(|r| f(r)).collect::<Vec<_>>());
             t.row(vec![
                 a.name().into(),
-                if rate == 0 { "idle".into() } else { rate.to_string() },
+                match rate {
+                    0 => "idle".into(),
+                    u64::MAX => "max".into(),
+                    r => r.to_string(),
+                },
                 s(&|r| r.events_per_s).show(0),
                 s(&|r| r.cpu_pct).show(2),
                 s(&|r| r.rss_kib as f64 / 1024.0).show(1),
@@ -79,14 +90,21 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
     let big = many_sockets(ctx, &ns, secs);
     println!("\n{}", t.text());
     let mut md = String::from("## Agent cost\n\n");
+    let bin = ctx.socktrace.display();
+    let commit = std::process::Command::new(&ctx.socktrace)
+        .arg("--version")
+        .output()
+        .map_or_else(|_| "unknown".into(), |o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
     md.push_str(&provenance(ctx, &load_before, mark));
     let _ = write!(
         md,
         "\nEach run: start the agent (`--netns <ns>`, default hooks and ring), then {secs} s of a rate-limited accept \
-         storm (`st-bench storm --rate R`: one accept event per connection; idle: no traffic); CPU % = \
+         storm (`st-bench storm --rate R`: one accept per connection; idle: no traffic; max: as fast as the \
+         storm goes next to the agent); CPU % = \
          Δ(utime+stime) of the agent over the run / wall time (1 tick = 10 ms: ±0.1 % at this length), memory from \
-         /proc/PID/status at the end of the run. `serve` is scraped (GET /metrics) every second by the bench. \
-         {REPS} repetitions per cell, serve and watch alternating. Targets: ≤ 2 % CPU at 10k events/s, RSS ≤ 30 MiB.\n\n"
+         /proc/PID/status at the end of the run. `serve` is scraped (GET /metrics) every second by the bench; \
+         `top --json --interval 1s` writes to /dev/null. {REPS} repetitions per cell, the agents alternating \
+         (order rotated each repetition). Binary: `{bin}` (commit: `{commit}`). Targets: ≤ 2 % CPU at 10k events/s, RSS ≤ 30 MiB.\n\n"
     );
     md.push_str(&t.markdown());
     md.push_str("\n### `serve` with 1k listeners and 100k sockets\n\n");
@@ -114,6 +132,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
 fn start(ctx: &Ctx, ns: &NetNs, a: Agent) -> anyhow::Result<Tracer> {
     match a {
         Agent::Serve => Tracer::serve(ctx, ns, &[]),
+        Agent::Top => Tracer::top(ctx, ns),
         Agent::Watch => Tracer::watch(ctx, ns, &[], &Stdout::Null),
     }
 }
@@ -131,6 +150,8 @@ fn one(ctx: &Ctx, ns: &NetNs, a: Agent, rate: u64, secs: f64) -> anyhow::Result<
     let events_per_s = if rate == 0 {
         idle(secs, scrape);
         0.0
+    } else if rate == u64::MAX {
+        storm(ctx, ns, &Storm::max(secs), scrape)?.rate
     } else {
         storm(ctx, ns, &Storm::rate(secs, rate), scrape)?.rate
     };

@@ -470,6 +470,13 @@ impl Tracer {
         Tracer::spawn(cmd, "serving http://", Some(addr))
     }
 
+    /// `top --json` (its lines to /dev/null), one interval per second.
+    pub fn top(ctx: &Ctx, ns: &NetNs) -> anyhow::Result<Tracer> {
+        let mut cmd = Command::new(&ctx.socktrace);
+        cmd.args(["top", "--json", "--interval", "1s", "--netns", &ns.name]).stdout(Stdio::null());
+        Tracer::spawn(cmd, "tracing started", None)
+    }
+
     fn spawn(mut cmd: Command, ready: &'static str, metrics: Option<String>) -> anyhow::Result<Tracer> {
         let mut child = cmd.stderr(Stdio::piped()).spawn().with_context(|| format!("spawning {cmd:?}"))?;
         let stderr: Arc<Mutex<Vec<String>>> = Arc::default();

@@ -73,6 +73,10 @@ pub struct BenchArgs {
     /// Print the tables only; leave docs/BENCHMARKS.md alone.
     #[arg(long)]
     pub no_write: bool,
+    /// The socktrace binary to measure (default: target/release/socktrace): a copy of an older
+    /// build gives a before/after in one session.
+    #[arg(long)]
+    pub socktrace: Option<PathBuf>,
 }
 
 /// One benchmark's results: a terminal table and the markdown section for docs/BENCHMARKS.md.
@@ -151,7 +155,7 @@ impl Ctx {
     pub fn new(args: &BenchArgs) -> anyhow::Result<Ctx> {
         let target = crate::workspace().join("target/release");
         let ctx = Ctx {
-            socktrace: target.join("socktrace"),
+            socktrace: args.socktrace.clone().unwrap_or_else(|| target.join("socktrace")),
             st_bench: target.join("st-bench"),
             reps: args.reps.max(1),
             secs: args.secs.max(0.5),

@@ -7,8 +7,8 @@
 //!    the default 4 MiB ring checks the loss accounting (shown + lost = accepted).
 //! 2. Sustained: storms at fixed rates with `watch --json > /dev/null` attached and small to
 //!    default ring buffers (`--ring-buffer-kib`): where loss starts.
-//! 3. `serve` when events are lost: in-kernel aggregation (LISTENERS map) keeps its counters exact;
-//!    only the accept-wait histogram (built from accept events) misses samples.
+//! 3. `serve` when events are lost: in-kernel aggregation (LISTENERS map, and the WAITS wait
+//!    histograms) keeps its counters and its accept-wait histogram exact.
 
 use std::{
     fmt::Write as _,
@@ -121,12 +121,12 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
             .join("; "),
     );
     md.push_str(
-        ".\n\n### `serve` counters when events are lost\n\n`serve` mutes every event kind but accept in the kernel, and \
-         its counters come from the in-kernel per-listener aggregates (LISTENERS map), not from events: they do not \
-         depend on the event rate. Storm as fast as possible, `serve --netns <ns> --ring-buffer-kib N` scraped every \
+        ".\n\n### `serve` counters when events are lost\n\n`serve` mutes every event kind but listen in the kernel, and \
+         its counters and wait histograms come from the in-kernel per-listener aggregates (LISTENERS and WAITS maps), \
+         not from events: they do not depend on the event rate. Storm as fast as possible, `serve --netns <ns> --ring-buffer-kib N` scraped every \
          second; `socktrace_accepts_total` of the netns vs the connections the server accepted, \
-         `socktrace_events_lost_total`, and the accept-wait histogram's sample count (the only series built from \
-         events).\n\n",
+         `socktrace_events_lost_total`, and the accept-wait histogram's sample count (from the kernel's wait \
+         histograms; it was built from accept events before 2026-12-03).\n\n",
     );
     md.push_str(&exact.markdown());
     Ok(Section { name: "pipeline", markdown: md })
