@@ -61,6 +61,8 @@ pub struct Agent {
     pub kernel_read_ns: u64,
     /// `LISTENERS` rows this agent created (seeds), for the eviction count.
     seeded: u64,
+    /// `LISTENERS` rows this agent deleted (listeners it let go), for the eviction count.
+    rows_deleted: u64,
     /// Evictions from the bounded maps, measured at every interval.
     pub pressure: Pressure,
 }
@@ -111,6 +113,7 @@ impl Agent {
             seed_errors: 0,
             kernel_read_ns: 0,
             seeded: 0,
+            rows_deleted: 0,
             pressure: Pressure::default(),
         };
         agent.write_control()?;
@@ -224,8 +227,8 @@ impl Agent {
                 sockets.push((u32::try_from(k & u64::from(u32::MAX)).unwrap_or(0), s, peak));
             }
         }
-        self.pressure.measure(&self.tracer.ebpf, &self.stats, &self.tracer.maps, Some((inserts, present.len() as u64)), self.seeded);
-        // Rows read before and missing now were evicted (neither side deletes them).
+        self.pressure.measure(&self.tracer.ebpf, &self.stats, &self.tracer.maps, Some((inserts, present.len() as u64, self.rows_deleted)), self.seeded);
+        // Rows read before and missing now were evicted (the agent forgets the rows it deletes).
         self.model.kernel_rows_present(&present);
         let diag = (self.diag)().map(|mut sample| {
             self.filter.select_listeners(&mut sample);
@@ -248,7 +251,29 @@ impl Agent {
         let acceptors: Vec<(AcceptorKey, AcceptorSeen)> = read_map(&self.acceptors, "ACCEPTORS")?;
         let acceptors: Vec<_> = acceptors.into_iter().filter(|(k, _)| in_view(&self.filter, k.netns, k.lport, k.inode)).collect();
         self.model.take_acceptors(&acceptors);
+        self.delete_gone_rows(&kernel, &sockets);
         Ok(())
+    }
+
+    /// Deletes the kernel rows of listeners and sockets the model has let go (only rows this
+    /// process's filter selects: the others never reach the model). A row the map refuses to
+    /// delete keeps its last-read counters, so nothing is counted twice.
+    fn delete_gone_rows(&mut self, kernel: &[(ListenerKey, ListenerStats, Option<u32>)], sockets: &[(u32, ListenerStats, Option<u32>)]) {
+        let (ports, socks) = self.model.gone_rows(kernel, sockets);
+        // Deleted here (counted: the eviction estimate subtracts them), or already evicted (ENOENT).
+        let mut deleted = 0;
+        let mut gone = |key: u64| match self.listeners.remove(&key) {
+            Ok(()) => {
+                deleted += 1;
+                true
+            }
+            Err(aya::maps::MapError::SyscallError(e)) => e.io_error.raw_os_error() == Some(libc::ENOENT),
+            Err(_) => false,
+        };
+        let ports: Vec<ListenerKey> = ports.into_iter().filter(|k| gone(listener_key(k.netns, k.lport))).collect();
+        let socks: Vec<u32> = socks.into_iter().filter(|ino| gone(socket_key(*ino))).collect();
+        self.rows_deleted += deleted;
+        self.model.forget_rows(&ports, &socks);
     }
 
     /// Counts in the kernel's `PAST` map now (segments that never reached a listener and local

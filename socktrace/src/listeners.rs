@@ -1,6 +1,8 @@
 //! Live LISTEN-socket sampling for the interval views (`top`, `serve`, `diagnose`): one
 //! NETLINK_SOCK_DIAG socket per network namespace, kept open between samples (a netlink socket
-//! stays bound to the namespace it was created in), re-discovering namespaces every few seconds.
+//! stays bound to the namespace it was created in), re-discovering namespaces every few seconds
+//! and closing the sockets of namespaces that were deleted (an open socket keeps its namespace
+//! alive).
 //!
 //! Socket owners come from a scan of every process's fds (/proc/*/fd), which costs one syscall
 //! per descriptor on the host (100k sockets: ~100 ms). It is redone only when a listener appears
@@ -59,7 +61,13 @@ impl LiveListeners {
         }
         self.discovered = Some(Instant::now());
         let own = system::own_netns();
-        for ns in netns::discover().namespaces {
+        let found = netns::discover().namespaces;
+        // A namespace no process is in and no /run/netns name holds (deleted with `ip netns del`,
+        // its last process gone) lives on only through our socket, which pins it: close it, or
+        // every deleted namespace stays allocated in the kernel and costs an fd here (found by
+        // `cargo xtask soak`). If it is found again, it is reopened.
+        self.sockets.retain(|inode, _| found.iter().any(|ns| ns.inode == *inode));
+        for ns in found {
             if self.scope.is_some_and(|s| s != ns.inode) || self.sockets.contains_key(&ns.inode) {
                 continue;
             }

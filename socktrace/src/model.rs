@@ -374,8 +374,8 @@ pub const GRACE_INTERVALS: u64 = 30;
 #[derive(Default)]
 pub struct Model {
     pub listeners: BTreeMap<ListenerKey, Listener>,
-    /// Kernel row id and counters at the last read (or seed), per key (kept even for rows that
-    /// were dropped from the model, until the kernel row goes).
+    /// Kernel row id and counters at the last read (or seed), per key (kept for listeners dropped
+    /// from the model until the agent deletes their kernel row: [`Model::gone_rows`]).
     kernel_last: BTreeMap<ListenerKey, (u32, Counts)>,
     /// The same per socket inode.
     kernel_last_socket: BTreeMap<u32, (u32, Counts)>,
@@ -645,6 +645,31 @@ impl Model {
         }
         self.listeners.retain(|_, l| l.listening || now - l.seen <= GRACE_INTERVALS);
     }
+
+    /// Kernel rows of the interval just closed whose listener (port rows) or socket (socket rows)
+    /// the model has let go (closed, then idle for the grace period): the agent deletes them from
+    /// the kernel map, then calls [`Model::forget_rows`]. Without this every listener ever seen
+    /// keeps its row until the LRU map evicts it, and each interval reads them all.
+    pub fn gone_rows(&self, kernel: &[(ListenerKey, ListenerStats, Option<u32>)], sockets: &[(u32, ListenerStats, Option<u32>)]) -> (Vec<ListenerKey>, Vec<u32>) {
+        let ports = kernel.iter().map(|(k, _, _)| *k).filter(|k| !self.listeners.contains_key(k)).collect();
+        let socks = sockets
+            .iter()
+            .filter(|(ino, s, _)| !self.listeners.get(&ListenerKey { netns: s.netns, lport: s.lport }).is_some_and(|l| l.sockets.contains_key(ino)))
+            .map(|(ino, _, _)| *ino)
+            .collect();
+        (ports, socks)
+    }
+
+    /// Forgets the last-read counters of rows deleted from the kernel map (a new row under the
+    /// same key then counts from zero, as the kernel's does).
+    pub fn forget_rows(&mut self, ports: &[ListenerKey], sockets: &[u32]) {
+        for k in ports {
+            self.kernel_last.remove(k);
+        }
+        for ino in sockets {
+            self.kernel_last_socket.remove(ino);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -889,5 +914,23 @@ mod tests {
         assert!(m.listeners.contains_key(&key));
         m.close_interval(&[(key, stats(1, 0), None)], &[], Some(&none));
         assert!(!m.listeners.contains_key(&key));
+    }
+
+    #[test]
+    fn rows_of_dropped_listeners_are_given_back() {
+        let (key, other) = (ListenerKey { netns: 1, lport: 80 }, ListenerKey { netns: 1, lport: 81 });
+        let mut m = Model::default();
+        let none = DiagSample::default();
+        let rows = |a: u64, b: u64| [(key, stats(a, 0), None), (other, stats(b, 0), None)];
+        m.close_interval(&rows(1, 1), &[], Some(&none));
+        assert_eq!(m.gone_rows(&rows(1, 1), &[]).0, Vec::<ListenerKey>::new(), "both are still in their grace period");
+        for i in 0..=GRACE_INTERVALS {
+            m.close_interval(&rows(1, 2 + i), &[], Some(&none));
+        }
+        assert_eq!(m.gone_rows(&rows(1, 2 + GRACE_INTERVALS), &[]).0, [key], "the idle, closed one goes; the busy one stays");
+        m.forget_rows(&[key], &[]);
+        // The kernel's new row under that key counts from zero, and so does the model.
+        m.close_interval(&[(key, stats(3, 0), None)], &[], Some(&none));
+        assert_eq!(m.listeners[&key].total.accepts, 3);
     }
 }

@@ -154,14 +154,14 @@ impl Pressure {
     /// Measures every map. `listeners_live`: the `LISTENERS` rows the caller just walked (the
     /// agent does, reading them), with `listener_inserts` read before that walk; `None` walks
     /// it here. `seeded`: rows the agent created itself.
-    pub fn measure(&mut self, ebpf: &Ebpf, stats: &Stats, sizes: &MapSizes, listeners: Option<(u64, u64)>, seeded: u64) {
+    pub fn measure(&mut self, ebpf: &Ebpf, stats: &Stats, sizes: &MapSizes, listeners: Option<(u64, u64, u64)>, seeded: u64) {
         let mut maps = Vec::with_capacity(BoundedMap::ALL.len());
         for m in BoundedMap::ALL {
             let capacity = m.capacity(sizes);
             let (ins, del) = m.counters();
             let last = self.maps.iter().find(|u| u.map == m.name()).copied();
-            let (inserts, entries) = if let (BoundedMap::Listeners, Some((inserts, live))) = (m, listeners) {
-                (inserts, live)
+            let (inserts, entries, agent_deletes) = if let (BoundedMap::Listeners, Some((inserts, live, deleted))) = (m, listeners) {
+                (inserts, live, Some(deleted))
             } else {
                 let inserts = stats.get(ins);
                 let deleted = del.map_or(0, |d| stats.get(d));
@@ -183,10 +183,11 @@ impl Pressure {
                     BoundedMap::Enqueued | BoundedMap::Accepting => count_keys::<u64, u64>(ebpf, m.name(), capacity),
                 };
                 self.next_walk.insert(m.name(), Instant::now() + started.elapsed() * WALK_SHARE);
-                (inserts, live)
+                (inserts, live, None)
             };
             let inserts = inserts + if m == BoundedMap::Listeners { seeded } else { 0 };
-            let deletes = del.map_or(0, |d| stats.get(d));
+            // LISTENERS rows are deleted only by the agent (rows of listeners it let go), which counts them.
+            let deletes = agent_deletes.unwrap_or_else(|| del.map_or(0, |d| stats.get(d)));
             let before = last.map_or(0, |u| u.evicted);
             let evicted = evictions(before, inserts, deletes, entries);
             maps.push(MapUse { map: m.name(), capacity, entries, inserts, deletes, evicted });

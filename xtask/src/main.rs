@@ -12,11 +12,14 @@
 //!   inside qemu on Debian kernels, once per hook mode (see `vm.rs`).
 //! - `deb`, `static`, `image`, `test-packages`: the Debian package, the static binary, the OCI
 //!   image, and the tests of all three (see `package.rs`).
+//! - `soak [--minutes N]` / `soak --flood [--seconds N]`: build, then the churn soak or the SYN flood
+//!   with pass/fail checks (see `soak.rs`).
 
 mod bench;
 mod bench_snapshot;
 mod package;
 mod setup;
+mod soak;
 mod vm;
 
 use std::{
@@ -66,6 +69,8 @@ enum Task {
     },
     /// Overhead benchmarks (root): tables on stdout and docs/BENCHMARKS.md.
     Bench(bench::BenchArgs),
+    /// Churn soak of serve and top, or (--flood) a SYN flood against serve (root): checks, docs/BENCHMARKS.md.
+    Soak(soak::SoakArgs),
     /// Debian package target/debian/socktrace_<version>_amd64.deb (cargo-deb).
     Deb,
     /// Static binary (x86_64-unknown-linux-musl, eBPF object embedded).
@@ -106,6 +111,7 @@ fn main() -> ExitCode {
         Task::Run { args } => setup::build_deps().and_then(|()| build()).and_then(|()| run(&args)),
         Task::Test { vm: false, args, .. } => setup::all().and_then(|()| test(&args)),
         Task::Bench(args) => setup::all().and_then(|()| build()).and_then(|()| bench::run(&args)),
+        Task::Soak(args) => setup::all().and_then(|()| build()).and_then(|()| soak::run(&args)),
         Task::Deb => package::deb().map(drop),
         Task::Static => package::static_binary().map(drop),
         Task::Image => package::image().map(drop),

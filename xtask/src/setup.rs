@@ -19,6 +19,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("util-linux", "/usr/bin/setpriv"),
     ("prometheus", "/usr/bin/prometheus"),
     ("tmux", "/usr/bin/tmux"),
+    // `cargo xtask soak --flood`: the SYN flood over veth (`hping3 --flood --rand-source`).
+    ("hping3", "/usr/sbin/hping3"),
     // `socktrace generate` tests: the man pages render, the completion scripts parse.
     ("groff-base", "/usr/bin/groff"),
     ("zsh", "/usr/bin/zsh"),

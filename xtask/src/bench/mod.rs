@@ -152,7 +152,7 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    fn new(args: &BenchArgs) -> anyhow::Result<Ctx> {
+    pub fn new(args: &BenchArgs) -> anyhow::Result<Ctx> {
         let target = crate::workspace().join("target/release");
         let ctx = Ctx {
             socktrace: args.socktrace.clone().unwrap_or_else(|| target.join("socktrace")),
