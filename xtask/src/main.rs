@@ -8,7 +8,7 @@
 //!   scenario, `--test-threads=1`); with `SOCKTRACE_REQUIRE_BPF=1` an eBPF test that would skip fails;
 //! - `bench [accept|pipeline|agent|snapshot|nginx|syscalls|all]`: build, then the overhead benchmarks (see
 //!   `bench/`), which print tables and rewrite docs/BENCHMARKS.md.
-//! - `test --stress [--hog-cpu N] [--files A,B]`: instead, the timing-sensitive integration tests with a
+//! - `test --stress [--hog-cpu N] [--files A,B:NAME]`: instead, the timing-sensitive integration tests with a
 //!   CPU hog busy on one core (see `stress.rs`).
 //! - `test --vm [--kernel 5.10|6.1|6.12|all] [--hooks fentry|kprobe|both]`: instead, the privileged tests
 //!   inside qemu on Debian kernels, once per hook mode (see `vm.rs`).
@@ -59,7 +59,8 @@ enum Task {
         /// CPU the hog is pinned to (with --stress; default: the last CPU).
         #[arg(long, requires = "stress")]
         hog_cpu: Option<usize>,
-        /// Integration test files to run under the hog (with --stress).
+        /// Integration test files to run under the hog (with --stress); `FILE:NAME` runs FILE's tests
+        /// whose name contains NAME.
         #[arg(long, value_delimiter = ',', requires = "stress", default_values_t = stress::TIMING_TESTS.iter().map(|s| (*s).to_owned()))]
         files: Vec<String>,
         /// Kernel(s) of the matrix (with --vm).

@@ -99,15 +99,17 @@ pub fn hog(cpu: usize, parent: u32) -> anyhow::Result<()> {
     }
 }
 
-/// Runs `tests` (integration test files of socktrace-tests) one at a time with a hog on `cpu`;
-/// `args` go to each test binary (e.g. a name filter). Every file runs even after a failure; the
+/// Runs `tests` (integration test files of socktrace-tests, `FILE` or `FILE:NAME` for the tests of
+/// FILE whose name contains NAME) one at a time with a hog on `cpu`; `args` go to each test binary. Every file runs even after a failure; the
 /// failures are listed at the end.
 pub fn run(cpu: usize, tests: &[String], args: &[String]) -> anyhow::Result<()> {
     crate::build()?;
     // Build the test binaries before the hog starts: the hog is for the tests, not the compiler.
+    // `FILE:NAME` runs only the tests of FILE whose name contains NAME.
+    let tests: Vec<(&str, Option<&str>)> = tests.iter().map(|t| t.split_once(':').map_or((t.as_str(), None), |(f, n)| (f, Some(n)))).collect();
     let mut build = crate::cargo();
     build.args(["test", "--release", "-p", "socktrace-tests", "--no-run"]);
-    for t in tests {
+    for (t, _) in &tests {
         build.args(["--test", t]);
     }
     crate::status(&mut build)?;
@@ -115,15 +117,15 @@ pub fn run(cpu: usize, tests: &[String], args: &[String]) -> anyhow::Result<()> 
     let hog = Hog::start(cpu)?;
     let started = Instant::now();
     let mut failed = Vec::new();
-    for t in tests {
+    for &(t, name) in &tests {
         let t0 = Instant::now();
         let mut cmd = crate::cargo();
-        cmd.args(["test", "--release", "-p", "socktrace-tests", "--test", t, "--", "--test-threads=1"]).args(args);
+        cmd.args(["test", "--release", "-p", "socktrace-tests", "--test", t, "--", "--test-threads=1"]).args(name).args(args);
         cmd.env("SOCKTRACE_BIN", &bin);
         let ok = cmd.status().with_context(|| format!("spawning {cmd:?}"))?.success();
         eprintln!("xtask: stress {t}: {} in {:.0} s", if ok { "ok" } else { "FAILED" }, t0.elapsed().as_secs_f64());
         if !ok {
-            failed.push(t.as_str());
+            failed.push(t);
         }
     }
     eprintln!("xtask: stress pass took {:.0} s", started.elapsed().as_secs_f64());
