@@ -522,7 +522,7 @@ pub const MAX_LOAD_SCALE: u8 = 10;
 
 impl Load {
     /// Measures the load (about 25 ms): load average and run queue from `/proc/loadavg`, CPU
-    /// pressure, steal time from `/proc/stat` around [`WAKE_SAMPLES`] sleeps of 1 ms.
+    /// pressure (for the record), steal time from `/proc/stat` around [`WAKE_SAMPLES`] sleeps of 1 ms.
     pub fn measure() -> Load {
         let cpus = std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(1));
         let avg = fs::read_to_string("/proc/loadavg").unwrap_or_default();
@@ -552,8 +552,11 @@ impl Load {
 
     /// The factor (1..=[`MAX_LOAD_SCALE`]) by which work takes longer and wake-ups come later than
     /// on an idle machine: the most pessimistic of runnable tasks per CPU (now and over the last
-    /// minute), wake-up lateness in units of [`WAKE_UNIT_NS`], and 1 / (share of time not waiting
-    /// for a CPU, not stolen), rounded to the nearest integer.
+    /// minute), wake-up lateness in units of [`WAKE_UNIT_NS`], and 1 / (share of time not
+    /// stolen), rounded to the nearest integer. CPU pressure is printed but not a factor: its
+    /// `some` share counts time in which any task waited, so it reads ~99 % as soon as one busy
+    /// task more than there are CPUs runs (measured with the `--stress` hog), whatever the wait of
+    /// the test's own tasks.
     pub fn scale(&self) -> i64 {
         let cpus = f64::from(self.cpus.max(1));
         let inverse = |share: Option<f64>| share.map_or(1.0, |s| 1.0 / (1.0 - s.clamp(0.0, 0.9)));
@@ -562,7 +565,6 @@ impl Load {
             self.loadavg1 / cpus,
             f64::from(self.runnable) / cpus,
             self.wake_late_p90_ns as f64 / WAKE_UNIT_NS as f64,
-            inverse(self.cpu_pressure),
             inverse(self.steal),
         ];
         let worst = factors.into_iter().fold(1.0_f64, f64::max).round();
@@ -659,8 +661,8 @@ mod tests {
         assert_eq!(Load { runnable: 5, ..idle() }.scale(), 3);
         // A 1 ms sleep waking 7 ms late: 3.5 units of 2 ms, rounded.
         assert_eq!(Load { wake_late_p90_ns: 7_000_000, ..idle() }.scale(), 4);
-        // Waiting for a CPU 75 % of the time: work takes 4× as long.
-        assert_eq!(Load { cpu_pressure: Some(0.75), ..idle() }.scale(), 4);
+        // Some task waiting for a CPU 99 % of the time says nothing about this one's wait.
+        assert_eq!(Load { cpu_pressure: Some(0.99), ..idle() }.scale(), 1);
         assert_eq!(Load { steal: Some(0.5), ..idle() }.scale(), 2);
         assert_eq!(Load { loadavg1: 3.0, wake_late_p90_ns: 9_000_000, ..idle() }.scale(), 5);
     }
@@ -668,7 +670,7 @@ mod tests {
     #[test]
     fn the_scale_is_bounded() {
         assert_eq!(Load { loadavg1: 400.0, ..idle() }.scale(), i64::from(super::MAX_LOAD_SCALE));
-        assert_eq!(Load { cpu_pressure: Some(1.0), steal: Some(1.0), ..idle() }.scale(), i64::from(super::MAX_LOAD_SCALE));
+        assert_eq!(Load { steal: Some(1.0), ..idle() }.scale(), i64::from(super::MAX_LOAD_SCALE));
     }
 
     #[test]
