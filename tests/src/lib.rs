@@ -399,11 +399,21 @@ pub struct Serve {
 }
 
 impl Serve {
+    /// Listens on the host's loopback at `port`, or, when another process holds it (the machine
+    /// is shared: another checkout's suite may run the same test), at `port` + 100, + 200, ….
     pub fn start(port: u16, args: &[&str]) -> anyhow::Result<Serve> {
-        let addr = format!("127.0.0.1:{port}");
-        let mut cmd = Command::new(socktrace_bin());
-        cmd.args(["serve", "--listen", &addr]).args(suite_hooks(args));
-        Ok(Serve { proc: Proc::start(&mut cmd, "serving http://", ReadyOn::Stderr)?, addr })
+        let mut tried = Vec::new();
+        for p in (0..5).filter_map(|k| port.checked_add(100 * k)) {
+            let addr = format!("127.0.0.1:{p}");
+            let mut cmd = Command::new(socktrace_bin());
+            cmd.args(["serve", "--listen", &addr]).args(suite_hooks(args));
+            match Proc::start(&mut cmd, "serving http://", ReadyOn::Stderr) {
+                Ok(proc) => return Ok(Serve { proc, addr }),
+                Err(e) if format!("{e:#}").contains("Address already in use") => tried.push(addr),
+                Err(e) => return Err(e),
+            }
+        }
+        bail!("socktrace serve: every port tried is in use: {tried:?}")
     }
 }
 
