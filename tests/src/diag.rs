@@ -37,6 +37,9 @@ pub struct Outcome {
     pub spawned_ns: u64,
     pub ready_ns: u64,
     pub end_ns: u64,
+    /// `CLOCK_MONOTONIC` after diagnose exited (and its output was read): its last counter read
+    /// was before. On a loaded machine that read can come well after the nominal end.
+    pub exit_ns: u64,
 }
 
 impl<'a> Diagnose<'a> {
@@ -88,6 +91,7 @@ impl<'a> Diagnose<'a> {
     /// Waits for the report; reads the counters again.
     pub fn finish(self) -> anyhow::Result<Outcome> {
         let out = self.proc.wait(Duration::from_mins(2))?;
+        let exit_ns = monotonic_ns();
         let after = self.ns.counters()?;
         let last = out.last().ok_or_else(|| anyhow::anyhow!("diagnose printed nothing"))?;
         Ok(Outcome {
@@ -98,6 +102,7 @@ impl<'a> Diagnose<'a> {
             spawned_ns: self.spawned_ns,
             ready_ns: self.ready_ns,
             end_ns: self.ready_ns + u64::from(self.secs) * 1_000_000_000,
+            exit_ns,
         })
     }
 }
@@ -109,10 +114,12 @@ impl Outcome {
     }
 
     /// Events at `ts_ns` (e.g. a server's accepts) counted as the kernel deltas are: inner from
-    /// the ready line, outer from the spawn, both up to the window's end.
+    /// the ready line to the window's nominal end, outer from the spawn to diagnose's exit (its
+    /// last counter read ends the window it reports: late on a loaded machine, and a server
+    /// stamps an accept after the kernel made it).
     pub fn count_in_window(&self, ts_ns: &[u64]) -> (i64, i64) {
-        let n = |from: u64| i64::try_from(ts_ns.iter().filter(|&&t| t >= from && t <= self.end_ns).count()).unwrap_or(i64::MAX);
-        (n(self.ready_ns), n(self.spawned_ns))
+        let n = |from: u64, to: u64| i64::try_from(ts_ns.iter().filter(|&&t| t >= from && t <= to).count()).unwrap_or(i64::MAX);
+        (n(self.ready_ns, self.end_ns), n(self.spawned_ns, self.exit_ns))
     }
 
     /// Every listener report.

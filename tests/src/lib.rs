@@ -399,11 +399,21 @@ pub struct Serve {
 }
 
 impl Serve {
+    /// Listens on the host's loopback at `port`, or, when another process holds it (the machine
+    /// is shared: another checkout's suite may run the same test), at `port` + 100, + 200, ….
     pub fn start(port: u16, args: &[&str]) -> anyhow::Result<Serve> {
-        let addr = format!("127.0.0.1:{port}");
-        let mut cmd = Command::new(socktrace_bin());
-        cmd.args(["serve", "--listen", &addr]).args(suite_hooks(args));
-        Ok(Serve { proc: Proc::start(&mut cmd, "serving http://", ReadyOn::Stderr)?, addr })
+        let mut tried = Vec::new();
+        for p in (0..5).filter_map(|k| port.checked_add(100 * k)) {
+            let addr = format!("127.0.0.1:{p}");
+            let mut cmd = Command::new(socktrace_bin());
+            cmd.args(["serve", "--listen", &addr]).args(suite_hooks(args));
+            match Proc::start(&mut cmd, "serving http://", ReadyOn::Stderr) {
+                Ok(proc) => return Ok(Serve { proc, addr }),
+                Err(e) if format!("{e:#}").contains("Address already in use") => tried.push(addr),
+                Err(e) => return Err(e),
+            }
+        }
+        bail!("socktrace serve: every port tried is in use: {tried:?}")
     }
 }
 
@@ -484,10 +494,138 @@ pub fn assert_expected_hooks<S: std::hash::BuildHasher>(hooks: &HashMap<String, 
     }
 }
 
-/// `SOCKTRACE_TIME_SCALE` (default 1): factor for the tests' timing tolerances, for slow machines
-/// such as the emulated (TCG) guests of the kernel matrix, where scheduling delays are ~10x longer.
+/// `SOCKTRACE_TIME_SCALE` (default 1), times the measured [`load_scale`]: the factor for the tests'
+/// timing tolerances. The variable is for slow machines such as the emulated (TCG) guests of the
+/// kernel matrix, where scheduling delays are ~10x longer; the load factor for other processes
+/// competing for the CPUs (`cargo xtask test --stress`, a shared CI machine).
 pub fn time_scale() -> i64 {
-    std::env::var("SOCKTRACE_TIME_SCALE").ok().and_then(|v| v.parse().ok()).filter(|&v| v >= 1).unwrap_or(1)
+    let env = std::env::var("SOCKTRACE_TIME_SCALE").ok().and_then(|v| v.parse().ok()).filter(|&v| v >= 1).unwrap_or(1);
+    env * load_scale()
+}
+
+/// How loaded the machine is, measured now (see [`Load::measure`]).
+#[derive(Clone, Debug)]
+pub struct Load {
+    pub cpus: u32,
+    /// 1-minute load average (runnable and uninterruptible tasks).
+    pub loadavg1: f64,
+    /// Tasks running or runnable right now (this one included).
+    pub runnable: u32,
+    /// 90th percentile of how late a 1 ms sleep woke up (ns), over [`WAKE_SAMPLES`] sleeps.
+    pub wake_late_p90_ns: u64,
+    /// Share of the last 10 s in which some task waited for a CPU (`/proc/pressure/cpu`).
+    pub cpu_pressure: Option<f64>,
+    /// Share of CPU time the hypervisor gave to others, over the measurement (`/proc/stat`).
+    pub steal: Option<f64>,
+}
+
+/// Sleeps timed by [`Load::measure`].
+pub const WAKE_SAMPLES: usize = 20;
+
+/// Wake-up lateness of a 1 ms sleep that counts as one unit of load: an idle machine wakes
+/// within ~0.1 ms, a tester competing with one busy task per CPU within a scheduler slice (~3 ms).
+const WAKE_UNIT_NS: u64 = 2_000_000;
+
+/// Upper bound of [`load_scale`]: beyond it a test's tolerances would no longer test anything;
+/// such a machine fails the timing tests, with the load in the message.
+pub const MAX_LOAD_SCALE: u8 = 10;
+
+impl Load {
+    /// Measures the load (about 25 ms): load average and run queue from `/proc/loadavg`, CPU
+    /// pressure (for the record), steal time from `/proc/stat` around [`WAKE_SAMPLES`] sleeps of 1 ms.
+    pub fn measure() -> Load {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(1));
+        let avg = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        let mut f = avg.split_whitespace();
+        let loadavg1 = f.next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        let runnable = f.nth(1).and_then(|rt| rt.split_once('/')).and_then(|(r, _)| r.parse().ok()).unwrap_or(1);
+        let cpu_pressure = fs::read_to_string("/proc/pressure/cpu").ok().and_then(|t| {
+            let some = t.lines().find(|l| l.starts_with("some "))?;
+            some.split_whitespace().find_map(|kv| kv.strip_prefix("avg10=")).and_then(|v| v.parse::<f64>().ok()).map(|p| p / 100.0)
+        });
+        let before = cpu_ticks();
+        let mut late: Vec<u64> = (0..WAKE_SAMPLES)
+            .map(|_| {
+                let t = Instant::now();
+                std::thread::sleep(Duration::from_millis(1));
+                u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX).saturating_sub(1_000_000)
+            })
+            .collect();
+        late.sort_unstable();
+        let wake_late_p90_ns = late[WAKE_SAMPLES * 9 / 10 - 1];
+        let steal = before.zip(cpu_ticks()).and_then(|((t0, s0), (t1, s1))| {
+            #[expect(clippy::cast_precision_loss, reason = "tick counts of a few ms")]
+            (t1 > t0).then(|| (s1.saturating_sub(s0)) as f64 / (t1 - t0) as f64)
+        });
+        Load { cpus, loadavg1, runnable, wake_late_p90_ns, cpu_pressure, steal }
+    }
+
+    /// The factor (1..=[`MAX_LOAD_SCALE`]) by which work takes longer and wake-ups come later than
+    /// on an idle machine: the most pessimistic of runnable tasks per CPU (now and over the last
+    /// minute), wake-up lateness in units of [`WAKE_UNIT_NS`], and 1 / (share of time not
+    /// stolen), rounded to the nearest integer. CPU pressure is printed but not a factor: its
+    /// `some` share counts time in which any task waited, so it reads ~99 % as soon as one busy
+    /// task more than there are CPUs runs (measured with the `--stress` hog), whatever the wait of
+    /// the test's own tasks.
+    pub fn scale(&self) -> i64 {
+        let cpus = f64::from(self.cpus.max(1));
+        let inverse = |share: Option<f64>| share.map_or(1.0, |s| 1.0 / (1.0 - s.clamp(0.0, 0.9)));
+        #[expect(clippy::cast_precision_loss, reason = "ns lateness, far below 2^52")]
+        let factors = [
+            self.loadavg1 / cpus,
+            f64::from(self.runnable) / cpus,
+            self.wake_late_p90_ns as f64 / WAKE_UNIT_NS as f64,
+            inverse(self.steal),
+        ];
+        let worst = factors.into_iter().fold(1.0_f64, f64::max).round();
+        #[expect(clippy::cast_possible_truncation, reason = "clamped to 1..=MAX_LOAD_SCALE first")]
+        let s = worst.clamp(1.0, f64::from(MAX_LOAD_SCALE)) as i64;
+        s
+    }
+}
+
+impl std::fmt::Display for Load {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let pct = |v: Option<f64>| v.map_or_else(|| "unavailable".to_owned(), |v| format!("{:.0} %", v * 100.0));
+        write!(
+            f,
+            "load scale {}: loadavg {:.2} on {} CPUs, {} runnable, 1 ms sleep woke {:.2} ms late (p90), CPU pressure {}, steal {}",
+            self.scale(),
+            self.loadavg1,
+            self.cpus,
+            self.runnable,
+            Duration::from_nanos(self.wake_late_p90_ns).as_secs_f64() * 1e3,
+            pct(self.cpu_pressure),
+            pct(self.steal),
+        )
+    }
+}
+
+/// (all, steal) CPU ticks from the first line of `/proc/stat`.
+fn cpu_ticks() -> Option<(u64, u64)> {
+    let stat = fs::read_to_string("/proc/stat").ok()?;
+    let ticks: Vec<u64> = stat.lines().next()?.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    Some((ticks.iter().take(8).sum(), *ticks.get(7)?))
+}
+
+/// [`Load::scale`], printed when measured (a failing timing assertion shows the load it ran
+/// under). The largest value this process measured in the last minute counts, since the scenario
+/// being judged ran before the call; a measurement younger than 5 s is reused (assertions in a loop).
+pub fn load_scale() -> i64 {
+    // (when measured, scale): the latest measurement and the largest one of the last minute.
+    static SEEN: Mutex<[Option<(Instant, i64)>; 2]> = Mutex::new([None, None]);
+    let mut seen = SEEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let [latest, largest] = &mut *seen;
+    if latest.is_none_or(|(at, _)| at.elapsed() >= Duration::from_secs(5)) {
+        let load = Load::measure();
+        eprintln!("{load}");
+        let now = (Instant::now(), load.scale());
+        *latest = Some(now);
+        if largest.is_none_or(|(at, s)| s <= now.1 || at.elapsed() >= Duration::from_mins(1)) {
+            *largest = Some(now);
+        }
+    }
+    largest.map_or(1, |(_, s)| s)
 }
 
 /// Runs of process `pid`'s eBPF programs named `prefix…` that the kernel skipped because the same
@@ -510,4 +648,45 @@ pub fn recursion_misses(pid: u32, prefixes: &[&str]) -> anyhow::Result<i64> {
         .filter(|p| prefixes.iter().any(|pre| p["name"].as_str().unwrap_or("").starts_with(pre)))
         .filter_map(|p| p["recursion_misses"].as_i64())
         .sum())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Load;
+
+    fn idle() -> Load {
+        Load { cpus: 2, loadavg1: 0.3, runnable: 1, wake_late_p90_ns: 80_000, cpu_pressure: Some(0.01), steal: Some(0.0) }
+    }
+
+    #[test]
+    fn an_idle_machine_scales_by_one() {
+        assert_eq!(idle().scale(), 1);
+        assert_eq!(Load { cpu_pressure: None, steal: None, ..idle() }.scale(), 1);
+    }
+
+    #[test]
+    fn the_worst_measure_sets_the_scale() {
+        // Load average 16 on 2 CPUs (this machine with six other builds and a hog): 8.
+        assert_eq!(Load { loadavg1: 16.0, ..idle() }.scale(), 8);
+        assert_eq!(Load { runnable: 5, ..idle() }.scale(), 3);
+        // A 1 ms sleep waking 7 ms late: 3.5 units of 2 ms, rounded.
+        assert_eq!(Load { wake_late_p90_ns: 7_000_000, ..idle() }.scale(), 4);
+        // Some task waiting for a CPU 99 % of the time says nothing about this one's wait.
+        assert_eq!(Load { cpu_pressure: Some(0.99), ..idle() }.scale(), 1);
+        assert_eq!(Load { steal: Some(0.5), ..idle() }.scale(), 2);
+        assert_eq!(Load { loadavg1: 3.0, wake_late_p90_ns: 9_000_000, ..idle() }.scale(), 5);
+    }
+
+    #[test]
+    fn the_scale_is_bounded() {
+        assert_eq!(Load { loadavg1: 400.0, ..idle() }.scale(), i64::from(super::MAX_LOAD_SCALE));
+        assert_eq!(Load { steal: Some(1.0), ..idle() }.scale(), i64::from(super::MAX_LOAD_SCALE));
+    }
+
+    #[test]
+    fn a_measurement_is_plausible() {
+        let l = Load::measure();
+        assert!(l.cpus >= 1 && l.runnable >= 1 && l.loadavg1 >= 0.0, "{l}");
+        assert!((1..=i64::from(super::MAX_LOAD_SCALE)).contains(&l.scale()), "{l}");
+    }
 }

@@ -8,6 +8,8 @@
 //!   scenario, `--test-threads=1`); with `SOCKTRACE_REQUIRE_BPF=1` an eBPF test that would skip fails;
 //! - `bench [accept|pipeline|agent|snapshot|nginx|syscalls|all]`: build, then the overhead benchmarks (see
 //!   `bench/`), which print tables and rewrite docs/BENCHMARKS.md.
+//! - `test --stress [--hog-cpu N] [--files A,B:NAME]`: instead, the timing-sensitive integration tests with a
+//!   CPU hog busy on one core (see `stress.rs`).
 //! - `test --vm [--kernel 5.10|6.1|6.12|all] [--hooks fentry|kprobe|both]`: instead, the privileged tests
 //!   inside qemu on Debian kernels, once per hook mode (see `vm.rs`).
 //! - `deb`, `static`, `image`, `test-packages`: the Debian package, the static binary, the OCI
@@ -20,6 +22,7 @@ mod bench_snapshot;
 mod package;
 mod setup;
 mod soak;
+mod stress;
 mod vm;
 
 use std::{
@@ -51,8 +54,18 @@ enum Task {
     /// Run every test: unit tests and the privileged eBPF integration tests.
     Test {
         /// Run the privileged tests in qemu on Debian kernels (the kernel matrix) instead.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "stress")]
         vm: bool,
+        /// Run the timing-sensitive integration tests with a CPU hog busy on one core instead.
+        #[arg(long)]
+        stress: bool,
+        /// CPU the hog is pinned to (with --stress; default: the last CPU).
+        #[arg(long, requires = "stress")]
+        hog_cpu: Option<usize>,
+        /// Integration test files to run under the hog (with --stress); `FILE:NAME` runs FILE's tests
+        /// whose name contains NAME.
+        #[arg(long, value_delimiter = ',', requires = "stress", default_values_t = stress::TIMING_TESTS.iter().map(|s| (*s).to_owned()))]
+        files: Vec<String>,
         /// Kernel(s) of the matrix (with --vm).
         #[arg(long, value_enum, default_value = "all", requires = "vm")]
         kernel: KernelArg,
@@ -66,6 +79,15 @@ enum Task {
         /// replace the default subset of `privileged` tests.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// The CPU hog of `test --stress` (spawned by xtask itself).
+    #[command(hide = true)]
+    Hog {
+        #[arg(long)]
+        cpu: usize,
+        /// Pid of the xtask that must be alive (the hog dies with it).
+        #[arg(long)]
+        parent: u32,
     },
     /// Overhead benchmarks (root): tables on stdout and docs/BENCHMARKS.md.
     Bench(bench::BenchArgs),
@@ -109,14 +131,19 @@ fn main() -> ExitCode {
         Task::Setup => setup::all(),
         Task::Build => setup::build_deps().and_then(|()| build()),
         Task::Run { args } => setup::build_deps().and_then(|()| build()).and_then(|()| run(&args)),
-        Task::Test { vm: false, args, .. } => setup::all().and_then(|()| test(&args)),
+        Task::Test { vm: false, stress: false, args, .. } => setup::all().and_then(|()| test(&args)),
+        Task::Test { vm: false, stress: true, hog_cpu, files, args, .. } => setup::all().and_then(|()| {
+            let last = std::thread::available_parallelism().map_or(1, std::num::NonZero::get) - 1;
+            stress::run(hog_cpu.unwrap_or(last), &files, &args)
+        }),
+        Task::Hog { cpu, parent } => stress::hog(cpu, parent),
         Task::Bench(args) => setup::all().and_then(|()| build()).and_then(|()| bench::run(&args)),
         Task::Soak(args) => setup::all().and_then(|()| build()).and_then(|()| soak::run(&args)),
         Task::Deb => package::deb().map(drop),
         Task::Static => package::static_binary().map(drop),
         Task::Image => package::image().map(drop),
         Task::TestPackages { args } => package::test_packages(&args),
-        Task::Test { vm: true, kernel, hooks, vm_timeout, args } => vm::test(&vm::Options {
+        Task::Test { vm: true, kernel, hooks, vm_timeout, args, .. } => vm::test(&vm::Options {
             kernels: vm::KERNELS
                 .iter()
                 .filter(|k| match kernel {

@@ -170,9 +170,11 @@ fn take_interval(
     paths: &mut BTreeMap<u32, Option<netns::Netns>>,
 ) -> anyhow::Result<()> {
     agent.close_interval()?;
-    // When the counters were read (the sock_diag sample and the owner scan that follow can take
-    // a while on a busy host: the kernel counts must line up with the events' times).
+    // When the counters began to be read, and when the sample was complete (the sock_diag sample
+    // and the owner scan that follow can take a while on a busy host: the kernel counts must line
+    // up with the events' times, and the queue lengths lie between the two).
     let t_ns = agent.kernel_read_ns;
+    let end_ns = system::monotonic_ns();
     let diag_ok = agent.diag_ok;
     for (key, l) in &agent.model.listeners {
         if !before.contains_key(&key.netns) {
@@ -209,11 +211,11 @@ fn take_interval(
             a.syn_recv_max = Some(a.syn_recv_max.map_or(n, |x| x.max(n)));
         }
         let listed = diag_ok && l.listening;
-        a.points.push(Point { t_ns, queue_len: l.queue_len.filter(|_| listed), backlog: l.backlog.filter(|_| listed), accepts: i.accepts });
+        a.points.push(Point { t_ns, end_ns, queue_len: l.queue_len.filter(|_| listed), backlog: l.backlog.filter(|_| listed), accepts: i.accepts });
         for (ino, sock) in &l.sockets {
             let sa = a.sockets.entry(*ino).or_default();
             let listed = diag_ok && sock.listening;
-            sa.points.push(Point { t_ns, queue_len: sock.queue_len.filter(|_| listed), backlog: sock.backlog.filter(|_| listed), accepts: sock.interval.accepts });
+            sa.points.push(Point { t_ns, end_ns, queue_len: sock.queue_len.filter(|_| listed), backlog: sock.backlog.filter(|_| listed), accepts: sock.interval.accepts });
             sa.accepts += sock.interval.accepts;
             sa.drops += sock.interval.overflows + sock.interval.syn_drops;
         }

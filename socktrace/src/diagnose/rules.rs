@@ -15,14 +15,25 @@ use crate::model::Timeline;
 /// One diagnose sample of a listener (every [`super::SAMPLE`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Point {
-    /// CLOCK_MONOTONIC of the sample, ns.
+    /// `CLOCK_MONOTONIC` when the sample began (right before the kernel counters were read), ns.
     pub t_ns: u64,
+    /// `CLOCK_MONOTONIC` when it was complete (counters and `sock_diag` read), ns; 0: same as
+    /// `t_ns`. What the sample holds happened before this: on a loaded machine the reader can be
+    /// preempted between the two for longer than a stall episode's minimum.
+    pub end_ns: u64,
     /// Accept queue now and backlog (sock_diag), when listed.
     pub queue_len: Option<u32>,
     pub backlog: Option<u32>,
     /// Accepts the kernel counted in the sample interval ending here (exact even when events
     /// are lost).
     pub accepts: u64,
+}
+
+impl Point {
+    /// When the sample was complete (see `end_ns`).
+    fn end(&self) -> u64 {
+        self.end_ns.max(self.t_ns)
+    }
 }
 
 /// A stall episode: the application accepted nothing while its accept queue was full.
@@ -105,6 +116,13 @@ const COUNT_MARGIN_NS: u64 = 25_000_000;
 /// shrinking during the gap is drained by accepts this tracer cannot see (e.g. io_uring): no
 /// episode. A burst into an idle queue is none either: the queue was empty until the burst, and
 /// the burst's first connection waited only as long as the application took to wake up.
+///
+/// A sample counts as seen inside a gap only when it began and completed inside it, and it dates
+/// a full or non-empty queue at its completion; an accept count contradicts a gap only when its
+/// whole interval (from the previous sample's beginning to this one's completion) lies inside.
+/// So a sampler preempted while reading (a loaded machine) makes neither a false episode (a burst's
+/// full queue read late, dated at the sample's start) nor hides a true one (the accepts that
+/// ended it, counted late).
 pub fn find_episodes(tl: &Timeline, points: &[Point], t0: u64, t1: u64, t: &Thresholds) -> Vec<Episode> {
     let min = tl.median_gap_ns().map_or(t.stall_min_ns, |g| g.saturating_mul(t.stall_gap_factor).max(t.stall_min_ns));
     // Candidate gaps (start, end, wait of the accept ending it, from_window_start, ongoing) that
@@ -129,25 +147,25 @@ pub fn find_episodes(tl: &Timeline, points: &[Point], t0: u64, t1: u64, t: &Thre
         if e.saturating_sub(s) < min {
             continue;
         }
-        let inside: Vec<&Point> = points.iter().filter(|p| p.t_ns > s && p.t_ns < e).collect();
+        let inside: Vec<&Point> = points.iter().filter(|p| p.t_ns > s && p.end() < e).collect();
         if inside.windows(2).any(|w| matches!((w[0].queue_len, w[1].queue_len), (Some(a), Some(b)) if b < a)) {
             continue;
         }
         // The kernel's own counter accepted during the gap (a sample interval wholly inside it,
         // with a margin for a program preempted between its event's time and its count): accept
         // events went missing (ring buffer loss), this is no stall.
-        if points.windows(2).any(|w| w[0].t_ns >= s + COUNT_MARGIN_NS && w[1].t_ns + COUNT_MARGIN_NS <= e && w[1].accepts > 0) {
+        if points.windows(2).any(|w| w[0].t_ns >= s + COUNT_MARGIN_NS && w[1].end() + COUNT_MARGIN_NS <= e && w[1].accepts > 0) {
             continue;
         }
         // Drops in the window only (they are what the window's counts hold).
         let drops_in: Vec<u64> = tl.drops.iter().copied().filter(|d| *d >= s.max(t0) && *d <= e).collect();
-        let full_sample = inside.iter().find(|p| matches!((p.queue_len, p.backlog), (Some(q), Some(b)) if b > 0 && q >= b)).map(|p| p.t_ns);
+        let full_sample = inside.iter().find(|p| matches!((p.queue_len, p.backlog), (Some(q), Some(b)) if b > 0 && q >= b)).map(|p| p.end());
         let full_from = drops_in.iter().copied().min().into_iter().chain(full_sample).min();
         let held = inside.len() >= 2 && inside.iter().all(|p| p.queue_len.is_some_and(|q| q > 0));
         if full_from.is_none() && !held {
             continue;
         }
-        let waiting_from = [full_from, held.then(|| inside[0].t_ns), wait.map(|w| e.saturating_sub(w))].into_iter().flatten().min().unwrap_or(e).max(s);
+        let waiting_from = [full_from, held.then(|| inside[0].end()), wait.map(|w| e.saturating_sub(w))].into_iter().flatten().min().unwrap_or(e).max(s);
         if e.saturating_sub(waiting_from.max(t0)) < min {
             continue;
         }
@@ -1147,7 +1165,7 @@ mod tests {
     }
 
     fn points(to_ms: u64, queue: impl Fn(u64) -> u32, backlog: u32) -> Vec<Point> {
-        (1..=to_ms / 200).map(|i| Point { t_ns: i * 200 * MS, queue_len: Some(queue(i * 200)), backlog: Some(backlog), accepts: 0 }).collect()
+        (1..=to_ms / 200).map(|i| Point { t_ns: i * 200 * MS, end_ns: 0, queue_len: Some(queue(i * 200)), backlog: Some(backlog), accepts: 0 }).collect()
     }
 
     #[test]
@@ -1299,6 +1317,55 @@ mod tests {
             p.accepts = 40;
         }
         assert!(find_episodes(&tl, &pts, 0, 4000 * MS, &THRESHOLDS).is_empty());
+    }
+
+    #[test]
+    fn a_sampler_preempted_while_reading_makes_no_false_episode() {
+        // Bursts of 40 connections every 1.2 s into backlog 4, accepted every 2 ms (no stall).
+        // The sample that began reading at 1.19 s was preempted and read the queue only when the
+        // burst at 1.4 s had filled it (done at 1.403 s; the next sample is due at 1.6 s): the
+        // full queue is not dated 211 ms before the burst's first accept (the episode minimum
+        // is 200 ms here: 10 × the median gap, which is under 20 ms).
+        let mut tl = Timeline::default();
+        for at in [200, 1400, 2600] {
+            for d in 0..10 {
+                tl.drop_at(at * MS + 500 + d);
+            }
+            accepts(&mut tl, at + 1, at + 80, 2, &[]);
+        }
+        let mut pts: Vec<Point> = (1..=15).map(|i| Point { t_ns: i * 200 * MS, end_ns: i * 200 * MS + MS, queue_len: Some(0), backlog: Some(4), accepts: 0 }).collect();
+        pts[5] = Point { t_ns: 1190 * MS, end_ns: 1403 * MS, queue_len: Some(5), backlog: Some(4), accepts: 0 };
+        pts.remove(6);
+        assert!(find_episodes(&tl, &pts, 0, 3000 * MS, &THRESHOLDS).is_empty(), "{:?}", find_episodes(&tl, &pts, 0, 3000 * MS, &THRESHOLDS));
+        // Dated at its start (the reading before this fix), the same sample made an episode.
+        let at_start: Vec<Point> = pts.iter().map(|p| Point { end_ns: 0, ..*p }).collect();
+        assert_eq!(find_episodes(&tl, &at_start, 0, 3000 * MS, &THRESHOLDS).len(), 1);
+    }
+
+    #[test]
+    fn a_sampler_preempted_while_reading_does_not_hide_a_stall() {
+        // Accepts every 5 ms, nothing in [1000, 3000) while the queue is full and SYNs drop. The
+        // sample that began at 2.95 s was preempted and read the counters and the queue at about
+        // 3.06 s, after the application accepted again: neither its interval's accepts nor its
+        // drained queue are inside the stall.
+        let mut tl = Timeline::default();
+        accepts(&mut tl, 0, 4000, 5, &[(1000, 3000)]);
+        for d in (1050..3000).step_by(50) {
+            tl.drop_at(d * MS);
+        }
+        let mut pts = points(4000, |t| if t > 1000 && t < 3000 { 9 } else { 2 }, 8);
+        for p in &mut pts {
+            p.accepts = if p.t_ns <= 1000 * MS || p.t_ns > 3000 * MS { 40 } else { 0 };
+            p.end_ns = p.t_ns + MS;
+        }
+        let late = pts.iter_mut().find(|p| p.t_ns == 3000 * MS).expect("sample at 3 s");
+        (late.t_ns, late.end_ns, late.accepts) = (2950 * MS, 3060 * MS, 12);
+        let ep = find_episodes(&tl, &pts, 0, 4000 * MS, &THRESHOLDS);
+        assert_eq!(ep.len(), 1, "{ep:?}");
+        assert!((ep[0].duration_s - 2.005).abs() < 0.01, "{ep:?}");
+        // Dated at its start (the reading before this fix), the late count contradicted the stall.
+        let at_start: Vec<Point> = pts.iter().map(|p| Point { end_ns: 0, ..*p }).collect();
+        assert!(find_episodes(&tl, &at_start, 0, 4000 * MS, &THRESHOLDS).is_empty());
     }
 
     #[test]
