@@ -66,8 +66,23 @@ pub fn resolve(btf_path: &Path, tracefs: &Path) -> Result<KernelLayout, OffsetEr
         std::io::ErrorKind::NotFound => OffsetError::Missing { path: btf_path.to_owned() },
         _ => OffsetError::Read { path: btf_path.to_owned(), source },
     })?;
-    check_btf_size(&bytes).map_err(|message| OffsetError::Parse { path: btf_path.to_owned(), message })?;
-    let btf = Btf::from_bytes(&bytes)
+    let kallsyms = std::fs::read_to_string("/proc/kallsyms").unwrap_or_default();
+    let mut layout = resolve_btf(&bytes, btf_path, &kallsyms)?;
+    let o = &mut layout.offsets;
+    let syscalls = tracefs.join("events/syscalls");
+    o.tp_accept_fd = tracepoint_field(&syscalls.join("sys_enter_accept4/format"), "fd").unwrap_or(16);
+    o.tp_accept_ret = tracepoint_field(&syscalls.join("sys_exit_accept4/format"), "ret").unwrap_or(16);
+    o.tp_listen_fd = tracepoint_field(&syscalls.join("sys_enter_listen/format"), "fd").unwrap_or(16);
+    o.tp_listen_backlog = tracepoint_field(&syscalls.join("sys_enter_listen/format"), "backlog").unwrap_or(24);
+    Ok(layout)
+}
+
+/// [`resolve`] without the file system: the offsets from BTF `bytes` (named `btf_path` in
+/// errors) and `/proc/kallsyms` text; the classic tracepoints' record offsets are left as
+/// [`KernelOffsets::ZERO`] has them. Malformed BTF is an error, never a panic (fuzzed: `fuzz/`).
+pub fn resolve_btf(bytes: &[u8], btf_path: &Path, kallsyms: &str) -> Result<KernelLayout, OffsetError> {
+    check_btf_size(bytes).map_err(|message| OffsetError::Parse { path: btf_path.to_owned(), message })?;
+    let btf = Btf::from_bytes(bytes)
         .map_err(|e| OffsetError::Parse { path: btf_path.to_owned(), message: format!("{e:#}") })?;
     let l = Layout { btf: &btf };
     let sk = |path: &[&str]| l.offset("sock", &path_with("__sk_common", path));
@@ -117,20 +132,19 @@ pub fn resolve(btf_path: &Path, tracefs: &Path) -> Result<KernelLayout, OffsetEr
         o.reason_listen_overflow = value;
         o.kfree_skb_rx_sk_arg = 3;
     }
-    let kallsyms = std::fs::read_to_string("/proc/kallsyms").unwrap_or_default();
     // The fentry/kprobe drop hooks read this CPU's LINUX_MIB_LISTENOVERFLOWS (net->mib.net_statistics
     // + __per_cpu_offset[cpu]); all three must be known, else they re-check the queue at entry.
     if let (Ok(stats), Some(index), Some(pcpu)) = (
         l.offset("net", &["mib", "net_statistics"]),
         l.anonymous_enum_value("LINUX_MIB_LISTENOVERFLOWS"),
-        kallsyms_addr(&kallsyms, "__per_cpu_offset"),
+        kallsyms_addr(kallsyms, "__per_cpu_offset"),
     ) {
         o.net_mib_net_statistics = stats;
         o.mib_listen_overflows = index;
         o.per_cpu_offset = pcpu;
     }
     if let Some(no_socket) = l.enum_value("skb_drop_reason", "SKB_DROP_REASON_NO_SOCKET") {
-        if let Some(syms) = kallsyms_ranges(&kallsyms, &["cookie_v4_check", "cookie_v6_check"]) {
+        if let Some(syms) = kallsyms_ranges(kallsyms, &["cookie_v4_check", "cookie_v6_check"]) {
             o.reason_no_socket = no_socket;
             o.cookie_v4_check = syms[0];
             o.cookie_v6_check = syms[1];
@@ -149,11 +163,6 @@ pub fn resolve(btf_path: &Path, tracefs: &Path) -> Result<KernelLayout, OffsetEr
     if l.tracepoint_arity("tcp_retransmit_skb")? >= 3 {
         o.retransmit_err_arg = 2;
     }
-    let syscalls = tracefs.join("events/syscalls");
-    o.tp_accept_fd = tracepoint_field(&syscalls.join("sys_enter_accept4/format"), "fd").unwrap_or(16);
-    o.tp_accept_ret = tracepoint_field(&syscalls.join("sys_exit_accept4/format"), "ret").unwrap_or(16);
-    o.tp_listen_fd = tracepoint_field(&syscalls.join("sys_enter_listen/format"), "fd").unwrap_or(16);
-    o.tp_listen_backlog = tracepoint_field(&syscalls.join("sys_enter_listen/format"), "backlog").unwrap_or(24);
     let cookie_overflows = o.reason_no_socket != KernelOffsets::ABSENT;
     let counted_drops = o.per_cpu_offset != 0;
     Ok(KernelLayout { offsets: o, has_listen_overflow_reason: reason.is_some() && rx_sk, cookie_overflows, counted_drops, accept_params })
@@ -161,7 +170,7 @@ pub fn resolve(btf_path: &Path, tracefs: &Path) -> Result<KernelLayout, OffsetEr
 
 /// Whether `bytes` is raw BTF as long as its header says (magic 0xeb9f, then `hdr_len`,
 /// `type_off`, `type_len`, `str_off`, `str_len`): a cut-off file is refused before parsing.
-fn check_btf_size(bytes: &[u8]) -> Result<(), String> {
+pub fn check_btf_size(bytes: &[u8]) -> Result<(), String> {
     let u32_at = |at: usize| bytes.get(at..at + 4).map(|b| u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])));
     if bytes.get(..2) != Some(&[0x9f, 0xeb]) {
         return Err(format!("{} bytes without the BTF magic", bytes.len()));
@@ -177,7 +186,7 @@ fn check_btf_size(bytes: &[u8]) -> Result<(), String> {
 }
 
 /// Address of a kernel symbol of any type, from /proc/kallsyms text; `None` when missing or hidden.
-fn kallsyms_addr(text: &str, name: &str) -> Option<u64> {
+pub fn kallsyms_addr(text: &str, name: &str) -> Option<u64> {
     text.lines().find_map(|l| {
         let mut it = l.split_whitespace();
         let addr = u64::from_str_radix(it.next()?, 16).ok()?;
@@ -188,7 +197,7 @@ fn kallsyms_addr(text: &str, name: &str) -> Option<u64> {
 
 /// `[start, end)` in kernel text of each named function, from /proc/kallsyms (end = next symbol).
 /// `None` when kallsyms hides addresses (kptr_restrict) or a name is missing.
-fn kallsyms_ranges(text: &str, names: &[&str]) -> Option<Vec<[u64; 2]>> {
+pub fn kallsyms_ranges(text: &str, names: &[&str]) -> Option<Vec<[u64; 2]>> {
     let syms: Vec<(u64, &str)> = text
         .lines()
         .filter_map(|l| {
@@ -225,11 +234,12 @@ impl Layout<'_> {
     fn offset(&self, name: &str, path: &[&str]) -> Result<u32, OffsetError> {
         let mut ty = self.named_struct(name)?;
         let mut bits = 0u32;
+        let overflow = || OffsetError::Other(format!("{name}.{}: offset out of range", path.join(".")));
         for (i, member) in path.iter().enumerate() {
             let (off, member_ty) = self
-                .find_member(&ty, member)?
+                .find_member(&ty, member, 0, &mut crate::snapshot::btf_scan::ANONYMOUS_BUDGET.clone())?
                 .ok_or_else(|| OffsetError::NoMember(name.to_owned(), path[..=i].join(".")))?;
-            bits += off;
+            bits = bits.checked_add(off).ok_or_else(overflow)?;
             if i + 1 < path.len() {
                 ty = self.strip(member_ty)?;
             }
@@ -249,13 +259,18 @@ impl Layout<'_> {
             .ok_or_else(|| OffsetError::NoStruct(name.to_owned()))
     }
 
-    /// Looks for `want` among the members of a struct/union, descending into anonymous members.
+    /// Looks for `want` among the members of a struct/union, descending into anonymous members
+    /// (at most 8 deep and `budget` of them in all: malformed BTF can make them cycle or fan out).
     /// Returns the bit offset and the member's type.
-    fn find_member(&self, ty: &Type, want: &str) -> Result<Option<(u32, Type)>, OffsetError> {
+    fn find_member(&self, ty: &Type, want: &str, depth: u32, budget: &mut u32) -> Result<Option<(u32, Type)>, OffsetError> {
         let members = match ty {
             Type::Struct(s) | Type::Union(s) => &s.members,
             _ => return Ok(None),
         };
+        if depth > 8 || *budget == 0 {
+            return Err(OffsetError::Other(format!("anonymous members nested too deeply looking for {want}")));
+        }
+        *budget -= 1;
         for m in members {
             let name = self.btf.resolve_name(m).unwrap_or_default();
             let member_ty = self.btf.resolve_chained_type(m).map_err(|e| OffsetError::Other(format!("{e:#}")))?;
@@ -264,8 +279,9 @@ impl Layout<'_> {
             }
             if name.is_empty() {
                 let inner = self.strip(member_ty)?;
-                if let Some((off, t)) = self.find_member(&inner, want)? {
-                    return Ok(Some((m.bit_offset() + off, t)));
+                if let Some((off, t)) = self.find_member(&inner, want, depth + 1, budget)? {
+                    let bits = m.bit_offset().checked_add(off).ok_or_else(|| OffsetError::Other(format!("{want}: offset out of range")))?;
+                    return Ok(Some((bits, t)));
                 }
             }
         }
@@ -367,7 +383,11 @@ impl Layout<'_> {
 
 /// Offset of `field` in a classic tracepoint record, from its tracefs `format` file.
 pub fn tracepoint_field(format_file: &Path, field: &str) -> Option<u32> {
-    let text = std::fs::read_to_string(format_file).ok()?;
+    format_field(&std::fs::read_to_string(format_file).ok()?, field)
+}
+
+/// Offset of `field` in the text of a tracefs `format` file.
+pub fn format_field(text: &str, field: &str) -> Option<u32> {
     text.lines().find_map(|line| {
         let line = line.trim();
         let decl = line.strip_prefix("field:")?.split(';').next()?;
@@ -381,8 +401,36 @@ pub fn tracepoint_field(format_file: &Path, field: &str) -> Option<u32> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// Inputs the fuzz target `btf` found (fuzz/regressions/btf/): each is an error or a layout,
+    /// quickly. `anonymous-member-cycle`: an anonymous member of struct sock_common whose type
+    /// is struct sock made the member search recurse until the fuzzer's timeout.
+    #[test]
+    fn fuzz_regressions_btf() {
+        for (name, bytes) in fuzz_regressions("btf") {
+            let t = std::time::Instant::now();
+            let r = resolve_btf(&bytes, Path::new(&name), "");
+            assert!(t.elapsed() < std::time::Duration::from_secs(10), "{name}: {:?}", t.elapsed());
+            assert!(r.is_err(), "{name}: {r:?}");
+        }
+    }
+
+    /// The files under fuzz/regressions/TARGET/ (inputs that once crashed or hung a fuzz target).
+    pub(crate) fn fuzz_regressions(target: &str) -> Vec<(String, Vec<u8>)> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/regressions").join(target);
+        let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .map(|e| {
+                let p = e.unwrap().path();
+                (p.display().to_string(), std::fs::read(&p).unwrap())
+            })
+            .collect();
+        files.sort();
+        assert!(!files.is_empty(), "no regression inputs in {}", dir.display());
+        files
+    }
 
     #[test]
     fn parses_tracepoint_format_offsets() {

@@ -10,11 +10,14 @@
 //!   `bench/`), which print tables and rewrite docs/BENCHMARKS.md.
 //! - `test --vm [--kernel 5.10|6.1|6.12|all] [--hooks fentry|kprobe|both]`: instead, the privileged tests
 //!   inside qemu on Debian kernels, once per hook mode (see `vm.rs`).
+//! - `fuzz [--seconds N] [--dev] [TARGET]`: installs cargo-fuzz if missing, then runs each fuzz
+//!   target of `fuzz/` for N seconds and fails on a crash (see `fuzz.rs`);
 //! - `deb`, `static`, `image`, `test-packages`: the Debian package, the static binary, the OCI
 //!   image, and the tests of all three (see `package.rs`).
 
 mod bench;
 mod bench_snapshot;
+mod fuzz;
 mod package;
 mod setup;
 mod vm;
@@ -66,6 +69,8 @@ enum Task {
     },
     /// Overhead benchmarks (root): tables on stdout and docs/BENCHMARKS.md.
     Bench(bench::BenchArgs),
+    /// Run the cargo-fuzz targets (fuzz/) for a while each; fails on a crash, panic or hang.
+    Fuzz(fuzz::FuzzArgs),
     /// Debian package target/debian/socktrace_<version>_amd64.deb (cargo-deb).
     Deb,
     /// Static binary (x86_64-unknown-linux-musl, eBPF object embedded).
@@ -106,6 +111,7 @@ fn main() -> ExitCode {
         Task::Run { args } => setup::build_deps().and_then(|()| build()).and_then(|()| run(&args)),
         Task::Test { vm: false, args, .. } => setup::all().and_then(|()| test(&args)),
         Task::Bench(args) => setup::all().and_then(|()| build()).and_then(|()| bench::run(&args)),
+        Task::Fuzz(args) => fuzz::run(&args),
         Task::Deb => package::deb().map(drop),
         Task::Static => package::static_binary().map(drop),
         Task::Image => package::image().map(drop),
@@ -176,6 +182,11 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     status(cargo().args([
         "test", "--release", "-p", "socktrace-common", "-p", "socktrace", "-p", "xtask", "-p", "socktrace-tests", "--lib", "--bins",
     ]))?;
+    // Every fuzz target briefly (the corpora and the inputs that once failed): a parser that
+    // panics or hangs on outside input fails here. Unoptimised: the build is most of the time.
+    if args.is_empty() {
+        fuzz::run(&fuzz::FuzzArgs { seconds: fuzz::CI_SECONDS, dev: true, target: None })?;
+    }
     // Privileged integration tests, one at a time (kernel state is shared).
     let bin = workspace().join("target/release/socktrace");
     let mut cmd = cargo();

@@ -13,6 +13,9 @@ pub enum ScanError {
     NoMember(String, String),
 }
 
+/// Structs and unions one member lookup may look into (the kernel's need a few dozen at most).
+pub const ANONYMOUS_BUDGET: u32 = 4096;
+
 const KIND_INT: u32 = 1;
 const KIND_ARRAY: u32 = 3;
 const KIND_STRUCT: u32 = 4;
@@ -107,22 +110,25 @@ impl<'a> RawBtf<'a> {
     /// and unions.
     pub fn offset(&self, name: &str, member: &str) -> Result<u32, ScanError> {
         let id = self.lookup(name, KIND_STRUCT).ok_or_else(|| ScanError::NoStruct(name.to_owned()))?;
-        let bits = self.find(id, member.as_bytes(), 0).ok_or_else(|| ScanError::NoMember(name.to_owned(), member.to_owned()))?;
+        let bits = self.find(id, member.as_bytes(), 0, &mut ANONYMOUS_BUDGET.clone()).ok_or_else(|| ScanError::NoMember(name.to_owned(), member.to_owned()))?;
         if bits % 8 == 0 { Ok(bits / 8) } else { Err(ScanError::NoMember(name.to_owned(), format!("{member} (a bitfield)"))) }
     }
 
-    fn find(&self, id: u32, member: &[u8], depth: u32) -> Option<u32> {
+    /// Bit offset of `member` in struct/union `id`, looking through anonymous members at most 8
+    /// deep and `budget` of them in all (malformed BTF can make them cycle or fan out).
+    fn find(&self, id: u32, member: &[u8], depth: u32, budget: &mut u32) -> Option<u32> {
         let (kind, vlen, kind_flag, _, at) = self.ty(id)?;
-        if (kind != KIND_STRUCT && kind != KIND_UNION) || depth > 8 {
+        if (kind != KIND_STRUCT && kind != KIND_UNION) || depth > 8 || *budget == 0 {
             return None;
         }
+        *budget -= 1;
         for i in 0..vlen {
             let m = at + 12 + 12 * i;
             let (name_off, ty, off) = (u32_at(self.types, m)?, u32_at(self.types, m + 4)?, u32_at(self.types, m + 8)?);
             let bits = if kind_flag { off & 0x00ff_ffff } else { off };
             if name_off == 0 {
-                if let Some(inner) = self.find(self.strip(ty)?, member, depth + 1) {
-                    return Some(bits + inner);
+                if let Some(inner) = self.find(self.strip(ty)?, member, depth + 1, budget) {
+                    return bits.checked_add(inner);
                 }
             } else if self.name(name_off) == member {
                 return Some(bits);
@@ -147,6 +153,21 @@ impl<'a> RawBtf<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Inputs the fuzz target `btf_scan` found: `member-offset-overflow`, an anonymous member
+    /// whose bit offset plus the inner member's overflowed u32 (a panic with overflow checks).
+    #[test]
+    fn fuzz_regressions_btf_scan() {
+        for (name, bytes) in crate::offsets::tests::fuzz_regressions("btf_scan") {
+            let Ok(raw) = RawBtf::parse(&bytes, &["task_struct", "file", "inode", "bpf_iter_task_file", "sock"]) else { continue };
+            for (s, m) in [("task_struct", "tgid"), ("task_struct", "comm"), ("file", "f_inode"), ("inode", "i_ino"), ("sock", "skc_family")] {
+                let r = raw.offset(s, m);
+                // Its members are out of place: no offset is right, none may come out wrapped.
+                assert!(!name.ends_with("member-offset-overflow") || r.is_err(), "{name}: {s}.{m}: {r:?}");
+            }
+            assert!(raw.func_id("no_such_function").is_none(), "{name}");
+        }
+    }
 
     /// The same offsets as the tracer's full parse ([`crate::offsets::resolve`], btf-rs) on this
     /// machine's kernel BTF.
