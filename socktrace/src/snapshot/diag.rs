@@ -494,7 +494,7 @@ mod tests {
     use super::*;
 
     /// Inputs the fuzz target `sock_diag` found: `done-code-i32-min` and `error-code-i32-min`, an
-    /// NLMSG_DONE / NLMSG_ERROR whose error code is i32::MIN (negating it, or netlink-packet-core's
+    /// `NLMSG_DONE` / `NLMSG_ERROR` whose error code is `i32::MIN` (negating it, or netlink-packet-core's
     /// `ErrorMessage::to_io`, overflowed). Each must decode to an error or records.
     #[test]
     fn fuzz_regressions_sock_diag() {
