@@ -30,7 +30,7 @@ fuzz_target!(|data: &[u8]| {
             let mut n = 0u32;
             while let Some(reply) = rx.recv().await {
                 n += 1;
-                let body = if n % 2 == 0 { Err("agent error".to_owned()) } else { Ok("# TYPE socktrace_accepts counter\nsocktrace_accepts_total 1\n".to_owned()) };
+                let body = if n.is_multiple_of(2) { Err("agent error".to_owned()) } else { Ok("# TYPE socktrace_accepts counter\nsocktrace_accepts_total 1\n".to_owned()) };
                 let _ = reply.send(body);
             }
             n

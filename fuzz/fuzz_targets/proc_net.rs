@@ -1,5 +1,5 @@
 //! The /proc/net texts socktrace reads (each parser gets the same input): netstat and snmp
-//! counters (`diagnose`, `TcpExt:` lookups), sockstat and sockstat6, nf_conntrack statistics,
+//! counters (`diagnose`, `TcpExt:` lookups), sockstat and sockstat6, `nf_conntrack` statistics,
 //! `ip_local_port_range`.
 #![no_main]
 

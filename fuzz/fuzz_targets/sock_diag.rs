@@ -1,6 +1,6 @@
 //! `NETLINK_SOCK_DIAG` dump datagrams (`socktrace/src/snapshot/diag.rs`): arbitrary bytes as a
-//! datagram of the dump, framed and decoded into socket records (inet_diag header, the
-//! attributes socktrace reads: meminfo, tcp_info, congestion), then printed as `snapshot` does.
+//! datagram of the dump, framed and decoded into socket records (`inet_diag` header, the
+//! attributes socktrace reads: meminfo, `tcp_info`, congestion), then printed as `snapshot` does.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
