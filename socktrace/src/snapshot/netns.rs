@@ -133,7 +133,7 @@ pub fn tcp_socket_counts() -> (u64, u64) {
 pub fn sockstat_sum(text: &str, proto: &str, names: &[&str]) -> u64 {
     let Some(line) = text.lines().find(|l| l.starts_with(proto)) else { return 0 };
     let words: Vec<&str> = line.split_whitespace().collect();
-    words.windows(2).filter(|w| names.contains(&w[0])).filter_map(|w| w[1].parse::<u64>().ok()).sum()
+    words.windows(2).filter(|w| names.contains(&w[0])).filter_map(|w| w[1].parse::<u64>().ok()).fold(0, u64::saturating_add)
 }
 
 /// `TcpExt` counters of the calling thread's namespace (/proc/thread-self/net/netstat: a header
@@ -169,6 +169,22 @@ pub fn port_range_middle(text: &str) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Inputs the fuzz target `proc_net` found: `sockstat-sum-overflow`, a `TCP:` line whose
+    /// `inuse`/`tw` values add up beyond u64 (`sum()` panicked with overflow checks, wrapped
+    /// without): the sum saturates.
+    #[test]
+    fn fuzz_regressions_proc_net() {
+        for (name, bytes) in crate::offsets::tests::fuzz_regressions("proc_net") {
+            let text = String::from_utf8_lossy(&bytes);
+            let tcp = sockstat_sum(&text, "TCP:", &["inuse", "tw"]);
+            let _ = (sockstat_sum(&text, "TCP6:", &["inuse"]), tcp_ext_in(&text, &["ListenOverflows"]), port_range_middle(&text));
+            if name.ends_with("sockstat-sum-overflow") {
+                assert_eq!(tcp, u64::MAX, "{name}");
+            }
+        }
+        assert_eq!(sockstat_sum("TCP: inuse 5 orphan 0 tw 2 alloc 9 mem 1\n", "TCP:", &["inuse", "tw"]), 7);
+    }
 
     #[test]
     fn own_namespace_comes_first_and_once() {
