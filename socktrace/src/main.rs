@@ -1,37 +1,18 @@
-//! socktrace: eBPF TCP listener tracer.
-//!
-//! Flow: kernel hooks (`socktrace-ebpf`) → ring buffer → [`event`] decode → views ([`watch`],
-//! `probes`). Kernel layout comes from BTF at load time ([`offsets`]); each signal's hook is chosen
-//! at run time ([`probes`]).
+//! socktrace: eBPF TCP listener tracer, the binary: command line, dispatch to the library's
+//! modules (`socktrace::…`, see `lib.rs` for the flow), errors and exit codes.
 //!
 //! Exit status: 0 success (also when stdout is closed early), 1 runtime error, 2 usage error.
-
-mod agent;
-mod batch;
-mod cli;
-mod diagnose;
-mod event;
-mod filter;
-mod generate;
-mod listeners;
-mod model;
-mod offsets;
-mod pressure;
-mod probes;
-mod ring;
-mod serve;
-mod snapshot;
-mod system;
-mod top;
-mod tui;
-mod watch;
 
 use std::{io::Write as _, process::ExitCode};
 
 use anyhow::Context as _;
 use clap::{CommandFactory as _, FromArgMatches as _};
 
-use crate::cli::{Cli, Command, TraceArgs};
+use socktrace::{
+    agent, cli,
+    cli::{Cli, Command, TraceArgs},
+    diagnose, generate, listeners, offsets, pressure, probes, serve, snapshot, system, top, watch,
+};
 
 /// Parses the command line; ss's `-a` and `-l` on `snapshot`: the later one wins.
 fn parse_cli<I: IntoIterator<Item = T>, T: Into<std::ffi::OsString> + Clone>(args: I) -> Result<Cli, clap::Error> {

@@ -102,8 +102,28 @@ pub fn resolve(btf_path: &Path, tracefs: &Path) -> Result<KernelLayout, OffsetEr
 /// [`resolve`] from the bytes of `btf_path` already read ([`read_btf`]): one pass over the raw
 /// type section (no full parse).
 pub fn resolve_bytes(bytes: &[u8], btf_path: &Path, tracefs: &Path) -> Result<KernelLayout, OffsetError> {
+    let kallsyms = std::fs::read_to_string("/proc/kallsyms").unwrap_or_default();
+    let mut layout = resolve_btf(bytes, btf_path, &kallsyms)?;
+    tracepoint_records(&mut layout.offsets, tracefs);
+    Ok(layout)
+}
+
+/// [`resolve_bytes`] without the file system: the offsets from BTF `bytes` (named `btf_path` in
+/// errors) and `/proc/kallsyms` text; the classic tracepoints' record offsets are left as
+/// [`KernelOffsets::ZERO`] has them. Malformed BTF is an error, never a panic (fuzzed: `fuzz/`).
+pub fn resolve_btf(bytes: &[u8], btf_path: &Path, kallsyms: &str) -> Result<KernelLayout, OffsetError> {
+    check_btf_size(bytes).map_err(|message| OffsetError::Parse { path: btf_path.to_owned(), message })?;
     let raw = RawBtf::parse(bytes, WANTED).map_err(|e| OffsetError::Parse { path: btf_path.to_owned(), message: e.to_string() })?;
-    resolve_with(&raw, tracefs)
+    resolve_with(&raw, kallsyms)
+}
+
+/// The record offsets of the classic syscall tracepoints, from their tracefs `format` files.
+fn tracepoint_records(o: &mut KernelOffsets, tracefs: &Path) {
+    let syscalls = tracefs.join("events/syscalls");
+    o.tp_accept_fd = tracepoint_field(&syscalls.join("sys_enter_accept4/format"), "fd").unwrap_or(16);
+    o.tp_accept_ret = tracepoint_field(&syscalls.join("sys_exit_accept4/format"), "ret").unwrap_or(16);
+    o.tp_listen_fd = tracepoint_field(&syscalls.join("sys_enter_listen/format"), "fd").unwrap_or(16);
+    o.tp_listen_backlog = tracepoint_field(&syscalls.join("sys_enter_listen/format"), "backlog").unwrap_or(24);
 }
 
 /// What [`resolve_with`] asks of the kernel BTF.
@@ -146,7 +166,7 @@ impl Query for RawBtf<'_> {
     }
 }
 
-fn resolve_with(l: &impl Query, tracefs: &Path) -> Result<KernelLayout, OffsetError> {
+fn resolve_with(l: &impl Query, kallsyms: &str) -> Result<KernelLayout, OffsetError> {
     let sk = |path: &[&str]| l.offset("sock", &path_with("__sk_common", path));
     let mut o = KernelOffsets::ZERO;
     o.skc_daddr = sk(&["skc_daddr"])?;
@@ -194,12 +214,11 @@ fn resolve_with(l: &impl Query, tracefs: &Path) -> Result<KernelLayout, OffsetEr
         o.reason_listen_overflow = value;
         o.kfree_skb_rx_sk_arg = 3;
     }
-    let kallsyms = std::fs::read_to_string("/proc/kallsyms").unwrap_or_default();
     // The drop hooks read this CPU's LINUX_MIB_LISTENOVERFLOWS (net->mib.net_statistics + this
     // CPU's per-CPU offset). The offset is __per_cpu_offset[cpu] from kallsyms, or, when kallsyms
     // lists no data symbols (CONFIG_KALLSYMS_ALL off) or hides addresses, derived in the program
     // from a per-CPU map (`struct bpf_array.pptrs`). Without either they re-check the queue.
-    let pcpu = kallsyms_addr(&kallsyms, "__per_cpu_offset");
+    let pcpu = kallsyms_addr(kallsyms, "__per_cpu_offset");
     let pptrs = l.offset("bpf_array", &["pptrs"]).ok();
     if let (Ok(stats), Some(index), true) = (
         l.offset("net", &["mib", "net_statistics"]),
@@ -212,7 +231,7 @@ fn resolve_with(l: &impl Query, tracefs: &Path) -> Result<KernelLayout, OffsetEr
         o.bpf_array_pptrs = if pcpu.is_some() { KernelOffsets::ABSENT } else { pptrs.unwrap_or(KernelOffsets::ABSENT) };
     }
     if let Some(no_socket) = l.enum_value("skb_drop_reason", "SKB_DROP_REASON_NO_SOCKET") {
-        if let Some(syms) = kallsyms_ranges(&kallsyms, &["cookie_v4_check", "cookie_v6_check"]) {
+        if let Some(syms) = kallsyms_ranges(kallsyms, &["cookie_v4_check", "cookie_v6_check"]) {
             o.reason_no_socket = no_socket;
             o.cookie_v4_check = syms[0];
             o.cookie_v6_check = syms[1];
@@ -231,11 +250,6 @@ fn resolve_with(l: &impl Query, tracefs: &Path) -> Result<KernelLayout, OffsetEr
     if l.tracepoint_arity("tcp_retransmit_skb")? >= 3 {
         o.retransmit_err_arg = 2;
     }
-    let syscalls = tracefs.join("events/syscalls");
-    o.tp_accept_fd = tracepoint_field(&syscalls.join("sys_enter_accept4/format"), "fd").unwrap_or(16);
-    o.tp_accept_ret = tracepoint_field(&syscalls.join("sys_exit_accept4/format"), "ret").unwrap_or(16);
-    o.tp_listen_fd = tracepoint_field(&syscalls.join("sys_enter_listen/format"), "fd").unwrap_or(16);
-    o.tp_listen_backlog = tracepoint_field(&syscalls.join("sys_enter_listen/format"), "backlog").unwrap_or(24);
     let cookie_overflows = o.reason_no_socket != KernelOffsets::ABSENT;
     let counted_drops = o.per_cpu_offset != 0 || o.bpf_array_pptrs != KernelOffsets::ABSENT;
     Ok(KernelLayout { offsets: o, has_listen_overflow_reason: reason.is_some() && rx_sk, cookie_overflows, counted_drops, accept_params })
@@ -243,7 +257,7 @@ fn resolve_with(l: &impl Query, tracefs: &Path) -> Result<KernelLayout, OffsetEr
 
 /// Whether `bytes` is raw BTF as long as its header says (magic 0xeb9f, then `hdr_len`,
 /// `type_off`, `type_len`, `str_off`, `str_len`): a cut-off file is refused before parsing.
-fn check_btf_size(bytes: &[u8]) -> Result<(), String> {
+pub fn check_btf_size(bytes: &[u8]) -> Result<(), String> {
     let u32_at = |at: usize| bytes.get(at..at + 4).map(|b| u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])));
     if bytes.get(..2) != Some(&[0x9f, 0xeb]) {
         return Err(format!("{} bytes without the BTF magic", bytes.len()));
@@ -259,7 +273,7 @@ fn check_btf_size(bytes: &[u8]) -> Result<(), String> {
 }
 
 /// Address of a kernel symbol of any type, from /proc/kallsyms text; `None` when missing or hidden.
-fn kallsyms_addr(text: &str, name: &str) -> Option<u64> {
+pub fn kallsyms_addr(text: &str, name: &str) -> Option<u64> {
     text.lines().find_map(|l| {
         let mut it = l.split_whitespace();
         let addr = u64::from_str_radix(it.next()?, 16).ok()?;
@@ -270,7 +284,7 @@ fn kallsyms_addr(text: &str, name: &str) -> Option<u64> {
 
 /// `[start, end)` in kernel text of each named function, from /proc/kallsyms (end = next symbol).
 /// `None` when kallsyms hides addresses (kptr_restrict) or a name is missing.
-fn kallsyms_ranges(text: &str, names: &[&str]) -> Option<Vec<[u64; 2]>> {
+pub fn kallsyms_ranges(text: &str, names: &[&str]) -> Option<Vec<[u64; 2]>> {
     let syms: Vec<(u64, &str)> = text
         .lines()
         .filter_map(|l| {
@@ -299,7 +313,11 @@ fn path_with<'a>(first: &'a str, rest: &[&'a str]) -> Vec<&'a str> {
 
 /// Offset of `field` in a classic tracepoint record, from its tracefs `format` file.
 pub fn tracepoint_field(format_file: &Path, field: &str) -> Option<u32> {
-    let text = std::fs::read_to_string(format_file).ok()?;
+    format_field(&std::fs::read_to_string(format_file).ok()?, field)
+}
+
+/// Offset of `field` in the text of a tracefs `format` file.
+pub fn format_field(text: &str, field: &str) -> Option<u32> {
     text.lines().find_map(|line| {
         let line = line.trim();
         let decl = line.strip_prefix("field:")?.split(';').next()?;
@@ -313,8 +331,36 @@ pub fn tracepoint_field(format_file: &Path, field: &str) -> Option<u32> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// Inputs the fuzz target `btf` found (fuzz/regressions/btf/): each is an error or a layout,
+    /// quickly. `anonymous-member-cycle`: an anonymous member of struct sock_common whose type
+    /// is struct sock made the member search recurse until the fuzzer's timeout.
+    #[test]
+    fn fuzz_regressions_btf() {
+        for (name, bytes) in fuzz_regressions("btf") {
+            let t = std::time::Instant::now();
+            let r = resolve_btf(&bytes, Path::new(&name), "");
+            assert!(t.elapsed() < std::time::Duration::from_secs(10), "{name}: {:?}", t.elapsed());
+            assert!(r.is_err(), "{name}: {r:?}");
+        }
+    }
+
+    /// The files under fuzz/regressions/TARGET/ (inputs that once crashed or hung a fuzz target).
+    pub(crate) fn fuzz_regressions(target: &str) -> Vec<(String, Vec<u8>)> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/regressions").join(target);
+        let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .map(|e| {
+                let p = e.unwrap().path();
+                (p.display().to_string(), std::fs::read(&p).unwrap())
+            })
+            .collect();
+        files.sort();
+        assert!(!files.is_empty(), "no regression inputs in {}", dir.display());
+        files
+    }
 
     /// The full parse (btf-rs) the raw scan replaced, kept as the oracle it must agree with.
     mod btf_rs_oracle {
@@ -479,7 +525,9 @@ mod tests {
         let tracefs = Path::new("/sys/kernel/tracing");
         let raw = resolve(btf, tracefs).unwrap();
         let parsed = btf_rs::Btf::from_bytes(&bytes).unwrap();
-        let full = resolve_with(&btf_rs_oracle::Layout { btf: &parsed }, tracefs).unwrap();
+        let kallsyms = std::fs::read_to_string("/proc/kallsyms").unwrap_or_default();
+        let mut full = resolve_with(&btf_rs_oracle::Layout { btf: &parsed }, &kallsyms).unwrap();
+        tracepoint_records(&mut full.offsets, tracefs);
         assert_eq!(raw.offsets, full.offsets);
         assert_eq!(
             (raw.has_listen_overflow_reason, raw.cookie_overflows, raw.counted_drops, raw.accept_params),

@@ -41,6 +41,7 @@ use prometheus_client::{
     registry::Registry,
 };
 use tokio::{
+    io::{AsyncRead, AsyncWrite},
     net::TcpListener,
     signal::unix::SignalKind,
     sync::{Semaphore, mpsc, oneshot},
@@ -406,7 +407,8 @@ fn raise(c: &Counter, total: u64) {
     c.inc_by(total.saturating_sub(c.get()));
 }
 
-type Scrape = oneshot::Sender<Result<String, String>>;
+/// A scrape asked of the agent: the reply is the metrics text, or the error as text.
+pub type Scrape = oneshot::Sender<Result<String, String>>;
 
 /// Concurrent HTTP connections; further ones are closed at once.
 const MAX_CONNECTIONS: usize = 256;
@@ -452,16 +454,23 @@ async fn http(listener: TcpListener, tx: mpsc::Sender<Scrape>, served: Arc<Atomi
         let tx = tx.clone();
         let served = Arc::clone(&served);
         tokio::spawn(async move {
-            let svc = service_fn(move |req| handle(req, tx.clone(), Arc::clone(&served)));
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .max_buf_size(16 * 1024)
-                .serve_connection(TokioIo::new(stream), svc);
-            let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
+            connection(stream, tx, served).await;
             drop(permit);
         });
     }
+}
+
+/// Serves one HTTP/1 connection over any byte stream (a TCP connection here, an in-memory stream
+/// in the fuzz target `http`): requests are routed by [`handle`], scrapes are sent to `tx`, with
+/// the header read timeout, the buffer limit and the connection lifetime of every connection.
+pub async fn connection(stream: impl AsyncRead + AsyncWrite + Unpin, tx: mpsc::Sender<Scrape>, served: Arc<AtomicU64>) {
+    let svc = service_fn(move |req| handle(req, tx.clone(), Arc::clone(&served)));
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(16 * 1024)
+        .serve_connection(TokioIo::new(stream), svc);
+    let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
 }
 
 fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {

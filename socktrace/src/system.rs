@@ -48,6 +48,11 @@ pub fn ensure_tracefs() -> Result<PathBuf, SystemError> {
 /// The cgroup-v2 mount point (e.g. /sys/fs/cgroup or /sys/fs/cgroup/unified on hybrid hosts).
 pub fn cgroup2_root() -> Result<PathBuf, SystemError> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(|_| SystemError::NoCgroup2)?;
+    cgroup2_in_mountinfo(&text)
+}
+
+/// The first cgroup-v2 mount point in the text of `/proc/PID/mountinfo`.
+pub fn cgroup2_in_mountinfo(text: &str) -> Result<PathBuf, SystemError> {
     text.lines()
         .find_map(|line| {
             let (pre, post) = line.split_once(" - ")?;

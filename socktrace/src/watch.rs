@@ -130,7 +130,7 @@ fn report_lost(out: &mut impl Write, stats: &Stats, reported: u64, json: bool, l
     Ok(lost)
 }
 
-fn write_record(out: &mut impl Write, r: &Record, json: bool, start_ns: u64) -> anyhow::Result<()> {
+pub fn write_record(out: &mut impl Write, r: &Record, json: bool, start_ns: u64) -> anyhow::Result<()> {
     if json {
         serde_json::to_writer(&mut *out, r)?;
         writeln!(out)?;

@@ -12,6 +12,8 @@
 //!   CPU hog busy on one core (see `stress.rs`).
 //! - `test --vm [--kernel 5.10|6.1|6.12|all] [--hooks fentry|kprobe|both]`: instead, the privileged tests
 //!   inside qemu on Debian kernels, once per hook mode (see `vm.rs`).
+//! - `fuzz [--seconds N] [--dev] [TARGET]`: installs cargo-fuzz if missing, then runs each fuzz
+//!   target of `fuzz/` for N seconds and fails on a crash (see `fuzz.rs`);
 //! - `deb`, `static`, `image`, `test-packages`: the Debian package, the static binary, the OCI
 //!   image, and the tests of all three (see `package.rs`).
 //! - `soak [--minutes N]` / `soak --flood [--seconds N]`: build, then the churn soak or the SYN flood
@@ -19,6 +21,7 @@
 
 mod bench;
 mod bench_snapshot;
+mod fuzz;
 mod package;
 mod setup;
 mod soak;
@@ -93,6 +96,8 @@ enum Task {
     Bench(bench::BenchArgs),
     /// Churn soak of serve and top, or (--flood) a SYN flood against serve (root): checks, docs/BENCHMARKS.md.
     Soak(soak::SoakArgs),
+    /// Run the cargo-fuzz targets (fuzz/) for a while each; fails on a crash, panic or hang.
+    Fuzz(fuzz::FuzzArgs),
     /// Debian package target/debian/socktrace_<version>_amd64.deb (cargo-deb).
     Deb,
     /// Static binary (x86_64-unknown-linux-musl, eBPF object embedded).
@@ -139,6 +144,7 @@ fn main() -> ExitCode {
         Task::Hog { cpu, parent } => stress::hog(cpu, parent),
         Task::Bench(args) => setup::all().and_then(|()| build()).and_then(|()| bench::run(&args)),
         Task::Soak(args) => setup::all().and_then(|()| build()).and_then(|()| soak::run(&args)),
+        Task::Fuzz(args) => fuzz::run(&args),
         Task::Deb => package::deb().map(drop),
         Task::Static => package::static_binary().map(drop),
         Task::Image => package::image().map(drop),
@@ -209,6 +215,11 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     status(cargo().args([
         "test", "--release", "-p", "socktrace-common", "-p", "socktrace", "-p", "xtask", "-p", "socktrace-tests", "--lib", "--bins",
     ]))?;
+    // Every fuzz target briefly (the corpora and the inputs that once failed): a parser that
+    // panics or hangs on outside input fails here. Unoptimised: the build is most of the time.
+    if args.is_empty() {
+        fuzz::run(&fuzz::FuzzArgs { seconds: fuzz::CI_SECONDS, dev: true, target: None })?;
+    }
     // Privileged integration tests, one at a time (kernel state is shared).
     let bin = workspace().join("target/release/socktrace");
     let mut cmd = cargo();

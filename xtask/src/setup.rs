@@ -132,6 +132,25 @@ pub fn build_deps() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// cargo-fuzz, pinned (it drives libFuzzer on the nightly toolchain), for `cargo xtask fuzz`.
+pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// What `cargo xtask fuzz` needs: the nightly toolchain (already there for the eBPF build) and
+/// cargo-fuzz at [`CARGO_FUZZ_VERSION`]. The targets build without `-Z build-std`, so rust-src is
+/// not needed for them (`build_deps` installs it for the eBPF crate anyway).
+pub fn fuzz_deps() -> anyhow::Result<()> {
+    let version = Command::new("cargo").args(["+nightly", "fuzz", "--version"]).env_remove("RUSTUP_TOOLCHAIN").env_remove("CARGO").output();
+    let have = version.as_ref().ok().filter(|o| o.status.success()).map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    if have.as_deref() == Some(&format!("cargo-fuzz {CARGO_FUZZ_VERSION}")) {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: installing cargo-fuzz {CARGO_FUZZ_VERSION} from crates.io (found: {}; about a minute)",
+        have.as_deref().unwrap_or("none")
+    );
+    status(Command::new("cargo").args(["install", "cargo-fuzz", "--version", &format!("={CARGO_FUZZ_VERSION}"), "--locked"]))
+}
+
 fn bpf_linker() -> Option<PathBuf> {
     let home = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)

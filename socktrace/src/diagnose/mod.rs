@@ -82,6 +82,11 @@ fn interface_addrs() -> Option<Vec<std::net::IpAddr>> {
 /// numbers per CPU), summed over CPUs into `counters` as `Conntrack<column>`.
 fn read_conntrack_stats(counters: &mut BTreeMap<String, i64>) {
     let Ok(text) = std::fs::read_to_string("/proc/thread-self/net/stat/nf_conntrack") else { return };
+    parse_conntrack_stats(&text, counters);
+}
+
+/// The text of `/proc/net/stat/nf_conntrack` into `counters` ([`read_conntrack_stats`]).
+pub fn parse_conntrack_stats(text: &str, counters: &mut BTreeMap<String, i64>) {
     let mut lines = text.lines();
     let Some(head) = lines.next() else { return };
     let names: Vec<&str> = head.split_whitespace().collect();
@@ -97,18 +102,7 @@ fn read_conntrack_stats(counters: &mut BTreeMap<String, i64>) {
 fn read_facts() -> NetnsFacts {
     let mut counters = BTreeMap::new();
     for f in ["/proc/thread-self/net/netstat", "/proc/thread-self/net/snmp"] {
-        let text = std::fs::read_to_string(f).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        for pair in lines.chunks(2) {
-            let [head, vals] = pair else { continue };
-            let mut h = head.split_whitespace();
-            let prefix = h.next().unwrap_or("").trim_end_matches(':').to_owned();
-            for (k, v) in h.zip(vals.split_whitespace().skip(1)) {
-                if let Ok(v) = v.parse::<i64>() {
-                    counters.insert(format!("{prefix}{k}"), v);
-                }
-            }
-        }
+        parse_counters(&std::fs::read_to_string(f).unwrap_or_default(), &mut counters);
     }
     read_conntrack_stats(&mut counters);
     let sysctl = |p: &str| std::fs::read_to_string(p).ok().and_then(|s| s.trim().parse().ok());
@@ -120,6 +114,22 @@ fn read_facts() -> NetnsFacts {
         conntrack_count: sysctl64("/proc/sys/net/netfilter/nf_conntrack_count"),
         conntrack_max: sysctl64("/proc/sys/net/netfilter/nf_conntrack_max"),
         addrs: interface_addrs(),
+    }
+}
+
+/// The text of `/proc/net/netstat` or `/proc/net/snmp` (pairs of lines: `Prefix: names…`, then
+/// `Prefix: values…`) into `counters` as `PrefixName`.
+pub fn parse_counters(text: &str, counters: &mut BTreeMap<String, i64>) {
+    let lines: Vec<&str> = text.lines().collect();
+    for pair in lines.chunks(2) {
+        let [head, vals] = pair else { continue };
+        let mut h = head.split_whitespace();
+        let prefix = h.next().unwrap_or("").trim_end_matches(':').to_owned();
+        for (k, v) in h.zip(vals.split_whitespace().skip(1)) {
+            if let Ok(v) = v.parse::<i64>() {
+                counters.insert(format!("{prefix}{k}"), v);
+            }
+        }
     }
 }
 
@@ -531,7 +541,11 @@ fn socket_episodes(l: &model::Listener, a: &Acc, t0: u64, end: u64) -> (Vec<Epis
 
 /// Scheduler state of a process (`/proc/PID/stat`, the field after the parenthesised comm).
 fn process_state(pid: u32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_state(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// The state letter in the text of `/proc/PID/stat` (after the last `)`: comm may hold any).
+pub fn stat_state(stat: &str) -> Option<char> {
     stat.rsplit_once(')')?.1.trim_start().chars().next()
 }
 

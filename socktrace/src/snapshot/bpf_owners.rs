@@ -54,8 +54,13 @@ pub fn socket_fds(btf_path: &Path) -> Result<Vec<SocketFd>, IterError> {
     let mut file = load_iterator(&offsets, attach_id)?;
     let mut buf = Vec::with_capacity(1 << 20);
     file.read_to_end(&mut buf).map_err(IterError::Read)?;
+    records(&buf)
+}
+
+/// The iterator's output: whole [`SocketFd`] records, nothing else.
+pub fn records(buf: &[u8]) -> Result<Vec<SocketFd>, IterError> {
     let size = size_of::<SocketFd>();
-    if buf.len() % size != 0 {
+    if !buf.len().is_multiple_of(size) {
         return Err(IterError::Read(std::io::Error::other(format!("{} bytes is not a whole number of records", buf.len()))));
     }
     Ok(buf

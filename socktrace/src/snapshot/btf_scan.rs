@@ -18,6 +18,9 @@ pub enum ScanError {
     NotFunctionPointer(String),
 }
 
+/// Structs and unions one member lookup may look into (the kernel's need a few dozen at most).
+pub const ANONYMOUS_BUDGET: u32 = 4096;
+
 const KIND_INT: u32 = 1;
 const KIND_PTR: u32 = 2;
 const KIND_ARRAY: u32 = 3;
@@ -124,8 +127,8 @@ impl<'a> RawBtf<'a> {
         let mut bits = 0;
         for (i, member) in path.iter().enumerate() {
             let missing = || ScanError::NoMember(name.to_owned(), path[..=i].join("."));
-            let (off, ty) = self.find(id, member.as_bytes(), 0).ok_or_else(missing)?;
-            bits += off;
+            let (off, ty) = self.find(id, member.as_bytes(), 0, &mut ANONYMOUS_BUDGET.clone()).ok_or_else(missing)?;
+            bits = u32::checked_add(bits, off).ok_or_else(missing)?;
             id = self.strip(ty).ok_or_else(missing)?;
         }
         if bits.is_multiple_of(8) { Ok(bits / 8) } else { Err(ScanError::NoMember(name.to_owned(), format!("{} (a bitfield)", path.join(".")))) }
@@ -189,19 +192,21 @@ impl<'a> RawBtf<'a> {
         Ok(vlen.saturating_sub(1))
     }
 
-    /// Bit offset and type of `member` in struct/union `id`, looking through anonymous members.
-    fn find(&self, id: u32, member: &[u8], depth: u32) -> Option<(u32, u32)> {
+    /// Bit offset and type of `member` in struct/union `id`, looking through anonymous members at
+    /// most 8 deep and `budget` of them in all (malformed BTF can make them cycle or fan out).
+    fn find(&self, id: u32, member: &[u8], depth: u32, budget: &mut u32) -> Option<(u32, u32)> {
         let (kind, vlen, kind_flag, _, at) = self.ty(id)?;
-        if (kind != KIND_STRUCT && kind != KIND_UNION) || depth > 8 {
+        if (kind != KIND_STRUCT && kind != KIND_UNION) || depth > 8 || *budget == 0 {
             return None;
         }
+        *budget -= 1;
         for i in 0..vlen {
             let m = at + 12 + 12 * i;
             let (name_off, ty, off) = (u32_at(self.types, m)?, u32_at(self.types, m + 4)?, u32_at(self.types, m + 8)?);
             let bits = if kind_flag { off & 0x00ff_ffff } else { off };
             if name_off == 0 {
-                if let Some((inner, t)) = self.find(self.strip(ty)?, member, depth + 1) {
-                    return Some((bits + inner, t));
+                if let Some((inner, t)) = self.find(self.strip(ty)?, member, depth + 1, budget) {
+                    return Some((bits.checked_add(inner)?, t));
                 }
             } else if self.name(name_off) == member {
                 return Some((bits, ty));
@@ -226,6 +231,21 @@ impl<'a> RawBtf<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Inputs the fuzz target `btf_scan` found: `member-offset-overflow`, an anonymous member
+    /// whose bit offset plus the inner member's overflowed u32 (a panic with overflow checks).
+    #[test]
+    fn fuzz_regressions_btf_scan() {
+        for (name, bytes) in crate::offsets::tests::fuzz_regressions("btf_scan") {
+            let Ok(raw) = RawBtf::parse(&bytes, &["task_struct", "file", "inode", "bpf_iter_task_file", "sock"]) else { continue };
+            for (s, m) in [("task_struct", "tgid"), ("task_struct", "comm"), ("file", "f_inode"), ("inode", "i_ino"), ("sock", "skc_family")] {
+                let r = raw.offset(s, m);
+                // Its members are out of place: no offset is right, none may come out wrapped.
+                assert!(!name.ends_with("member-offset-overflow") || r.is_err(), "{name}: {s}.{m}: {r:?}");
+            }
+            assert!(raw.func_id("no_such_function").is_none(), "{name}");
+        }
+    }
 
     /// The same offsets as the tracer's ([`crate::offsets::resolve`], whose scan of every wanted
     /// type is checked against the full btf-rs parse there) when only a few types are wanted, on this

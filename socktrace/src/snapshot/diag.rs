@@ -345,7 +345,7 @@ impl DiagSocket {
 
 /// Whether a datagram carries the end of dump `seq` (`NLMSG_DONE` or `NLMSG_ERROR`), or cannot be
 /// framed at all (the decoder then reports why).
-fn ends_dump(buf: &[u8], seq: u32) -> bool {
+pub fn ends_dump(buf: &[u8], seq: u32) -> bool {
     let mut off = 0;
     while off < buf.len() {
         let Ok(msg) = NetlinkBuffer::new_checked(&buf[off..]) else { return true };
@@ -363,7 +363,7 @@ fn ends_dump(buf: &[u8], seq: u32) -> bool {
 /// whole `InetResponse`: that type carries its attributes inline (about 2 KiB with `rich_nlas`)
 /// and boxes it, which with 100k sockets costs more than the kernel's dump. Attributes this
 /// command does not use are skipped unparsed. Control messages go through `NetlinkMessage`.
-fn decode(buf: &[u8], seq: u32, each: &mut impl FnMut(Record)) -> Result<bool, DiagError> {
+pub fn decode(buf: &[u8], seq: u32, each: &mut impl FnMut(Record)) -> Result<bool, DiagError> {
     let bad = |e: netlink_packet_core::DecodeError| DiagError::Decode(e.to_string());
     let mut off = 0;
     while off < buf.len() {
@@ -385,9 +385,11 @@ fn decode(buf: &[u8], seq: u32, each: &mut impl FnMut(Record)) -> Result<bool, D
         }
         match NetlinkMessage::<SockDiagMessage>::deserialize(msg.into_inner()).map_err(bad)?.payload {
             NetlinkPayload::Done(done) => {
-                return if done.code < 0 { Err(DiagError::Kernel(io::Error::from_raw_os_error(-done.code))) } else { Ok(true) };
+                // The kernel's code is a negated errno; i32::MIN has no positive counterpart.
+                return if done.code < 0 { Err(DiagError::Kernel(io::Error::from_raw_os_error(done.code.saturating_neg()))) } else { Ok(true) };
             }
-            NetlinkPayload::Error(e) => return Err(DiagError::Kernel(e.to_io())),
+            // Not `to_io()`: its `abs()` overflows on i32::MIN.
+            NetlinkPayload::Error(e) => return Err(DiagError::Kernel(io::Error::from_raw_os_error(e.raw_code().saturating_abs()))),
             NetlinkPayload::Overrun(_) => return Err(DiagError::Decode("netlink overrun".into())),
             _ => {}
         }
@@ -490,6 +492,22 @@ pub fn push_addr(s: &mut String, ip: IpAddr, ifindex: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Inputs the fuzz target `sock_diag` found: `done-code-i32-min` and `error-code-i32-min`, an
+    /// `NLMSG_DONE` / `NLMSG_ERROR` whose error code is `i32::MIN` (negating it, or netlink-packet-core's
+    /// `ErrorMessage::to_io`, overflowed). Each must decode to an error or records.
+    #[test]
+    fn fuzz_regressions_sock_diag() {
+        for (name, bytes) in crate::offsets::tests::fuzz_regressions("sock_diag") {
+            let seq = u32::from_ne_bytes(bytes[8..12].try_into().unwrap());
+            let _ = ends_dump(&bytes, seq);
+            let r = decode(&bytes, seq, &mut |_| {});
+            if name.ends_with("-code-i32-min") {
+                // Reported as the largest positive errno, not a wrapped negative one.
+                assert!(matches!(&r, Err(DiagError::Kernel(e)) if e.raw_os_error() == Some(i32::MAX)), "{name}: {r:?}");
+            }
+        }
+    }
 
     #[test]
     fn addresses_print_like_ss() {

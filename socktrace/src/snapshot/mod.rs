@@ -12,11 +12,11 @@
 //! inodes to processes ([`bpf_owners`] loads the iterator, [`btf_scan`] finds its offsets),
 //! [`render`] prints; the ss-style expression is [`crate::filter`]'s.
 
-mod bpf_owners;
+pub mod bpf_owners;
 pub mod btf_scan;
-pub(crate) mod diag;
-pub(crate) mod netns;
-pub(crate) mod procs;
+pub mod diag;
+pub mod netns;
+pub mod procs;
 mod render;
 
 use std::{collections::BTreeMap, io::Write as _};

@@ -191,7 +191,7 @@ fn scan_fds(pid: u32, link: &mut [u8; 64], mut found: impl FnMut(u32, u32)) {
 }
 
 /// `socket:[12345]` → 12345.
-fn socket_inode(link: &[u8]) -> Option<u32> {
+pub fn socket_inode(link: &[u8]) -> Option<u32> {
     let digits = link.strip_prefix(b"socket:[")?.strip_suffix(b"]")?;
     std::str::from_utf8(digits).ok()?.parse().ok()
 }
