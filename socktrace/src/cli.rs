@@ -153,7 +153,7 @@ pub struct TraceArgs {
     #[arg(long, value_name = "KIB", default_value_t = 4096, value_parser = parse_ring_kib)]
     pub ring_buffer_kib: u32,
     /// Listening sockets the kernel keeps counters for (LISTENERS map: a row per port and one per
-    /// LISTEN socket, so 2×N rows). Beyond it the least recently used rows are evicted (counted).
+    /// LISTEN socket, so 2 x N rows). Beyond it the least recently used rows are evicted (counted).
     #[arg(long, value_name = "N", default_value_t = MapSizes::DEFAULT.listeners, value_parser = parse_map_size)]
     pub map_listeners: u32,
     /// Child sockets waiting in accept queues whose enqueue time is kept (ENQUEUED map; an evicted
