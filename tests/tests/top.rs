@@ -62,7 +62,11 @@ fn short_burst_is_seen_by_top_but_not_by_snapshots() {
         assert!(now < 9, "the end-of-interval snapshot must have missed the burst: {r}");
     }
     let drops: i64 = rows.iter().map(|r| r["syn_drops"].as_i64().unwrap() + r["overflows"].as_i64().unwrap()).sum();
-    assert_eq!(drops, delta, "top's drops vs the kernel's TcpExtListenOverflows (syn_drop on {:?})", hooks["syn_drop"]);
+    if hooks["syn_drop"].as_deref() == Some("cgroup_skb") {
+        socktrace_tests::assert_drops_near("top's drops vs the kernel's TcpExtListenOverflows", drops, delta);
+    } else {
+        assert_eq!(drops, delta, "top's drops vs the kernel's TcpExtListenOverflows (syn_drop on {:?})", hooks["syn_drop"]);
+    }
 }
 
 /// On a terminal `top` is a TUI: run it in tmux, read the screen.
