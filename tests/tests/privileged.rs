@@ -403,7 +403,12 @@ fn ipv6_listener_accepts_and_overflows() {
     let drops = (of_kind(&records, "listen_overflow").len() + of_kind(&records, "syn_drop").len()) as i64;
     eprintln!("v6: TcpExtListenOverflows delta {delta}, drop events {drops}");
     assert!(delta > 0, "the scenario must overflow");
-    assert_eq!(drops, delta, "drop events vs the kernel's TcpExtListenOverflows (syn_drop on {:?})", hooks["syn_drop"]);
+    if hooks["syn_drop"].as_deref() == Some("cgroup_skb") {
+        // This kernel's hooks: see `drop_shortfall_allowed` (a few 3rd-ACK overflows unseen).
+        socktrace_tests::assert_drops_near("v6 drop events vs the kernel's TcpExtListenOverflows", drops, delta);
+    } else {
+        assert_eq!(drops, delta, "drop events vs the kernel's TcpExtListenOverflows (syn_drop on {:?})", hooks["syn_drop"]);
+    }
     let accepts = of_kind(&records, "accept");
     assert_eq!(accepts.len() as u64, done(&summary)["accepted"].as_u64().unwrap());
     for r in records.iter().filter(|r| r["kind"] != "lost") {
