@@ -244,14 +244,22 @@ impl Agent {
         let in_view = |f: &Filter, netns: u32, lport: u16, inode: u32| {
             if inode == 0 { f.matches_listener(netns, lport) } else { f.matches_listener_socket(netns, lport, inode) }
         };
-        let waits: Vec<(WaitKey, u64)> = read_map(&self.waits, "WAITS")?;
-        let waits: Vec<_> = waits.into_iter().filter(|(k, _)| in_view(&self.filter, k.netns, k.lport, k.inode)).collect();
+        let all_waits: Vec<(WaitKey, u64)> = read_map(&self.waits, "WAITS")?;
+        let waits: Vec<_> = all_waits.iter().filter(|(k, _)| in_view(&self.filter, k.netns, k.lport, k.inode)).copied().collect();
         self.model.take_waits(&waits);
         self.model.close_interval(&kernel, &sockets, diag.as_ref());
-        let acceptors: Vec<(AcceptorKey, AcceptorSeen)> = read_map(&self.acceptors, "ACCEPTORS")?;
-        let acceptors: Vec<_> = acceptors.into_iter().filter(|(k, _)| in_view(&self.filter, k.netns, k.lport, k.inode)).collect();
+        let all_acceptors: Vec<(AcceptorKey, AcceptorSeen)> = read_map(&self.acceptors, "ACCEPTORS")?;
+        let acceptors: Vec<_> = all_acceptors.iter().filter(|(k, _)| in_view(&self.filter, k.netns, k.lport, k.inode)).copied().collect();
         self.model.take_acceptors(&acceptors);
         self.delete_gone_rows(&kernel, &sockets);
+        // Wait buckets and acceptors of ports the model no longer has (closed, past their grace
+        // period, or outside the filter): deleted, or under listener churn the LRU maps fill with
+        // dead sockets' entries that every interval reads again (memory and time grow with them).
+        let known = |netns: u32, lport: u16| self.model.listeners.contains_key(&ListenerKey { netns, lport });
+        let dead_waits: Vec<WaitKey> = all_waits.iter().filter(|(k, _)| !known(k.netns, k.lport)).map(|(k, _)| *k).collect();
+        let dead_acceptors: Vec<AcceptorKey> = all_acceptors.iter().filter(|(k, _)| !known(k.netns, k.lport)).map(|(k, _)| *k).collect();
+        delete_keys::<WaitKey, u64>(&mut self.waits, &dead_waits);
+        delete_keys::<AcceptorKey, AcceptorSeen>(&mut self.acceptors, &dead_acceptors);
         Ok(())
     }
 
@@ -329,6 +337,18 @@ fn read_map<K: aya::Pod, V: aya::Pod>(map: &Map, name: &str) -> anyhow::Result<V
         }
     }
     typed.iter().map(|item| item.with_context(|| format!("reading {name}"))).collect()
+}
+
+/// Deletes `keys` from a hash map of this process (an entry already gone is no error).
+fn delete_keys<K: aya::Pod, V: aya::Pod>(map: &mut Map, keys: &[K]) {
+    if keys.is_empty() {
+        return;
+    }
+    if let Ok(mut typed) = HashMap::<&mut MapData, K, V>::try_from(map) {
+        for k in keys {
+            let _ = typed.remove(k);
+        }
+    }
 }
 
 fn feed(rb: &mut RingBuf<MapData>, filter: &mut Filter, model: &mut Model) -> anyhow::Result<()> {
