@@ -42,9 +42,6 @@ fn try_kfree_skb<C: Args>(ctx: &C, via: u32) -> Result<u32, i64> {
     if reason != off!(reason_listen_overflow) {
         return Ok(0);
     }
-    if crate::syn_drop::claim(ctx.arg_u64(0)) {
-        return Ok(0);
-    }
     // The verifier only allows constant context offsets: rx_sk, when present, is argument 3.
     let listener = if off!(kfree_skb_rx_sk_arg) == 3 { ctx.arg_u64(3) } else { 0 };
     emit_overflow(listener, ctx.arg_u64(0), via)
@@ -60,9 +57,6 @@ fn try_cookie_overflow(skb: u64, location: u64, via: u32) -> Result<u32, i64> {
     let in_v4 = v4[0] != 0 && location >= v4[0] && location < v4[1];
     let in_v6 = v6[0] != 0 && location >= v6[0] && location < v6[1];
     if !in_v4 && !in_v6 {
-        return Ok(0);
-    }
-    if crate::syn_drop::claim(skb) {
         return Ok(0);
     }
     let mut ev = Event::ZERO;
@@ -154,8 +148,6 @@ fn syn_recv_sock_exit(slot: u32, via: u32) -> Result<u32, i64> {
     let Some(p) = counted::exit(slot)? else {
         return Ok(0);
     };
-    // Reported here, so the counted cgroup hook's settle must not report this packet too.
-    let _ = crate::syn_drop::claim(p.skb);
     let mut ev = new_overflow(p.listener, p.skb, via);
     counted::fill_full_queue(&mut ev, &p);
     emit(&mut ev);

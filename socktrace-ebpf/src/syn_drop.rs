@@ -20,13 +20,6 @@
 //! pending at the next SYN on that CPU (its free was not traced: an skb with another reference) is
 //! settled then and counted in `stat::SYN_SETTLED_LATE`. The old check (`syn_drop_cgroup`: the queue
 //! is full just before the kernel looks) remains for kernels where the counter cannot be read.
-//!
-//! Handshake ACKs (ACK without SYN/RST: a 3rd ACK, filtered on the request's listener, or a
-//! SYN-cookie ACK) are recorded the same way: the kernel tries to create the child there and counts
-//! an overflow when the queue is full. The `listen_overflow` programs report those drops (kfree_skb
-//! reasons, or syn_recv_sock exit) and [`claim`] the packet; the settle reports, as a
-//! `listen_overflow`, only a counted ACK drop that no such program claimed (seen missing on 6.18:
-//! a few per hundred in the slow-listener test, path unknown).
 
 use aya_ebpf::{
     helpers::generated::bpf_skc_to_tcp_sock,
@@ -137,7 +130,6 @@ pub fn syn_settle_kfree(ctx: RawTracePointContext) -> i32 {
 }
 
 const TCP_FLAG_SYN: u8 = 0x02;
-const TCP_FLAG_RST: u8 = 0x04;
 const TCP_FLAG_ACK: u8 = 0x10;
 
 /// A SYN to a listener whose fate the kernel has not decided yet (one per CPU, see the module doc).
@@ -154,34 +146,17 @@ struct SynPending {
     rport: u16,
     /// 1: the SYN is IPv6 (else IPv4, its address in `raddr[..4]`).
     v6: u8,
-    /// 1: a handshake ACK (3rd ACK or SYN-cookie ACK), not a SYN: a drop is a `listen_overflow`.
-    ack: u8,
-    /// 1: the kfree_skb overflow program already reported this packet's drop (see [`claim`]).
-    reported: u8,
-    _pad: [u8; 3],
+    _pad: [u8; 5],
     raddr: [u8; 16],
-    /// The last packet whose drop the settle reported as a `listen_overflow` (see [`claim`]).
-    emitted_skb: u64,
 }
 
 #[map]
 static SYN_PENDING: PerCpuArray<SynPending> = PerCpuArray::with_max_entries(1, 0);
 
-/// What a LISTEN socket received that can overflow its accept queue: a bare SYN (a connection
-/// request) or a segment with ACK and without SYN/RST (a 3rd ACK, or a SYN-cookie ACK: the
-/// kernel then tries to create the child, `tcp_v{4,6}_syn_recv_sock`).
-struct ToListener {
-    /// The listener (`struct tcp_sock`).
-    tp: u64,
-    tcp_off: usize,
-    v6: bool,
-    ack: bool,
-}
-
-/// The listener of a SYN or handshake ACK received by a LISTEN socket (a 3rd ACK for a request
-/// socket is filtered on its listener too: `tcp_v{4,6}_rcv` → `tcp_filter(rsk_listener)`).
+/// The listener (`struct tcp_sock`) of a bare SYN (no ACK) received by a LISTEN socket, with the
+/// TCP header's offset and whether the packet is IPv6.
 #[inline(always)]
-fn packet_to_listener(ctx: &SkBuffContext) -> Result<Option<ToListener>, i64> {
+fn syn_to_listener(ctx: &SkBuffContext) -> Result<Option<(u64, usize, bool)>, i64> {
     // SAFETY: ctx.skb is the program's context pointer.
     let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
     if sk.is_null() {
@@ -199,12 +174,12 @@ fn packet_to_listener(ctx: &SkBuffContext) -> Result<Option<ToListener>, i64> {
     // helper call, not three: a LISTEN socket's packets are SYNs and handshake ACKs, half of
     // every connection's packets); any TCP segment is at least that long.
     let h: [u8; 20 + 14] = ctx.load(0).map_err(i64::from)?;
-    let (tcp_off, v6, tcp_flags) = if h[0] >> 4 == 6 {
+    let (tcp_off, v6) = if h[0] >> 4 == 6 {
         let h6: [u8; 40 + 14] = ctx.load(0).map_err(i64::from)?;
-        if h6[6] != 6 {
+        if h6[6] != 6 || h6[40 + 13] & (TCP_FLAG_SYN | TCP_FLAG_ACK) != TCP_FLAG_SYN {
             return Ok(None);
         }
-        (40usize, true, h6[40 + 13])
+        (40usize, true)
     } else {
         if h[0] >> 4 != 4 || h[9] != 6 {
             return Ok(None);
@@ -212,16 +187,14 @@ fn packet_to_listener(ctx: &SkBuffContext) -> Result<Option<ToListener>, i64> {
         let tcp_off = usize::from(h[0] & 0x0f) * 4;
         // IP options move the TCP header: read its flags on their own then.
         let tcp_flags = if tcp_off == 20 { h[20 + 13] } else { ctx.load(tcp_off + 13).map_err(i64::from)? };
-        (tcp_off, false, tcp_flags)
-    };
-    let ack = match tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST) {
-        TCP_FLAG_SYN => false,
-        TCP_FLAG_ACK => true,
-        _ => return Ok(None),
+        if tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) != TCP_FLAG_SYN {
+            return Ok(None);
+        }
+        (tcp_off, false)
     };
     // SAFETY: helper takes any sock_common pointer and returns NULL when it is not a TCP socket.
     let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast()) } as u64;
-    Ok((tp != 0).then_some(ToListener { tp, tcp_off, v6, ack }))
+    Ok((tp != 0).then_some((tp, tcp_off, v6)))
 }
 
 /// Source port and address of the packet (the remote side of a SYN; IPv4 in the first 4 bytes).
@@ -253,7 +226,7 @@ fn set_remote(ev: &mut Event, rport: u16, raddr: [u8; 16], v6: bool) {
 
 #[inline(always)]
 fn try_cgroup_skb(ctx: &SkBuffContext) -> Result<u32, i64> {
-    let Some(ToListener { tp, tcp_off, v6, ack: false }) = packet_to_listener(ctx)? else {
+    let Some((tp, tcp_off, v6)) = syn_to_listener(ctx)? else {
         return Ok(0);
     };
     if !accept_queue_full(tp)? {
@@ -269,7 +242,7 @@ fn try_cgroup_skb(ctx: &SkBuffContext) -> Result<u32, i64> {
 
 #[inline(always)]
 fn try_cgroup_skb_counted(ctx: &SkBuffContext) -> Result<u32, i64> {
-    let Some(ToListener { tp, tcp_off, v6, ack }) = packet_to_listener(ctx)? else {
+    let Some((tp, tcp_off, v6)) = syn_to_listener(ctx)? else {
         return Ok(0);
     };
     let p = SYN_PENDING.get_ptr_mut(0).ok_or(-1i64)?;
@@ -290,12 +263,8 @@ fn try_cgroup_skb_counted(ctx: &SkBuffContext) -> Result<u32, i64> {
         ts_ns: now(),
         rport,
         v6: u8::from(v6),
-        ack: u8::from(ack),
-        reported: 0,
-        _pad: [0; 3],
+        _pad: [0; 5],
         raddr,
-        // SAFETY: as above.
-        emitted_skb: unsafe { (*p).emitted_skb },
     };
     // SAFETY: as above.
     unsafe { *p = rec };
@@ -320,44 +289,14 @@ fn settle(p: *mut SynPending) {
     // SAFETY: as above.
     unsafe { (*p).skb = 0 };
     let Ok(now_count) = read::<u64>(rec.counter, 0) else { return };
-    if now_count == rec.count || rec.reported != 0 {
+    if now_count == rec.count {
         return;
     }
     let mut ev = new_syn_drop(rec.listener, hook::CGROUP_SKB);
-    if rec.ack != 0 {
-        // A handshake ACK the kernel counted as an overflow that the kfree_skb program did not
-        // report (it only knows the drop reasons TCP_LISTEN_OVERFLOW and NO_SOCKET in
-        // `cookie_v{4,6}_check`).
-        ev.kind = kind::LISTEN_OVERFLOW;
-        // SAFETY: as above.
-        unsafe { (*p).emitted_skb = rec.skb };
-    }
     ev.ts_ns = rec.ts_ns;
     // The queue as it is right after the kernel's decision (still full unless accept() ran since).
     let pending = counted::Pending { listener: rec.listener, skb: rec.skb, count: rec.count, queue_len: 0, queue_max: 0 };
     counted::fill_full_queue(&mut ev, &pending);
     set_remote(&mut ev, rec.rport, rec.raddr, rec.v6 != 0);
     emit(&mut ev);
-}
-
-/// Called by a `listen_overflow` program before it reports the drop of `skb` (the kfree_skb one,
-/// or the syn_recv_sock exit one, which always runs before the free): true when the counted
-/// cgroup hook's settle already reported it, so each drop is reported once whichever of the two
-/// programs on the kfree_skb tracepoint runs first.
-#[inline(always)]
-pub fn claim(skb: u64) -> bool {
-    let Some(p) = SYN_PENDING.get_ptr_mut(0) else { return false };
-    // SAFETY: this CPU's record.
-    unsafe {
-        if (*p).skb == skb && (*p).ack != 0 {
-            // Not settled yet: the settle must not report it too.
-            (*p).reported = 1;
-            return false;
-        }
-        if (*p).emitted_skb == skb {
-            (*p).emitted_skb = 0;
-            return true;
-        }
-    }
-    false
 }

@@ -476,7 +476,6 @@ fn notes(signal: Signal, kind: HookKind, needs: Need, layout: &KernelLayout) -> 
         (Signal::SynDrop, HookKind::CgroupSkb) if needs == Need::CountedDrops => vec![
             "sees SYNs only for listeners owned by processes in the attached cgroup".into(),
             "exact: a SYN is reported dropped when the kernel's ListenOverflows counter (this CPU's) grew between the cgroup program and the free of that SYN (raw_tp consume_skb + kfree_skb)".into(),
-            "handshake ACKs are checked the same way: a counted 3rd-ACK overflow the listen_overflow hook did not report comes from here (listen_overflow, hook cgroup_skb)".into(),
         ],
         (Signal::SynDrop, HookKind::CgroupSkb) => vec![
             "sees SYNs only for listeners owned by processes in the attached cgroup".into(),
