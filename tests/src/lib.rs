@@ -709,3 +709,17 @@ pub fn assert_drops_near(what: &str, counted: i64, kernel: i64) {
     let allowed = drop_shortfall_allowed(kernel);
     assert!(counted <= kernel && kernel - counted <= allowed, "{what}: {counted} drops counted, kernel {kernel} (at most {allowed} fewer, never more)");
 }
+
+/// How many drops a count on kprobe hooks may be short of the kernel's: kprobe (and classic
+/// tracepoint) programs share the per-CPU guard `bpf_prog_active`, and a run it skips is counted in
+/// the program's `recursion_misses` only since Linux 6.7. There: 6 %, at least 3 (uncounted
+/// skips, qemu matrix: up to 4.3 %). Before 6.7 the skips are invisible and their share follows the
+/// timing: 17 of 120 (14 %) on 6.1 under TCG emulation in one CI run (2026-12-03) against 0–1 in the
+/// others; 20 %, at least 3.
+pub fn kprobe_shortfall_allowed(kernel: i64) -> i64 {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
+    let version = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    let percent = if version >= (6, 7) { 6 } else { 20 };
+    (kernel * percent / 100).max(3)
+}
