@@ -413,7 +413,12 @@ pub mod stat {
     /// Accepts whose child socket had no `ENQUEUED` entry (its wait is unknown): queued before the
     /// programs were loaded, or its entry was evicted.
     pub const ACCEPT_NO_WAIT: u32 = 10;
-    pub const COUNT: u32 = 11;
+    /// `WAITS` rows created (the first accept of a socket in a wait bucket); the agent deletes
+    /// rows and counts those deletes itself.
+    pub const WAITS_INSERTS: u32 = 11;
+    /// `ACCEPTORS` rows created (a thread's first accept from a socket); deleted only by the agent.
+    pub const ACCEPTORS_INSERTS: u32 = 12;
+    pub const COUNT: u32 = 13;
 }
 
 #[cfg(feature = "user")]

@@ -155,10 +155,10 @@ fn accepted(ev: &Event) {
             Some(n) => add(n, 1),
             // BPF_NOEXIST: when another CPU created it meanwhile, add to that one.
             None => {
-                if WAITS.insert(&key, &1, 1).is_err() {
-                    if let Some(n) = WAITS.get_ptr_mut(&key) {
-                        add(n, 1);
-                    }
+                if WAITS.insert(&key, &1, 1).is_ok() {
+                    count(stat::WAITS_INSERTS);
+                } else if let Some(n) = WAITS.get_ptr_mut(&key) {
+                    add(n, 1);
                 }
             }
         }
@@ -173,7 +173,11 @@ fn accepted(ev: &Event) {
                 (*a).comm = ev.comm;
             }
         } else {
-            let _ = ACCEPTORS.insert(&key, &AcceptorSeen { ts_ns: ev.ts_ns, pid: ev.pid, _pad: 0, comm: ev.comm }, 0);
+            // BPF_NOEXIST, so that only a created row is counted (a thread runs on one CPU at a
+            // time: nobody else creates its row meanwhile).
+            if ACCEPTORS.insert(&key, &AcceptorSeen { ts_ns: ev.ts_ns, pid: ev.pid, _pad: 0, comm: ev.comm }, 1).is_ok() {
+                count(stat::ACCEPTORS_INSERTS);
+            }
         }
     }
 }

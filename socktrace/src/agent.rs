@@ -27,7 +27,7 @@ use crate::{
     event::{self, Record},
     filter::Filter,
     model::{DiagSample, ListenerKey, Model},
-    pressure::Pressure,
+    pressure::{BoundedMap, Pressure, Walk},
     probes::{Signal, Tracer},
     ring::{Stats, ring},
     system,
@@ -63,6 +63,9 @@ pub struct Agent {
     seeded: u64,
     /// `LISTENERS` rows this agent deleted (listeners it let go), for the eviction count.
     rows_deleted: u64,
+    /// `WAITS` and `ACCEPTORS` rows this agent deleted, for the eviction counts.
+    waits_deleted: u64,
+    acceptors_deleted: u64,
     /// Evictions from the bounded maps, measured at every interval.
     pub pressure: Pressure,
 }
@@ -114,6 +117,8 @@ impl Agent {
             kernel_read_ns: 0,
             seeded: 0,
             rows_deleted: 0,
+            waits_deleted: 0,
+            acceptors_deleted: 0,
             pressure: Pressure::default(),
         };
         agent.write_control()?;
@@ -227,7 +232,7 @@ impl Agent {
                 sockets.push((u32::try_from(k & u64::from(u32::MAX)).unwrap_or(0), s, peak));
             }
         }
-        self.pressure.measure(&self.tracer.ebpf, &self.stats, &self.tracer.maps, Some((inserts, present.len() as u64, self.rows_deleted)), self.seeded);
+        let listeners_walk = Walk { inserts, live: present.len() as u64, deleted: self.rows_deleted };
         // Rows read before and missing now were evicted (the agent forgets the rows it deletes).
         self.model.kernel_rows_present(&present);
         let diag = (self.diag)().map(|mut sample| {
@@ -244,10 +249,12 @@ impl Agent {
         let in_view = |f: &Filter, netns: u32, lport: u16, inode: u32| {
             if inode == 0 { f.matches_listener(netns, lport) } else { f.matches_listener_socket(netns, lport, inode) }
         };
+        let waits_inserts = self.stats.get(stat::WAITS_INSERTS);
         let all_waits: Vec<(WaitKey, u64)> = read_map(&self.waits, "WAITS")?;
         let waits: Vec<_> = all_waits.iter().filter(|(k, _)| in_view(&self.filter, k.netns, k.lport, k.inode)).copied().collect();
         self.model.take_waits(&waits);
         self.model.close_interval(&kernel, &sockets, diag.as_ref());
+        let acceptors_inserts = self.stats.get(stat::ACCEPTORS_INSERTS);
         let all_acceptors: Vec<(AcceptorKey, AcceptorSeen)> = read_map(&self.acceptors, "ACCEPTORS")?;
         let acceptors: Vec<_> = all_acceptors.iter().filter(|(k, _)| in_view(&self.filter, k.netns, k.lport, k.inode)).copied().collect();
         self.model.take_acceptors(&acceptors);
@@ -258,8 +265,14 @@ impl Agent {
         let known = |netns: u32, lport: u16| self.model.listeners.contains_key(&ListenerKey { netns, lport });
         let dead_waits: Vec<WaitKey> = all_waits.iter().filter(|(k, _)| !known(k.netns, k.lport)).map(|(k, _)| *k).collect();
         let dead_acceptors: Vec<AcceptorKey> = all_acceptors.iter().filter(|(k, _)| !known(k.netns, k.lport)).map(|(k, _)| *k).collect();
-        delete_keys::<WaitKey, u64>(&mut self.waits, &dead_waits);
-        delete_keys::<AcceptorKey, AcceptorSeen>(&mut self.acceptors, &dead_acceptors);
+        self.waits_deleted += delete_keys::<WaitKey, u64>(&mut self.waits, &dead_waits);
+        self.acceptors_deleted += delete_keys::<AcceptorKey, AcceptorSeen>(&mut self.acceptors, &dead_acceptors);
+        let walked = [
+            (BoundedMap::Listeners, listeners_walk),
+            (BoundedMap::Waits, Walk { inserts: waits_inserts, live: all_waits.len() as u64, deleted: self.waits_deleted }),
+            (BoundedMap::Acceptors, Walk { inserts: acceptors_inserts, live: all_acceptors.len() as u64, deleted: self.acceptors_deleted }),
+        ];
+        self.pressure.measure(&self.tracer.ebpf, &self.stats, &self.tracer.maps, &walked, self.seeded);
         Ok(())
     }
 
@@ -339,16 +352,14 @@ fn read_map<K: aya::Pod, V: aya::Pod>(map: &Map, name: &str) -> anyhow::Result<V
     typed.iter().map(|item| item.with_context(|| format!("reading {name}"))).collect()
 }
 
-/// Deletes `keys` from a hash map of this process (an entry already gone is no error).
-fn delete_keys<K: aya::Pod, V: aya::Pod>(map: &mut Map, keys: &[K]) {
+/// Deletes `keys` from a hash map of this process (an entry already gone is no error) and says
+/// how many it deleted.
+fn delete_keys<K: aya::Pod, V: aya::Pod>(map: &mut Map, keys: &[K]) -> u64 {
     if keys.is_empty() {
-        return;
+        return 0;
     }
-    if let Ok(mut typed) = HashMap::<&mut MapData, K, V>::try_from(map) {
-        for k in keys {
-            let _ = typed.remove(k);
-        }
-    }
+    let Ok(mut typed) = HashMap::<&mut MapData, K, V>::try_from(map) else { return 0 };
+    keys.iter().filter(|k| typed.remove(k).is_ok()).count() as u64
 }
 
 fn feed(rb: &mut RingBuf<MapData>, filter: &mut Filter, model: &mut Model) -> anyhow::Result<()> {

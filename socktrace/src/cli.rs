@@ -167,6 +167,15 @@ pub struct TraceArgs {
     /// Rows of segments that never reached a listener (PAST map: per netns, port, class, address).
     #[arg(long, value_name = "N", default_value_t = MapSizes::DEFAULT.past, value_parser = parse_map_size)]
     pub map_past: u32,
+    /// Rows of the in-kernel accept-wait histograms (WAITS map: one per listening socket and wait
+    /// bucket in use, a few hundred for a busy socket; an evicted row loses that bucket's waits since the last
+    /// interval, counted).
+    #[arg(long, value_name = "N", default_value_t = MapSizes::DEFAULT.waits, value_parser = parse_map_size)]
+    pub map_waits: u32,
+    /// Rows of who accepted (ACCEPTORS map: one per listening socket and accepting thread; an
+    /// evicted row hides that thread until its next accept, counted).
+    #[arg(long, value_name = "N", default_value_t = MapSizes::DEFAULT.acceptors, value_parser = parse_map_size)]
+    pub map_acceptors: u32,
 }
 
 /// What a tracing command shows: the shorthands and the filter expression (all must match).

@@ -26,6 +26,7 @@ fn parse_cli<I: IntoIterator<Item = T>, T: Into<std::ffi::OsString> + Clone>(arg
 }
 
 fn main() -> ExitCode {
+    system::tune_allocator();
     let cli = match parse_cli(std::env::args_os()) {
         Ok(cli) => cli,
         Err(e) => {
@@ -137,7 +138,7 @@ fn start(args: &TraceArgs) -> anyhow::Result<probes::Tracer> {
         cgroup,
         ring_buffer_bytes: args.ring_buffer_kib * 1024,
         accept_hooks: args.accept_hooks,
-        maps: pressure::MapSizes { listeners: args.map_listeners, pending: args.map_pending, accepting: args.map_accepting, past: args.map_past },
+        maps: pressure::MapSizes { listeners: args.map_listeners, pending: args.map_pending, accepting: args.map_accepting, past: args.map_past, waits: args.map_waits, acceptors: args.map_acceptors },
     };
     let tracer = probes::load(&layout, &btf, &opts)?;
     drop(btf);

@@ -23,7 +23,12 @@
 //! last read (the agent sees the row vanish or come back with another `row_id`, counts it per
 //! listener, and keeps its totals monotonic); an `ENQUEUED` entry lost is an accept whose queue
 //! wait is unknown (`STATS[ACCEPT_NO_WAIT]` counts those); an `ACCEPTING` entry lost is an accept
-//! (syscall or kprobe hook) that is not seen at all; a `PAST` row lost, its counts.
+//! (syscall or kprobe hook) that is not seen at all; a `PAST` row lost, its counts; a `WAITS` row
+//! lost, the waits of its socket and bucket since the agent's last read; an `ACCEPTORS` row lost,
+//! that a thread accepted from that socket (until it accepts again).
+//!
+//! `WAITS` and `ACCEPTORS` rows are deleted only by the agent (rows of listeners it let go), which
+//! counts its deletes and walks both maps every interval anyway.
 
 use std::time::Instant;
 
@@ -31,7 +36,10 @@ use aya::{
     Ebpf, Pod,
     maps::{HashMap, MapData},
 };
-use socktrace_common::{ListenerStats, PastKey, stat};
+use socktrace_common::{
+    ListenerStats, PastKey, stat,
+    wait::{AcceptorKey, AcceptorSeen, WaitKey},
+};
 
 use crate::ring::Stats;
 
@@ -47,10 +55,14 @@ pub struct MapSizes {
     pub accepting: u32,
     /// (netns, port, class, address) rows of segments that never reached a listener (`PAST`).
     pub past: u32,
+    /// (socket, wait bucket) rows of the in-kernel accept-wait histograms (`WAITS`).
+    pub waits: u32,
+    /// (socket, thread) rows of who accepted (`ACCEPTORS`).
+    pub acceptors: u32,
 }
 
 impl MapSizes {
-    pub const DEFAULT: MapSizes = MapSizes { listeners: 16384, pending: 65536, accepting: 16384, past: 16384 };
+    pub const DEFAULT: MapSizes = MapSizes { listeners: 16384, pending: 65536, accepting: 16384, past: 16384, waits: 65536, acceptors: 16384 };
     /// Largest value of a `--map-*` option.
     pub const MAX: u32 = 1 << 22;
 }
@@ -68,10 +80,13 @@ pub enum BoundedMap {
     Enqueued,
     Accepting,
     Past,
+    Waits,
+    Acceptors,
 }
 
 impl BoundedMap {
-    pub const ALL: [BoundedMap; 4] = [BoundedMap::Listeners, BoundedMap::Enqueued, BoundedMap::Accepting, BoundedMap::Past];
+    pub const ALL: [BoundedMap; 6] =
+        [BoundedMap::Listeners, BoundedMap::Enqueued, BoundedMap::Accepting, BoundedMap::Past, BoundedMap::Waits, BoundedMap::Acceptors];
 
     /// The map's name in the eBPF object (and the `map` label of the metrics).
     pub fn name(self) -> &'static str {
@@ -80,6 +95,8 @@ impl BoundedMap {
             BoundedMap::Enqueued => "ENQUEUED",
             BoundedMap::Accepting => "ACCEPTING",
             BoundedMap::Past => "PAST",
+            BoundedMap::Waits => "WAITS",
+            BoundedMap::Acceptors => "ACCEPTORS",
         }
     }
 
@@ -90,6 +107,8 @@ impl BoundedMap {
             BoundedMap::Enqueued => "--map-pending",
             BoundedMap::Accepting => "--map-accepting",
             BoundedMap::Past => "--map-past",
+            BoundedMap::Waits => "--map-waits",
+            BoundedMap::Acceptors => "--map-acceptors",
         }
     }
 
@@ -100,6 +119,8 @@ impl BoundedMap {
             BoundedMap::Enqueued => s.pending,
             BoundedMap::Accepting => s.accepting,
             BoundedMap::Past => s.past,
+            BoundedMap::Waits => s.waits,
+            BoundedMap::Acceptors => s.acceptors,
         }
     }
 
@@ -110,6 +131,8 @@ impl BoundedMap {
             BoundedMap::Enqueued => "child sockets in accept queues (accept wait)",
             BoundedMap::Accepting => "threads inside accept()",
             BoundedMap::Past => "rows of segments that never reached a listener",
+            BoundedMap::Waits => "(socket, accept-wait bucket) rows",
+            BoundedMap::Acceptors => "(socket, accepting thread) rows",
         }
     }
 
@@ -119,8 +142,19 @@ impl BoundedMap {
             BoundedMap::Enqueued => (stat::ENQUEUED_INSERTS, Some(stat::ENQUEUED_DELETES)),
             BoundedMap::Accepting => (stat::ACCEPTING_INSERTS, Some(stat::ACCEPTING_DELETES)),
             BoundedMap::Past => (stat::PAST_INSERTS, None),
+            BoundedMap::Waits => (stat::WAITS_INSERTS, None),
+            BoundedMap::Acceptors => (stat::ACCEPTORS_INSERTS, None),
         }
     }
+}
+
+/// A map the caller walked itself: its inserts (`STATS`) read before the walk, the rows the walk
+/// found, and the rows the caller deleted so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Walk {
+    pub inserts: u64,
+    pub live: u64,
+    pub deleted: u64,
 }
 
 /// One map's use at the last measurement.
@@ -151,17 +185,17 @@ pub struct Pressure {
 const WALK_SHARE: u32 = 50;
 
 impl Pressure {
-    /// Measures every map. `listeners_live`: the `LISTENERS` rows the caller just walked (the
-    /// agent does, reading them), with `listener_inserts` read before that walk; `None` walks
-    /// it here. `seeded`: rows the agent created itself.
-    pub fn measure(&mut self, ebpf: &Ebpf, stats: &Stats, sizes: &MapSizes, listeners: Option<(u64, u64, u64)>, seeded: u64) {
+    /// Measures every map. `walked`: maps the caller just walked itself (the agent does, reading
+    /// them), each with its inserts read before that walk, the rows found and the rows the caller
+    /// deleted; the others are walked here. `seeded`: `LISTENERS` rows the agent created itself.
+    pub fn measure(&mut self, ebpf: &Ebpf, stats: &Stats, sizes: &MapSizes, walked: &[(BoundedMap, Walk)], seeded: u64) {
         let mut maps = Vec::with_capacity(BoundedMap::ALL.len());
         for m in BoundedMap::ALL {
             let capacity = m.capacity(sizes);
             let (ins, del) = m.counters();
             let last = self.maps.iter().find(|u| u.map == m.name()).copied();
-            let (inserts, entries, agent_deletes) = if let (BoundedMap::Listeners, Some((inserts, live, deleted))) = (m, listeners) {
-                (inserts, live, Some(deleted))
+            let (inserts, entries, agent_deletes) = if let Some((_, w)) = walked.iter().find(|(w, _)| *w == m) {
+                (w.inserts, w.live, Some(w.deleted))
             } else {
                 let inserts = stats.get(ins);
                 let deleted = del.map_or(0, |d| stats.get(d));
@@ -181,12 +215,14 @@ impl Pressure {
                     BoundedMap::Listeners => count_keys::<u64, ListenerStats>(ebpf, m.name(), capacity),
                     BoundedMap::Past => count_keys::<PastKey, u64>(ebpf, m.name(), capacity),
                     BoundedMap::Enqueued | BoundedMap::Accepting => count_keys::<u64, u64>(ebpf, m.name(), capacity),
+                    BoundedMap::Waits => count_keys::<WaitKey, u64>(ebpf, m.name(), capacity),
+                    BoundedMap::Acceptors => count_keys::<AcceptorKey, AcceptorSeen>(ebpf, m.name(), capacity),
                 };
                 self.next_walk.insert(m.name(), Instant::now() + started.elapsed() * WALK_SHARE);
                 (inserts, live, None)
             };
             let inserts = inserts + if m == BoundedMap::Listeners { seeded } else { 0 };
-            // LISTENERS rows are deleted only by the agent (rows of listeners it let go), which counts them.
+            // LISTENERS, WAITS and ACCEPTORS rows are deleted only by the agent, which counts them.
             let deletes = agent_deletes.unwrap_or_else(|| del.map_or(0, |d| stats.get(d)));
             let before = last.map_or(0, |u| u.evicted);
             let evicted = evictions(before, inserts, deletes, entries);
@@ -244,9 +280,9 @@ mod tests {
 
     #[test]
     fn capacities_follow_the_options() {
-        let s = MapSizes { listeners: 10, pending: 20, accepting: 30, past: 40 };
+        let s = MapSizes { listeners: 10, pending: 20, accepting: 30, past: 40, waits: 50, acceptors: 60 };
         let caps: Vec<u32> = BoundedMap::ALL.iter().map(|m| m.capacity(&s)).collect();
-        assert_eq!(caps, [20, 20, 30, 40]);
+        assert_eq!(caps, [20, 20, 30, 40, 50, 60]);
         assert_eq!(BoundedMap::Listeners.capacity(&MapSizes::DEFAULT), 32768, "the size before the options");
     }
 

@@ -365,3 +365,58 @@ fn diagnose_notes_evictions_in_its_window() {
         drop(clients);
     }
 }
+
+/// More (socket, wait bucket) and (socket, thread) rows than `WAITS` and `ACCEPTORS` hold: the
+/// listeners exist before serve starts, then one thread accepts once from each, so each map gets
+/// at least one row per listener. The evictions are counted and reported, the entries never
+/// exceed the capacity, and the waits that were read before their row went stay counted.
+#[test]
+fn wait_buckets_and_acceptors_beyond_the_maps_are_evictions() {
+    if !privileged() {
+        return;
+    }
+    let waits = 4 + vary(4);
+    let acceptors = 3 + vary(5);
+    let nl = u16::try_from(waits.max(acceptors) + 5 + vary(6)).unwrap();
+    let base = 24000 + u16::try_from(vary(500)).unwrap();
+    let ns = NetNs::new("pwait").unwrap();
+    let nsi = ns.inode().to_string();
+    let ls = listeners(&ns, base, nl);
+    let serve = Serve::start(19578, &["--netns", &nsi, "--map-waits", &waits.to_string(), "--map-acceptors", &acceptors.to_string()]).unwrap();
+    let mut previous: Option<String> = None;
+    let mut accepted = 0u32;
+    for round in 0..2 {
+        for (i, l) in ls.iter().enumerate() {
+            let c = connect(&ns, base + u16::try_from(i).unwrap());
+            let (s, _) = l.accept().unwrap();
+            drop((c, s));
+            accepted += 1;
+        }
+        // An interval closes (serve reads the maps every second) between the rounds.
+        std::thread::sleep(Duration::from_millis(1300));
+        let m = scrape(&serve);
+        for (map, cap) in [("WAITS", waits), ("ACCEPTORS", acceptors)] {
+            assert_eq!(map_metric(&m, "socktrace_map_capacity", map), f64::from(cap));
+            assert!(map_metric(&m, "socktrace_map_entries", map) <= f64::from(cap), "{map}: more entries than it holds");
+            let evicted = map_metric(&m, "socktrace_map_evictions_total", map);
+            // One row per listener at least (other traffic on the machine can only add).
+            let lower = f64::from(u32::from(nl) - cap);
+            println!("round {round}: {nl} listeners, {map} holds {cap}: {evicted} evictions (at least {lower})");
+            assert!(evicted >= lower, "{map}: {evicted} evictions, at least {lower} expected");
+            if let Some(p) = &previous {
+                assert!(evicted >= map_metric(p, "socktrace_map_evictions_total", map), "{map} evictions went down");
+            }
+        }
+        let accepts: f64 = per_port(&m, "socktrace_accepts_total", &nsi).values().sum();
+        let with_wait: f64 = per_port(&m, "socktrace_accept_wait_seconds_count", &nsi).values().sum();
+        assert_eq!(accepts, f64::from(accepted), "the accepts themselves are exact (LISTENERS)");
+        // A wait whose row was evicted before serve read it is missing, never invented.
+        assert!(with_wait <= accepts, "{with_wait} waits for {accepts} accepts");
+        if let Some(p) = &previous {
+            let before: f64 = per_port(p, "socktrace_accept_wait_seconds_count", &nsi).values().sum();
+            assert!(with_wait >= before, "waits counted went from {before} to {with_wait}");
+        }
+        previous = Some(m);
+    }
+    drop(ls);
+}

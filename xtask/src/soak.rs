@@ -411,6 +411,7 @@ fn soak(ctx: &Ctx, bins: &Bins, minutes: f64) -> anyhow::Result<Report> {
     let mut slow = Vec::new();
     let (mut storm_latencies, mut calm_latencies) = (Vec::new(), Vec::new());
     let mut fds_at_warmup = (String::new(), String::new());
+    let mut rss_at_warmup = (String::new(), String::new());
     // (seconds since start, serve RSS KiB, serve fds, top RSS KiB, top fds, namespaces on the host)
     let mut mem: Vec<Sample> = Vec::new();
     let mut serve_cpu0 = None;
@@ -532,6 +533,7 @@ fn soak(ctx: &Ctx, bins: &Bins, minutes: f64) -> anyhow::Result<Report> {
                 mem.push((t, srss, fd_count(serve.pid()), trss, fd_count(top.pid()), netns_count()));
                 if serve_cpu0.is_none() && started.elapsed() >= warmup {
                     fds_at_warmup = (fd_kinds(serve.pid()), fd_kinds(top.pid()));
+                    rss_at_warmup = (rss_parts(serve.pid()), rss_parts(top.pid()));
                     serve_cpu0 = Some((Instant::now(), cpu_secs(serve.pid())));
                 }
                 next_mem += Duration::from_secs(5);
@@ -583,6 +585,7 @@ fn soak(ctx: &Ctx, bins: &Bins, minutes: f64) -> anyhow::Result<Report> {
     let top_lost = top_lines.iter().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["lost"].as_u64()).max().unwrap_or(0);
     let fds_at_end = (fd_kinds(serve.pid()), fd_kinds(top.pid()));
     drop(ovf_server);
+    let rss_at_end = (rss_parts(serve.pid()), rss_parts(top.pid()));
     stop_agent(top, "top")?;
     stop_agent(serve, "serve")?;
 
@@ -684,8 +687,44 @@ fn soak(ctx: &Ctx, bins: &Bins, minutes: f64) -> anyhow::Result<Report> {
             let _ = write!(md, "\n{title} ({}):\n\n{}{more}\n", list.len(), list.iter().take(12).map(|l| format!("- `{l}`")).collect::<Vec<_>>().join("\n"));
         }
     }
+    let parts = format!(
+        "RSS by mapping (KiB), at warm-up → at the end: serve {} → {}; top {} → {}",
+        rss_at_warmup.0, rss_at_end.0, rss_at_warmup.1, rss_at_end.1
+    );
+    let _ = write!(text, "\n{parts}\n");
+    let _ = write!(md, "\n{parts}\n");
     let _ = write!(md, "\nEvery 60 s (s: serve RSS KiB/fds, top RSS KiB/fds, namespaces on the host): {}\n", mem_trace(&mem));
     Ok(Report { text, markdown: md, failed: c.failed() })
+}
+
+/// Resident KiB of a process by kind of mapping (/proc/PID/smaps): `[heap]`, other anonymous
+/// memory (glibc's thread arenas, thread stacks), the executable's own pages, the BPF maps it
+/// has mmapped (the ring buffer, counted twice: its data pages are mapped twice), shared
+/// libraries. Says which of them an RSS growth is.
+fn rss_parts(pid: u32) -> String {
+    let Ok(smaps) = fs::read_to_string(format!("/proc/{pid}/smaps")) else { return "unavailable".into() };
+    let exe = fs::read_link(format!("/proc/{pid}/exe")).map(|p| p.display().to_string()).unwrap_or_default();
+    let mut parts: std::collections::BTreeMap<&str, u64> = Default::default();
+    let mut kind = "anon";
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or("");
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            let name = words.nth(4).unwrap_or("");
+            kind = match name {
+                "" => "anon",
+                "[heap]" => "heap",
+                n if n.starts_with("[stack") => "stack",
+                n if n.contains("bpf-map") => "bpf maps",
+                n if n == exe => "binary",
+                n if n.starts_with('/') => "libs",
+                _ => "other",
+            };
+        } else if first == "Rss:" {
+            *parts.entry(kind).or_default() += words.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    parts.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
 }
 
 /// Every 60 s of the memory samples, compactly.
