@@ -1,4 +1,4 @@
-//! `cargo xtask fuzz [--seconds N] [--dev] [TARGET]`: the cargo-fuzz targets under `fuzz/` (one
+//! `cargo xtask fuzz [--seconds N] [--runs N] [--dev] [TARGET]`: the cargo-fuzz targets under `fuzz/` (one
 //! per parser of outside input), built once with `cargo +nightly fuzz build` and each run for N
 //! seconds; prints the executions each reached and fails on a crash, a panic or a hang, naming
 //! the input libFuzzer saved. `cargo xtask test` runs every target briefly ([`CI_SECONDS`]).
@@ -28,6 +28,9 @@ pub struct FuzzArgs {
     /// Seconds each target runs.
     #[arg(long, default_value_t = 60)]
     pub seconds: u64,
+    /// Stop each target after this many executions instead (`--seconds` still caps the time).
+    #[arg(long)]
+    pub runs: Option<u64>,
     /// Unoptimised build (compiles faster, runs slower): what `cargo xtask test` uses.
     #[arg(long)]
     pub dev: bool,
@@ -119,6 +122,9 @@ fn run_one(fuzz: &Path, logs: &Path, target: &'static str, args: &FuzzArgs) -> a
     cmd.arg(format!("-artifact_prefix={}/", artifacts.display()));
     // A hang is an input that takes more than 10 s.
     cmd.args([format!("-max_total_time={}", args.seconds), "-timeout=10".into(), "-print_final_stats=1".into()]);
+    if let Some(n) = args.runs {
+        cmd.arg(format!("-runs={n}"));
+    }
     cmd.arg(&work);
     for dir in [fuzz.join("corpus").join(target), fuzz.join("regressions").join(target)] {
         if dir.is_dir() {

@@ -218,7 +218,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     // Every fuzz target briefly (the corpora and the inputs that once failed): a parser that
     // panics or hangs on outside input fails here. Unoptimised: the build is most of the time.
     if args.is_empty() {
-        fuzz::run(&fuzz::FuzzArgs { seconds: fuzz::CI_SECONDS, dev: true, target: None })?;
+        fuzz::run(&fuzz::FuzzArgs { seconds: fuzz::CI_SECONDS, runs: None, dev: true, target: None })?;
     }
     // Privileged integration tests, one at a time (kernel state is shared).
     let bin = workspace().join("target/release/socktrace");

@@ -68,8 +68,9 @@ const PORT_LOSS: u16 = 20970;
 const FILTER: &[&str] = &["sport", ">=", ":20500", "and", "sport", "<=", ":20999"];
 /// serve drops a listener's series after this many scrapes without it (serve.rs).
 const SERIES_GRACE_SCRAPES: usize = 30;
-/// The documented bound of the `cgroup_skb` SYN-drop fallback (README, Tests): 8 % of the kernel's
-/// delta, at least 3, in either direction.
+/// The SYN flood's bound on its overflow count: 8 % of the kernel's delta, at least 3, in either
+/// direction (under a flood the cgroup_skb fallback may also count a few SYNs the kernel then
+/// queued: +13 of 1.7 M measured).
 const FALLBACK_TOLERANCE: f64 = 0.08;
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -640,12 +641,14 @@ fn soak(ctx: &Ctx, bins: &Bins, minutes: f64) -> anyhow::Result<Report> {
         "p99 < 100 ms",
         p99 < 100.0,
     );
-    let (ok, bound) = within_fallback_bound(ovf_serve, ovf_kernel);
+    // Both baselines were read before any client reached that listener, and both readings at the
+    // end after its queue drained: the test suite's bound applies (never over, a few short).
+    let short = socktrace_tests::drop_shortfall_allowed(ovf_kernel);
     c.add(
         "overflowing listener vs TcpExtListenOverflows",
         format!("serve {ovf_serve} (of which SYN drops {syn_serve}), kernel {ovf_kernel} (ListenDrops {drops_kernel}): {:+}", ovf_serve - ovf_kernel),
-        &format!("± {bound} (8 %, ≥ 3: the cgroup_skb fallback's documented bound)"),
-        ok,
+        &format!("never over, at most {short} short (5 %, ≥ 2: the tests' bound on this kernel's hooks)"),
+        ovf_serve <= ovf_kernel && ovf_kernel - ovf_serve <= short,
     );
     c.add("top --json intervals", format!("{top_intervals} parsed, {top_bad} unparsable, lost events {top_lost}"), "none unparsable", top_bad == 0 && top_intervals > 0);
 
