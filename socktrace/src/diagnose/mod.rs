@@ -93,7 +93,9 @@ pub fn parse_conntrack_stats(text: &str, counters: &mut BTreeMap<String, i64>) {
     for line in lines {
         for (name, v) in names.iter().zip(line.split_whitespace()) {
             if let (Ok(v), true) = (i64::from_str_radix(v, 16), matches!(*name, "drop" | "early_drop" | "insert_failed")) {
-                *counters.entry(format!("Conntrack{name}")).or_insert(0) += v;
+                // Saturating: the per-CPU values are the kernel's, but their sum is ours to bound.
+                let sum = counters.entry(format!("Conntrack{name}")).or_insert(0);
+                *sum = sum.saturating_add(v);
             }
         }
     }

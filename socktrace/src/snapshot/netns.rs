@@ -182,6 +182,12 @@ mod tests {
             if name.ends_with("sockstat-sum-overflow") {
                 assert_eq!(tcp, u64::MAX, "{name}");
             }
+            let mut counters = std::collections::BTreeMap::new();
+            crate::diagnose::parse_counters(&text, &mut counters);
+            crate::diagnose::parse_conntrack_stats(&text, &mut counters);
+            if name.ends_with("conntrack-sum-overflow") {
+                assert!(counters.iter().any(|(k, v)| k.starts_with("Conntrack") && *v == i64::MAX), "{name}: {counters:?}");
+            }
         }
         assert_eq!(sockstat_sum("TCP: inuse 5 orphan 0 tw 2 alloc 9 mem 1\n", "TCP:", &["inuse", "tw"]), 7);
     }
