@@ -203,7 +203,10 @@ pub struct KernelOffsets {
     /// address minus its `pptrs[0]`), when `per_cpu_offset` is unknown. [`KernelOffsets::ABSENT`]:
     /// not used.
     pub bpf_array_pptrs: u32,
-    pub _pad1: u32,
+    /// `struct pt_regs` → the syscall's first argument as it is still saved at syscall exit (`di`
+    /// on x86-64, `orig_x0` on arm64, from BTF): the accept exit programs read the listening fd
+    /// there instead of remembering it from the syscall's entry. [`KernelOffsets::ABSENT`]: unknown.
+    pub pt_regs_arg0: u32,
 }
 
 impl KernelOffsets {
@@ -259,7 +262,7 @@ impl KernelOffsets {
         reason_netfilter_drop: Self::ABSENT,
         reason_no_socket_any: Self::ABSENT,
         bpf_array_pptrs: Self::ABSENT,
-        _pad1: 0,
+        pt_regs_arg0: Self::ABSENT,
     };
 }
 

@@ -2,19 +2,20 @@
 //!
 //! Hooks, best first: `fexit/inet_csk_accept` (the return value is the context slot after the
 //! parameters; their count comes from BTF: 4 before 6.10, 2 since), `kprobe`+`kretprobe` on the same function,
-//! and the `syscalls:sys_{enter,exit}_accept{,4}` tracepoints, which resolve the listening and the
-//! returned file descriptors to their sockets.
+//! and the `syscalls:sys_exit_accept{,4}` tracepoints, which resolve the listening and the returned
+//! file descriptors to their sockets: the listening fd read from the syscall's saved registers
+//! (`bpf_task_pt_regs`, 5.15+), else remembered from `sys_enter_accept{,4}` in `ACCEPTING`.
 
 use aya_ebpf::{
     EbpfContext as _,
-    helpers::bpf_get_current_pid_tgid,
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_task_pt_regs},
     macros::{fexit, kprobe, kretprobe, tracepoint},
     programs::{FExitContext, ProbeContext, RetProbeContext, TracePointContext},
 };
-use socktrace_common::{Event, flags, hook, kind, stat};
+use socktrace_common::{Event, KernelOffsets, flags, hook, kind, stat};
 
 use crate::{
-    kernel::{fill_local, fill_queue, fill_remote, fill_task, is_inet_tcp, now, off, sock_of_fd},
+    kernel::{FdTable, fill_local, fill_queue, fill_remote, fill_task, is_inet_tcp, now, off, read, sock_in, sock_of_fd},
     maps::{ACCEPTING, ENQUEUED, count, emit, insert_counted, muted, remove_counted},
 };
 
@@ -117,9 +118,38 @@ fn accept_exit(ctx: &TracePointContext) -> Result<u32, i64> {
     if ret < 0 {
         return Ok(0);
     }
-    let child = sock_of_fd(ret)?;
-    let listener = sock_of_fd(listener_fd as i64)?;
-    emit_accept(listener, child, hook::TRACEPOINT)
+    let fds = FdTable::current()?;
+    emit_accept(sock_in(&fds, listener_fd as i64)?, sock_in(&fds, ret)?, hook::TRACEPOINT)
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
+pub fn accept4_exit_regs(ctx: TracePointContext) -> u32 {
+    let _ = try_accept_exit_regs(&ctx);
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_accept")]
+pub fn accept_exit_regs(ctx: TracePointContext) -> u32 {
+    let _ = try_accept_exit_regs(&ctx);
+    0
+}
+
+/// accept(2) returned: the listening fd is the syscall's first argument, still in the registers
+/// the syscall entry saved (the syscall does not write them; offset from BTF).
+#[inline(always)]
+fn try_accept_exit_regs(ctx: &TracePointContext) -> Result<u32, i64> {
+    let at = off!(tp_accept_ret) as usize;
+    // SAFETY: as in `accept_enter`.
+    let ret = unsafe { ctx.read_at::<i64>(at) }.map_err(i64::from)?;
+    let arg0 = off!(pt_regs_arg0);
+    if ret < 0 || arg0 == KernelOffsets::ABSENT {
+        return Ok(0);
+    }
+    // SAFETY: helpers without preconditions; the registers' address is read with probe_read.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
+    let listener_fd: i64 = read(regs, arg0)?;
+    let fds = FdTable::current()?;
+    emit_accept(sock_in(&fds, listener_fd)?, sock_in(&fds, ret)?, hook::TRACEPOINT)
 }
 
 /// listen(2): the backlog the application asked for, before the kernel caps it at somaxconn.

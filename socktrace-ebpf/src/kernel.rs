@@ -254,19 +254,33 @@ pub fn fill_task(ev: &mut Event) {
 /// task → files → fdt → fd[fd] → file → private_data (struct socket) → sk.
 #[inline(always)]
 pub fn sock_of_fd(fd: i64) -> Result<u64, i64> {
-    if fd < 0 {
+    sock_in(&FdTable::current()?, fd)
+}
+
+/// The current task's file-descriptor table: read once for several fds.
+pub struct FdTable {
+    fd_array: u64,
+    max_fds: u32,
+}
+
+impl FdTable {
+    #[inline(always)]
+    pub fn current() -> Result<FdTable, i64> {
+        // SAFETY: no preconditions.
+        let task = unsafe { bpf_get_current_task() };
+        let files: u64 = read(task, off!(task_files))?;
+        let fdt: u64 = read(files, off!(files_fdt))?;
+        Ok(FdTable { max_fds: read(fdt, off!(fdt_max_fds))?, fd_array: read(fdt, off!(fdt_fd))? })
+    }
+}
+
+/// The `struct sock` behind `fd` in `table`.
+#[inline(always)]
+pub fn sock_in(table: &FdTable, fd: i64) -> Result<u64, i64> {
+    if fd < 0 || fd as u64 >= u64::from(table.max_fds) {
         return Err(-1);
     }
-    // SAFETY: no preconditions.
-    let task = unsafe { bpf_get_current_task() };
-    let files: u64 = read(task, off!(task_files))?;
-    let fdt: u64 = read(files, off!(files_fdt))?;
-    let max_fds: u32 = read(fdt, off!(fdt_max_fds))?;
-    if fd as u64 >= u64::from(max_fds) {
-        return Err(-1);
-    }
-    let fd_array: u64 = read(fdt, off!(fdt_fd))?;
-    let file: u64 = read(fd_array, (fd as u32) * 8)?;
+    let file: u64 = read(table.fd_array, (fd as u32) * 8)?;
     let socket: u64 = read(file, off!(file_private_data))?;
     let sk: u64 = read(socket, off!(socket_sk))?;
     if sk == 0 { Err(-1) } else { Ok(sk) }

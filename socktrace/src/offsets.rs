@@ -76,6 +76,7 @@ const WANTED: &[&str] = &[
     "tcp_skb_cb",
     "socket_alloc",
     "bpf_array",
+    "pt_regs",
     "inode",
     "skb_drop_reason",
     "inet_csk_accept",
@@ -246,6 +247,9 @@ fn resolve_with(l: &impl Query, kallsyms: &str) -> Result<KernelLayout, OffsetEr
         o.reason_netfilter_drop = l.enum_value("skb_drop_reason", "SKB_DROP_REASON_NETFILTER_DROP").unwrap_or(KernelOffsets::ABSENT);
         o.reason_no_socket_any = l.enum_value("skb_drop_reason", "SKB_DROP_REASON_NO_SOCKET").unwrap_or(KernelOffsets::ABSENT);
     }
+    // The syscall's first argument in the saved registers: x86-64 passes it in `di`, which the
+    // syscall leaves alone; arm64 overwrites x0 with the return value but keeps `orig_x0`.
+    o.pt_regs_arg0 = l.offset("pt_regs", &["di"]).or_else(|_| l.offset("pt_regs", &["orig_x0"])).unwrap_or(KernelOffsets::ABSENT);
     // btf_trace_tcp_retransmit_skb(void *ctx, sk, skb[, err]).
     if l.tracepoint_arity("tcp_retransmit_skb")? >= 3 {
         o.retransmit_err_arg = 2;

@@ -175,6 +175,8 @@ enum Need {
     PacketDropReason,
     /// The kernel's per-CPU ListenOverflows counter is readable (`KernelLayout::counted_drops`).
     CountedDrops,
+    /// The saved registers' first syscall argument has an offset in BTF (`pt_regs_arg0`).
+    SyscallArgRegs,
 }
 
 /// The signals socktrace traces.
@@ -233,6 +235,16 @@ impl Signal {
                         Prog { name: "accept_kretprobe", attach: Attach::KRetProbe("inet_csk_accept") },
                     ],
                     needs: Need::Nothing,
+                },
+                // The exit tracepoints alone: the listening fd is read from the syscall's saved
+                // registers (bpf_task_pt_regs, 5.15+), no entry program and no ACCEPTING map.
+                Candidate {
+                    kind: HookKind::Tracepoint,
+                    progs: &[
+                        Prog { name: "accept4_exit_regs", attach: Attach::Tracepoint("syscalls", "sys_exit_accept4") },
+                        Prog { name: "accept_exit_regs", attach: Attach::Tracepoint("syscalls", "sys_exit_accept") },
+                    ],
+                    needs: Need::SyscallArgRegs,
                 },
                 Candidate {
                     kind: HookKind::Tracepoint,
@@ -451,6 +463,8 @@ fn unmet(need: Need, layout: &KernelLayout) -> Option<String> {
             )),
             None => Some("kernel BTF has no function inet_csk_accept".to_owned()),
         },
+        Need::SyscallArgRegs => (layout.offsets.pt_regs_arg0 == socktrace_common::KernelOffsets::ABSENT)
+            .then(|| "kernel BTF's struct pt_regs has no di (x86-64) or orig_x0 (arm64)".to_owned()),
         Need::PacketDropReason => (!layout.netfilter_drops() && !layout.no_socket_drops())
             .then(|| "kernel's kfree_skb has no SKB_DROP_REASON_NETFILTER_DROP or NO_SOCKET".to_owned()),
         Need::CountedDrops => (!layout.counted_drops).then(|| {
