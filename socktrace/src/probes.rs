@@ -118,8 +118,8 @@ impl AcceptHooks {
 /// Syscall costs: the quiet 11:55 run (no other tracer held syscall tracepoints); per connection:
 /// the default mode on a quiet machine (3.5 µs) and both modes side by side on a busy one.
 pub const MODE_COSTS: [(AcceptHooks, &str, &str); 2] = [
-    (AcceptHooks::Auto, "+39 ns per getppid, +45 ns per 64-byte read", "3.5–5.0 µs"),
-    (AcceptHooks::Off, "+0 ns (no syscall tracepoint)", "1.1 µs"),
+    (AcceptHooks::Auto, "+39 ns per getppid, +45 ns per 64-byte read", "3.4 µs"),
+    (AcceptHooks::Off, "+0 ns (no syscall tracepoint)", "0.75 µs"),
 ];
 
 /// Where and when [`MODE_COSTS`] were measured.
