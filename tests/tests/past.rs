@@ -79,18 +79,22 @@ fn firewall_scenario(tag: &str, ip: &str, port: u16) {
     let cg = Cgroup::new(tag).unwrap();
     nft(&ns, tag, &format!("table inet socktrace_fw {{\n chain input {{\n  type filter hook input priority 0; policy accept;\n  tcp dport {port} tcp flags & (syn | ack) == syn numgen random mod 100 < 70 counter drop\n }}\n}}\n"));
     let addr = std::net::SocketAddr::new(ip.parse().unwrap(), port).to_string();
-    let d = diagnose(&ns, &cg, port, 8);
+    // The clients give up after 4 s (SYNs at 0, 1 and 3 s): the window leaves 6 s for starting
+    // the server and the clients, and the test checks that their traffic ended inside it.
+    let d = diagnose(&ns, &cg, port, 10);
     let before = ns.counters().unwrap();
-    let server = scen(&["server", "--netns", &ns.name, "--addr", &addr, "--backlog", "128", "--run-ms", "9000"]);
+    let server = scen(&["server", "--netns", &ns.name, "--addr", &addr, "--backlog", "128", "--run-ms", "11000"]);
     let clients = scen(&["clients", "--netns", &ns.name, "--addr", &addr, "--count", "20", "--hold-ms", "100", "--connect-timeout-ms", "4000"]);
     let lines = clients.wait(Duration::from_secs(60)).unwrap();
+    let margin = d.window_end().saturating_duration_since(std::time::Instant::now());
+    assert!(margin > Duration::from_millis(300), "the clients ended {margin:?} before the diagnose window's end: the window did not cover their traffic");
     let connected = lines.iter().find(|l| l["event"] == "done").unwrap()["connected"].as_i64().unwrap();
     let l = report(d, &ns, port);
     let after = ns.counters().unwrap();
     drop(server);
     let dropped = nft_counter(&ns, "socktrace_fw");
     let syn_retrans = after.delta(&before, "TcpExtTCPSynRetrans");
-    eprintln!("nft dropped {dropped} SYNs, {connected} of 20 clients connected, TcpExtTCPSynRetrans +{syn_retrans}");
+    eprintln!("nft dropped {dropped} SYNs, {connected} of 20 clients connected, TcpExtTCPSynRetrans +{syn_retrans}; clients done {margin:?} before the window end");
     assert!(dropped > 0 && syn_retrans > 0, "the rule must drop SYNs and the clients retransmit");
     if !packet_drop_hook(&cg) {
         // Without the drop reason, diagnose must not say healthy: it says it cannot see why.
