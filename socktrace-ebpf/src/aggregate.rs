@@ -120,9 +120,11 @@ fn apply(s: *mut ListenerStats, ev: &Event) {
                     add(&raw mut (*s).wait_sum_ns, ev.accept_wait_ns);
                     add(&raw mut (*s).wait_count, 1);
                 }
-                // The queue was read after this connection left it.
+                // The queue was read after this connection left it. Another child may have
+                // been queued in between, but the queue never holds more than backlog + 1
+                // (`sk_acceptq_is_full` is `len > max`), so the estimate stops there.
                 if has_queue {
-                    peak(s, ev.queue_len + 1, ev.queue_max);
+                    peak(s, (ev.queue_len + 1).min(ev.queue_max.saturating_add(1)), ev.queue_max);
                 }
             }
             kind::LISTEN_OVERFLOW | kind::SYN_DROP => {
