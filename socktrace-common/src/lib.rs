@@ -24,6 +24,13 @@ pub mod kind {
     /// A process called listen(2): `queue_max` is the backlog it asked for (the kernel caps it at
     /// net.core.somaxconn).
     pub const LISTEN: u32 = 6;
+    /// A child joined a listener's accept queue (`sk_data_ready` on the listener). Aggregated in
+    /// the kernel only (`ListenerStats::queued`), never sent: with no accept hook the agent derives
+    /// accepts from it and the queue length.
+    pub const QUEUED: u32 = 7;
+    /// A listener closed (LISTEN → CLOSE): `queue_len` children were still queued, never accepted.
+    /// Aggregated in the kernel only, for the derived accepts like [`QUEUED`].
+    pub const LISTEN_CLOSE: u32 = 8;
 }
 
 /// Bits of [`Event::flags`]: which optional fields are meaningful.
@@ -284,6 +291,12 @@ pub struct ListenerStats {
     pub retransmits: u64,
     pub wait_sum_ns: u64,
     pub wait_count: u64,
+    /// Children added to the accept queue (counted only where no accept hook runs:
+    /// `--accept-hooks off`).
+    pub queued: u64,
+    /// Listener closes seen (with `queued`), and the children they left unaccepted.
+    pub closes: u64,
+    pub unaccepted: u64,
     /// Accept-queue high-water mark per epoch slot: slot `e & 1` holds the peak seen while
     /// `CONTROL.epoch == e` (`peak_epoch[e & 1] == e`). The agent bumps the epoch, then reads the
     /// previous slot: a burst shorter than the read interval is still seen.
@@ -309,6 +322,9 @@ impl ListenerStats {
         retransmits: 0,
         wait_sum_ns: 0,
         wait_count: 0,
+        queued: 0,
+        closes: 0,
+        unaccepted: 0,
         peak_epoch: [0; 2],
         peak: [0; 2],
         queue_max: 0,

@@ -137,6 +137,19 @@ fn apply(s: *mut ListenerStats, ev: &Event) {
                     peak(s, ev.queue_len, ev.queue_max);
                 }
             }
+            // Read just after the child was added: the queue's exact length at that moment.
+            kind::QUEUED => {
+                add(&raw mut (*s).queued, 1);
+                if has_queue {
+                    peak(s, ev.queue_len, ev.queue_max);
+                }
+            }
+            kind::LISTEN_CLOSE => {
+                add(&raw mut (*s).closes, 1);
+                if has_queue {
+                    add(&raw mut (*s).unaccepted, u64::from(ev.queue_len));
+                }
+            }
             kind::SYNACK_RETRANSMIT => {
                 add(&raw mut (*s).synack_retransmits, 1);
                 if has_queue {

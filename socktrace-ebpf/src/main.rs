@@ -17,6 +17,7 @@ mod kernel;
 mod maps;
 mod overflow;
 mod past;
+mod queued;
 mod retransmit;
 mod syn_drop;
 mod object;

@@ -122,10 +122,12 @@ impl Agent {
             pressure: Pressure::default(),
         };
         agent.write_control()?;
+        agent.model.derive_accepts = agent.tracer.traced().accept_derived;
         // Listeners that already exist get their kernel rows before anything else happens.
         if let Some(mut sample) = (agent.diag)() {
             agent.filter.select_listeners(&mut sample);
             agent.seed(&sample, &HashSet::new());
+            agent.model.starting_queues(&sample);
         }
         Ok(agent)
     }

@@ -140,9 +140,10 @@ pub struct TraceArgs {
     pub hooks: BTreeSet<HookKind>,
     /// How accept(2) and listen(2) are traced: `auto` (fexit, kprobe, else the syscall
     /// tracepoints, which slow every syscall of every process while attached), `syscalls` (the
-    /// syscall tracepoints only), `off` (no accept or listen hook and no enqueue hook: accept
-    /// counts, accept wait, acceptors and listen's backlog request unavailable; drops, queues,
-    /// retransmits as before). `socktrace probes` shows what each costs.
+    /// syscall tracepoints only), `off` (no syscall tracepoint: accepts counted per interval from
+    /// the children queued and the queue length; accept wait, acceptors and listen's backlog
+    /// request unavailable; drops, queues, retransmits as before). `socktrace probes` shows what
+    /// each costs.
     #[arg(long, value_name = "MODE", default_value = "auto")]
     pub accept_hooks: crate::probes::AcceptHooks,
     /// cgroup-v2 directory for the cgroup_skb SYN-drop fallback (default: the cgroup-v2 root, i.e.

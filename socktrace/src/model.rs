@@ -72,6 +72,11 @@ pub struct Counts {
     pub retransmits: u64,
     /// Accepts whose queue wait is known (the enqueue was seen).
     pub waited: u64,
+    /// Children added to the accept queue (counted only without an accept hook).
+    pub queued: u64,
+    /// Listener closes, and the children they left in the queue (with `queued`).
+    pub closes: u64,
+    pub unaccepted: u64,
 }
 
 impl Counts {
@@ -83,6 +88,9 @@ impl Counts {
             synack_retransmits: s.synack_retransmits,
             retransmits: s.retransmits,
             waited: s.wait_count,
+            queued: s.queued,
+            closes: s.closes,
+            unaccepted: s.unaccepted,
         }
     }
 
@@ -97,6 +105,9 @@ impl Counts {
             synack_retransmits: d(self.synack_retransmits, earlier.synack_retransmits),
             retransmits: d(self.retransmits, earlier.retransmits),
             waited: d(self.waited, earlier.waited),
+            queued: d(self.queued, earlier.queued),
+            closes: d(self.closes, earlier.closes),
+            unaccepted: d(self.unaccepted, earlier.unaccepted),
         }
     }
 
@@ -107,6 +118,43 @@ impl Counts {
         self.synack_retransmits += o.synack_retransmits;
         self.retransmits += o.retransmits;
         self.waited += o.waited;
+        self.queued += o.queued;
+        self.closes += o.closes;
+        self.unaccepted += o.unaccepted;
+    }
+}
+
+/// Accepts derived from the children queued, where no accept hook runs (`--accept-hooks off`):
+/// accepted = queued since the first read − (queue length now − queue length then) − children
+/// left in the queue by a close (after which the queue is 0 until a listener is back). The kernel
+/// row is read before the sock_diag sample, so a child queued in between makes the queue longer
+/// than the count explains: the estimate is low for one interval, never high, and the next
+/// sample makes up for it (what is reported is never taken back).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Derived {
+    /// Queue length when the counting began.
+    start: Option<u32>,
+    queued: u64,
+    unaccepted: u64,
+    closed: bool,
+    reported: u64,
+}
+
+impl Derived {
+    /// Adds `queued` children; with the queue length `queue` (None: not sampled, or no longer
+    /// listening) returns the accepts not reported before. `start`: the queue length when
+    /// the count began, if this is the first sample.
+    fn step(&mut self, c: &Counts, queue: Option<u32>, start: u32) -> u64 {
+        self.queued += c.queued;
+        self.unaccepted += c.unaccepted;
+        self.closed |= c.closes > 0;
+        // Not listed (closed): the queue is empty once a close was seen; else unknown (yet).
+        let Some(q) = queue.or(self.closed.then_some(0)) else { return 0 };
+        let start = *self.start.get_or_insert(start);
+        let accepted = (self.queued + u64::from(start)).saturating_sub(u64::from(q) + self.unaccepted);
+        let n = accepted.saturating_sub(self.reported);
+        self.reported += n;
+        n
     }
 }
 
@@ -211,6 +259,7 @@ pub struct SocketRow {
     /// Times its kernel row was evicted: counts between the read before and the eviction are lost.
     pub kernel_resets: u64,
     seen: u64,
+    derived: Derived,
 }
 
 impl SocketRow {
@@ -231,6 +280,7 @@ impl SocketRow {
             timeline: None,
             kernel_resets: 0,
             seen: now,
+            derived: Derived::default(),
         }
     }
 
@@ -288,6 +338,7 @@ pub struct Listener {
     pub kernel_resets: u64,
     /// Interval number in which this row last had activity or was listening.
     seen: u64,
+    derived: Derived,
 }
 
 /// p50, p99 and max (ns) of recorded waits; None when empty.
@@ -334,6 +385,7 @@ impl Listener {
             sockets: BTreeMap::new(),
             kernel_resets: 0,
             seen: 0,
+            derived: Derived::default(),
         }
     }
 
@@ -390,6 +442,11 @@ pub struct Model {
     pub keep_timeline: bool,
     /// `WAITS` counts at the last read.
     waits_last: std::collections::HashMap<WaitKey, u64>,
+    /// Derive accepts from the children queued (no accept hook: `--accept-hooks off`).
+    pub derive_accepts: bool,
+    /// Queue lengths when the agent started (the sample its kernel rows were seeded from), per
+    /// port (all its sockets) and per socket inode: where counting queued children began.
+    start_queues: (BTreeMap<ListenerKey, u32>, BTreeMap<u32, u32>),
 }
 
 /// `now - last` for a row read before with `last_id`; `reset` when the row is another one (it
@@ -403,6 +460,37 @@ fn kernel_delta(last: Option<(u32, Counts)>, row_id: u32, now: &Counts) -> (Coun
 }
 
 impl Model {
+    /// Remembers the queue lengths of the listeners that existed when the agent started (the
+    /// kernel rows seeded from this sample count children queued from then on).
+    pub fn starting_queues(&mut self, sample: &DiagSample) {
+        for d in &sample.listeners {
+            *self.start_queues.0.entry(ListenerKey { netns: d.netns, lport: d.lport }).or_default() += d.queue_len;
+            if d.inode != 0 {
+                self.start_queues.1.insert(d.inode, d.queue_len);
+            }
+        }
+    }
+
+    /// Accepts derived for the interval just closed (see [`Derived`]): per socket from its own
+    /// queue, per port from the sum of its sockets' queues.
+    fn derive_accepts(&mut self, port_queues: Option<&BTreeMap<ListenerKey, u32>>) {
+        let starts = &mut self.start_queues;
+        for (key, l) in &mut self.listeners {
+            let queue = port_queues.and_then(|q| q.get(key).copied()).filter(|_| l.listening);
+            let start = if queue.is_some() { starts.0.remove(key).unwrap_or(0) } else { 0 };
+            let n = l.derived.step(&l.interval, queue, start);
+            l.interval.accepts = n;
+            l.total.accepts += n;
+            for (ino, sock) in &mut l.sockets {
+                let queue = sock.queue_len.filter(|_| port_queues.is_some() && sock.listening);
+                let start = if queue.is_some() { starts.1.remove(ino).unwrap_or(0) } else { 0 };
+                let n = sock.derived.step(&sock.interval, queue, start);
+                sock.interval.accepts = n;
+                sock.total.accepts += n;
+            }
+        }
+    }
+
     /// The agent created this kernel row (`LISTENERS` key): an eviction before the next read is
     /// then noticed too.
     pub fn seeded(&mut self, key: u64, row: &ListenerStats) {
@@ -569,6 +657,7 @@ impl Model {
             row.accepts_unknown_wait += delta.accepts.saturating_sub(delta.waited);
             absorb((&mut row.total, &mut row.interval, &mut row.queue_peak, &mut row.backlog, &mut row.seen), delta, *peak, stats.queue_max, now);
         }
+        let mut port_queues: BTreeMap<ListenerKey, u32> = BTreeMap::new();
         if let Some(sample) = diag {
             let diag = &sample.listeners;
             for l in self.listeners.values_mut() {
@@ -625,10 +714,14 @@ impl Model {
                         sock.queue_peak = Some(sock.queue_peak.map_or(d.queue_len, |p| p.max(d.queue_len)));
                     }
                 }
+                port_queues.insert(key, members.iter().map(|d| d.queue_len).sum());
                 let q = row.queue_len.unwrap_or(0);
                 row.queue_peak = Some(row.queue_peak.map_or(q, |p| p.max(q)));
                 row.syn_recv = Some(sample.syn_recv.get(&key).copied().unwrap_or(0));
             }
+        }
+        if self.derive_accepts {
+            self.derive_accepts(diag.map(|_| &port_queues));
         }
         for l in self.listeners.values_mut() {
             l.waits = l.waits_open.take();

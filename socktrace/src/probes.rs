@@ -84,7 +84,8 @@ pub enum AcceptHooks {
     Auto,
     /// The syscall tracepoints only (what `auto` ends on where fexit and kprobes are missing).
     Syscalls,
-    /// No accept, listen or enqueue hook: no syscall tracepoint at all.
+    /// No accept, listen or enqueue hook: no syscall tracepoint at all. Accepts are derived from
+    /// the children queued (`accept_count`) and the queue length; no accept wait, no acceptors.
     Off,
 }
 
@@ -193,11 +194,16 @@ pub enum Signal {
     Listen,
     /// Segments to a port dropped before any listener: by netfilter, or for want of a socket.
     PacketDrop,
+    /// Children added to an accept queue, counted per listener: where no accept hook runs, the
+    /// agent derives accepts from them and the queue length (no syscall tracepoint needed).
+    Queued,
 }
 
 impl Signal {
-    pub const ALL: [Signal; 8] = [
+    /// Accept before Queued: Queued is attached only when Accept has no hook.
+    pub const ALL: [Signal; 9] = [
         Signal::Accept,
+        Signal::Queued,
         Signal::Enqueue,
         Signal::ListenOverflow,
         Signal::SynDrop,
@@ -217,6 +223,7 @@ impl Signal {
             Signal::SynackRetransmit => "synack_retransmit",
             Signal::Listen => "listen",
             Signal::PacketDrop => "packet_drop",
+            Signal::Queued => "accept_count",
         }
     }
 
@@ -225,6 +232,24 @@ impl Signal {
             Signal::Enqueue => &[
                 Candidate { kind: HookKind::TpBtf, progs: &[Prog { name: "enqueue_btf", attach: Attach::TpBtf("inet_sock_set_state") }], needs: Need::Nothing },
                 Candidate { kind: HookKind::RawTp, progs: &[Prog { name: "enqueue_raw", attach: Attach::RawTp("inet_sock_set_state") }], needs: Need::Nothing },
+            ],
+            Signal::Queued => &[
+                Candidate {
+                    kind: HookKind::TpBtf,
+                    progs: &[
+                        Prog { name: "queued_btf", attach: Attach::TpBtf("sk_data_ready") },
+                        Prog { name: "listen_close_btf", attach: Attach::TpBtf("inet_sock_set_state") },
+                    ],
+                    needs: Need::Nothing,
+                },
+                Candidate {
+                    kind: HookKind::RawTp,
+                    progs: &[
+                        Prog { name: "queued_raw", attach: Attach::RawTp("sk_data_ready") },
+                        Prog { name: "listen_close_raw", attach: Attach::RawTp("inet_sock_set_state") },
+                    ],
+                    needs: Need::Nothing,
+                },
             ],
             Signal::Accept => &[
                 Candidate { kind: HookKind::Fexit, progs: &[Prog { name: "accept_fexit", attach: Attach::FExit("inet_csk_accept") }], needs: Need::AcceptParams },
@@ -420,9 +445,12 @@ pub fn load(layout: &KernelLayout, btf: &[u8], opts: &LoadOptions) -> Result<Tra
             failed: Vec::new(),
             notes: Vec::new(),
         };
+        let accept_traced = report.iter().any(|r: &SignalReport| r.signal == Signal::Accept.name() && r.hook.is_some());
         for cand in signal.candidates() {
             let at = cand.progs.iter().map(|p| p.attach.to_string()).collect::<Vec<_>>().join(" + ");
-            let skip = if !opts.allowed.contains(&cand.kind) {
+            let skip = if signal == Signal::Queued && accept_traced {
+                Some("not needed: accept is traced per call".to_owned())
+            } else if !opts.allowed.contains(&cand.kind) {
                 Some("disabled by --hooks".to_owned())
             } else if let Some(reason) = opts.accept_hooks.excludes(signal, cand.kind) {
                 Some(reason)
@@ -502,6 +530,10 @@ fn notes(signal: Signal, kind: HookKind, needs: Need, layout: &KernelLayout) -> 
             }
             v
         }
+        (Signal::Queued, _) => vec![
+            "accepts derived per interval: children queued − growth of the queue (sock_diag) − children left queued when a listener closed; no accept wait, no acceptor thread, no per-accept event".into(),
+            "runs at every sk_data_ready (every data arrival on every socket): one state read and out for all but listeners".into(),
+        ],
         (Signal::Accept, HookKind::Tracepoint) => {
             vec![
                 "accept(2)/accept4(2) syscalls only (io_uring accepts are not seen)".into(),
@@ -636,7 +668,10 @@ fn short(e: ProgramError) -> String {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[expect(clippy::struct_excessive_bools, reason = "one flag per counted signal, read by name in the views")]
 pub struct Traced {
+    /// Accept counts: per call (an accept hook) or derived from queued children.
     pub accept: bool,
+    /// Accepts are derived (`accept_count` hook, no accept hook): no acceptor threads, no events.
+    pub accept_derived: bool,
     /// Accept-queue wait: needs both the enqueue and the accept hook.
     pub accept_wait: bool,
     pub listen_overflow: bool,
@@ -674,7 +709,8 @@ impl Tracer {
 
     pub fn traced(&self) -> Traced {
         Traced {
-            accept: self.has(Signal::Accept),
+            accept: self.has(Signal::Accept) || self.has(Signal::Queued),
+            accept_derived: !self.has(Signal::Accept) && self.has(Signal::Queued),
             accept_wait: self.has(Signal::Accept) && self.has(Signal::Enqueue),
             listen_overflow: self.has(Signal::ListenOverflow),
             syn_drop: self.has(Signal::SynDrop),
@@ -720,7 +756,7 @@ impl Tracer {
                     "fexit, kprobe, else syscall tracepoints{auto_here}; with syscall tracepoints: {per_syscall} of every process, {per_conn} of BPF per connection; everything traced"
                 ),
                 _ => format!(
-                    "no accept, listen or enqueue hook: {per_syscall} per syscall, {per_conn} of BPF per connection; accept counts, accept wait, acceptors and listen's backlog UNAVAILABLE; drops, queues and retransmits as in auto"
+                    "no accept, listen or enqueue hook: {per_syscall} per syscall, {per_conn} of BPF per connection; accept counts derived per interval from the children queued (sk_data_ready, Linux 6.6+) and the queue; accept wait, acceptors and listen's backlog UNAVAILABLE; drops, queues and retransmits as in auto"
                 ),
             };
             v.push(format!("  {:<9} {what}", mode.name()));

@@ -124,7 +124,7 @@ impl SocketJson {
             syn_drops_total: traced.syn_drop.then_some(s.total.syn_drops),
             sk_drops: s.drops,
             saturated: s.saturated(),
-            acceptors: traced.accept.then(|| {
+            acceptors: (traced.accept && !traced.accept_derived).then(|| {
                 s.acceptors.iter().map(|a| Task { pid: a.pid, tid: Some(a.tid), comm: a.comm.clone(), last_accept_ns: Some(a.ts_ns) }).collect()
             }),
             holders: s.owners.iter().map(|(pid, comm)| Task { pid: *pid, tid: None, comm: comm.clone(), last_accept_ns: None }).collect(),

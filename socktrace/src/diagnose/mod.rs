@@ -339,6 +339,8 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
     let mut reports = Vec::new();
     let no_timeline = model::Timeline::default();
     let accepts_untraced = !agent.tracer.traced().accept;
+    // Derived accepts are counts per interval, with no time of their own: no gaps to find.
+    let accept_times = !accepts_untraced && !agent.tracer.traced().accept_derived;
     for (key, a) in &accs {
         let Some(l) = agent.model.listeners.get(key) else { continue };
         let facts = after.get(&key.netns);
@@ -347,7 +349,7 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
         // A port with several LISTEN sockets is judged socket by socket: one stuck SO_REUSEPORT
         // worker leaves no gap in the port's accepts (the others keep accepting).
         // Episodes are gaps between accepts: without an accept hook every window is one gap.
-        let (episodes, sockets) = if accepts_untraced {
+        let (episodes, sockets) = if !accept_times {
             (Vec::new(), Vec::new())
         } else if a.sockets.len() > 1 {
             socket_episodes(l, a, t0, now)
