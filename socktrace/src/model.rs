@@ -769,6 +769,25 @@ impl Model {
 mod tests {
     use super::*;
 
+    fn queued(queued: u64, closes: u64, unaccepted: u64) -> Counts {
+        Counts { queued, closes, unaccepted, ..Counts::default() }
+    }
+
+    #[test]
+    fn derived_accepts_follow_the_queue_and_never_go_back() {
+        let mut d = Derived::default();
+        // 5 already queued when counting began; 10 more queued, queue now 3: 12 accepted.
+        assert_eq!(d.step(&queued(10, 0, 0), Some(3), 5), 12);
+        // A child queued after the row was read shows in the queue first: low for now, never high.
+        assert_eq!(d.step(&queued(0, 0, 0), Some(4), 99), 0);
+        assert_eq!(d.step(&queued(1, 0, 0), Some(0), 99), 4);
+        // No sample: the count waits, nothing is made up.
+        assert_eq!(d.step(&queued(7, 0, 0), None, 0), 0);
+        // Closed with 2 left in the queue: those were never accepted.
+        assert_eq!(d.step(&queued(0, 1, 2), None, 0), 5);
+        assert_eq!(d.step(&queued(0, 0, 0), None, 0), 0);
+    }
+
     fn stats(accepts: u64, overflows: u64) -> ListenerStats {
         let mut s = ListenerStats::ZERO;
         s.accepts = accepts;

@@ -28,6 +28,8 @@ const WRK_CONNECTIONS: u32 = 32;
 enum Config {
     Untraced,
     Serve,
+    /// `serve --accept-hooks off`: no syscall tracepoint; accepts derived, no accept wait.
+    ServeOff,
     Watch,
     Bpftrace,
 }
@@ -37,6 +39,7 @@ impl Config {
         match self {
             Config::Untraced => "untraced",
             Config::Serve => "serve",
+            Config::ServeOff => "serve --accept-hooks off",
             Config::Watch => "watch --json >/dev/null",
             Config::Bpftrace => "bpftrace bench/accept-wait.bt",
         }
@@ -75,7 +78,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
     let mark = ctx.noise.mark();
     // Warm-up (page cache, nginx's first allocations), not counted.
     wrk(ctx, &ns, 1.0, || {})?;
-    let configs = [Config::Untraced, Config::Serve, Config::Watch, Config::Bpftrace];
+    let configs = [Config::Untraced, Config::Serve, Config::ServeOff, Config::Watch, Config::Bpftrace];
     let mut runs: BTreeMap<Config, Vec<Run>> = BTreeMap::new();
     for rep in 0..ctx.reps {
         for &c in &configs {
@@ -104,6 +107,9 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
     let (serve, peer) = (added(Config::Serve), added(Config::Bpftrace));
     let ratio = if peer > 0.0 { format!("{:.2}", serve / peer) } else { "- (the peer added nothing measurable)".into() };
     println!("serve adds {serve:.2} µs/request, the bpftrace peer {peer:.2}: ratio {ratio}");
+    let off = added(Config::ServeOff);
+    let ratio_off = if peer > 0.0 { format!("{:.2}", off / peer) } else { "-".into() };
+    println!("serve --accept-hooks off adds {off:.2} µs/request: ratio {ratio_off}");
 
     let mut md = String::from("## Real server: nginx under wrk\n\n");
     md.push_str(&provenance(ctx, &load_before, mark));
@@ -112,11 +118,12 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
         "\nLoad: Debian nginx-light, `worker_processes 1`, `return 200 \"ok\"`, access log off, listening on \
          127.0.0.1:{PORT} (backlog 4096) in a fresh netns; `wrk -t1 -c{WRK_CONNECTIONS} -d{}s -H 'Connection: close'` \
          in the same netns: one TCP connection per request, so every request is an accept. Tracers started before \
-         the load (after their ready line): `socktrace serve --netns <ns>` (scraped every second), `socktrace watch \
+         the load (after their ready line): `socktrace serve --netns <ns>` (scraped every second), the same with \
+         `--accept-hooks off` (no syscall tracepoint: accepts derived from the children queued, no accept wait), `socktrace watch \
          --json --netns <ns> > /dev/null`, and `bpftrace bench/accept-wait.bt` (tracepoints `sock:inet_sock_set_state` \
          and `syscalls:sys_exit_accept{{,4}}`, the accepted socket found through curtask's fd table, an in-kernel \
          log2 histogram; machine-wide, as a user would run it). {} repetitions, configurations alternating \
-         (A B C D A B C D …), after a 1 s untimed warm-up.\n\n",
+         (A B C D E A B C D E …), after a 1 s untimed warm-up.\n\n",
         ctx.secs, ctx.reps
     );
     md.push_str(&t.markdown());
@@ -125,7 +132,8 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
         "\nCPU µs/req: user+system time of wrk (wait4 rusage), of nginx (master and worker, /proc/PID/stat) and of \
          the tracer process, per completed request; the eBPF programs run in the context of nginx's and wrk's \
          syscalls and softirqs, so their cost is in those columns. \"× untraced (CPU/req)\" = untraced total ÷ this \
-         configuration's total. Added µs/req of `serve` ÷ that of the bpftrace peer: **{ratio}** (target ≤ 0.5)."
+         configuration's total. Added µs/req of `serve` ÷ that of the bpftrace peer: **{ratio}** (target ≤ 0.5); \
+         of `serve --accept-hooks off`: **{ratio_off}**."
     );
     Ok(Section { name: "nginx", markdown: md })
 }
@@ -174,8 +182,8 @@ fn one(ctx: &Ctx, ns: &NetNs, nginx: &Nginx, script: &Path, c: Config) -> anyhow
     let mark = ctx.noise.mark();
     let (w, tracer_cpu, check) = match c {
         Config::Untraced => (wrk(ctx, ns, ctx.secs, || {})?, 0.0, String::new()),
-        Config::Serve => {
-            let t = Tracer::serve(ctx, ns, &[])?;
+        Config::Serve | Config::ServeOff => {
+            let t = Tracer::serve(ctx, ns, if c == Config::ServeOff { &["--accept-hooks", "off"] } else { &[] })?;
             let c0 = t.cpu_secs();
             let w = wrk(ctx, ns, ctx.secs, || {
                 let _ = t.scrape();
