@@ -44,14 +44,7 @@ fn try_queued<C: Args>(ctx: &C) -> Result<u32, i64> {
     if i32::from(state) != TCP_LISTEN || !is_inet_tcp(sk)? {
         return Ok(0);
     }
-    let mut ev = Event::ZERO;
-    ev.kind = kind::QUEUED;
-    ev.sock_id = sk;
-    fill_local(&mut ev, sk)?;
-    let _ = fill_queue(&mut ev, sk);
-    aggregate::name_socket(&mut ev);
-    aggregate::record(&ev);
-    Ok(0)
+    into_rows(sk, kind::QUEUED)
 }
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
@@ -75,8 +68,14 @@ fn try_listen_close<C: Args>(ctx: &C) -> Result<u32, i64> {
     if !is_inet_tcp(sk)? {
         return Ok(0);
     }
+    into_rows(sk, kind::LISTEN_CLOSE)
+}
+
+/// Adds `kind` with the listener's queue to its port and socket rows (no event is sent).
+#[inline(always)]
+fn into_rows(sk: u64, kind: u32) -> Result<u32, i64> {
     let mut ev = Event::ZERO;
-    ev.kind = kind::LISTEN_CLOSE;
+    ev.kind = kind;
     ev.sock_id = sk;
     fill_local(&mut ev, sk)?;
     let _ = fill_queue(&mut ev, sk);

@@ -120,7 +120,7 @@ impl AcceptHooks {
 /// the default mode on a quiet machine (3.5 µs) and both modes side by side on a busy one.
 pub const MODE_COSTS: [(AcceptHooks, &str, &str); 2] = [
     (AcceptHooks::Auto, "+39 ns per getppid, +45 ns per 64-byte read", "3.4 µs"),
-    (AcceptHooks::Off, "+0 ns (no syscall tracepoint)", "0.75 µs"),
+    (AcceptHooks::Off, "+0 ns (no syscall tracepoint)", "2.1 µs"),
 ];
 
 /// Where and when [`MODE_COSTS`] were measured.
