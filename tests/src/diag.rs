@@ -31,6 +31,10 @@ pub struct Outcome {
     pub json: Value,
     pub spawned: Counters,
     pub ready: Counters,
+    /// Read right after the traffic was stopped, before the window's end ([`Diagnose::stop_and_finish`]):
+    /// what happens later (a killed client's orphaned sockets still retransmit their FINs, which
+    /// can overflow the queue again) may fall after diagnose's last read.
+    pub stopped: Option<Counters>,
     pub after: Counters,
     /// `CLOCK_MONOTONIC` (the clock of st-scenario's `ts_ns`) at the spawn, at the ready line, and
     /// at the window's nominal end (ready line + duration).
@@ -85,7 +89,10 @@ impl<'a> Diagnose<'a> {
     pub fn stop_and_finish<T>(self, traffic: T) -> anyhow::Result<Outcome> {
         self.sleep_until_end_minus(QUIET);
         drop(traffic);
-        self.finish()
+        let stopped = self.ns.counters()?;
+        let mut o = self.finish()?;
+        o.stopped = Some(stopped);
+        Ok(o)
     }
 
     /// Waits for the report; reads the counters again.
@@ -98,6 +105,7 @@ impl<'a> Diagnose<'a> {
             json: serde_json::from_str(last)?,
             spawned: self.spawned,
             ready: self.ready,
+            stopped: None,
             after,
             spawned_ns: self.spawned_ns,
             ready_ns: self.ready_ns,
@@ -108,9 +116,16 @@ impl<'a> Diagnose<'a> {
 }
 
 impl Outcome {
-    /// The kernel's delta of `key` from the ready line (inner) and from the spawn (outer).
+    /// The kernel's delta of `key` from the ready line to the traffic's stop (inner: all of it
+    /// inside diagnose's window; to its exit when the traffic was not stopped by
+    /// [`Diagnose::stop_and_finish`]) and from the spawn to diagnose's exit (outer).
     pub fn delta(&self, key: &str) -> (i64, i64) {
-        (self.after.delta(&self.ready, key), self.after.delta(&self.spawned, key))
+        (self.stopped.as_ref().unwrap_or(&self.after).delta(&self.ready, key), self.after.delta(&self.spawned, key))
+    }
+
+    /// The kernel's delta of `key` after the traffic was stopped, up to diagnose's exit.
+    pub fn late(&self, key: &str) -> i64 {
+        self.stopped.as_ref().map_or(0, |s| self.after.delta(s, key))
     }
 
     /// Events at `ts_ns` (e.g. a server's accepts) counted as the kernel deltas are: inner from
