@@ -472,7 +472,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<KernelOffsets>(), 4 * 48 + 8 * 5);
         assert_eq!(core::mem::size_of::<PastKey>(), 4 + 2 + 1 + 1 + 2 + 6 + 16);
         assert_eq!(core::mem::offset_of!(PastKey, addr), 16);
-        assert_eq!(core::mem::size_of::<ListenerStats>(), 8 * 7 + 4 * 6 + 2 * 2 + 4);
+        assert_eq!(core::mem::size_of::<ListenerStats>(), 8 * 10 + 4 * 6 + 2 * 2 + 4);
         assert_eq!(listener_key(1, 80), (1 << 16) | 80);
         assert!(listener_key(u32::MAX, u16::MAX) & SOCKET_KEY == 0);
         assert_eq!(socket_key(7), SOCKET_KEY | 7);
