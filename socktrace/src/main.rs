@@ -157,7 +157,7 @@ fn print_probes(tracer: &probes::Tracer, json: bool) -> anyhow::Result<()> {
         match r.hook {
             Some(h) => writeln!(out, "{:<18} {:<11} {}", r.signal, h, r.attached.join(" + "))?,
             None => match r.failed.first().map(|f| f.reason.as_str()) {
-                Some(why) if r.failed.iter().all(|f| f.reason.starts_with("disabled by")) => {
+                Some(why) if r.failed.iter().all(|f| f.reason.starts_with("disabled by") || f.reason.starts_with("not needed")) => {
                     writeln!(out, "{:<18} {:<11} {}", r.signal, "UNAVAILABLE", why.split(" (").next().unwrap_or(why))?;
                 }
                 _ => writeln!(out, "{:<18} {:<11} no hook works on this kernel", r.signal, "UNAVAILABLE")?,
