@@ -175,7 +175,11 @@ pub struct KernelOffsets {
     /// Index of `inet_csk_accept`'s return value in an fexit context: its parameter count (from
     /// BTF; 4 before 6.10, 2 since). Reading it there needs no `bpf_get_func_ret` (5.17+).
     pub accept_ret_arg: u32,
-    pub _pad0: u32,
+    /// The cgroup_skb SYN-drop program confirms a SYN's fate with the kernel's counter only when the
+    /// listener's accept queue is within this many children of full (`len + slack >= max`): the
+    /// kernel decides a few hundred ns later on the same CPU, and only other CPUs can add to the
+    /// queue meanwhile. [`KernelOffsets::ABSENT`]: confirm every SYN.
+    pub syn_confirm_slack: u32,
     /// Offsets of the fd / return value in the classic `syscalls:sys_{enter,exit}_accept*` records.
     pub tp_accept_fd: u32,
     pub tp_accept_ret: u32,
@@ -252,7 +256,7 @@ impl KernelOffsets {
         kfree_skb_rx_sk_arg: Self::ABSENT,
         retransmit_err_arg: Self::ABSENT,
         accept_ret_arg: Self::ABSENT,
-        _pad0: 0,
+        syn_confirm_slack: Self::ABSENT,
         tp_accept_fd: 16,
         tp_accept_ret: 16,
         tp_listen_fd: 16,

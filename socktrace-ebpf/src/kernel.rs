@@ -79,12 +79,20 @@ pub fn netns_of(sk: u64) -> Result<u32, i64> {
     read(net, off!(net_ns_inum))
 }
 
-/// Fills family, netns and the local side (address, port) from `sk`'s `sock_common`.
+/// Fills family, netns and local port from `sk`'s `sock_common`: all a listener's kernel rows are
+/// keyed and labelled by (no address: programs that only count skip reading it).
 #[inline(always)]
-pub fn fill_local(ev: &mut Event, sk: u64) -> Result<(), i64> {
+pub fn fill_row_key(ev: &mut Event, sk: u64) -> Result<(), i64> {
     ev.family = read(sk, off!(skc_family))?;
     ev.lport = read(sk, off!(skc_num))?;
     ev.netns = netns_of(sk)?;
+    Ok(())
+}
+
+/// Fills family, netns and the local side (address, port) from `sk`'s `sock_common`.
+#[inline(always)]
+pub fn fill_local(ev: &mut Event, sk: u64) -> Result<(), i64> {
+    fill_row_key(ev, sk)?;
     if ev.family == AF_INET6 {
         read_buf(sk, off!(skc_v6_rcv_saddr), &mut ev.laddr)?;
     } else {

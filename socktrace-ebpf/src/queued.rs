@@ -19,7 +19,7 @@ use socktrace_common::{Event, kind};
 
 use crate::{
     aggregate,
-    kernel::{Args, TCP_LISTEN, fill_local, fill_queue, is_inet_tcp, off, read},
+    kernel::{Args, TCP_LISTEN, fill_queue, fill_row_key, is_inet_tcp, off, read},
 };
 
 const TCP_CLOSE: i32 = 7;
@@ -77,7 +77,7 @@ fn into_rows(sk: u64, kind: u32) -> Result<u32, i64> {
     let mut ev = Event::ZERO;
     ev.kind = kind;
     ev.sock_id = sk;
-    fill_local(&mut ev, sk)?;
+    fill_row_key(&mut ev, sk)?;
     let _ = fill_queue(&mut ev, sk);
     aggregate::name_socket(&mut ev);
     aggregate::record(&ev);

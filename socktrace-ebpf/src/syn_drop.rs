@@ -18,7 +18,11 @@
 //! count grew. Between the two nothing else runs on this CPU that could count an overflow (the
 //! SYN-ACK sent on loopback or veth is only queued for a later softirq round). A record still
 //! pending at the next SYN on that CPU (its free was not traced: an skb with another reference) is
-//! settled then and counted in `stat::SYN_SETTLED_LATE`. The old check (`syn_drop_cgroup`: the queue
+//! settled then and counted in `stat::SYN_SETTLED_LATE`. A SYN to a listener whose queue is more
+//! than `syn_confirm_slack` children below full (64 + 2 per CPU) gets no record: nothing run on
+//! this CPU in between adds to the queue, other CPUs add about one child each in that time, so it
+//! cannot be dropped for a full queue (a vCPU stalled by its hypervisor right there for long enough
+//! to let others fill the slack is the one way around it). Healthy listeners' SYNs cost two reads. The old check (`syn_drop_cgroup`: the queue
 //! is full just before the kernel looks) remains for kernels where the counter cannot be read.
 
 use aya_ebpf::{
@@ -31,7 +35,7 @@ use socktrace_common::{AF_INET6, Event, hook, kind, stat};
 
 use crate::{
     counted,
-    kernel::{Args, TCP_LISTEN, accept_queue_full, fill_local, fill_queue, fill_remote_from_skb, now, read},
+    kernel::{Args, TCP_LISTEN, accept_queue_full, fill_local, fill_queue, fill_remote_from_skb, now, off, read},
     maps::{count, emit},
 };
 
@@ -250,6 +254,15 @@ fn try_cgroup_skb_counted(ctx: &SkBuffContext) -> Result<u32, i64> {
     if unsafe { (*p).skb } != 0 {
         count(stat::SYN_SETTLED_LATE);
         settle(p);
+    }
+    // A queue far from full cannot be full when the kernel looks, a few hundred ns later on this
+    // CPU: only other CPUs can add children meanwhile, about one each in that time (a child is a
+    // whole handshake's work), and the slack allows many times that. Such a SYN needs no record,
+    // which is what a healthy listener's SYNs cost.
+    let len: u32 = read(tp, off!(sk_ack_backlog))?;
+    let max: u32 = read(tp, off!(sk_max_ack_backlog))?;
+    if len.saturating_add(off!(syn_confirm_slack)) < max {
+        return Ok(0);
     }
     // Only what the drop decision can change or the packet alone says is saved here: the rest
     // (local side, queue) is read when a drop is confirmed, which is rare.

@@ -254,9 +254,19 @@ fn resolve_with(l: &impl Query, kallsyms: &str) -> Result<KernelLayout, OffsetEr
     if l.tracepoint_arity("tcp_retransmit_skb")? >= 3 {
         o.retransmit_err_arg = 2;
     }
+    // The SYN-drop fallback skips its counter check while the queue is far from full: 64 children,
+    // plus two per possible CPU (each can add about one in the check's window). Unknown CPU count:
+    // check every SYN.
+    o.syn_confirm_slack = aya::util::nr_cpus().ok().and_then(|n| u32::try_from(n).ok()).map_or(KernelOffsets::ABSENT, syn_confirm_slack);
     let cookie_overflows = o.reason_no_socket != KernelOffsets::ABSENT;
     let counted_drops = o.per_cpu_offset != 0 || o.bpf_array_pptrs != KernelOffsets::ABSENT;
     Ok(KernelLayout { offsets: o, has_listen_overflow_reason: reason.is_some() && rx_sk, cookie_overflows, counted_drops, accept_params })
+}
+
+/// How far below full (in children) a listener's accept queue may be before the cgroup_skb SYN
+/// program stops confirming each SYN with the kernel's counter, for `cpus` possible CPUs.
+pub fn syn_confirm_slack(cpus: u32) -> u32 {
+    cpus.saturating_mul(2).saturating_add(64)
 }
 
 /// Whether `bytes` is raw BTF as long as its header says (magic 0xeb9f, then `hdr_len`,

@@ -213,3 +213,53 @@ fn syn_drops_exact_when_overflow_starts_mid_window() {
     socktrace_tests::assert_drops_near("top's intervals vs the kernel", per_interval.iter().sum::<i64>(), delta);
     socktrace_tests::assert_drops_near("serve vs the kernel", served, delta);
 }
+
+/// A backlog larger than the slack below which the cgroup program skips its counter check
+/// (64 + 2 per CPU): the queue fills from empty through the unchecked range to full under a
+/// storm against a slow acceptor, so both sides of the threshold are crossed, and every drop near
+/// full must still be counted. Port, backlog, accept pace and threads vary per run.
+#[test]
+fn syn_drops_exact_when_a_backlog_above_the_slack_fills() {
+    if !privileged() {
+        return;
+    }
+    let pid = std::process::id();
+    let cpus = u32::try_from(std::thread::available_parallelism().map_or(1, usize::from)).unwrap_or(1);
+    let backlog = 64 + 2 * cpus + 10 + pid % 150;
+    let port = 9340 + u16::try_from(pid % 40).unwrap();
+    let threads = 8 + pid % 9;
+    let delay_ms = 2 + (pid / 7) % 6;
+    let addr = format!("127.0.0.1:{port}");
+    let ns = NetNs::new("synslack").unwrap();
+    let cg = Cgroup::new("synslack").unwrap();
+    let cgp = cg.path.to_string_lossy().into_owned();
+    let hooks = probes(&["--cgroup", &cgp]).unwrap();
+    let inode = ns.inode().to_string();
+    let port_s = port.to_string();
+    let watch = Watch::start(&["--netns", &inode, "--port", &port_s, "--cgroup", &cgp]).unwrap();
+    let before = ns.counters().unwrap();
+    let server = Scenario::start(
+        Path::new(SCENARIO),
+        &s(&["server", "--netns", &ns.name, "--cgroup", &cgp, "--addr", &addr, "--backlog", &backlog.to_string(), "--accept-delay-ms", &delay_ms.to_string(), "--run-ms", "4000"]),
+    )
+    .unwrap();
+    let clients = storm(&ns, &addr, threads, 2500).wait(Duration::from_secs(60)).unwrap();
+    server.wait(Duration::from_secs(60)).unwrap();
+    let after = ns.counters().unwrap();
+    let missed = recursion_misses(watch.pid(), &["syn_drop_", "syn_settle_", "overflow"]).unwrap();
+    let (records, stderr) = watch.finish_with_stderr().unwrap();
+    let delta = overflows(&before, &after);
+    let (syn, ovf) = drop_events(&records, port);
+    let peak = of_kind(&records, "syn_drop").iter().filter_map(|r| r["queue_len"].as_u64()).max().unwrap_or(0);
+    let summary = clients.iter().find(|l| l["event"] == "done").cloned().unwrap_or_default();
+    eprintln!(
+        "backlog {backlog} ({cpus} CPUs), accept every {delay_ms} ms, {threads} threads, port {port}: TcpExtListenOverflows {delta}; syn_drop {syn} ({}), listen_overflow {ovf}; queue at drops up to {peak}; storm {summary}; recursion misses {missed}; {}",
+        hooks["syn_drop"].as_deref().unwrap_or("-"),
+        stderr.last().cloned().unwrap_or_default()
+    );
+    assert!(delta >= 20, "the storm must overflow the queue (delta {delta})");
+    assert!(syn > 0, "SYN drops must be exercised");
+    assert!(peak > u64::from(backlog), "the drops must come at a full queue of {backlog}, not below the slack (peak {peak})");
+    assert!(stderr.iter().any(|l| l.contains(" 0 lost in the ring buffer")), "ring buffer loss would hide events: {stderr:?}");
+    socktrace_tests::assert_drops_near("drop events vs the kernel's TcpExtListenOverflows", syn + ovf + missed, delta);
+}
