@@ -517,7 +517,7 @@ fn notes(signal: Signal, kind: HookKind, needs: Need, layout: &KernelLayout) -> 
         ],
         (Signal::SynDrop, HookKind::CgroupSkb) if needs == Need::CountedDrops => vec![
             "sees SYNs only for listeners owned by processes in the attached cgroup".into(),
-            "exact: a SYN is reported dropped when the kernel's ListenOverflows counter (this CPU's) grew between the cgroup program and the free of that SYN (raw_tp consume_skb + kfree_skb)".into(),
+            "exact: a SYN is reported dropped when the kernel's ListenOverflows counter (this CPU's) grew between the cgroup program and the free of that SYN (raw_tp consume_skb + kfree_skb); checked only while the queue is within 64 + 2 per CPU of full".into(),
         ],
         (Signal::SynDrop, HookKind::CgroupSkb) => vec![
             "sees SYNs only for listeners owned by processes in the attached cgroup".into(),
