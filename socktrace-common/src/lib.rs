@@ -218,6 +218,12 @@ pub struct KernelOffsets {
     /// on x86-64, `orig_x0` on arm64, from BTF): the accept exit programs read the listening fd
     /// there instead of remembering it from the syscall's entry. [`KernelOffsets::ABSENT`]: unknown.
     pub pt_regs_arg0: u32,
+    /// `struct tcp_sock` → `rcvq_space.time`: set by the kernel (`tcp_init_buffer_space`, µs of
+    /// the monotonic clock) when a passive child's handshake completes, just after it was queued,
+    /// and changed only by reads from the socket. At accept it gives the queue wait without an
+    /// enqueue program. [`KernelOffsets::ABSENT`]: not used (the `ENQUEUED` map is).
+    pub tcp_rcvq_time: u32,
+    pub _pad_tail: u32,
 }
 
 impl KernelOffsets {
@@ -274,6 +280,8 @@ impl KernelOffsets {
         reason_no_socket_any: Self::ABSENT,
         bpf_array_pptrs: Self::ABSENT,
         pt_regs_arg0: Self::ABSENT,
+        tcp_rcvq_time: Self::ABSENT,
+        _pad_tail: 0,
     };
 }
 
@@ -473,7 +481,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<Event>(), 8 * 3 + 4 * 9 + 2 * 4 + 4 + 16 * 2 + 16);
         assert_eq!(core::mem::offset_of!(Event, sock_ino) % 4, 0);
         assert_eq!(core::mem::size_of::<Event>() % 8, 0);
-        assert_eq!(core::mem::size_of::<KernelOffsets>(), 4 * 48 + 8 * 5);
+        assert_eq!(core::mem::size_of::<KernelOffsets>(), 4 * 50 + 8 * 5);
         assert_eq!(core::mem::size_of::<PastKey>(), 4 + 2 + 1 + 1 + 2 + 6 + 16);
         assert_eq!(core::mem::offset_of!(PastKey, addr), 16);
         assert_eq!(core::mem::size_of::<ListenerStats>(), 8 * 10 + 4 * 6 + 2 * 2 + 4);

@@ -15,7 +15,7 @@ use aya_ebpf::{
 use socktrace_common::{Event, KernelOffsets, flags, hook, kind, stat};
 
 use crate::{
-    kernel::{FdTable, fill_local, fill_queue, fill_remote, fill_task, is_inet_tcp, now, off, read, sock_in, sock_of_fd},
+    kernel::{FdTable, TCP_SYN_RECV, fill_local, fill_queue, fill_remote, fill_task, is_inet_tcp, now, off, read, sock_in, sock_of_fd},
     maps::{ACCEPTING, ENQUEUED, count, emit, insert_counted, muted, remove_counted},
 };
 
@@ -202,8 +202,16 @@ fn emit_accept(listener: u64, child: u64, via: u32) -> Result<u32, i64> {
     }
     let _ = fill_queue(&mut ev, listener);
     fill_task(&mut ev);
+    if off!(tcp_rcvq_time) != KernelOffsets::ABSENT {
+        match established_at(child) {
+            Some(start) => {
+                ev.accept_wait_ns = ev.ts_ns.saturating_sub(start);
+                ev.flags |= flags::HAS_WAIT;
+            }
+            None => count(stat::ACCEPT_NO_WAIT),
+        }
     // SAFETY: the value is copied out before the entry is removed.
-    if let Some(start) = unsafe { ENQUEUED.get(child) }.copied() {
+    } else if let Some(start) = unsafe { ENQUEUED.get(child) }.copied() {
         remove_counted(&ENQUEUED, child, stat::ENQUEUED_DELETES);
         ev.accept_wait_ns = ev.ts_ns.saturating_sub(start);
         ev.flags |= flags::HAS_WAIT;
@@ -214,4 +222,20 @@ fn emit_accept(listener: u64, child: u64, via: u32) -> Result<u32, i64> {
     }
     emit(&mut ev);
     Ok(0)
+}
+
+/// When `child`'s handshake completed, in ns of the monotonic clock (`tcp_sock.rcvq_space.time`,
+/// µs, set by `tcp_init_buffer_space` right after the child joined the accept queue and changed
+/// only by reads from the socket, which cannot precede its accept). `None` while the child is
+/// still in SYN_RECV (a TFO child, or one accepted in the instant between its queueing and its
+/// establishment: the field then holds the listener's value) or when the stamp is not usable.
+#[inline(always)]
+fn established_at(child: u64) -> Option<u64> {
+    let state: u8 = read(child, off!(skc_state)).ok()?;
+    if state == TCP_SYN_RECV as u8 {
+        return None;
+    }
+    let us: u64 = read(child, off!(tcp_rcvq_time)).ok()?;
+    // A bound instead of saturating_mul, which needs a 128-bit multiply BPF does not have.
+    (us != 0 && us < u64::MAX / 1000).then(|| us.wrapping_mul(1000))
 }

@@ -146,6 +146,12 @@ pub struct TraceArgs {
     /// each costs.
     #[arg(long, value_name = "MODE", default_value = "auto")]
     pub accept_hooks: crate::probes::AcceptHooks,
+    /// Where an accept's queue wait starts: `auto` (the accepted socket's own establishment time,
+    /// read at accept where the kernel's BTF has it: no extra program, and children queued before
+    /// tracing started get their wait too), `enqueue` (an `inet_sock_set_state` program records
+    /// each child as it is created, in the ENQUEUED map).
+    #[arg(long, value_name = "FROM", default_value = "auto")]
+    pub wait_start: crate::probes::WaitStart,
     /// cgroup-v2 directory for the cgroup_skb SYN-drop fallback (default: the cgroup-v2 root, i.e.
     /// every process). It only sees listeners owned by processes inside it.
     #[arg(long, value_name = "PATH")]

@@ -138,6 +138,7 @@ fn start(args: &TraceArgs) -> anyhow::Result<probes::Tracer> {
         cgroup,
         ring_buffer_bytes: args.ring_buffer_kib * 1024,
         accept_hooks: args.accept_hooks,
+        wait_start: args.wait_start,
         maps: pressure::MapSizes { listeners: args.map_listeners, pending: args.map_pending, accepting: args.map_accepting, past: args.map_past, waits: args.map_waits, acceptors: args.map_acceptors },
     };
     let tracer = probes::load(&layout, &btf, &opts)?;

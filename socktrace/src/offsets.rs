@@ -76,6 +76,7 @@ const WANTED: &[&str] = &[
     "tcp_skb_cb",
     "socket_alloc",
     "bpf_array",
+    "tcp_sock",
     "pt_regs",
     "inode",
     "skb_drop_reason",
@@ -250,6 +251,8 @@ fn resolve_with(l: &impl Query, kallsyms: &str) -> Result<KernelLayout, OffsetEr
     // The syscall's first argument in the saved registers: x86-64 passes it in `di`, which the
     // syscall leaves alone; arm64 overwrites x0 with the return value but keeps `orig_x0`.
     o.pt_regs_arg0 = l.offset("pt_regs", &["di"]).or_else(|_| l.offset("pt_regs", &["orig_x0"])).unwrap_or(KernelOffsets::ABSENT);
+    // The accepted child's establishment time: the accept-queue wait without an enqueue program.
+    o.tcp_rcvq_time = l.offset("tcp_sock", &["rcvq_space", "time"]).unwrap_or(KernelOffsets::ABSENT);
     // btf_trace_tcp_retransmit_skb(void *ctx, sk, skb[, err]).
     if l.tracepoint_arity("tcp_retransmit_skb")? >= 3 {
         o.retransmit_err_arg = 2;

@@ -389,9 +389,25 @@ pub struct LoadOptions {
     pub cgroup: PathBuf,
     pub ring_buffer_bytes: u32,
     pub accept_hooks: AcceptHooks,
+    /// Where an accept's queue wait starts.
+    pub wait_start: WaitStart,
     /// Capacities of the bounded maps.
     pub maps: MapSizes,
 }
+
+/// Where the accept-queue wait starts (`--wait-start`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum WaitStart {
+    /// The accepted socket's own establishment time (`tcp_sock.rcvq_space.time`, no program),
+    /// where the kernel's BTF has the field; else the enqueue hook.
+    Auto,
+    /// The enqueue hook (`inet_sock_set_state` LISTEN → SYN_RECV) and its `ENQUEUED` map.
+    Enqueue,
+}
+
+/// What `accept_wait` reports when the accepted socket's stamp stands in for the enqueue hook.
+const SOCKET_STAMP_HOOK: &str = "socket";
+const SOCKET_STAMP_AT: &str = "tcp_sock.rcvq_space.time, read at accept";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -427,8 +443,12 @@ pub fn load(layout: &KernelLayout, btf: &[u8], opts: &LoadOptions) -> Result<Tra
         return Err(LoadError::NoObject);
     }
     let btf = aya::Btf::parse(btf, aya::Endianness::default()).map_err(|e| LoadError::Btf { path: opts.btf.clone(), message: e.to_string() })?;
+    let mut offsets = layout.offsets;
+    if opts.wait_start == WaitStart::Enqueue {
+        offsets.tcp_rcvq_time = socktrace_common::KernelOffsets::ABSENT;
+    }
     let mut loader = EbpfLoader::new();
-    loader.btf(Some(&btf)).override_global("OFFSETS", &layout.offsets, true).map_max_entries("EVENTS", opts.ring_buffer_bytes);
+    loader.btf(Some(&btf)).override_global("OFFSETS", &offsets, true).map_max_entries("EVENTS", opts.ring_buffer_bytes);
     for m in BoundedMap::ALL {
         loader.map_max_entries(m.name(), m.capacity(&opts.maps));
     }
@@ -446,6 +466,17 @@ pub fn load(layout: &KernelLayout, btf: &[u8], opts: &LoadOptions) -> Result<Tra
             notes: Vec::new(),
         };
         let accept_traced = report.iter().any(|r: &SignalReport| r.signal == Signal::Accept.name() && r.hook.is_some());
+        // No program at all: the accept program reads the child's establishment time.
+        if signal == Signal::Enqueue && accept_traced && offsets.tcp_rcvq_time != socktrace_common::KernelOffsets::ABSENT {
+            rep.hook = Some(SOCKET_STAMP_HOOK);
+            rep.attached = vec![SOCKET_STAMP_AT.to_owned()];
+            rep.notes = vec![
+                "no program: the wait starts at the accepted socket's establishment time, which the kernel sets (µs) right after queueing it".to_owned(),
+                "a child accepted before its handshake completed (TFO) has no known wait (counted); --wait-start enqueue uses the enqueue hook instead".to_owned(),
+            ];
+            report.push(rep);
+            continue;
+        }
         for cand in signal.candidates() {
             let at = cand.progs.iter().map(|p| p.attach.to_string()).collect::<Vec<_>>().join(" + ");
             let skip = if signal == Signal::Queued && accept_traced {
@@ -473,7 +504,7 @@ pub fn load(layout: &KernelLayout, btf: &[u8], opts: &LoadOptions) -> Result<Tra
         }
         report.push(rep);
     }
-    Ok(Tracer { ebpf, report, offsets: layout.offsets, accept_hooks: opts.accept_hooks, maps: opts.maps })
+    Ok(Tracer { ebpf, report, offsets, accept_hooks: opts.accept_hooks, maps: opts.maps })
 }
 
 /// Why a kernel lacks what a candidate needs (`None`: it has it).

@@ -161,8 +161,10 @@ fn queued_children_beyond_the_map_lose_only_their_wait() {
     let nsi = ns.inode().to_string();
     let ls = listeners(&ns, base, nl);
     let p = pending.to_string();
-    let serve = Serve::start(19572, &["--netns", &nsi, "--map-pending", &p]).unwrap();
-    let watch = Watch::start(&["--netns", &nsi, "--map-pending", &p]).unwrap();
+    // The ENQUEUED map is used only with the enqueue hook (by default the wait comes from the
+    // accepted socket itself).
+    let serve = Serve::start(19572, &["--netns", &nsi, "--map-pending", &p, "--wait-start", "enqueue"]).unwrap();
+    let watch = Watch::start(&["--netns", &nsi, "--map-pending", &p, "--wait-start", "enqueue"]).unwrap();
     let mut clients = Vec::new();
     for i in 0..conns {
         clients.push(connect(&ns, base + u16::try_from(i).unwrap() % nl));
@@ -359,7 +361,7 @@ fn diagnose_notes_evictions_in_its_window() {
     let ls = listeners(&ns, base, 3);
     let p = pending.to_string();
     for json in [true, false] {
-        let mut args = vec!["diagnose", "--netns", &nsi, "--map-pending", &p, "--duration", "3s"];
+        let mut args = vec!["diagnose", "--netns", &nsi, "--map-pending", &p, "--duration", "3s", "--wait-start", "enqueue"];
         if json {
             args.push("--json");
         }

@@ -134,3 +134,79 @@ fn top_serve_and_diagnose_waits_match_the_accept_events() {
         assert_eq!(metric(&second, name, port), metric(&first, name, port), "{name} moved without accepts");
     }
 }
+
+/// Tracing attached while children already wait in the queue (the server is stuck, then
+/// recovers). By default the wait starts at the accepted socket's own establishment time, so the
+/// children queued before tracing get their real wait, within 2 ms of what the scenario measured
+/// (client's connect() return → server's accept() return, same clock). With `--wait-start
+/// enqueue` only the children queued after the attach have a wait; the others are counted as
+/// unknown, never shown as 0. Port, counts and the stall vary per run.
+#[test]
+fn waits_of_children_queued_before_tracing() {
+    if !privileged() {
+        return;
+    }
+    let pid = std::process::id();
+    let scale = u64::try_from(socktrace_tests::time_scale()).unwrap_or(1);
+    for (i, mode) in ["auto", "enqueue"].into_iter().enumerate() {
+        let (early, late) = (6 + (pid + 5 * i as u32) % 15, 3 + (pid / 3) % 6);
+        let port = 9620 + u16::try_from((pid + i as u32 * 7) % 60).unwrap();
+        let addr = format!("127.0.0.1:{port}");
+        let ns = NetNs::new(&format!("wearly{i}")).unwrap();
+        let stall_ms = 4000 * scale + u64::from(pid % 700);
+        let server = Scenario::start(
+            Path::new(SCENARIO),
+            &["server", "--netns", &ns.name, "--addr", &addr, "--backlog", "64", "--accept-after-ms", &stall_ms.to_string(), "--accept-delay-ms", "3", "--max-accepts", &(early + late).to_string(), "--run-ms", &(20_000 * scale).to_string()]
+                .map(|a| a.to_owned()),
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let clients = |n: u32| {
+            Scenario::start(Path::new(SCENARIO), &["clients", "--netns", &ns.name, "--addr", &addr, "--count", &n.to_string(), "--hold-ms", "2000"].map(|a| a.to_owned())).unwrap()
+        };
+        let early_clients = clients(early);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while socktrace_tests::servers::listen_queue(&ns, port).unwrap().first().map(|q| q.0) != Some(early) {
+            assert!(std::time::Instant::now() < deadline, "the early clients never filled the queue");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let port_s = port.to_string();
+        let watch = Watch::start(&["--netns", &ns.inode().to_string(), "--port", &port_s, "--wait-start", mode]).unwrap();
+        let late_clients = clients(late);
+        let mut client_lines = early_clients.wait(Duration::from_secs(60)).unwrap();
+        client_lines.extend(late_clients.wait(Duration::from_secs(60)).unwrap());
+        let server_lines = server.wait(Duration::from_secs(60)).unwrap();
+        let (records, stderr) = watch.finish_with_stderr().unwrap();
+        let connected: std::collections::HashMap<u64, (u64, u64)> = client_lines
+            .iter()
+            .filter(|l| l["event"] == "connect" && l["ok"] == true)
+            .map(|l| (l["lport"].as_u64().unwrap(), (l["started_ns"].as_u64().unwrap(), l["connected_ns"].as_u64().unwrap())))
+            .collect();
+        let accepted: std::collections::HashMap<u64, u64> =
+            server_lines.iter().filter(|l| l["event"] == "accept").map(|l| (l["rport"].as_u64().unwrap(), l["ts_ns"].as_u64().unwrap())).collect();
+        let accepts = of_kind(&records, "accept");
+        assert_eq!(accepts.len(), (early + late) as usize, "--wait-start {mode}: one accept event per connection");
+        let (mut known, mut worst) = (0u32, 0i64);
+        let attach_ns = connected.values().map(|c| c.1).max().unwrap_or(0);
+        for ev in &accepts {
+            let rport = ev["rport"].as_u64().unwrap();
+            let (started, conn) = connected[&rport];
+            let measured = i64::try_from(accepted[&rport]).unwrap() - i64::try_from(conn).unwrap();
+            let Some(traced) = ev["accept_wait_ns"].as_u64() else { continue };
+            known += 1;
+            let traced = i64::try_from(traced).unwrap();
+            let slack = i64::try_from(conn - started).unwrap();
+            let off = if traced < measured { measured - traced } else { (traced - measured - slack).max(0) };
+            worst = worst.max(off);
+            assert!(off < 2_000_000 * socktrace_tests::time_scale(), "--wait-start {mode}, port {rport}: traced wait {traced} ns vs measured {measured} ns");
+        }
+        let unknown_line = format!("{} accepts without a known queue wait", early + late - known);
+        eprintln!("--wait-start {mode}: {early} queued before tracing + {late} after, {known} waits known (worst |traced - measured| {worst} ns); stall {stall_ms} ms; last connect at {attach_ns}");
+        if mode == "auto" {
+            assert_eq!(known, early + late, "every wait known from the socket's own stamp");
+        } else {
+            assert_eq!(known, late, "only children queued after the attach have an enqueue time");
+        }
+        assert!(stderr.iter().any(|l| l.contains(&unknown_line)), "--wait-start {mode}: the summary counts the unknown waits ({unknown_line}): {stderr:?}");
+    }
+}
