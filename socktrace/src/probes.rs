@@ -116,15 +116,16 @@ impl AcceptHooks {
 /// What each `--accept-hooks` mode costs, measured by `cargo xtask bench syscalls` and `cargo
 /// xtask bench accept` (docs/BENCHMARKS.md) on the reference machine named in [`COST_SOURCE`]:
 /// (mode, ns added to every syscall of every process, ns of BPF programs per connection).
-/// Syscall costs: the quiet 11:55 run (no other tracer held syscall tracepoints); per connection:
-/// the default mode on a quiet machine (3.5 µs) and both modes side by side on a busy one.
+/// Syscall costs: the quiet 2026-12-03 11:55 run (no other tracer held syscall tracepoints); per
+/// connection: both modes side by side in `cargo xtask bench accept` on a quiet machine
+/// (2026-12-04, accept wait from the accepted socket's stamp, no enqueue program).
 pub const MODE_COSTS: [(AcceptHooks, &str, &str); 2] = [
-    (AcceptHooks::Auto, "+39 ns per getppid, +45 ns per 64-byte read", "3.4 µs"),
-    (AcceptHooks::Off, "+0 ns (no syscall tracepoint)", "2.1 µs"),
+    (AcceptHooks::Auto, "+39 ns per getppid, +45 ns per 64-byte read", "2.2 µs"),
+    (AcceptHooks::Off, "+0 ns (no syscall tracepoint)", "1.6 µs"),
 ];
 
 /// Where and when [`MODE_COSTS`] were measured.
-pub const COST_SOURCE: &str = "2-vCPU Firecracker VM, Linux 6.18, fexit refused, no kprobes; 2026-12-03; docs/BENCHMARKS.md";
+pub const COST_SOURCE: &str = "2-vCPU Firecracker VM, Linux 6.18, fexit refused, no kprobes; 2026-12-03/04; docs/BENCHMARKS.md";
 
 /// Where one program attaches.
 #[derive(Clone, Copy, Debug)]

@@ -214,7 +214,8 @@ fn slow_listener_overflows_match_kernel_counter() {
 #[test]
 fn slow_listener_overflows_on_raw_tracepoints() {
     if privileged() {
-        check_overflow("ovfraw", &["--hooks", "raw_tp,tracepoint,cgroup_skb,kprobe,fentry,fexit"], EXPECT_FALLBACK_HOOKS);
+        // `--wait-start enqueue`: the enqueue program (raw_tp here) instead of the accepted socket's stamp.
+        check_overflow("ovfraw", &["--hooks", "raw_tp,tracepoint,cgroup_skb,kprobe,fentry,fexit", "--wait-start", "enqueue"], EXPECT_FALLBACK_HOOKS);
     }
 }
 

@@ -55,13 +55,13 @@ pub struct Expect {
 /// (5.10's `kfree_skb` tracepoint has no reason at all), so `listen_overflow` is on
 /// `tcp_v{4,6}_syn_recv_sock`, never on `kfree_skb`.
 const FENTRY: Expect = Expect {
-    suite: "accept=fexit,accept_wait=tp_btf,listen_overflow=fentry,syn_drop=fentry,retransmit=tp_btf,synack_retransmit=tp_btf,listen=tracepoint",
+    suite: "accept=fexit,accept_wait=socket,listen_overflow=fentry,syn_drop=fentry,retransmit=tp_btf,synack_retransmit=tp_btf,listen=tracepoint",
     fallback: "accept=fexit,accept_wait=raw_tp,listen_overflow=fentry,syn_drop=fentry,retransmit=raw_tp,synack_retransmit=raw_tp,listen=tracepoint",
 };
 
 /// fentry/fexit forced off: the kprobe + kretprobe pairs.
 const KPROBE: Expect = Expect {
-    suite: "accept=kprobe,accept_wait=tp_btf,listen_overflow=kprobe,syn_drop=kprobe,retransmit=tp_btf,synack_retransmit=tp_btf,listen=tracepoint",
+    suite: "accept=kprobe,accept_wait=socket,listen_overflow=kprobe,syn_drop=kprobe,retransmit=tp_btf,synack_retransmit=tp_btf,listen=tracepoint",
     fallback: "accept=kprobe,accept_wait=raw_tp,listen_overflow=kprobe,syn_drop=kprobe,retransmit=raw_tp,synack_retransmit=raw_tp,listen=tracepoint",
 };
 
