@@ -41,7 +41,7 @@ fn assert_hooks(records: &[Value], hooks: &HashMap<String, Option<String>>) {
     }
 }
 
-/// One accept event per accepted connection, and the queue wait eBPF measured (enqueue → accept
+/// One accept event per accepted connection, and the queue wait eBPF measured (its start → accept
 /// return) within 2 ms of what the scenario measured (client's connect() return → server's
 /// accept() return, same clock).
 #[test]
