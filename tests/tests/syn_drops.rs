@@ -40,6 +40,37 @@ fn storm(ns: &NetNs, addr: &str, threads: u32, ms: u64) -> Scenario {
     .unwrap()
 }
 
+/// One storm against a server in a fresh netns and cgroup, traced by `watch` from before the
+/// server starts: what `probes` picked, the events, watch's stderr, the kernel's overflow delta,
+/// the drop programs' recursion misses and the storm's summary.
+struct StormRun {
+    hooks: std::collections::HashMap<String, Option<String>>,
+    records: Vec<Value>,
+    stderr: Vec<String>,
+    delta: i64,
+    missed: i64,
+    summary: Value,
+}
+
+fn traced_storm(tag: &str, port: u16, addr: &str, threads: u32, server: impl FnOnce(&NetNs, &str) -> Scenario) -> StormRun {
+    let ns = NetNs::new(tag).unwrap();
+    let cg = Cgroup::new(tag).unwrap();
+    let cgp = cg.path.to_string_lossy().into_owned();
+    let hooks = probes(&["--cgroup", &cgp]).unwrap();
+    let inode = ns.inode().to_string();
+    let port_s = port.to_string();
+    let watch = Watch::start(&["--netns", &inode, "--port", &port_s, "--cgroup", &cgp]).unwrap();
+    let before = ns.counters().unwrap();
+    let server = server(&ns, &cgp);
+    let clients = storm(&ns, addr, threads, 2500).wait(Duration::from_secs(60)).unwrap();
+    server.wait(Duration::from_secs(60)).unwrap();
+    let after = ns.counters().unwrap();
+    let missed = recursion_misses(watch.pid(), &["syn_drop_", "syn_settle_", "overflow"]).unwrap();
+    let (records, stderr) = watch.finish_with_stderr().unwrap();
+    let summary = clients.iter().find(|l| l["event"] == "done").cloned().unwrap_or_default();
+    StormRun { hooks, records, stderr, delta: overflows(&before, &after), missed, summary }
+}
+
 /// Sum of a counter's series for `port` in a `/metrics` text (`None`: no such series).
 fn metric(text: &str, name: &str, port: u16) -> Option<i64> {
     let label = format!("lport=\"{port}\"");
@@ -83,24 +114,9 @@ fn syn_drops_exact_under_connect_storm_from_every_cpu() {
         ("[::]:9335", "127.0.0.1:9335", 9335, 2, 12, "127.0.0.1"),
     ];
     for (i, (listen, addr, port, backlog, threads, peer)) in cases.into_iter().enumerate() {
-        let tag = format!("storm{i}");
-        let ns = NetNs::new(&tag).unwrap();
-        let cg = Cgroup::new(&tag).unwrap();
-        let cgp = cg.path.to_string_lossy().into_owned();
-        let hooks = probes(&["--cgroup", &cgp]).unwrap();
-        let inode = ns.inode().to_string();
-        let port_s = port.to_string();
-        let watch = Watch::start(&["--netns", &inode, "--port", &port_s, "--cgroup", &cgp]).unwrap();
-        let before = ns.counters().unwrap();
-        let server = fast_server(&ns, &cgp, listen, backlog, 4500);
-        let clients = storm(&ns, addr, threads, 2500).wait(Duration::from_secs(60)).unwrap();
-        server.wait(Duration::from_secs(60)).unwrap();
-        let after = ns.counters().unwrap();
-        let missed = recursion_misses(watch.pid(), &["syn_drop_", "syn_settle_", "overflow"]).unwrap();
-        let (records, stderr) = watch.finish_with_stderr().unwrap();
-        let delta = overflows(&before, &after);
+        let StormRun { hooks, records, stderr, delta, missed, summary } =
+            traced_storm(&format!("storm{i}"), port, addr, threads, |ns, cgp| fast_server(ns, cgp, listen, backlog, 4500));
         let (syn, ovf) = drop_events(&records, port);
-        let summary = clients.iter().find(|l| l["event"] == "done").cloned().unwrap_or_default();
         eprintln!(
             "{listen} ← {addr}, backlog {backlog}, {threads} threads: TcpExtListenOverflows {delta}; syn_drop {syn} ({}), listen_overflow {ovf} ({}); storm {summary}; recursion misses {missed}; {}",
             hooks["syn_drop"].as_deref().unwrap_or("-"),
@@ -230,28 +246,15 @@ fn syn_drops_exact_when_a_backlog_above_the_slack_fills() {
     let threads = 8 + pid % 9;
     let delay_ms = 2 + (pid / 7) % 6;
     let addr = format!("127.0.0.1:{port}");
-    let ns = NetNs::new("synslack").unwrap();
-    let cg = Cgroup::new("synslack").unwrap();
-    let cgp = cg.path.to_string_lossy().into_owned();
-    let hooks = probes(&["--cgroup", &cgp]).unwrap();
-    let inode = ns.inode().to_string();
-    let port_s = port.to_string();
-    let watch = Watch::start(&["--netns", &inode, "--port", &port_s, "--cgroup", &cgp]).unwrap();
-    let before = ns.counters().unwrap();
-    let server = Scenario::start(
-        Path::new(SCENARIO),
-        &s(&["server", "--netns", &ns.name, "--cgroup", &cgp, "--addr", &addr, "--backlog", &backlog.to_string(), "--accept-delay-ms", &delay_ms.to_string(), "--run-ms", "4000"]),
-    )
-    .unwrap();
-    let clients = storm(&ns, &addr, threads, 2500).wait(Duration::from_secs(60)).unwrap();
-    server.wait(Duration::from_secs(60)).unwrap();
-    let after = ns.counters().unwrap();
-    let missed = recursion_misses(watch.pid(), &["syn_drop_", "syn_settle_", "overflow"]).unwrap();
-    let (records, stderr) = watch.finish_with_stderr().unwrap();
-    let delta = overflows(&before, &after);
+    let StormRun { hooks, records, stderr, delta, missed, summary } = traced_storm("synslack", port, &addr, threads, |ns, cgp| {
+        Scenario::start(
+            Path::new(SCENARIO),
+            &s(&["server", "--netns", &ns.name, "--cgroup", cgp, "--addr", &addr, "--backlog", &backlog.to_string(), "--accept-delay-ms", &delay_ms.to_string(), "--run-ms", "4000"]),
+        )
+        .unwrap()
+    });
     let (syn, ovf) = drop_events(&records, port);
     let peak = of_kind(&records, "syn_drop").iter().filter_map(|r| r["queue_len"].as_u64()).max().unwrap_or(0);
-    let summary = clients.iter().find(|l| l["event"] == "done").cloned().unwrap_or_default();
     eprintln!(
         "backlog {backlog} ({cpus} CPUs), accept every {delay_ms} ms, {threads} threads, port {port}: TcpExtListenOverflows {delta}; syn_drop {syn} ({}), listen_overflow {ovf}; queue at drops up to {peak}; storm {summary}; recursion misses {missed}; {}",
         hooks["syn_drop"].as_deref().unwrap_or("-"),
