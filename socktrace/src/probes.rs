@@ -402,7 +402,7 @@ pub enum WaitStart {
     /// The accepted socket's own establishment time (`tcp_sock.rcvq_space.time`, no program),
     /// where the kernel's BTF has the field; else the enqueue hook.
     Auto,
-    /// The enqueue hook (`inet_sock_set_state` LISTEN → SYN_RECV) and its `ENQUEUED` map.
+    /// The enqueue hook (`inet_sock_set_state` from LISTEN to SYN_RECV) and its `ENQUEUED` map.
     Enqueue,
 }
 
