@@ -392,3 +392,49 @@ fn top_serve_and_watch_count_retransmits_of_connections_accepted_before_tracing(
     assert!(scraped * 100 >= delta * 95 && scraped <= delta, "serve exported {scraped} retransmits, the kernel {delta}");
     assert!(watched * 100 >= delta * 95 && watched <= delta, "watch showed {watched} retransmitted segments, the kernel {delta}");
 }
+
+/// nginx's only worker is stopped; clients queue behind it, each with a request already sent;
+/// `watch` attaches while they wait; then the worker resumes. The connections queued before the
+/// attach get their real accept wait (from the accepted socket's own stamp, which data arriving
+/// while queued does not move): every wait at least the time from the attach to the resume, at
+/// most from the stop to the end. Port, backlog and client count vary per run.
+#[test]
+fn nginx_stopped_worker_waits_of_connections_queued_before_attach() {
+    if !privileged() {
+        return;
+    }
+    let pid = std::process::id();
+    let port = 8150 + u16::try_from(pid % 40).unwrap();
+    let backlog = 64 + pid % 64;
+    let queued = 10 + pid % 21;
+    let ns = NetNs::new("fnwait").unwrap();
+    let cg = Cgroup::new("fnwait").unwrap();
+    let nginx = Nginx::start(&ns, Some(&cg), &NginxConfig { addr: "127.0.0.1", port, backlog, workers: 1, reuseport: false, big_bytes: 0 }).unwrap();
+    let worker = nginx.workers()[0];
+    nginx.signal(worker, libc::SIGSTOP);
+    let stopped_ns = monotonic_ns();
+    let addr = format!("127.0.0.1:{port}");
+    let clients = scen(&["clients", "--netns", &ns.name, "--addr", &addr, "--count", &queued.to_string(), "--send-chunks", "1", "--chunk-bytes", "64", "--hold-ms", "500", "--connect-timeout-ms", "3000"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while listen_queue(&ns, port).unwrap().first().map(|q| q.0) != Some(queued) {
+        assert!(std::time::Instant::now() < deadline, "the clients never filled the queue: {:?}", listen_queue(&ns, port));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let watch = Watch::start(&["--netns", &ns.inode().to_string(), "--port", &port.to_string()]).unwrap();
+    let attached_ns = monotonic_ns();
+    std::thread::sleep(Duration::from_millis(400));
+    let resumed_ns = monotonic_ns();
+    nginx.signal(worker, libc::SIGCONT);
+    clients.wait(Duration::from_secs(60)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let (records, stderr) = watch.finish_with_stderr().unwrap();
+    let end_ns = monotonic_ns();
+    drop(nginx);
+    let waits: Vec<Option<u64>> = of_kind(&records, "accept").iter().filter(|r| r["lport"] == port).map(|r| r["accept_wait_ns"].as_u64()).collect();
+    eprintln!("{queued} connections queued behind the stopped worker (backlog {backlog}, port {port}) before the attach; waits {waits:?}; attach→resume {} ms", (resumed_ns - attached_ns) / 1_000_000);
+    assert_eq!(waits.len(), queued as usize, "one accept per queued connection: {stderr:?}");
+    for w in &waits {
+        let w = w.unwrap_or_else(|| panic!("every wait known (queued before the attach): {waits:?}"));
+        assert!(w >= resumed_ns - attached_ns && w <= end_ns - stopped_ns, "wait {w} ns outside [{}, {}]", resumed_ns - attached_ns, end_ns - stopped_ns);
+    }
+}
