@@ -96,9 +96,13 @@ fn accept_wait_matches_server_measurement() {
         let measured = server_ts - i64::try_from(connected).unwrap();
         let slack = i64::try_from(connected - started).unwrap();
         let traced = i64::try_from(ev["accept_wait_ns"].as_u64().expect("accept_wait_ns known")).unwrap();
-        let off = if traced < measured { measured - traced } else { (traced - measured - slack).max(0) };
+        // Below: the child joins the queue when the server processes the handshake's last ACK,
+        // which on loopback is usually inside connect() but can come later when that softirq work
+        // is deferred to a busy CPU (seen: 2.7 ms under the `--stress` hog): the traced wait then
+        // starts after connect() returned, and is shorter than what the scenario can see.
+        let (off, allowed) = if traced < measured { (measured - traced, 5_000_000) } else { ((traced - measured - slack).max(0), 2_000_000) };
         worst = worst.max(off);
-        assert!(off < 2_000_000 * time_scale(), "port {rport}: traced wait {traced} ns vs measured {measured} ns (connect took {slack} ns)");
+        assert!(off < allowed * time_scale(), "port {rport}: traced wait {traced} ns vs measured {measured} ns (connect took {slack} ns)");
         assert_eq!(ev["pid"].as_u64(), Some(u64::from(server_pid)));
         assert_eq!(ev["comm"], "st-scenario");
         assert_eq!(ev["queue_max"], 128);

@@ -196,9 +196,11 @@ fn waits_of_children_queued_before_tracing() {
             known += 1;
             let traced = i64::try_from(traced).unwrap();
             let slack = i64::try_from(conn - started).unwrap();
-            let off = if traced < measured { measured - traced } else { (traced - measured - slack).max(0) };
+            // Below by up to 5 ms: the server may queue the child after connect() returned (its
+            // last ACK's softirq deferred on a busy CPU; see accept_wait_matches_server_measurement).
+            let (off, allowed) = if traced < measured { (measured - traced, 5_000_000) } else { ((traced - measured - slack).max(0), 2_000_000) };
             worst = worst.max(off);
-            assert!(off < 2_000_000 * socktrace_tests::time_scale(), "--wait-start {mode}, port {rport}: traced wait {traced} ns vs measured {measured} ns");
+            assert!(off < allowed * socktrace_tests::time_scale(), "--wait-start {mode}, port {rport}: traced wait {traced} ns vs measured {measured} ns");
         }
         let unknown_line = format!("{} accepts without a known queue wait", early + late - known);
         eprintln!("--wait-start {mode}: {early} queued before tracing + {late} after, {known} waits known (worst |traced - measured| {worst} ns); stall {stall_ms} ms; last connect at {attach_ns}");
