@@ -78,8 +78,16 @@ pub struct AcceptorSeen {
     /// CLOCK_MONOTONIC of the latest accept.
     pub ts_ns: u64,
     pub pid: u32,
-    pub _pad: u32,
+    /// When `comm` was last read, in units of 2^30 ns of CLOCK_MONOTONIC (low 32 bits): the
+    /// kernel refreshes the name at most about once a second per row, not on every accept.
+    pub comm_at: u32,
     pub comm: [u8; crate::TASK_COMM_LEN],
+}
+
+/// The `comm_at` of an accept at `ts_ns`.
+#[must_use]
+pub const fn comm_epoch(ts_ns: u64) -> u32 {
+    (ts_ns >> 30) as u32
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use aya_ebpf::{
 use socktrace_common::{Event, KernelOffsets, flags, hook, kind, stat};
 
 use crate::{
-    kernel::{FdTable, TCP_SYN_RECV, fill_local, fill_queue, fill_remote, fill_task, is_inet_tcp, now, off, read, sock_in, sock_of_fd},
+    kernel::{FdTable, OpenSocket, SockHead, TCP_SYN_RECV, fill_comm, fill_queue, fill_remote, fill_task, fill_task_ids, now, off, read, sock_in, sock_of_fd, socket_in},
     maps::{ACCEPTING, ENQUEUED, count, emit, insert_counted, muted, remove_counted},
 };
 
@@ -47,7 +47,7 @@ pub fn accept_fexit(ctx: FExitContext) -> i32 {
         4 => ctx_slot!(ctx, 32),
         _ => return 0,
     };
-    let _ = emit_accept(listener, child, hook::FEXIT);
+    let _ = emit_accept(listener, child, 0, hook::FEXIT);
     0
 }
 
@@ -71,7 +71,7 @@ fn try_accept_kretprobe(ctx: &RetProbeContext) -> Result<u32, i64> {
     let listener = unsafe { ACCEPTING.get(id) }.copied().ok_or(-1i64)?;
     remove_counted(&ACCEPTING, id, stat::ACCEPTING_DELETES);
     let child: u64 = ctx.ret();
-    emit_accept(listener, child, hook::KRETPROBE)
+    emit_accept(listener, child, 0, hook::KRETPROBE)
 }
 
 #[tracepoint(category = "syscalls", name = "sys_enter_accept4")]
@@ -112,14 +112,33 @@ fn accept_exit(ctx: &TracePointContext) -> Result<u32, i64> {
     // SAFETY: the value is copied out before the entry is removed.
     let listener_fd = unsafe { ACCEPTING.get(id) }.copied().ok_or(-1i64)?;
     remove_counted(&ACCEPTING, id, stat::ACCEPTING_DELETES);
-    let at = off!(tp_accept_ret) as usize;
-    // SAFETY: as in `accept_enter`.
-    let ret = unsafe { ctx.read_at::<i64>(at) }.map_err(i64::from)?;
+    let ret = syscall_ret(ctx)?;
     if ret < 0 {
         return Ok(0);
     }
     let fds = FdTable::current()?;
-    emit_accept(sock_in(&fds, listener_fd as i64)?, sock_in(&fds, ret)?, hook::TRACEPOINT)
+    emit_accept_fds(&fds, listener_fd as i64, ret)
+}
+
+/// An accept seen at the syscall's exit, from the listening fd and the returned one: the
+/// listening socket's inode comes from its `struct socket`, one read fewer than from the sock.
+#[inline(always)]
+fn emit_accept_fds(fds: &FdTable, listener_fd: i64, child_fd: i64) -> Result<u32, i64> {
+    let listener: OpenSocket = socket_in(fds, listener_fd)?;
+    emit_accept(listener.sk, sock_in(fds, child_fd)?, listener.ino(), hook::TRACEPOINT)
+}
+
+/// `ret` of `sys_exit_accept{,4}`: a direct context load at 16, where every kernel puts it (after
+/// the 8-byte common header and the syscall number), else a helper read at the format file's
+/// offset.
+#[inline(always)]
+fn syscall_ret(ctx: &TracePointContext) -> Result<i64, i64> {
+    let at = off!(tp_accept_ret);
+    if at == 16 {
+        return Ok(ctx_slot!(ctx.as_ptr(), 16) as i64);
+    }
+    // SAFETY: offset validated against the tracepoint's format file by userspace.
+    unsafe { ctx.read_at::<i64>(at as usize) }.map_err(i64::from)
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
@@ -138,9 +157,7 @@ pub fn accept_exit_regs(ctx: TracePointContext) -> u32 {
 /// the syscall entry saved (the syscall does not write them; offset from BTF).
 #[inline(always)]
 fn try_accept_exit_regs(ctx: &TracePointContext) -> Result<u32, i64> {
-    let at = off!(tp_accept_ret) as usize;
-    // SAFETY: as in `accept_enter`.
-    let ret = unsafe { ctx.read_at::<i64>(at) }.map_err(i64::from)?;
+    let ret = syscall_ret(ctx)?;
     let arg0 = off!(pt_regs_arg0);
     if ret < 0 || arg0 == KernelOffsets::ABSENT {
         return Ok(0);
@@ -149,7 +166,7 @@ fn try_accept_exit_regs(ctx: &TracePointContext) -> Result<u32, i64> {
     let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
     let listener_fd: i64 = read(regs, arg0)?;
     let fds = FdTable::current()?;
-    emit_accept(sock_in(&fds, listener_fd)?, sock_in(&fds, ret)?, hook::TRACEPOINT)
+    emit_accept_fds(&fds, listener_fd, ret)
 }
 
 /// listen(2): the backlog the application asked for, before the kernel caps it at somaxconn.
@@ -168,7 +185,8 @@ fn try_listen(ctx: &TracePointContext) -> Result<u32, i64> {
     // SAFETY: as above.
     let backlog = unsafe { ctx.read_at::<i64>(backlog_at) }.map_err(i64::from)?;
     let sk = sock_of_fd(fd)?;
-    if !is_inet_tcp(sk)? {
+    let head = SockHead::read(sk)?;
+    if !head.is_inet_tcp()? {
         return Ok(0);
     }
     let mut ev = Event::ZERO;
@@ -176,7 +194,7 @@ fn try_listen(ctx: &TracePointContext) -> Result<u32, i64> {
     ev.kind = kind::LISTEN;
     ev.hook = hook::TRACEPOINT;
     ev.sock_id = sk;
-    fill_local(&mut ev, sk)?;
+    head.fill_local(&mut ev)?;
     ev.queue_max = backlog.clamp(0, i64::from(u32::MAX)) as u32;
     ev.flags |= flags::HAS_QUEUE;
     fill_task(&mut ev);
@@ -185,9 +203,16 @@ fn try_listen(ctx: &TracePointContext) -> Result<u32, i64> {
 }
 
 /// One `accept` event: listener's address and queue, child's peer, wait since enqueue.
+/// `listener_ino`: the listening socket's inode when the caller knows it (0: read from the sock).
 #[inline(always)]
-fn emit_accept(listener: u64, child: u64, via: u32) -> Result<u32, i64> {
-    if child == 0 || !is_inet_tcp(child)? {
+fn emit_accept(listener: u64, child: u64, listener_ino: u32, via: u32) -> Result<u32, i64> {
+    if child == 0 {
+        return Ok(0);
+    }
+    // The child is what the listener accepted: checking the listener's family and protocol
+    // checks the child's (accept(2) on a unix socket ends here).
+    let head = SockHead::read(listener)?;
+    if !head.is_inet_tcp()? {
         return Ok(0);
     }
     let mut ev = Event::ZERO;
@@ -195,15 +220,19 @@ fn emit_accept(listener: u64, child: u64, via: u32) -> Result<u32, i64> {
     ev.kind = kind::ACCEPT;
     ev.hook = via;
     ev.sock_id = listener;
-    fill_local(&mut ev, listener)?;
-    // The peer is only in the event: views that aggregate in the kernel mute accepts.
+    ev.sock_ino = listener_ino;
+    head.fill_local(&mut ev)?;
+    fill_task_ids(&mut ev);
+    // The peer and the thread's name are only in the event: views that aggregate in the kernel
+    // mute accepts (the acceptors map reads the name itself, about once a second per thread).
     if !muted(kind::ACCEPT) {
         fill_remote(&mut ev, child)?;
+        fill_comm(&mut ev);
     }
+    let state: u8 = read(child, off!(skc_state))?;
     let _ = fill_queue(&mut ev, listener);
-    fill_task(&mut ev);
     if off!(tcp_rcvq_time) != KernelOffsets::ABSENT {
-        match established_at(child) {
+        match established_at(child, state) {
             Some(start) => {
                 ev.accept_wait_ns = ev.ts_ns.saturating_sub(start);
                 ev.flags |= flags::HAS_WAIT;
@@ -230,8 +259,7 @@ fn emit_accept(listener: u64, child: u64, via: u32) -> Result<u32, i64> {
 /// still in SYN_RECV (a TFO child, or one accepted in the instant between its queueing and its
 /// establishment: the field then holds the listener's value) or when the stamp is not usable.
 #[inline(always)]
-fn established_at(child: u64) -> Option<u64> {
-    let state: u8 = read(child, off!(skc_state)).ok()?;
+fn established_at(child: u64, state: u8) -> Option<u64> {
     if state == TCP_SYN_RECV as u8 {
         return None;
     }

@@ -12,7 +12,7 @@ use socktrace_common::{
 };
 
 use crate::{
-    kernel::{off, read},
+    kernel::{current_comm, off, read},
     maps::{ACCEPTORS, CONTROL, LISTENERS, WAITS, count},
 };
 
@@ -63,7 +63,7 @@ fn peak(s: *mut ListenerStats, len: u32, max: u32) {
 /// `sk->sk_socket`, the inode around that `struct socket`, its `i_ino`. Left 0 when unknown.
 #[inline(always)]
 pub fn name_socket(ev: &mut Event) {
-    if ev.sock_id == 0 || ev.kind == kind::RETRANSMIT || off!(inode_ino) == KernelOffsets::ABSENT {
+    if ev.sock_ino != 0 || ev.sock_id == 0 || ev.kind == kind::RETRANSMIT || off!(inode_ino) == KernelOffsets::ABSENT {
         return;
     }
     let Ok(socket) = read::<u64>(ev.sock_id, off!(sk_socket)) else { return };
@@ -180,17 +180,28 @@ fn accepted(ev: &Event) {
     }
     if ev.flags & flags::HAS_TASK != 0 {
         let key = AcceptorKey { netns: ev.netns, inode: ev.sock_ino, tid: ev.tid, lport: ev.lport, _pad: 0 };
+        // An event that is sent carries the name already; a muted one has none, and the name is
+        // read (a helper call) only for a new row or about once a second (thread names rarely
+        // change; `comm_at` says when it was read).
+        let epoch = wait::comm_epoch(ev.ts_ns);
         if let Some(a) = ACCEPTORS.get_ptr_mut(&key) {
             // SAFETY: live map value; only this thread updates its own entry (a racing reader sees
             // an older or newer accept, both true).
             unsafe {
                 (*a).ts_ns = ev.ts_ns;
-                (*a).comm = ev.comm;
+                if ev.comm[0] != 0 {
+                    (*a).comm = ev.comm;
+                    (*a).comm_at = epoch;
+                } else if (*a).comm_at != epoch {
+                    (*a).comm = current_comm();
+                    (*a).comm_at = epoch;
+                }
             }
         } else {
+            let comm = if ev.comm[0] != 0 { ev.comm } else { current_comm() };
             // BPF_NOEXIST, so that only a created row is counted (a thread runs on one CPU at a
             // time: nobody else creates its row meanwhile).
-            if ACCEPTORS.insert(&key, &AcceptorSeen { ts_ns: ev.ts_ns, pid: ev.pid, _pad: 0, comm: ev.comm }, 1).is_ok() {
+            if ACCEPTORS.insert(&key, &AcceptorSeen { ts_ns: ev.ts_ns, pid: ev.pid, comm_at: epoch, comm }, 1).is_ok() {
                 count(stat::ACCEPTORS_INSERTS);
             }
         }

@@ -19,7 +19,7 @@ use socktrace_common::{Event, kind};
 
 use crate::{
     aggregate,
-    kernel::{Args, TCP_LISTEN, fill_queue, fill_row_key, is_inet_tcp, off, read},
+    kernel::{Args, SockHead, TCP_LISTEN, fill_queue, off, read},
 };
 
 const TCP_CLOSE: i32 = 7;
@@ -41,7 +41,7 @@ fn try_queued<C: Args>(ctx: &C) -> Result<u32, i64> {
     let sk = ctx.arg_u64(0);
     // Every data arrival on every socket passes here: the state is the first, cheapest test.
     let state: u8 = read(sk, off!(skc_state))?;
-    if i32::from(state) != TCP_LISTEN || !is_inet_tcp(sk)? {
+    if i32::from(state) != TCP_LISTEN {
         return Ok(0);
     }
     into_rows(sk, kind::QUEUED)
@@ -64,20 +64,21 @@ fn try_listen_close<C: Args>(ctx: &C) -> Result<u32, i64> {
     if ctx.arg_u64(1) as i32 != TCP_LISTEN || ctx.arg_u64(2) as i32 != TCP_CLOSE {
         return Ok(0);
     }
-    let sk = ctx.arg_u64(0);
-    if !is_inet_tcp(sk)? {
-        return Ok(0);
-    }
-    into_rows(sk, kind::LISTEN_CLOSE)
+    into_rows(ctx.arg_u64(0), kind::LISTEN_CLOSE)
 }
 
-/// Adds `kind` with the listener's queue to its port and socket rows (no event is sent).
+/// Adds `kind` with the listener's queue to its port and socket rows (no event is sent), when
+/// `sk` is an IPv4/IPv6 TCP socket.
 #[inline(always)]
 fn into_rows(sk: u64, kind: u32) -> Result<u32, i64> {
+    let head = SockHead::read(sk)?;
+    if !head.is_inet_tcp()? {
+        return Ok(0);
+    }
     let mut ev = Event::ZERO;
     ev.kind = kind;
     ev.sock_id = sk;
-    fill_row_key(&mut ev, sk)?;
+    head.fill_row_key(&mut ev)?;
     let _ = fill_queue(&mut ev, sk);
     aggregate::name_socket(&mut ev);
     aggregate::record(&ev);

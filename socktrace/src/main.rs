@@ -173,7 +173,10 @@ fn print_probes(tracer: &probes::Tracer, json: bool) -> anyhow::Result<()> {
     }
     // The bounded maps: what each holds at most, and that an eviction is counted, not silent.
     for m in pressure::BoundedMap::ALL {
-        writeln!(out, "{:<18} {:<11} {} {} ({}); evictions counted", "map", m.name(), m.capacity(&tracer.maps), m.holds(), m.option())?;
+        match m.capacity(&tracer.maps) {
+            0 => writeln!(out, "{:<18} {:<11} unused ({} ignored): {}", "map", m.name(), m.option(), m.unused_because())?,
+            n => writeln!(out, "{:<18} {:<11} {n} {} ({}); evictions counted", "map", m.name(), m.holds(), m.option())?,
+        }
     }
     writeln!(out)?;
     for line in tracer.mode_lines() {

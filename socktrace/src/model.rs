@@ -923,7 +923,7 @@ mod tests {
     fn acceptor(inode: u32, tid: u32, ts_ns: u64) -> (AcceptorKey, AcceptorSeen) {
         let mut comm = [0u8; 16];
         comm[..5].copy_from_slice(b"nginx");
-        (AcceptorKey { netns: 1, inode, tid, lport: 80, _pad: 0 }, AcceptorSeen { ts_ns, pid: tid, _pad: 0, comm })
+        (AcceptorKey { netns: 1, inode, tid, lport: 80, _pad: 0 }, AcceptorSeen { ts_ns, pid: tid, comm_at: 0, comm })
     }
 
     /// Deterministic waits from 1 µs to ~20 s, log-uniform, with repeats (a tiny LCG: no new

@@ -49,7 +49,8 @@ pub struct MapSizes {
     /// Listening sockets `LISTENERS` can hold: it has a row per port and one per LISTEN socket,
     /// so twice this many rows.
     pub listeners: u32,
-    /// Child sockets in accept queues (`ENQUEUED`).
+    /// Child sockets in accept queues (`ENQUEUED`); 0 in a loaded tracer: unused (the accept wait
+    /// comes from the accepted socket's own stamp), created with one entry.
     pub pending: u32,
     /// Threads inside `accept()` at once (`ACCEPTING`).
     pub accepting: u32,
@@ -136,6 +137,14 @@ impl BoundedMap {
         }
     }
 
+    /// Why a map the loader made unused (capacity 0 in the tracer's sizes) is not needed.
+    pub fn unused_because(self) -> &'static str {
+        match self {
+            BoundedMap::Enqueued => "the accept wait starts at the accepted socket's own stamp (--wait-start enqueue uses this map)",
+            _ => "not used by the hooks attached",
+        }
+    }
+
     fn counters(self) -> (u32, Option<u32>) {
         match self {
             BoundedMap::Listeners => (stat::LISTENERS_INSERTS, None),
@@ -192,6 +201,10 @@ impl Pressure {
         let mut maps = Vec::with_capacity(BoundedMap::ALL.len());
         for m in BoundedMap::ALL {
             let capacity = m.capacity(sizes);
+            // An unused map (see `MapSizes`) is not measured, so not reported.
+            if capacity == 0 {
+                continue;
+            }
             let (ins, del) = m.counters();
             let last = self.maps.iter().find(|u| u.map == m.name()).copied();
             let (inserts, entries, agent_deletes) = if let Some((_, w)) = walked.iter().find(|(w, _)| *w == m) {

@@ -448,10 +448,16 @@ pub fn load(layout: &KernelLayout, btf: &[u8], opts: &LoadOptions) -> Result<Tra
     if opts.wait_start == WaitStart::Enqueue {
         offsets.tcp_rcvq_time = socktrace_common::KernelOffsets::ABSENT;
     }
+    let socket_stamp = offsets.tcp_rcvq_time != socktrace_common::KernelOffsets::ABSENT;
+    let mut maps = opts.maps;
+    if socket_stamp {
+        // Nothing reads or writes ENQUEUED then: one entry instead of megabytes of locked memory.
+        maps.pending = 0;
+    }
     let mut loader = EbpfLoader::new();
     loader.btf(Some(&btf)).override_global("OFFSETS", &offsets, true).map_max_entries("EVENTS", opts.ring_buffer_bytes);
     for m in BoundedMap::ALL {
-        loader.map_max_entries(m.name(), m.capacity(&opts.maps));
+        loader.map_max_entries(m.name(), m.capacity(&maps).max(1));
     }
     let mut ebpf = loader
         .load(OBJECT)
@@ -467,8 +473,14 @@ pub fn load(layout: &KernelLayout, btf: &[u8], opts: &LoadOptions) -> Result<Tra
             notes: Vec::new(),
         };
         let accept_traced = report.iter().any(|r: &SignalReport| r.signal == Signal::Accept.name() && r.hook.is_some());
-        // No program at all: the accept program reads the child's establishment time.
-        if signal == Signal::Enqueue && accept_traced && offsets.tcp_rcvq_time != socktrace_common::KernelOffsets::ABSENT {
+        // With the socket stamp no program writes ENQUEUED (it has one entry): the accept
+        // program, when there is one, reads the child's establishment time.
+        if signal == Signal::Enqueue && socket_stamp && !accept_traced && opts.accept_hooks != AcceptHooks::Off {
+            rep.failed.push(HookFailure { hook: SOCKET_STAMP_HOOK, at: SOCKET_STAMP_AT.to_owned(), reason: "not needed without an accept hook: the wait is measured at accept".to_owned() });
+            report.push(rep);
+            continue;
+        }
+        if signal == Signal::Enqueue && accept_traced && socket_stamp {
             rep.hook = Some(SOCKET_STAMP_HOOK);
             rep.attached = vec![SOCKET_STAMP_AT.to_owned()];
             rep.notes = vec![
@@ -505,7 +517,7 @@ pub fn load(layout: &KernelLayout, btf: &[u8], opts: &LoadOptions) -> Result<Tra
         }
         report.push(rep);
     }
-    Ok(Tracer { ebpf, report, offsets, accept_hooks: opts.accept_hooks, maps: opts.maps })
+    Ok(Tracer { ebpf, report, offsets, accept_hooks: opts.accept_hooks, maps })
 }
 
 /// Why a kernel lacks what a candidate needs (`None`: it has it).
