@@ -154,7 +154,10 @@ pub fn accept_exit_regs(ctx: TracePointContext) -> u32 {
 }
 
 /// accept(2) returned: the listening fd is the syscall's first argument, still in the registers
-/// the syscall entry saved (the syscall does not write them; offset from BTF).
+/// the syscall entry saved (the syscall does not write them; offset from BTF). The registers and
+/// the task's fd table are reached through BTF pointers with plain loads (no helper call per
+/// field); a kernel whose verifier refuses that refuses this program, and the entry + exit pair
+/// below is used instead.
 #[inline(always)]
 fn try_accept_exit_regs(ctx: &TracePointContext) -> Result<u32, i64> {
     let ret = syscall_ret(ctx)?;
@@ -162,10 +165,14 @@ fn try_accept_exit_regs(ctx: &TracePointContext) -> Result<u32, i64> {
     if ret < 0 || arg0 == KernelOffsets::ABSENT {
         return Ok(0);
     }
-    // SAFETY: helpers without preconditions; the registers' address is read with probe_read.
-    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
-    let listener_fd: i64 = read(regs, arg0)?;
-    let fds = FdTable::current()?;
+    // SAFETY: helpers without preconditions; both return BTF pointers (the current task, its
+    // saved user registers), whose loads the verifier checks against the kernel's BTF.
+    let task = unsafe { bpf_get_current_task_btf() };
+    // SAFETY: as above.
+    let regs = unsafe { bpf_task_pt_regs(task) } as *const u8;
+    // SAFETY: a load of `pt_regs` at the BTF offset of the first argument's register.
+    let listener_fd: i64 = unsafe { core::ptr::read(regs.add(arg0 as usize).cast::<i64>()) };
+    let fds = FdTable::of_task_btf(task.cast())?;
     emit_accept_fds(&fds, listener_fd, ret)
 }
 

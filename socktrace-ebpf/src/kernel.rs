@@ -360,6 +360,31 @@ impl FdTable {
     }
 }
 
+impl FdTable {
+    /// The table of `task`, a BTF pointer (`bpf_get_current_task_btf`): task → files → fdt walked
+    /// with plain loads, which the verifier checks against the kernel's BTF and turns into
+    /// fault-tolerant loads, instead of one helper call each.
+    #[inline(always)]
+    pub fn of_task_btf(task: *const u8) -> Result<FdTable, i64> {
+        let (files_at, fdt_at) = (off!(task_files) as usize, off!(files_fdt) as usize);
+        let (max_at, fd_at) = (off!(fdt_max_fds) as usize, off!(fdt_fd) as usize);
+        // SAFETY (each load): the verifier checks it against the kernel's BTF, whose offsets
+        // these are, and makes it a fault-tolerant load.
+        let files = unsafe { core::ptr::read(task.add(files_at).cast::<*const u8>()) };
+        if files.is_null() {
+            return Err(-1);
+        }
+        // SAFETY: as above.
+        let fdt = unsafe { core::ptr::read(files.add(fdt_at).cast::<*const u8>()) };
+        if fdt.is_null() {
+            return Err(-1);
+        }
+        // SAFETY: as above.
+        let (max_fds, fd_array) = unsafe { (core::ptr::read(fdt.add(max_at).cast::<u32>()), core::ptr::read(fdt.add(fd_at).cast::<u64>())) };
+        Ok(FdTable { max_fds, fd_array })
+    }
+}
+
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct FdtHead {
