@@ -338,6 +338,15 @@ impl Agent {
     pub fn lost(&self) -> u64 {
         self.stats.get(stat::LOST)
     }
+
+    /// `; N PROGRAM RUNS MISSED …` for the views' header lines when the kernel skipped runs of
+    /// our programs (empty otherwise, and where the kernel does not count them).
+    pub fn missed_note(&self) -> String {
+        match self.tracer.runs_missed() {
+            Some(n) if n > 0 => format!("; {n} PROGRAM RUNS MISSED (another BPF program was running on that CPU): counts may be short"),
+            _ => String::new(),
+        }
+    }
 }
 
 /// Every entry of a kernel hash map: in batches where the kernel can (5.6+), else entry by entry.

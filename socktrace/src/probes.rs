@@ -5,7 +5,13 @@
 //! with its reason so `socktrace probes` can show what was tried, and a signal with no working hook
 //! is reported as unavailable — never silently read as zero.
 
-use std::{collections::BTreeSet, fmt, fs::File, path::PathBuf};
+use std::{
+    collections::BTreeSet,
+    fmt,
+    fs::File,
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::PathBuf,
+};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -118,10 +124,11 @@ impl AcceptHooks {
 /// (mode, ns added to every syscall of every process, ns of BPF programs per connection).
 /// Syscall costs: the quiet 2026-12-03 11:55 run (no other tracer held syscall tracepoints); per
 /// connection: both modes side by side in `cargo xtask bench accept` on a quiet machine
-/// (2026-12-04, accept wait from the accepted socket's stamp, no enqueue program).
+/// (2026-12-04 17:15 UTC: accept wait from the accepted socket's stamp, no enqueue program, the
+/// accept program's reads cut).
 pub const MODE_COSTS: [(AcceptHooks, &str, &str); 2] = [
-    (AcceptHooks::Auto, "+39 ns per getppid, +45 ns per 64-byte read", "2.2 µs"),
-    (AcceptHooks::Off, "+0 ns (no syscall tracepoint)", "1.6 µs"),
+    (AcceptHooks::Auto, "+39 ns per getppid, +45 ns per 64-byte read", "1.7 µs"),
+    (AcceptHooks::Off, "+0 ns (no syscall tracepoint)", "1.4 µs"),
 ];
 
 /// Where and when [`MODE_COSTS`] were measured.
@@ -746,6 +753,22 @@ impl Traced {
 }
 
 impl Tracer {
+    /// Runs of this tracer's programs the kernel skipped because another BPF program was already
+    /// running on that CPU (e.g. a softirq interrupting one): `recursion_misses` in each loaded
+    /// program's fdinfo (Linux 5.12+; kprobe and tracepoint programs count theirs since 6.7).
+    /// Their events and counts are missing. `None` where the kernel does not report it.
+    pub fn runs_missed(&self) -> Option<u64> {
+        let mut total = None;
+        for (_, prog) in self.ebpf.programs() {
+            let Ok(fd) = prog.fd() else { continue };
+            let Ok(text) = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd())) else { continue };
+            if let Some(n) = text.lines().find_map(|l| l.strip_prefix("recursion_misses:")).and_then(|v| v.trim().parse::<u64>().ok()) {
+                total = Some(total.unwrap_or(0) + n);
+            }
+        }
+        total
+    }
+
     /// Whether `signal` (its `name()`) has a hook in use.
     pub fn has(&self, signal: Signal) -> bool {
         self.report.iter().any(|r| r.signal == signal.name() && r.hook.is_some())

@@ -110,6 +110,9 @@ struct Metrics {
     retrans: Family<Labels, Counter>,
     lost: Counter,
     lost_seen: u64,
+    /// Program runs the kernel skipped (`None`: it does not count them: no series).
+    missed: Option<Counter>,
+    missed_seen: u64,
     skipped: Gauge,
     exported: BTreeMap<ListenerKey, Labels>,
     sock_queue_len: Family<SocketLabels, Gauge>,
@@ -152,6 +155,8 @@ impl Metrics {
             retrans: Family::default(),
             lost: Counter::default(),
             lost_seen: 0,
+            missed: agent.tracer.runs_missed().map(|_| Counter::default()),
+            missed_seen: 0,
             skipped: Gauge::default(),
             exported: BTreeMap::new(),
             sock_queue_len: Family::default(),
@@ -192,6 +197,13 @@ impl Metrics {
         registry.register("synack_retransmits", "SYN-ACKs retransmitted by the listener", m.synack.clone());
         registry.register("retransmits", "Segments retransmitted on the listener's connections (its local port)", m.retrans.clone());
         registry.register("events_lost", "Events lost because the ring buffer was full", m.lost.clone());
+        if let Some(c) = &m.missed {
+            registry.register(
+                "program_runs_missed",
+                "Runs of socktrace's eBPF programs the kernel skipped because another BPF program was running on that CPU: their events and counts are missing",
+                c.clone(),
+            );
+        }
         registry.register("listeners_not_exported", "Listeners beyond --max-listeners, not exported", m.skipped.clone());
         registry.register("map_capacity", "Entries a bounded kernel map holds at most (--map-* options)", m.map_capacity.clone());
         registry.register("map_entries", "Entries in a bounded kernel map at the last scrape", m.map_entries.clone());
@@ -251,6 +263,10 @@ impl Metrics {
         let lost = agent.lost();
         self.lost.inc_by(lost.saturating_sub(self.lost_seen));
         self.lost_seen = lost;
+        if let (Some(c), Some(n)) = (&self.missed, agent.tracer.runs_missed()) {
+            c.inc_by(n.saturating_sub(self.missed_seen));
+            self.missed_seen = self.missed_seen.max(n);
+        }
         for u in &agent.pressure.maps {
             let labels = MapLabels { map: u.map.into() };
             self.map_capacity.get_or_create(&labels).set(i64::from(u.capacity));

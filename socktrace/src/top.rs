@@ -305,6 +305,7 @@ fn print_interval(out: &mut impl Write, agent: &Agent, opts: &TopOptions) -> any
             "ts_ns": system::monotonic_ns(),
             "interval_ns": u64::try_from(opts.interval.as_nanos()).unwrap_or(u64::MAX),
             "lost": agent.lost(),
+            "program_runs_missed": agent.tracer.runs_missed(),
             "sock_diag": agent.diag_ok,
             "untraced": agent.tracer.traced().missing(),
             "accept_hooks": agent.tracer.accept_hooks,
@@ -333,13 +334,14 @@ fn print_interval(out: &mut impl Write, agent: &Agent, opts: &TopOptions) -> any
     let untraced = agent.tracer.traced().missing();
     writeln!(
         out,
-        "socktrace top: {} listeners, interval {:.1}s, events lost {}{}{}{}",
+        "socktrace top: {} listeners, interval {:.1}s, events lost {}{}{}{}{}",
         rows.len(),
         secs,
         agent.lost(),
         if agent.diag_ok { "" } else { " (sock_diag unavailable: queue now/backlog/owner unknown)" },
         if untraced.is_empty() { String::new() } else { format!(" (UNAVAILABLE {}, shown as -: {})", agent.tracer.why_untraced(), untraced.join(", ")) },
-        agent.pressure_note()
+        agent.pressure_note(),
+        agent.missed_note()
     )?;
     for (i, row) in table.iter().enumerate() {
         let mark = if hot[i] { "!" } else { " " };

@@ -85,13 +85,14 @@ fn draw(terminal: &mut ratatui::DefaultTerminal, agent: &Agent, opts: &TopOption
             Layout::vertical([Constraint::Length(1), Constraint::Min(3), Constraint::Length(5)]).areas(f.area());
         f.render_widget(
             Paragraph::new(format!(
-                "socktrace top — {} listeners, interval {:.1}s, sort: {:?} (s), lost events: {}{}{}   q: quit",
+                "socktrace top — {} listeners, interval {:.1}s, sort: {:?} (s), lost events: {}{}{}{}   q: quit",
                 rows.len(),
                 secs,
                 opts.sort,
                 agent.lost(),
                 if agent.diag_ok { "" } else { ", sock_diag unavailable" },
-                agent.pressure_note()
+                agent.pressure_note(),
+                agent.missed_note()
             )),
             title,
         );

@@ -78,8 +78,13 @@ pub async fn run(mut tracer: Tracer, filter: Filter, json: bool, duration: Optio
     // Only when it happened: a SYN whose free was not traced was checked at the next SYN instead.
     let late = stats.get(stat::SYN_SETTLED_LATE);
     let late = if late > 0 { format!(", {late} SYN-drop checks settled late (may include other drops)") } else { String::new() };
+    // Runs the kernel skipped never produced an event: said, never silent.
+    let missed = match tracer.runs_missed() {
+        Some(n) => format!(", {n} program runs missed (another BPF program was running on that CPU)"),
+        None => ", program runs missed: unknown (the kernel does not count them)".to_owned(),
+    };
     eprintln!(
-        "socktrace: {seen} events shown, {} lost in the ring buffer, {} kernel read errors, {} retransmits not sent (err, skipped){late}",
+        "socktrace: {seen} events shown, {} lost in the ring buffer, {} kernel read errors, {} retransmits not sent (err, skipped){late}{missed}",
         stats.get(stat::LOST),
         stats.get(stat::READ_ERRORS),
         stats.get(stat::RETRANSMIT_UNSENT)

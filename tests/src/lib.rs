@@ -417,6 +417,12 @@ impl Serve {
     }
 }
 
+impl Serve {
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+}
+
 impl Drop for Serve {
     fn drop(&mut self) {
         self.proc.signal(libc::SIGINT);

@@ -147,8 +147,16 @@ fn overflow_scenario(tag: &str, hook_args: &[&str]) -> OverflowRun {
     let after = ns.counters().unwrap();
     // Runs of the drop programs the kernel skipped (see check_overflow), read while they are loaded.
     let missed = recursion_misses(watch.pid(), &["syn_drop_", "syn_settle_", "overflow"]).unwrap();
+    let missed_all = recursion_misses(watch.pid(), &[""]).unwrap();
     drop(clients);
     let (records, stderr) = watch.finish_with_stderr().unwrap();
+    // watch says how many runs of all its programs the kernel skipped (bpftool's count before it
+    // stopped, or more: the clients' close still ran programs).
+    let said = stderr
+        .iter()
+        .find_map(|l| l.split(", ").find_map(|part| part.strip_suffix(" program runs missed (another BPF program was running on that CPU)")))
+        .and_then(|n| n.parse::<i64>().ok());
+    assert!(said.is_some_and(|n| n >= missed_all), "watch's exit summary must count skipped program runs (bpftool: {missed_all}): {stderr:?}");
     let delta = after.delta(&before, "TcpExtListenOverflows");
     let diag = format!(
         "cookies recv {}, SYN retrans {}, ListenDrops {}; socktrace: {}",

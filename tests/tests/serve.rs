@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use socktrace_tests::{Cgroup, NetNs, Scenario, Serve, http_get, privileged, probes};
+use socktrace_tests::{Cgroup, NetNs, Scenario, Serve, http_get, privileged, probes, recursion_misses};
 
 const SCENARIO: &str = env!("CARGO_BIN_EXE_st-scenario");
 
@@ -131,6 +131,13 @@ fn prometheus_scrape_matches_kernel_overflow_counter() {
     }
     let accepts = prom.query(&format!("sum(socktrace_accepts_total{{lport=\"9200\",netns=\"{inode}\"}})"));
     assert!(accepts.is_some_and(|a| a > 0.0), "accepts exported: {accepts:?}");
+    // Program runs the kernel skipped are exported where it counts them (bpftool shows the field),
+    // at most what it counted by now (the series lags by up to a scrape).
+    let metrics = http_get(&serve.addr, "/metrics", Duration::from_secs(20)).unwrap().1;
+    let exported = metrics.lines().find_map(|l| l.strip_prefix("socktrace_program_runs_missed_total ")).and_then(|v| v.trim().parse::<f64>().ok());
+    let counted = recursion_misses(serve.pid(), &[""]).unwrap();
+    eprintln!("program runs missed: exported {exported:?}, bpftool {counted}");
+    assert!(exported.is_some_and(|e| e >= 0.0 && e <= counted as f64), "socktrace_program_runs_missed_total {exported:?} vs bpftool {counted}");
 
     // Every query of the shipped Grafana dashboard is valid PromQL against these series.
     let dash: serde_json::Value =

@@ -304,6 +304,7 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
     let evicted_before: BTreeMap<&'static str, u64> = agent.pressure.maps.iter().map(|u| (u.map, u.evicted)).collect();
     let resets_before: BTreeMap<ListenerKey, u64> = agent.model.listeners.iter().map(|(k, l)| (*k, l.kernel_resets)).collect();
     let rows_lost_before = agent.model.rows_lost;
+    let missed_before = agent.tracer.runs_missed();
     let t0 = system::monotonic_ns();
     let t0_unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok().and_then(|d| u64::try_from(d.as_millis()).ok());
     // Only once the baseline counters are read: scripts start traffic on this line.
@@ -489,6 +490,8 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
         .filter(|(_, n)| *n > 0)
         .collect();
     let rows_lost = agent.model.rows_lost - rows_lost_before.min(agent.model.rows_lost);
+    // Program runs the kernel skipped during the window (None: it does not count them).
+    let missed = agent.tracer.runs_missed().map(|n| n.saturating_sub(missed_before.unwrap_or(0)));
     let pressure = (!evicted.is_empty() || rows_lost > 0).then(|| {
         let maps: Vec<String> = evicted.iter().map(|(m, n)| format!("{m} {n}")).collect();
         format!(
@@ -500,13 +503,16 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
         Format::Json => {
             serde_json::to_writer(
                 &mut out,
-                &serde_json::json!({ "window_s": window, "sock_diag": agent.diag_ok, "events_lost": agent.lost(), "untraced": untraced,
+                &serde_json::json!({ "window_s": window, "sock_diag": agent.diag_ok, "events_lost": agent.lost(), "program_runs_missed": missed, "untraced": untraced,
                     "accept_hooks": agent.tracer.accept_hooks, "map_evictions": evicted, "listener_rows_lost": rows_lost, "listeners": reports }),
             )?;
             writeln!(out)?;
         }
         Format::Text | Format::Markdown => {
-            let notes = HeaderNotes { why_untraced: agent.tracer.why_untraced(), pressure: pressure.as_deref() };
+            let missed_note = missed.filter(|n| *n > 0).map(|n| {
+                format!("the kernel skipped {n} runs of socktrace's programs during the window (another BPF program was running on that CPU): counts may be short by as many")
+            });
+            let notes = HeaderNotes { why_untraced: agent.tracer.why_untraced(), pressure: pressure.as_deref(), missed: missed_note.as_deref() };
             print_reports(&mut out, &reports, format == Format::Markdown, window, agent.diag_ok, agent.lost(), &untraced, &notes)?;
         }
     }
@@ -574,6 +580,8 @@ struct HeaderNotes<'a> {
     why_untraced: &'a str,
     /// Map evictions during the window, if any.
     pressure: Option<&'a str>,
+    /// Program runs the kernel skipped during the window, when any.
+    missed: Option<&'a str>,
 }
 
 #[expect(clippy::too_many_arguments, reason = "the header facts of one report, each printed once")]
@@ -596,7 +604,7 @@ fn print_reports(out: &mut impl Write, reports: &[Report], md: bool, window: f64
             if md { "> " } else { "note: " }
         )?;
     }
-    if let Some(p) = pressure {
+    for p in [pressure, notes.missed].into_iter().flatten() {
         writeln!(out, "{}{p}", if md { "> " } else { "note: " })?;
     }
     if !untraced.is_empty() {

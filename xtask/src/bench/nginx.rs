@@ -107,6 +107,9 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
     let (serve, peer) = (added(Config::Serve), added(Config::Bpftrace));
     let ratio = if peer > 0.0 { format!("{:.2}", serve / peer) } else { "- (the peer added nothing measurable)".into() };
     println!("serve adds {serve:.2} µs/request, the bpftrace peer {peer:.2}: ratio {ratio}");
+    let (serve_p, peer_p) = (paired_added(&runs, Config::Serve).median, paired_added(&runs, Config::Bpftrace).median);
+    let ratio_p = if peer_p > 0.0 { format!("{:.2}", serve_p / peer_p) } else { "-".into() };
+    println!("paired by repetition: serve adds {serve_p:.2} µs/request, the peer {peer_p:.2}: ratio {ratio_p}");
     let off = added(Config::ServeOff);
     let ratio_off = if peer > 0.0 { format!("{:.2}", off / peer) } else { "-".into() };
     println!("serve --accept-hooks off adds {off:.2} µs/request: ratio {ratio_off}");
@@ -132,8 +135,9 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
         "\nCPU µs/req: user+system time of wrk (wait4 rusage), of nginx (master and worker, /proc/PID/stat) and of \
          the tracer process, per completed request; the eBPF programs run in the context of nginx's and wrk's \
          syscalls and softirqs, so their cost is in those columns. \"× untraced (CPU/req)\" = untraced total ÷ this \
-         configuration's total. Added µs/req of `serve` ÷ that of the bpftrace peer: **{ratio}** (target ≤ 0.5); \
-         of `serve --accept-hooks off`: **{ratio_off}**."
+         configuration's total. \"Added µs/req (paired by rep)\": median over the repetitions of this configuration's \
+         total minus the untraced run's of the same repetition. Added µs/req of `serve` ÷ that of the bpftrace peer: \
+         **{ratio}** (target ≤ 0.5; paired by repetition: **{ratio_p}**); of `serve --accept-hooks off`: **{ratio_off}**."
     );
     Ok(Section { name: "nginx", markdown: md })
 }
@@ -150,6 +154,7 @@ fn table(configs: &[Config], runs: &BTreeMap<Config, Vec<Run>>) -> Table {
         "tracer µs/req",
         "total µs/req",
         "added µs/req",
+        "added µs/req (paired by rep)",
         "× untraced (CPU/req)",
         "errors",
         "other load (cores)",
@@ -169,12 +174,21 @@ fn table(configs: &[Config], runs: &BTreeMap<Config, Vec<Run>>) -> Table {
             if untraced { "-".into() } else { per(&|r| r.us_per_req(r.tracer_cpu)).show(2) },
             tot.show(1),
             if untraced { "-".into() } else { format!("{:+.2}", tot.median - base) },
+            if untraced { "-".into() } else { paired_added(runs, c).show(2) },
             if untraced { "1".into() } else { format!("{:.3}", base / tot.median) },
             v.iter().map(|r| r.errors).sum::<u64>().to_string(),
             per(&|r| r.noise).show(2),
         ]);
     }
     t
+}
+
+/// CPU µs/request `c` added over the untraced run of the same repetition (they ran back to
+/// back): drift of the machine between repetitions cancels out, which the difference of the
+/// medians does not.
+fn paired_added(runs: &BTreeMap<Config, Vec<Run>>, c: Config) -> Summary {
+    let diffs: Vec<f64> = runs[&c].iter().zip(&runs[&Config::Untraced]).map(|(r, u)| r.total_us() - u.total_us()).collect();
+    Summary::of(&diffs)
 }
 
 fn one(ctx: &Ctx, ns: &NetNs, nginx: &Nginx, script: &Path, c: Config) -> anyhow::Result<Run> {
