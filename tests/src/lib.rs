@@ -634,6 +634,17 @@ pub fn load_scale() -> i64 {
     largest.map_or(1, |(_, s)| s)
 }
 
+/// Whether the kernel reports `recursion_misses` for process `pid`'s eBPF programs (Linux 5.12+,
+/// in each program's fdinfo).
+pub fn kernel_counts_recursion_misses(pid: u32) -> bool {
+    fs::read_dir(format!("/proc/{pid}/fdinfo")).is_ok_and(|dir| {
+        dir.flatten().any(|fd| {
+            let text = fs::read_to_string(fd.path()).unwrap_or_default();
+            text.contains("prog_id:") && text.contains("recursion_misses:")
+        })
+    })
+}
+
 /// Runs of process `pid`'s eBPF programs named `prefix…` that the kernel skipped because the same
 /// program was already running on that CPU (a tracepoint hit nested in another, e.g. a softirq
 /// retransmit interrupting one in process context): `bpf_prog_info.recursion_misses`, summed, via

@@ -102,3 +102,57 @@ fn tui_shows_the_listener_on_a_terminal() {
     let row = screen.lines().find(|l| l.contains("127.0.0.1:9610")).unwrap_or_else(|| panic!("no row for the listener:\n{screen}"));
     assert!(row.contains("st-scenario") && row.contains(&inode), "{row}");
 }
+
+/// Sets the calling thread's name (`comm`).
+fn set_thread_name(name: &std::ffi::CStr) {
+    // SAFETY: PR_SET_NAME with a NUL-terminated string of at most 16 bytes.
+    let rc = unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+    assert_eq!(rc, 0, "prctl(PR_SET_NAME): {}", std::io::Error::last_os_error());
+}
+
+/// A thread that renames itself while it keeps accepting: `top`'s acceptors show its old name,
+/// then its new one within about a second of accepts (for muted accepts the kernel refreshes a
+/// thread's name at most about once a second per socket and thread, not at every accept).
+#[test]
+fn acceptor_renamed_mid_run_shows_its_new_name() {
+    if !privileged() {
+        return;
+    }
+    let port = 9700 + u16::try_from(std::process::id() % 50).unwrap();
+    let ns = NetNs::new("tren").unwrap();
+    let inode = ns.inode().to_string();
+    let listener = ns.within(move || std::net::TcpListener::bind(("127.0.0.1", port))).unwrap().unwrap();
+    let p = port.to_string();
+    let top = Socktrace::start(&["top", "--json", "--interval", "1s", "--iterations", "6", "--netns", &inode, "--port", &p], "tracing started").unwrap();
+    // SAFETY: no preconditions.
+    let tid = unsafe { libc::gettid() };
+    let accept_for = |d: Duration| {
+        let end = std::time::Instant::now() + d;
+        let mut n = 0;
+        while std::time::Instant::now() < end {
+            let c = ns.within(move || std::net::TcpStream::connect(("127.0.0.1", port))).unwrap().unwrap();
+            drop((listener.accept().unwrap(), c));
+            n += 1;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        n
+    };
+    set_thread_name(c"st-before");
+    let before = accept_for(Duration::from_millis(1800));
+    set_thread_name(c"st-renamed");
+    let after = accept_for(Duration::from_millis(2800));
+    let lines = top.wait(Duration::from_secs(60)).unwrap();
+    // Our thread's name as each interval's acceptors list shows it.
+    let names: Vec<String> = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .flat_map(|v| v["listeners"].as_array().cloned().unwrap_or_default())
+        .flat_map(|l| l["sockets"].as_array().cloned().unwrap_or_default())
+        .flat_map(|s| s["acceptors"].as_array().cloned().unwrap_or_default())
+        .filter(|a| a["tid"] == i64::from(tid))
+        .filter_map(|a| a["comm"].as_str().map(str::to_owned))
+        .collect();
+    eprintln!("{before} accepts as st-before, {after} as st-renamed; names per interval: {names:?}");
+    assert_eq!(names.first().map(String::as_str), Some("st-before"), "{names:?}");
+    assert_eq!(names.last().map(String::as_str), Some("st-renamed"), "{names:?}");
+}
