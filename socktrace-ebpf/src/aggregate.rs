@@ -12,7 +12,7 @@ use socktrace_common::{
 };
 
 use crate::{
-    kernel::{current_comm, off, read},
+    kernel::{OpenSocket, current_comm, off, read},
     maps::{ACCEPTORS, CONTROL, LISTENERS, WAITS, count},
 };
 
@@ -67,11 +67,8 @@ pub fn name_socket(ev: &mut Event) {
         return;
     }
     let Ok(socket) = read::<u64>(ev.sock_id, off!(sk_socket)) else { return };
-    if socket == 0 {
-        return;
-    }
-    if let Ok(ino) = read::<u64>(socket, off!(socket_alloc_inode) + off!(inode_ino)) {
-        ev.sock_ino = ino as u32;
+    if socket != 0 {
+        ev.sock_ino = OpenSocket { sk: ev.sock_id, socket }.ino();
     }
 }
 

@@ -21,7 +21,7 @@ use core::ptr::{addr_of, read_volatile, write_volatile};
 use aya_ebpf::{helpers::bpf_get_smp_processor_id, macros::map, maps::PerCpuArray};
 use socktrace_common::{Event, KernelOffsets, flags};
 
-use crate::kernel::{off, read};
+use crate::kernel::{accept_queue, off, read};
 
 /// Slots of [`PENDING`], one per hooked function (they can nest, so they must not share one).
 pub const CONN_REQUEST: u32 = 0;
@@ -109,8 +109,7 @@ fn overflows_here(sk: u64) -> Result<u64, i64> {
 #[inline(always)]
 pub fn enter(slot: u32, listener: u64, skb: u64) -> Result<(), i64> {
     let count = overflows_here(listener)?;
-    let queue_len: u32 = read(listener, off!(sk_ack_backlog))?;
-    let queue_max: u32 = read(listener, off!(sk_max_ack_backlog))?;
+    let (queue_len, queue_max) = accept_queue(listener)?;
     let p = PENDING.get_ptr_mut(slot).ok_or(-1i64)?;
     // SAFETY: this CPU's slot; nothing else runs on this CPU meanwhile.
     unsafe { *p = Pending { listener, skb, count, queue_len, queue_max } };
@@ -161,8 +160,7 @@ fn consume(other: u32, slot: u32, grew: u64) {
 pub fn fill_full_queue(ev: &mut Event, p: &Pending) {
     let (mut len, mut max) = (p.queue_len, p.queue_max);
     if len <= max {
-        len = read(p.listener, off!(sk_ack_backlog)).unwrap_or(0);
-        max = read(p.listener, off!(sk_max_ack_backlog)).unwrap_or(u32::MAX);
+        (len, max) = accept_queue(p.listener).unwrap_or((0, u32::MAX));
     }
     if len > max {
         ev.queue_len = len;

@@ -50,6 +50,59 @@ fn read<T>(base: u64, offset: u32) -> Result<T, i64> {
     unsafe { bpf_probe_read_kernel((base + u64::from(offset)) as *const T) }.map_err(i64::from)
 }
 
+/// The iterator program with plain loads: `task` and `file` are BTF pointers, so the verifier
+/// checks each load against the kernel's BTF (the offsets come from a frozen read-only map, which
+/// it reads as constants) and makes it fault-safe, instead of a helper call per field: about a
+/// fifth of `snapshot`'s time went to those calls. Userspace loads [`iter_sockets`] where a
+/// verifier refuses this one.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/task_file")]
+pub extern "C" fn iter_sockets_btf(ctx: *mut c_void) -> i32 {
+    let _ = try_iter_sockets_btf(ctx.cast());
+    0
+}
+
+/// `*(T *)(base + offset)` as one load of a BTF pointer.
+#[inline(always)]
+fn load<T>(base: u64, offset: u32) -> T {
+    // SAFETY: `base` is a BTF pointer the verifier tracks and `offset` a field of its type; the
+    // verifier checks the load against BTF and turns a fault into a zero.
+    unsafe { core::ptr::read((base as *const u8).add(offset as usize).cast::<T>()) }
+}
+
+#[inline(always)]
+fn try_iter_sockets_btf(ctx: *const TaskFileCtx) -> Result<(), i64> {
+    // SAFETY: the kernel passes a valid context; task and file are NULL on the final call.
+    let (meta, task, fd, file) = unsafe { ((*ctx).meta, (*ctx).task, (*ctx).fd, (*ctx).file) };
+    if task == 0 || file == 0 {
+        return Ok(());
+    }
+    let inode: u64 = load(file, ioff!(file_inode));
+    if inode == 0 {
+        return Ok(());
+    }
+    let mode: u16 = load(inode, ioff!(inode_mode));
+    if mode & S_IFMT != S_IFSOCK {
+        return Ok(());
+    }
+    let pid: u32 = load(task, ioff!(task_pid));
+    let tgid: u32 = load(task, ioff!(task_tgid));
+    if pid != tgid {
+        return Ok(());
+    }
+    let ino: u64 = load(inode, ioff!(inode_ino));
+    let comm_at = ioff!(task_comm);
+    let (lo, hi): (u64, u64) = (load(task, comm_at), load(task, comm_at.wrapping_add(8)));
+    let mut rec = SocketFd { pid, fd, inode: ino, comm: [0; 16] };
+    rec.comm[..8].copy_from_slice(&lo.to_ne_bytes());
+    rec.comm[8..].copy_from_slice(&hi.to_ne_bytes());
+    // SAFETY: as in `try_iter_sockets`.
+    let seq = unsafe { (*meta).seq };
+    // SAFETY: as in `try_iter_sockets`.
+    unsafe { bpf_seq_write(seq, core::ptr::from_ref(&rec).cast(), size_of::<SocketFd>() as u32) };
+    Ok(())
+}
+
 /// The iterator program (section `iter/task_file`; aya-ebpf 0.2 has no `#[iter]` macro).
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/task_file")]

@@ -22,8 +22,9 @@
 //! than `syn_confirm_slack` children below full (64 + 2 per CPU) gets no record: nothing run on
 //! this CPU in between adds to the queue, other CPUs add about one child each in that time, so it
 //! cannot be dropped for a full queue (a vCPU stalled by its hypervisor right there for long enough
-//! to let others fill the slack is the one way around it). Healthy listeners' SYNs cost two reads. The old check (`syn_drop_cgroup`: the queue
-//! is full just before the kernel looks) remains for kernels where the counter cannot be read.
+//! to let others fill the slack is the one way around it). A healthy listener's SYN costs one read
+//! (the queue's length and limit, side by side). The old check (`syn_drop_cgroup`: the queue is full
+//! just before the kernel looks) remains for kernels where the counter cannot be read.
 
 use aya_ebpf::{
     helpers::generated::bpf_skc_to_tcp_sock,
@@ -35,7 +36,7 @@ use socktrace_common::{AF_INET6, Event, hook, kind, stat};
 
 use crate::{
     counted,
-    kernel::{Args, TCP_LISTEN, accept_queue_full, fill_local, fill_queue, fill_remote_from_skb, now, off, read},
+    kernel::{Args, TCP_LISTEN, accept_queue, accept_queue_full, fill_local, fill_queue, fill_remote_from_skb, now, off, read},
     maps::{count, emit},
 };
 
@@ -259,8 +260,7 @@ fn try_cgroup_skb_counted(ctx: &SkBuffContext) -> Result<u32, i64> {
     // CPU: only other CPUs can add children meanwhile, about one each in that time (a child is a
     // whole handshake's work), and the slack allows many times that. Such a SYN needs no record,
     // which is what a healthy listener's SYNs cost.
-    let len: u32 = read(tp, off!(sk_ack_backlog))?;
-    let max: u32 = read(tp, off!(sk_max_ack_backlog))?;
+    let (len, max) = accept_queue(tp)?;
     if len.saturating_add(off!(syn_confirm_slack)) < max {
         return Ok(0);
     }

@@ -415,9 +415,7 @@ impl Serve {
         }
         bail!("socktrace serve: every port tried is in use: {tried:?}")
     }
-}
 
-impl Serve {
     pub fn pid(&self) -> u32 {
         self.proc.pid()
     }

@@ -114,9 +114,21 @@ fn load_iterator(offsets: &IterOffsets, attach_id: u32) -> Result<File, IterErro
     let text_sections = obj.functions.keys().map(|(section, _)| *section).collect();
     obj.relocate_maps(maps.iter().zip(&fds).map(|((name, m), fd)| (name.as_str(), fd.as_raw_fd(), m)), &text_sections).map_err(|e| load(&e))?;
     obj.relocate_calls(&text_sections).map_err(|e| load(&e))?;
-    let prog = obj.programs.get("iter_sockets").ok_or_else(|| IterError::Load("program iter_sockets missing from the object".into()))?;
-    let func = obj.functions.get(&prog.function_key()).ok_or_else(|| IterError::Load("iter_sockets has no code".into()))?;
-    let prog_fd = sys::load_iter_program(&func.instructions, &prog.license, attach_id).map_err(|e| IterError::Load(format!("BPF_PROG_LOAD: {e}")))?;
+    // The plain-load variant first; the helper-read one where the verifier refuses it.
+    let mut refused = None;
+    let mut prog_fd = None;
+    for name in ["iter_sockets_btf", "iter_sockets"] {
+        let prog = obj.programs.get(name).ok_or_else(|| IterError::Load(format!("program {name} missing from the object")))?;
+        let func = obj.functions.get(&prog.function_key()).ok_or_else(|| IterError::Load(format!("{name} has no code")))?;
+        match sys::load_iter_program(&func.instructions, &prog.license, attach_id) {
+            Ok(fd) => {
+                prog_fd = Some(fd);
+                break;
+            }
+            Err(e) => refused = Some(e),
+        }
+    }
+    let prog_fd = prog_fd.ok_or_else(|| IterError::Load(format!("BPF_PROG_LOAD: {}", refused.map_or_else(String::new, |e| e.to_string()))))?;
     let link = sys::link_iter(&prog_fd).map_err(|e| IterError::Load(format!("BPF_LINK_CREATE: {e}")))?;
     let iter = sys::create_iter(&link).map_err(|e| IterError::Load(format!("BPF_ITER_CREATE: {e}")))?;
     Ok(File::from(iter))

@@ -163,7 +163,7 @@ pub struct Record {
 /// What to ask the kernel for.
 #[derive(Clone, Copy, Debug)]
 pub struct Request {
-    /// `AF_INET` or `AF_INET6`.
+    /// `AF_INET`, `AF_INET6` or [`BOTH_FAMILIES`].
     pub family: u8,
     /// `inet_diag` state mask ([`state_mask`]).
     pub states: u32,
@@ -233,6 +233,16 @@ impl Split {
 }
 
 pub const FAMILIES: [u8; 2] = [AF_INET, AF_INET6];
+
+/// [`Request::family`] for both families in one dump: one walk of the kernel's socket tables
+/// instead of one per family. A dump by family (`SOCK_DIAG_BY_FAMILY`) cannot say "any family";
+/// inet_diag's original request (`TCPDIAG_GETSOCK`, `struct inet_diag_req`, what every kernel
+/// still answers) dumps `AF_UNSPEC`, with the same extensions, states and bytecode filter.
+pub const BOTH_FAMILIES: u8 = 0;
+
+/// `TCPDIAG_GETSOCK` (`linux/inet_diag.h`): the request type of [`BOTH_FAMILIES`], and the type of
+/// its answer's socket messages.
+const TCPDIAG_GETSOCK: u16 = 18;
 
 /// A `NETLINK_SOCK_DIAG` socket, bound to the network namespace of the thread that opened it.
 pub struct DiagSocket {
@@ -309,24 +319,29 @@ impl DiagSocket {
         if req.info {
             extensions |= ExtensionFlags::INFO | ExtensionFlags::CONG;
         }
-        let socket_id = if req.family == AF_INET6 { SocketId::new_v6() } else { SocketId::new_v4() };
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-        header.sequence_number = self.seq;
-        let mut msg = NetlinkMessage::new(
-            header,
-            SockDiagMessage::InetRequest(InetRequest {
-                family: req.family,
-                protocol: IPPROTO_TCP,
-                extensions,
-                states: StateFlags::from_bits_retain(req.states),
-                socket_id,
-            })
-            .into(),
-        );
-        msg.finalize();
-        let mut wire = vec![0; msg.buffer_len()];
-        msg.serialize(&mut wire);
+        let mut wire = if req.family == BOTH_FAMILIES {
+            compat_request(self.seq, extensions.bits(), req.states)
+        } else {
+            let socket_id = if req.family == AF_INET6 { SocketId::new_v6() } else { SocketId::new_v4() };
+            let mut header = NetlinkHeader::default();
+            header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+            header.sequence_number = self.seq;
+            let mut msg = NetlinkMessage::new(
+                header,
+                SockDiagMessage::InetRequest(InetRequest {
+                    family: req.family,
+                    protocol: IPPROTO_TCP,
+                    extensions,
+                    states: StateFlags::from_bits_retain(req.states),
+                    socket_id,
+                })
+                .into(),
+            );
+            msg.finalize();
+            let mut wire = vec![0; msg.buffer_len()];
+            msg.serialize(&mut wire);
+            wire
+        };
         if let Some(split) = opts.split {
             // The request message's attribute: appended after the serialized request, with the
             // header's length field grown to match.
@@ -341,6 +356,26 @@ impl DiagSocket {
         self.socket.send(&wire, 0).map_err(DiagError::Send)?;
         Ok(())
     }
+}
+
+/// A `TCPDIAG_GETSOCK` dump request for every family (netlink-packet-sock-diag models only
+/// `SOCK_DIAG_BY_FAMILY`): `struct nlmsghdr`, then `struct inet_diag_req { u8 family, src_len,
+/// dst_len, ext; struct inet_diag_sockid id (48 bytes); u32 states, dbs; }`, in host order. The
+/// kernel ignores the family and the socket id of a dump.
+fn compat_request(seq: u32, extensions: u8, states: u32) -> Vec<u8> {
+    const HEADER: usize = 16;
+    const REQ: usize = 4 + 48 + 4 + 4;
+    let mut wire = Vec::with_capacity(HEADER + REQ);
+    wire.extend(((HEADER + REQ) as u32).to_ne_bytes());
+    wire.extend(TCPDIAG_GETSOCK.to_ne_bytes());
+    wire.extend((NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    wire.extend(seq.to_ne_bytes());
+    wire.extend(0u32.to_ne_bytes());
+    wire.extend([BOTH_FAMILIES, 0, 0, extensions]);
+    wire.extend([0u8; 48]);
+    wire.extend(states.to_ne_bytes());
+    wire.extend(0u32.to_ne_bytes());
+    wire
 }
 
 /// Whether a datagram carries the end of dump `seq` (`NLMSG_DONE` or `NLMSG_ERROR`), or cannot be
@@ -377,7 +412,7 @@ pub fn decode(buf: &[u8], seq: u32, each: &mut impl FnMut(Record)) -> Result<boo
         if msg.sequence_number() != seq {
             continue;
         }
-        if msg.message_type() == SOCK_DIAG_BY_FAMILY {
+        if matches!(msg.message_type(), SOCK_DIAG_BY_FAMILY | TCPDIAG_GETSOCK) {
             if let Some(rec) = record(msg.payload()).map_err(bad)? {
                 each(rec);
             }
