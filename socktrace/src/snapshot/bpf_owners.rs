@@ -41,8 +41,17 @@ const INIT_PID_NS: &str = "pid:[4026531836]";
 /// The iterator's attach target in the kernel BTF.
 const TARGET: &str = "bpf_iter_task_file";
 
+/// The iterator's two programs, in the order they are tried: plain BTF loads, then helper reads
+/// (for a verifier that refuses the first).
+const PROGRAMS: [&str; 2] = ["iter_sockets_btf", "iter_sockets"];
+
 /// Every socket descriptor of every process (thread-group leader), from the iterator.
 pub fn socket_fds(btf_path: &Path) -> Result<Vec<SocketFd>, IterError> {
+    socket_fds_with(btf_path, &PROGRAMS)
+}
+
+/// [`socket_fds`] from the first of `programs` the kernel loads.
+fn socket_fds_with(btf_path: &Path, programs: &[&str]) -> Result<Vec<SocketFd>, IterError> {
     if OBJECT.is_empty() {
         return Err(IterError::NoObject);
     }
@@ -51,7 +60,7 @@ pub fn socket_fds(btf_path: &Path) -> Result<Vec<SocketFd>, IterError> {
         return Err(IterError::PidNamespace);
     }
     let (offsets, attach_id) = layout(btf_path)?;
-    let mut file = load_iterator(&offsets, attach_id)?;
+    let mut file = load_iterator(&offsets, attach_id, programs)?;
     let mut buf = Vec::with_capacity(1 << 20);
     file.read_to_end(&mut buf).map_err(IterError::Read)?;
     records(&buf)
@@ -103,7 +112,7 @@ fn layout(btf_path: &Path) -> Result<(IterOffsets, u32), IterError> {
 /// `ITER_OFFSETS`) created, relocated and linked by aya-obj, the program loaded with raw bpf(2)
 /// calls. Not aya's `EbpfLoader`: it parses the whole kernel BTF whatever it is told (~20 ms
 /// here), more than all the rest.
-fn load_iterator(offsets: &IterOffsets, attach_id: u32) -> Result<File, IterError> {
+fn load_iterator(offsets: &IterOffsets, attach_id: u32, programs: &[&str]) -> Result<File, IterError> {
     let load = |e: &dyn std::fmt::Display| IterError::Load(e.to_string());
     let mut obj = aya_obj::Object::parse(OBJECT).map_err(|e| load(&e))?;
     // SAFETY: IterOffsets is repr(C) plain u32s: its bytes are initialised.
@@ -114,10 +123,9 @@ fn load_iterator(offsets: &IterOffsets, attach_id: u32) -> Result<File, IterErro
     let text_sections = obj.functions.keys().map(|(section, _)| *section).collect();
     obj.relocate_maps(maps.iter().zip(&fds).map(|((name, m), fd)| (name.as_str(), fd.as_raw_fd(), m)), &text_sections).map_err(|e| load(&e))?;
     obj.relocate_calls(&text_sections).map_err(|e| load(&e))?;
-    // The plain-load variant first; the helper-read one where the verifier refuses it.
     let mut refused = None;
     let mut prog_fd = None;
-    for name in ["iter_sockets_btf", "iter_sockets"] {
+    for &name in programs {
         let prog = obj.programs.get(name).ok_or_else(|| IterError::Load(format!("program {name} missing from the object")))?;
         let func = obj.functions.get(&prog.function_key()).ok_or_else(|| IterError::Load(format!("{name} has no code")))?;
         match sys::load_iter_program(&func.instructions, &prog.license, attach_id) {
@@ -231,5 +239,45 @@ mod sys {
     /// `BPF_ITER_CREATE`: a readable fd that runs the iterator.
     pub fn create_iter(link: &OwnedFd) -> io::Result<OwnedFd> {
         Attr::new().u32(0, fd_u32(link)).fd(BPF_ITER_CREATE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::{fd::AsRawFd as _, unix::fs::MetadataExt as _};
+
+    use super::*;
+
+    /// Each program on its own finds this process's socket descriptors, with their inodes and
+    /// this process's name: the plain-load program, and the helper-read fallback that a kernel
+    /// refusing the first would use. Needs root (loading BPF); skipped otherwise.
+    #[test]
+    fn both_programs_find_this_process_sockets() {
+        if OBJECT.is_empty() || !is_root() {
+            assert!(std::env::var_os("SOCKTRACE_REQUIRE_BPF").is_none(), "SOCKTRACE_REQUIRE_BPF is set: needs root and the eBPF object");
+            eprintln!("skipped: needs root and the eBPF object");
+            return;
+        }
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let pid = std::process::id();
+        let inode = |fd: i32| std::fs::metadata(format!("/proc/self/fd/{fd}")).unwrap().ino();
+        let want = [(listener.as_raw_fd(), inode(listener.as_raw_fd())), (client.as_raw_fd(), inode(client.as_raw_fd()))];
+        let comm = std::fs::read_to_string("/proc/self/comm").unwrap();
+        for program in PROGRAMS {
+            let records = socket_fds_with(Path::new("/sys/kernel/btf/vmlinux"), &[program]).unwrap();
+            for (fd, ino) in want {
+                let r = records.iter().find(|r| r.pid == pid && r.fd == fd as u32).unwrap_or_else(|| panic!("{program}: fd {fd} missing"));
+                assert_eq!(r.inode, ino, "{program}: fd {fd}");
+                let name = String::from_utf8_lossy(&r.comm);
+                assert_eq!(name.trim_end_matches('\0'), comm.trim_end(), "{program}");
+            }
+            assert!(records.iter().all(|r| r.inode != 0), "{program}: a record without an inode");
+        }
+    }
+
+    fn is_root() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() == 0 }
     }
 }

@@ -544,6 +544,48 @@ mod tests {
         }
     }
 
+    /// The both-families request is `struct nlmsghdr` + `struct inet_diag_req` (76 bytes) as the
+    /// kernel's `inet_diag_rcv_msg_compat` reads it: family AF_UNSPEC, extensions, state mask.
+    #[test]
+    fn both_families_request_layout() {
+        let wire = compat_request(7, 0b1001, 0x0fff);
+        assert_eq!(wire.len(), 76);
+        assert_eq!(u32::from_ne_bytes(wire[0..4].try_into().unwrap()), 76);
+        assert_eq!(u16::from_ne_bytes(wire[4..6].try_into().unwrap()), 18);
+        assert_eq!(u16::from_ne_bytes(wire[6..8].try_into().unwrap()), NLM_F_REQUEST | NLM_F_DUMP);
+        assert_eq!(u32::from_ne_bytes(wire[8..12].try_into().unwrap()), 7);
+        assert_eq!(&wire[16..20], &[0, 0, 0, 0b1001]);
+        assert!(wire[20..68].iter().all(|b| *b == 0));
+        assert_eq!(u32::from_ne_bytes(wire[68..72].try_into().unwrap()), 0x0fff);
+        // Its answers carry the request's type: decoded like SOCK_DIAG_BY_FAMILY's.
+        let mut answer = sample_answer(7);
+        answer[4..6].copy_from_slice(&TCPDIAG_GETSOCK.to_ne_bytes());
+        let mut n = 0;
+        decode(&answer, 7, &mut |_| n += 1).unwrap();
+        assert_eq!(n, 1);
+    }
+
+    /// One established IPv4 socket as `SOCK_DIAG_BY_FAMILY` answers it: `struct nlmsghdr` +
+    /// `struct inet_diag_msg` (72 bytes), no attributes.
+    fn sample_answer(seq: u32) -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend(88u32.to_ne_bytes());
+        m.extend(SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+        m.extend(2u16.to_ne_bytes()); // NLM_F_MULTI
+        m.extend(seq.to_ne_bytes());
+        m.extend(0u32.to_ne_bytes());
+        m.extend([AF_INET, TcpState::Established as u8, 0, 0]);
+        m.extend(8080u16.to_be_bytes());
+        m.extend(40000u16.to_be_bytes());
+        m.extend([127, 0, 0, 1]);
+        m.extend([0; 12]);
+        m.extend([127, 0, 0, 2]);
+        m.extend([0; 12]);
+        m.extend([0; 4 + 8]); // interface, cookie
+        m.extend([0; 4 * 5]); // expires, rqueue, wqueue, uid, inode
+        m
+    }
+
     #[test]
     fn addresses_print_like_ss() {
         let mut s = String::new();
