@@ -555,3 +555,58 @@ fn untraced_signals_are_unavailable_not_zero() {
         assert!(!metrics.contains(absent), "{absent} exported although syn_drop is untraced: {metrics}");
     }
 }
+
+/// `snapshot` on this kernel: both families from one sock_diag dump (`TCPDIAG_GETSOCK`), and each
+/// socket's owner from the task-file iterator (whichever of its two programs this verifier
+/// loads), equal to what the /proc scan finds. Run by the qemu matrix on every kernel.
+#[test]
+fn snapshot_lists_both_families_with_iterator_owners() {
+    use std::{
+        net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+        os::fd::AsRawFd as _,
+    };
+    if !privileged() {
+        return;
+    }
+    let ns = NetNs::new("snapown").unwrap();
+    let held = ns
+        .within(|| {
+            let mut held = Vec::new();
+            for addr in [SocketAddr::from((Ipv4Addr::LOCALHOST, 42001)), SocketAddr::from((Ipv6Addr::LOCALHOST, 42002))] {
+                let l = TcpListener::bind(addr).unwrap();
+                let c = TcpStream::connect(addr).unwrap();
+                let (s, _) = l.accept().unwrap();
+                held.push((l, c, s));
+            }
+            held
+        })
+        .unwrap();
+    let me = u64::from(std::process::id());
+    let owners = |source: &str| -> Vec<(String, u64, Vec<(u64, u64)>)> {
+        let out = Command::new(socktrace_bin()).args(["snapshot", "--netns", &ns.name, "--json", "--owners", source]).output().unwrap();
+        assert!(out.status.success(), "--owners {source}: {}", String::from_utf8_lossy(&out.stderr));
+        let rows: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let mut got: Vec<_> = rows
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let procs = r["processes"].as_array().unwrap().iter().map(|p| (p["pid"].as_u64().unwrap(), p["fd"].as_u64().unwrap())).collect();
+                (format!("{} {}:{}", r["state"], r["laddr"], r["lport"]), r["rport"].as_u64().unwrap_or(0), procs)
+            })
+            .collect();
+        got.sort();
+        got
+    };
+    let bpf = owners("bpf");
+    // Per family: the listener, the client and the accepted socket, each held by this process.
+    assert_eq!(bpf.len(), 6, "{bpf:?}");
+    let mut fds: Vec<(u64, u64)> = held.iter().flat_map(|(l, c, s)| [l.as_raw_fd(), c.as_raw_fd(), s.as_raw_fd()]).map(|fd| (me, fd as u64)).collect();
+    fds.sort_unstable();
+    let mut seen: Vec<(u64, u64)> = bpf.iter().flat_map(|(_, _, p)| p.clone()).collect();
+    seen.sort_unstable();
+    assert_eq!(seen, fds, "every socket with its owning descriptor: {bpf:?}");
+    assert!(bpf.iter().any(|(k, _, _)| k.contains("::1")) && bpf.iter().any(|(k, _, _)| k.contains("127.0.0.1")), "{bpf:?}");
+    assert_eq!(bpf, owners("proc"), "the iterator and the /proc scan agree");
+    drop(held);
+}
