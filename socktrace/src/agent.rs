@@ -59,6 +59,10 @@ pub struct Agent {
     /// CLOCK_MONOTONIC right before the last interval's kernel rows were read: the counts are
     /// as of (about) then, while the interval's sock_diag sample comes after.
     pub kernel_read_ns: u64,
+    /// Runs of our programs the kernel skipped (`Tracer::runs_missed`), read when an interval
+    /// closes (one fdinfo read per program, shared by every view); `None` where the kernel does
+    /// not count them.
+    pub runs_missed: Option<u64>,
     /// `LISTENERS` rows this agent created (seeds), for the eviction count.
     seeded: u64,
     /// `LISTENERS` rows this agent deleted (listeners it let go), for the eviction count.
@@ -115,12 +119,14 @@ impl Agent {
             trimmed: Instant::now(),
             seed_errors: 0,
             kernel_read_ns: 0,
+            runs_missed: None,
             seeded: 0,
             rows_deleted: 0,
             waits_deleted: 0,
             acceptors_deleted: 0,
             pressure: Pressure::default(),
         };
+        agent.runs_missed = agent.tracer.runs_missed();
         agent.write_control()?;
         agent.model.derive_accepts = agent.tracer.traced().accept_derived;
         // Listeners that already exist get their kernel rows before anything else happens.
@@ -221,6 +227,7 @@ impl Agent {
         let mut sockets = Vec::new();
         let mut present = HashSet::new();
         self.kernel_read_ns = system::monotonic_ns();
+        self.runs_missed = self.tracer.runs_missed();
         // Inserts before the walk, deletes after it: the eviction count stays a lower bound
         // (pressure.rs).
         let inserts = self.stats.get(stat::LISTENERS_INSERTS);
@@ -342,7 +349,7 @@ impl Agent {
     /// `; N PROGRAM RUNS MISSED …` for the views' header lines when the kernel skipped runs of
     /// our programs (empty otherwise, and where the kernel does not count them).
     pub fn missed_note(&self) -> String {
-        match self.tracer.runs_missed() {
+        match self.runs_missed {
             Some(n) if n > 0 => format!("; {n} PROGRAM RUNS MISSED (another BPF program was running on that CPU): counts may be short"),
             _ => String::new(),
         }

@@ -17,7 +17,7 @@ use std::{
 use crate::{
     model::{DiagListener, DiagSample, ListenerKey},
     snapshot::{
-        diag::{DiagSocket, FAMILIES, Record, Request, TcpState, state_mask},
+        diag::{BOTH_FAMILIES, DiagSocket, Record, Request, TcpState, state_mask},
         netns,
         procs::Owners,
     },
@@ -87,9 +87,9 @@ impl LiveListeners {
         let states = if self.half_open { state_mask([TcpState::Listen, TcpState::SynRecv]) } else { state_mask([TcpState::Listen]) };
         for (&inode, sock) in &mut self.sockets {
             let mut recs = Vec::new();
-            let ok = FAMILIES.iter().all(|&family| {
-                sock.dump(Request { family, states, info: false }, &mut recs).is_ok()
-            });
+            // Both families in one dump: SYN-RECV sockets live in the established hash, which a
+            // dump walks whole (every namespace's sockets), so a dump per family walked it twice.
+            let ok = sock.dump(Request { family: BOTH_FAMILIES, states, info: false }, &mut recs).is_ok();
             if !ok {
                 dead.push(inode);
                 continue;

@@ -155,7 +155,7 @@ impl Metrics {
             retrans: Family::default(),
             lost: Counter::default(),
             lost_seen: 0,
-            missed: agent.tracer.runs_missed().map(|_| Counter::default()),
+            missed: agent.runs_missed.map(|_| Counter::default()),
             missed_seen: 0,
             skipped: Gauge::default(),
             exported: BTreeMap::new(),
@@ -263,7 +263,7 @@ impl Metrics {
         let lost = agent.lost();
         self.lost.inc_by(lost.saturating_sub(self.lost_seen));
         self.lost_seen = lost;
-        if let (Some(c), Some(n)) = (&self.missed, agent.tracer.runs_missed()) {
+        if let (Some(c), Some(n)) = (&self.missed, agent.runs_missed) {
             c.inc_by(n.saturating_sub(self.missed_seen));
             self.missed_seen = self.missed_seen.max(n);
         }

@@ -305,7 +305,7 @@ fn print_interval(out: &mut impl Write, agent: &Agent, opts: &TopOptions) -> any
             "ts_ns": system::monotonic_ns(),
             "interval_ns": u64::try_from(opts.interval.as_nanos()).unwrap_or(u64::MAX),
             "lost": agent.lost(),
-            "program_runs_missed": agent.tracer.runs_missed(),
+            "program_runs_missed": agent.runs_missed,
             "sock_diag": agent.diag_ok,
             "untraced": agent.tracer.traced().missing(),
             "accept_hooks": agent.tracer.accept_hooks,

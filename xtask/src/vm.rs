@@ -113,7 +113,8 @@ impl HookMode {
 /// The subset of `tests/tests/privileged.rs` run in each VM (TCG is ~10x slower than the host):
 /// accept latency, both overflow tests, retransmits, tracing without the kernel's BTF (hidden in a
 /// private mount namespace, as on a kernel built without it), and the views of a signal left
-/// without a hook (`--hooks tp_btf,raw_tp,tracepoint`: on these kernels both drop signals).
+/// without a hook (`--hooks tp_btf,raw_tp,tracepoint`: on these kernels both drop signals), and
+/// `snapshot`'s one-dump listing of both families with owners from the task-file iterator.
 const VM_TESTS: &[&str] = &[
     "accept_wait_matches_server_measurement",
     "slow_listener_overflows_match_kernel_counter",
@@ -121,6 +122,7 @@ const VM_TESTS: &[&str] = &[
     "retransmits_match_kernel_counter",
     "missing_kernel_btf_is_one_line_with_hint",
     "untraced_signals_are_unavailable_not_zero",
+    "snapshot_lists_both_families_with_iterator_owners",
 ];
 
 /// Kernel modules the tests need when the kernel builds them as modules: nftables loss injection
