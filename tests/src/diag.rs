@@ -227,7 +227,9 @@ pub fn assert_within(what: &str, seen: i64, o: &Outcome, key: &str, (below, abov
     let (inner, outer) = o.delta(key);
     assert!(
         seen >= inner - below && seen <= outer + above,
-        "{what}: socktrace says {seen}, kernel {key} delta {inner} from the ready line, {outer} from the spawn (allowed {below} below, {above} above)"
+        "{what}: socktrace says {seen}, kernel {key} delta {inner} from the ready line, {outer} from the spawn (allowed {below} below, {above} above); diagnose saw {} events lost, {} program runs missed",
+        o.json["events_lost"],
+        o.json["program_runs_missed"]
     );
 }
 

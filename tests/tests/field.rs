@@ -189,7 +189,17 @@ fn redis_above_somaxconn_is_somaxconn_cap() {
     let l = o.listener(ns.inode(), port);
     let ev_all = all_evidence(&l);
     let drops = ev_all.contains("SYN drops").then(|| drops_in(&ev_all));
-    summary("redis_somaxconn", &l, &format!("evidence drops {drops:?} vs kernel (ready, spawn) {:?}, after the stop {}", o.delta("TcpExtListenOverflows"), o.late("TcpExtListenOverflows")));
+    summary(
+        "redis_somaxconn",
+        &l,
+        &format!(
+            "evidence drops {drops:?} vs kernel (ready, spawn) {:?}, after the stop {}; program runs missed {}, events lost {}",
+            o.delta("TcpExtListenOverflows"),
+            o.late("TcpExtListenOverflows"),
+            o.json["program_runs_missed"],
+            o.json["events_lost"]
+        ),
+    );
     assert!(o.delta("TcpExtListenOverflows").0 > 0, "the reconnecting clients must overflow the capped queue");
     assert_eq!(verdicts(&l).first().map(String::as_str), Some("somaxconn_cap"), "{l}");
     assert_eq!(l["comm"], "redis-server", "{l}");

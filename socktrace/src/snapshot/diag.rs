@@ -1,5 +1,5 @@
-//! `NETLINK_SOCK_DIAG` (`inet_diag`) dumps of TCP sockets: one request per address family, the
-//! kernel's answer decoded with netlink-packet-sock-diag into [`Record`]s. A diag socket answers
+//! `NETLINK_SOCK_DIAG` (`inet_diag`) dumps of TCP sockets: one request per address family, or
+//! one for both ([`BOTH_FAMILIES`]), the kernel's answer decoded with netlink-packet-sock-diag into [`Record`]s. A diag socket answers
 //! for the network namespace it was created in; choosing and entering namespaces is
 //! [`super::netns`]'s job, not this module's.
 
