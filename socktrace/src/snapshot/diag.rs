@@ -1,7 +1,7 @@
 //! `NETLINK_SOCK_DIAG` (`inet_diag`) dumps of TCP sockets: one request per address family, or
-//! one for both ([`BOTH_FAMILIES`]), the kernel's answer decoded with netlink-packet-sock-diag into [`Record`]s. A diag socket answers
-//! for the network namespace it was created in; choosing and entering namespaces is
-//! [`super::netns`]'s job, not this module's.
+//! one for both ([`BOTH_FAMILIES`]), the kernel's answer decoded with netlink-packet-sock-diag
+//! into [`Record`]s. A diag socket answers for the network namespace it was created in; choosing
+//! and entering namespaces is [`super::netns`]'s job, not this module's.
 
 use std::{
     io,

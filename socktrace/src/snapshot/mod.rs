@@ -142,17 +142,18 @@ impl Rows {
     }
 }
 
-/// One thread of a namespace's dump, with its own diag socket: an address family, or half of
-/// one when the namespace holds many sockets ([`diag::Split`]). The first lane of a family also
-/// dumps its listeners.
+/// One thread of a namespace's dump, with its own diag socket: one address family or both
+/// ([`diag::BOTH_FAMILIES`]), or half of that when the namespace holds many sockets
+/// ([`diag::Split`]). The first lane of a family set also dumps its listeners.
 #[derive(Clone, Copy, Debug)]
 struct Lane {
     family: u8,
     split: Option<diag::Split>,
 }
 
-/// Below this many sockets of a family in a namespace, one dump is fast enough; above, a second
-/// core halves the kernel's share (each extra dump costs one more walk of the socket hash).
+/// Below this many sockets (of the families dumped) in a namespace, one dump is fast enough;
+/// above, a second core halves the kernel's share (each extra dump costs one more walk of the
+/// socket hash).
 const SPLIT_MIN: u64 = 5_000;
 
 /// Lanes for the namespace the calling thread is in (reads its own /proc/thread-self/net and
@@ -194,7 +195,8 @@ fn dump_netns(ns: &netns::Netns, socks: Vec<(Lane, DiagSocket)>, cfg: &Config) -
                     let mut rows = ByFamily { v4: Rows::new(cfg), v6: Rows::new(cfg) };
                     let keep = |r: &Record| cfg.keep(ns, r);
                     // Listeners (with their drop counters) from the listening hash, once per
-                    // family set (the first lane of a split one); then the rest from the established hash without counters: cheaper for the kernel.
+                    // family set (the first lane of a split one); then the rest from the
+                    // established hash without counters: cheaper for the kernel.
                     let listen = TcpState::Listen.bit();
                     if cfg.states & listen != 0 && lane.split.is_none_or(|sp| sp.same) {
                         let mut listeners = Vec::new();
