@@ -872,3 +872,50 @@ fn iterator_owners_equal_the_proc_scan() {
     assert_eq!(mine, 4 + 2 * (35 + 40), "sockets of the test process (threads not listed again)");
     drop((listeners, batches));
 }
+
+/// Every namespace at once (no `--netns`), dumped a few namespaces at a time: with more
+/// namespaces than cores, each namespace's listener is listed exactly once, under its namespace,
+/// each namespace's rows together, and the text table has the same rows in the same order.
+#[test]
+fn all_namespaces_each_listed_once_and_together() {
+    if !privileged() {
+        return;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let count = cores * 2 + 1;
+    let spaces: Vec<NetNs> = (0..count).map(|i| NetNs::new(&format!("snapall{i}")).unwrap()).collect();
+    let held: Vec<TcpListener> = spaces
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| ns.within(move || listen(SocketAddr::from((Ipv4Addr::LOCALHOST, 43000 + i as u16)), 8)).unwrap())
+        .collect();
+    let rows = snapshot_json(&["-l", "--no-processes"]);
+    let mut order: Vec<u64> = Vec::new();
+    for r in &rows {
+        let ns = r["netns"].as_u64().unwrap();
+        if order.last() != Some(&ns) {
+            assert!(!order.contains(&ns), "rows of namespace {ns} are not together: {rows:?}");
+            order.push(ns);
+        }
+    }
+    for (i, ns) in spaces.iter().enumerate() {
+        let port = 43000 + i as u64;
+        let mine: Vec<&Value> = rows.iter().filter(|r| r["netns"].as_u64() == Some(u64::from(ns.inode()))).collect();
+        assert_eq!(mine.len(), 1, "namespace {} has one listener: {mine:?}", ns.name);
+        assert_eq!(mine[0]["lport"].as_u64(), Some(port), "{:?}", mine[0]);
+    }
+    // This test's namespaces only: others may come and go between the two runs.
+    let text = snapshot(&["-l", "--no-processes", "--no-header"]);
+    assert!(text.status.success());
+    let names: Vec<&str> = spaces.iter().map(|ns| ns.name.as_str()).collect();
+    let ports: Vec<u64> = String::from_utf8_lossy(&text.stdout)
+        .lines()
+        .filter(|l| l.split_whitespace().last().is_some_and(|n| names.contains(&n)))
+        .map(|l| l.split_whitespace().nth(4).and_then(|a| a.rsplit(':').next()).and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("no port in {l:?}")))
+        .collect();
+    let inodes: Vec<u64> = spaces.iter().map(|ns| u64::from(ns.inode())).collect();
+    let json_ports: Vec<u64> = rows.iter().filter(|r| r["netns"].as_u64().is_some_and(|n| inodes.contains(&n))).map(|r| r["lport"].as_u64().unwrap()).collect();
+    assert_eq!(ports.len(), count, "{ports:?}");
+    assert_eq!(ports, json_ports, "the table lists what the JSON lists, in the same order");
+    drop(held);
+}

@@ -257,27 +257,42 @@ pub fn run(args: &SnapshotArgs) -> anyhow::Result<()> {
         let mut table = render::Table::new(cfg.info, cfg.header);
         let mut found = Vec::new();
         let mut skipped = Vec::new();
-        for ns in targets {
-            let open = || lanes(&cfg).into_iter().map(|lane| Ok((lane, DiagSocket::open()?))).collect::<Result<Vec<_>, diag::DiagError>>();
-            let socks = match netns::within(&ns, own, open) {
-                Ok(socks) => socks.with_context(|| format!("network namespace {}", ns.path.display()))?,
-                Err(e) if explicit => {
-                    let hint = if e.is_permission() { " (entering another network namespace needs root)" } else { "" };
-                    bail!("{e}{hint}");
-                }
-                Err(e) => {
-                    skipped.push(e);
-                    continue;
-                }
-            };
-            let mut records = Vec::new();
-            for rows in dump_netns(&ns, socks, &cfg)? {
-                match rows {
-                    Rows::Table(t) => table.append(*t),
-                    Rows::Records(r) => records.extend(r),
+        // Namespaces are dumped a few at a time, their diag sockets opened inside each (cheap)
+        // just before: every dump walks the kernel's whole socket hash, so a host with many small
+        // namespaces (containers) spends its time in those walks, one core each.
+        let at_once = std::thread::available_parallelism().map_or(1, usize::from);
+        let cfg = &cfg;
+        let mut targets = targets.into_iter().peekable();
+        while targets.peek().is_some() {
+            let mut batch = Vec::new();
+            for ns in targets.by_ref().take(at_once) {
+                let open = || lanes(cfg).into_iter().map(|lane| Ok((lane, DiagSocket::open()?))).collect::<Result<Vec<_>, diag::DiagError>>();
+                match netns::within(&ns, own, open) {
+                    Ok(socks) => {
+                        let socks = socks.with_context(|| format!("network namespace {}", ns.path.display()))?;
+                        batch.push((ns, socks));
+                    }
+                    Err(e) if explicit => {
+                        let hint = if e.is_permission() { " (entering another network namespace needs root)" } else { "" };
+                        bail!("{e}{hint}");
+                    }
+                    Err(e) => skipped.push(e),
                 }
             }
-            found.push(NsSockets { ns, records });
+            let dumped = std::thread::scope(|b| {
+                let handles: Vec<_> = batch.into_iter().map(|(ns, socks)| b.spawn(move || dump_netns(&ns, socks, cfg).map(|rows| (ns, rows)))).collect();
+                handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect::<anyhow::Result<Vec<_>>>()
+            })?;
+            for (ns, rows) in dumped {
+                let mut records = Vec::new();
+                for r in rows {
+                    match r {
+                        Rows::Table(t) => table.append(*t),
+                        Rows::Records(r) => records.extend(r),
+                    }
+                }
+                found.push(NsSockets { ns, records });
+            }
         }
         let owners = scan.map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).transpose().context("--owners bpf")?;
         Ok((table, found, skipped, owners))
