@@ -22,9 +22,12 @@ fn diagnose<'a>(ns: &'a NetNs, cg: &Cgroup, port: u16, secs: u32) -> Diagnose<'a
     Diagnose::start(ns, cg, port, secs, true).unwrap()
 }
 
-/// Its report for `port` in `ns`.
+/// Its report for `port` in `ns` (printed, with what diagnose lost or the kernel skipped: a count
+/// short of the kernel's then says whether runs of our programs were missed).
 fn report(d: Diagnose, ns: &NetNs, port: u16) -> Value {
-    d.finish().unwrap().listener(ns.inode(), port)
+    let o = d.finish().unwrap();
+    eprintln!("diagnose: {} events lost, {} program runs missed", o.json["events_lost"], o.json["program_runs_missed"]);
+    o.listener(ns.inode(), port)
 }
 
 /// Loads an nftables ruleset into `ns`.
