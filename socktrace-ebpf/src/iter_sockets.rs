@@ -10,7 +10,7 @@ use core::ffi::c_void;
 use aya_ebpf::{
     Global,
     bindings::seq_file,
-    helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_buf, bpf_seq_write},
+    helpers::{bpf_probe_read_kernel, bpf_seq_write},
 };
 use socktrace_common::iter::{IterOffsets, SocketFd};
 
@@ -44,99 +44,84 @@ macro_rules! ioff {
     }};
 }
 
-#[inline(always)]
-fn read<T>(base: u64, offset: u32) -> Result<T, i64> {
-    // SAFETY: bpf_probe_read_kernel copes with any address.
-    unsafe { bpf_probe_read_kernel((base + u64::from(offset)) as *const T) }.map_err(i64::from)
+/// How a program reads a kernel field: the two programs share one body and differ only in this.
+trait Reader {
+    /// `*(T *)(base + offset)`.
+    fn get<T>(base: u64, offset: u32) -> Result<T, i64>;
 }
 
-/// The iterator program with plain loads: `task` and `file` are BTF pointers, so the verifier
-/// checks each load against the kernel's BTF (the offsets come from a frozen read-only map, which
-/// it reads as constants) and makes it fault-safe, instead of a helper call per field: about a
-/// fifth of `snapshot`'s time went to those calls. Userspace loads [`iter_sockets`] where a
-/// verifier refuses this one.
+/// Plain loads: `task` and `file` are BTF pointers, so the verifier checks each load against the
+/// kernel's BTF (the offsets come from a frozen read-only map, which it reads as constants) and
+/// turns a fault into a zero, instead of a helper call per field.
+struct Load;
+
+impl Reader for Load {
+    #[inline(always)]
+    fn get<T>(base: u64, offset: u32) -> Result<T, i64> {
+        // SAFETY: `base` is a BTF pointer the verifier tracks and `offset` a field of its type;
+        // the verifier checks the load against BTF and makes it fault-safe.
+        Ok(unsafe { core::ptr::read((base as *const u8).add(offset as usize).cast::<T>()) })
+    }
+}
+
+/// A `bpf_probe_read_kernel` call per field, for verifiers that refuse the plain loads.
+struct Probe;
+
+impl Reader for Probe {
+    #[inline(always)]
+    fn get<T>(base: u64, offset: u32) -> Result<T, i64> {
+        // SAFETY: bpf_probe_read_kernel copes with any address.
+        unsafe { bpf_probe_read_kernel((base + u64::from(offset)) as *const T) }.map_err(i64::from)
+    }
+}
+
+/// The iterator program with plain loads ([`Load`]): about a fifth of `snapshot`'s time went to
+/// the helper calls of [`iter_sockets`], which userspace loads where a verifier refuses this one.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/task_file")]
 pub extern "C" fn iter_sockets_btf(ctx: *mut c_void) -> i32 {
-    let _ = try_iter_sockets_btf(ctx.cast());
+    let _ = try_iter_sockets::<Load>(ctx.cast());
     0
 }
 
-/// `*(T *)(base + offset)` as one load of a BTF pointer.
-#[inline(always)]
-fn load<T>(base: u64, offset: u32) -> T {
-    // SAFETY: `base` is a BTF pointer the verifier tracks and `offset` a field of its type; the
-    // verifier checks the load against BTF and turns a fault into a zero.
-    unsafe { core::ptr::read((base as *const u8).add(offset as usize).cast::<T>()) }
-}
-
-#[inline(always)]
-fn try_iter_sockets_btf(ctx: *const TaskFileCtx) -> Result<(), i64> {
-    // SAFETY: the kernel passes a valid context; task and file are NULL on the final call.
-    let (meta, task, fd, file) = unsafe { ((*ctx).meta, (*ctx).task, (*ctx).fd, (*ctx).file) };
-    if task == 0 || file == 0 {
-        return Ok(());
-    }
-    let inode: u64 = load(file, ioff!(file_inode));
-    if inode == 0 {
-        return Ok(());
-    }
-    let mode: u16 = load(inode, ioff!(inode_mode));
-    if mode & S_IFMT != S_IFSOCK {
-        return Ok(());
-    }
-    let pid: u32 = load(task, ioff!(task_pid));
-    let tgid: u32 = load(task, ioff!(task_tgid));
-    if pid != tgid {
-        return Ok(());
-    }
-    let ino: u64 = load(inode, ioff!(inode_ino));
-    let comm_at = ioff!(task_comm);
-    let (lo, hi): (u64, u64) = (load(task, comm_at), load(task, comm_at.wrapping_add(8)));
-    let mut rec = SocketFd { pid, fd, inode: ino, comm: [0; 16] };
-    rec.comm[..8].copy_from_slice(&lo.to_ne_bytes());
-    rec.comm[8..].copy_from_slice(&hi.to_ne_bytes());
-    // SAFETY: as in `try_iter_sockets`.
-    let seq = unsafe { (*meta).seq };
-    // SAFETY: as in `try_iter_sockets`.
-    unsafe { bpf_seq_write(seq, core::ptr::from_ref(&rec).cast(), size_of::<SocketFd>() as u32) };
-    Ok(())
-}
-
-/// The iterator program (section `iter/task_file`; aya-ebpf 0.2 has no `#[iter]` macro).
+/// The iterator program with helper reads ([`Probe`]; section `iter/task_file`: aya-ebpf 0.2 has
+/// no `#[iter]` macro).
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/task_file")]
 pub extern "C" fn iter_sockets(ctx: *mut c_void) -> i32 {
-    let _ = try_iter_sockets(ctx.cast());
+    let _ = try_iter_sockets::<Probe>(ctx.cast());
     0
 }
 
 #[inline(always)]
-fn try_iter_sockets(ctx: *const TaskFileCtx) -> Result<(), i64> {
+fn try_iter_sockets<R: Reader>(ctx: *const TaskFileCtx) -> Result<(), i64> {
     // SAFETY: the kernel passes a valid context; task and file are NULL on the final call.
     let (meta, task, fd, file) = unsafe { ((*ctx).meta, (*ctx).task, (*ctx).fd, (*ctx).file) };
     if task == 0 || file == 0 {
         return Ok(());
     }
     // Sockets first (two reads), the task's ids only for them.
-    let inode: u64 = read(file, ioff!(file_inode))?;
+    let inode: u64 = R::get(file, ioff!(file_inode))?;
     if inode == 0 {
         return Ok(());
     }
-    let mode: u16 = read(inode, ioff!(inode_mode))?;
+    let mode: u16 = R::get(inode, ioff!(inode_mode))?;
     if mode & S_IFMT != S_IFSOCK {
         return Ok(());
     }
-    let pid: u32 = read(task, ioff!(task_pid))?;
-    let tgid: u32 = read(task, ioff!(task_tgid))?;
+    let pid: u32 = R::get(task, ioff!(task_pid))?;
+    let tgid: u32 = R::get(task, ioff!(task_tgid))?;
     if pid != tgid {
         // A thread with a file table of its own: /proc/PID/fd shows the leader's only.
         return Ok(());
     }
-    let mut rec = SocketFd { pid, fd, inode: read(inode, ioff!(inode_ino))?, comm: [0; 16] };
-    let comm = task + u64::from(ioff!(task_comm));
-    // SAFETY: as in `read`; a failed read leaves the name empty.
-    let _ = unsafe { bpf_probe_read_kernel_buf(comm as *const u8, &mut rec.comm) };
+    let mut rec = SocketFd { pid, fd, inode: R::get(inode, ioff!(inode_ino))?, comm: [0; 16] };
+    // The name as two 8-byte words; a failed read leaves that half empty.
+    let comm_at = ioff!(task_comm);
+    let lo: u64 = R::get(task, comm_at).unwrap_or(0);
+    let hi: u64 = R::get(task, comm_at.wrapping_add(8)).unwrap_or(0);
+    rec.comm[..8].copy_from_slice(&lo.to_ne_bytes());
+    rec.comm[8..].copy_from_slice(&hi.to_ne_bytes());
     // SAFETY: meta is the kernel's bpf_iter_meta (a trusted pointer), its seq the iterator's seq_file.
     let seq = unsafe { (*meta).seq };
     // SAFETY: rec lives on the stack for the call; its size is what is passed.
