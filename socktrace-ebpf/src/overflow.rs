@@ -14,6 +14,7 @@ use socktrace_common::{Event, hook, kind};
 
 use crate::{
     counted,
+    syn_drop,
     kernel::{
         Args, accept_queue_full, fill_from_packet, fill_local, fill_queue, fill_remote_from_skb,
         now, off, skb_ip_version,
@@ -64,6 +65,7 @@ fn try_cookie_overflow(skb: u64, location: u64, via: u32) -> Result<u32, i64> {
     ev.kind = kind::LISTEN_OVERFLOW;
     ev.hook = via;
     let _ = fill_from_packet(&mut ev, skb);
+    syn_drop::note_ack_overflow(ev.netns);
     emit(&mut ev);
     Ok(0)
 }
@@ -136,6 +138,7 @@ fn syn_recv_sock_entry<C: Args>(ctx: &C, slot: u32, via: u32) -> Result<u32, i64
     }
     let mut ev = new_overflow(listener, skb, via);
     let _ = fill_queue(&mut ev, listener);
+    syn_drop::note_ack_overflow(ev.netns);
     emit(&mut ev);
     Ok(0)
 }
@@ -150,6 +153,7 @@ fn syn_recv_sock_exit(slot: u32, via: u32) -> Result<u32, i64> {
     };
     let mut ev = new_overflow(p.listener, p.skb, via);
     counted::fill_full_queue(&mut ev, &p);
+    syn_drop::note_ack_overflow(ev.netns);
     emit(&mut ev);
     Ok(0)
 }
@@ -175,6 +179,7 @@ fn emit_overflow(listener: u64, skb: u64, via: u32) -> Result<u32, i64> {
     if listener != 0 {
         let _ = fill_queue(&mut ev, listener);
     }
+    syn_drop::note_ack_overflow(ev.netns);
     emit(&mut ev);
     Ok(0)
 }

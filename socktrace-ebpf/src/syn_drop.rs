@@ -18,7 +18,9 @@
 //! count grew. Between the two nothing else runs on this CPU that could count an overflow (the
 //! SYN-ACK sent on loopback or veth is only queued for a later softirq round). A record still
 //! pending at the next SYN on that CPU (its free was not traced: an skb with another reference) is
-//! settled then and counted in `stat::SYN_SETTLED_LATE`. A SYN to a listener whose queue is more
+//! settled then and counted in `stat::SYN_SETTLED_LATE`; 3rd-ACK overflows reported on that CPU
+//! in the listener's netns meanwhile raised the same counter and are subtracted
+//! (`note_ack_overflow`). A SYN to a listener whose queue is more
 //! than `syn_confirm_slack` children below full (64 + 2 per CPU) gets no record: nothing run on
 //! this CPU in between adds to the queue, other CPUs add about one child each in that time, so it
 //! cannot be dropped for a full queue (a vCPU stalled by its hypervisor right there for long enough
@@ -36,7 +38,7 @@ use socktrace_common::{AF_INET6, Event, hook, kind, stat};
 
 use crate::{
     counted,
-    kernel::{Args, TCP_LISTEN, accept_queue, accept_queue_full, fill_local, fill_queue, fill_remote_from_skb, now, off, read},
+    kernel::{Args, TCP_LISTEN, accept_queue, accept_queue_full, fill_local, fill_queue, fill_remote_from_skb, netns_of, now, off, read},
     maps::{count, emit},
 };
 
@@ -153,6 +155,10 @@ struct SynPending {
     v6: u8,
     _pad: [u8; 5],
     raddr: [u8; 16],
+    /// The listener's netns, and the 3rd-ACK overflows reported on this CPU in it since the
+    /// record was made ([`note_ack_overflow`]): they raise the same counter.
+    netns: u32,
+    others: u32,
 }
 
 #[map]
@@ -278,6 +284,8 @@ fn try_cgroup_skb_counted(ctx: &SkBuffContext) -> Result<u32, i64> {
         v6: u8::from(v6),
         _pad: [0; 5],
         raddr,
+        netns: netns_of(tp)?,
+        others: 0,
     };
     // SAFETY: as above.
     unsafe { *p = rec };
@@ -294,7 +302,23 @@ fn settle_skb(skb: u64) {
     }
 }
 
-/// Reports the record's SYN as dropped when this CPU's counter grew since it was saved, and clears it.
+/// A 3rd-ACK overflow (or a SYN-cookie ACK's) was reported on this CPU in `netns`: it raised
+/// the counter a pending record watches. Between a SYN's cgroup program and its free nothing else
+/// runs on this CPU, so this matters for a record settled late, at the next SYN: without it, an
+/// ACK's overflow in between would be taken for the SYN's drop.
+#[inline(always)]
+pub fn note_ack_overflow(netns: u32) {
+    let Some(p) = SYN_PENDING.get_ptr_mut(0) else { return };
+    // SAFETY: this CPU's record; only this CPU's programs touch it, one at a time (softirq).
+    unsafe {
+        if (*p).skb != 0 && (*p).netns == netns {
+            (*p).others = (*p).others.wrapping_add(1);
+        }
+    }
+}
+
+/// Reports the record's SYN as dropped when this CPU's counter grew since it was saved by more
+/// than the 3rd-ACK overflows reported meanwhile, and clears it.
 #[inline(always)]
 fn settle(p: *mut SynPending) {
     // SAFETY: a live value of this CPU's map.
@@ -302,7 +326,7 @@ fn settle(p: *mut SynPending) {
     // SAFETY: as above.
     unsafe { (*p).skb = 0 };
     let Ok(now_count) = read::<u64>(rec.counter, 0) else { return };
-    if now_count == rec.count {
+    if now_count.wrapping_sub(rec.count) <= u64::from(rec.others) {
         return;
     }
     let mut ev = new_syn_drop(rec.listener, hook::CGROUP_SKB);

@@ -769,6 +769,12 @@ impl Tracer {
         total
     }
 
+    /// Whether SYN drops are confirmed at the SYN's free (the counted cgroup_skb hook), the one
+    /// hook with checks that can be settled late (`stat::SYN_SETTLED_LATE`).
+    pub fn syn_drops_settled(&self) -> bool {
+        self.report.iter().any(|r| r.signal == Signal::SynDrop.name() && r.attached.iter().any(|a| a.ends_with("/consume_skb")))
+    }
+
     /// Whether `signal` (its `name()`) has a hook in use.
     pub fn has(&self, signal: Signal) -> bool {
         self.report.iter().any(|r| r.signal == signal.name() && r.hook.is_some())

@@ -137,6 +137,8 @@ struct Metrics {
     rows_lost: Counter,
     /// Accepts whose queue wait is unknown (kernel count); absent without the `accept_wait` signal.
     wait_unknown: Option<Counter>,
+    /// SYN-drop checks settled late (the counted cgroup_skb hook only).
+    syn_late: Option<Counter>,
 }
 
 impl Metrics {
@@ -175,6 +177,7 @@ impl Metrics {
             map_evictions: Family::default(),
             rows_lost: Counter::default(),
             wait_unknown: (agent.tracer.has(Signal::Accept) && agent.tracer.has(Signal::Enqueue)).then(Counter::default),
+            syn_late: agent.tracer.syn_drops_settled().then(Counter::default),
         };
         registry.register("accept_queue_length", "Connections in the accept queue now (sock_diag; the port's fullest socket)", m.queue_len.clone());
         registry.register("accept_queue_max", "Accept queue limit (listen backlog) of the port's fullest socket", m.queue_max.clone());
@@ -220,6 +223,13 @@ impl Metrics {
         );
         if let Some(c) = &m.wait_unknown {
             registry.register("accepts_wait_unknown", "Accepts whose queue wait is unknown: queued before tracing started, or the ENQUEUED entry was evicted", c.clone());
+        }
+        if let Some(c) = &m.syn_late {
+            registry.register(
+                "syn_drop_checks_late",
+                "SYNs near a full queue whose free was not seen, checked at the next SYN on that CPU instead: a drop among them is counted only when the kernel's ListenOverflows grew by more than the 3rd-ACK overflows seen on that CPU meanwhile",
+                c.clone(),
+            );
         }
         let probes: Family<ProbeLabels, Gauge> = Family::default();
         for r in &agent.tracer.report {
@@ -276,6 +286,9 @@ impl Metrics {
         raise(&self.rows_lost, agent.model.rows_lost);
         if let Some(c) = &self.wait_unknown {
             raise(c, agent.stats.get(stat::ACCEPT_NO_WAIT));
+        }
+        if let Some(c) = &self.syn_late {
+            raise(c, agent.stats.get(stat::SYN_SETTLED_LATE));
         }
         let mut current = BTreeMap::new();
         let mut current_sockets = HashSet::new();

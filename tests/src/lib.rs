@@ -149,16 +149,22 @@ pub struct Cgroup {
     root: PathBuf,
 }
 
+/// Where the cgroup-v2 hierarchy is mounted (`/sys/fs/cgroup`, or `…/unified` on a hybrid host):
+/// socktrace's default cgroup for its cgroup_skb program.
+pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
+    let mounts = fs::read_to_string("/proc/self/mountinfo")?;
+    mounts
+        .lines()
+        .find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            (post.split_whitespace().next()? == "cgroup2").then(|| pre.split_whitespace().nth(4).map(PathBuf::from))?
+        })
+        .context("no cgroup2 mount")
+}
+
 impl Cgroup {
     pub fn new(tag: &str) -> anyhow::Result<Cgroup> {
-        let mounts = fs::read_to_string("/proc/self/mountinfo")?;
-        let root = mounts
-            .lines()
-            .find_map(|l| {
-                let (pre, post) = l.split_once(" - ")?;
-                (post.split_whitespace().next()? == "cgroup2").then(|| pre.split_whitespace().nth(4).map(PathBuf::from))?
-            })
-            .context("no cgroup2 mount")?;
+        let root = cgroup2_root()?;
         let path = root.join(format!("socktrace-test-{tag}-{}", std::process::id()));
         let _ = fs::create_dir(&path);
         Ok(Cgroup { path, root })

@@ -873,6 +873,7 @@ fn flood_one(bins: &Bins, secs: u64, name: &'static str, cookies: u8, what: &'st
     let (body, _) = scrape(&addr)?;
     let ours_before = serve_counts(&body);
     let lost_before = metric(&body, "socktrace_events_lost_total", &[]);
+    let late_before = metric(&body, "socktrace_syn_drop_checks_late_total", &[]);
     let kernel_before = counters(&b)?;
     let rx_before = rx_packets(&b);
     let cpu_before = cpu_secs(serve.pid());
@@ -928,6 +929,7 @@ fn flood_one(bins: &Bins, secs: u64, name: &'static str, cookies: u8, what: &'st
     };
     let ours_after = serve_counts(&body);
     let lost = metric(&body, "socktrace_events_lost_total", &[]) - lost_before;
+    let late = (metric(&body, "socktrace_syn_drop_checks_late_total", &[]) - late_before) as i64;
     drop(server);
     stop_agent(serve, "serve")?;
     let hping_tail = String::from_utf8_lossy(&hping_out.stdout).lines().chain(String::from_utf8_lossy(&hping_out.stderr).lines()).filter(|l| l.contains("packets")).collect::<Vec<_>>().join(" ");
@@ -937,6 +939,7 @@ fn flood_one(bins: &Bins, secs: u64, name: &'static str, cookies: u8, what: &'st
     let counts = vec![
         ("overflows (ListenOverflows)", ours(0), k("TcpExtListenOverflows")),
         ("SYN drops (part of the above)", ours(1), None),
+        ("SYN-drop checks settled late (all namespaces)", Some(late), None),
         ("ListenDrops", None, k("TcpExtListenDrops")),
         ("SyncookiesSent", None, k("TcpExtSyncookiesSent")),
         ("TCPReqQFullDoCookies", None, k("TcpExtTCPReqQFullDoCookies")),

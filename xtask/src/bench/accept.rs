@@ -13,6 +13,8 @@ use std::{collections::BTreeMap, fmt::Write as _, fs, os::fd::FromRawFd as _, pr
 use anyhow::Context as _;
 use serde_json::Value;
 
+use super::{FloorPoints, floor::Floor};
+
 use super::{
     Ctx, NetNs, Section, Storm, StormResult, Stdout, Summary, Table, Tracer, exit_summary, foreign_bpf_programs, loadavg, metric_sum, netns_inode,
     provenance, storm,
@@ -25,6 +27,10 @@ enum Config {
     /// `serve --accept-hooks off`: no syscall tracepoint, no enqueue hook; accepts derived.
     ServeOff,
     Watch,
+    /// Empty programs on `serve`'s attach points (`floor`): what the hooks alone cost.
+    Floor,
+    /// Empty programs on `serve --accept-hooks off`'s attach points.
+    FloorOff,
 }
 
 impl Config {
@@ -34,6 +40,8 @@ impl Config {
             Config::Serve => "serve",
             Config::ServeOff => "serve --accept-hooks off",
             Config::Watch => "watch --json >/dev/null",
+            Config::Floor => "floor: empty programs on serve's hooks",
+            Config::FloorOff => "floor: empty programs on --accept-hooks off's hooks",
         }
     }
 }
@@ -53,13 +61,14 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
     let ns = NetNs::new("accept")?;
     let load_before = loadavg();
     let mark = ctx.noise.mark();
-    let configs = [Config::Untraced, Config::Serve, Config::ServeOff, Config::Watch];
+    let configs = [Config::Untraced, Config::Serve, Config::ServeOff, Config::Watch, Config::Floor, Config::FloorOff];
+    let floors = FloorPoints::of(ctx)?;
     let mut runs: BTreeMap<Config, Vec<Run>> = BTreeMap::new();
     for rep in 0..ctx.reps {
         for k in 0..configs.len() {
             // Rotate the order so no configuration always runs first (or after the same one).
             let c = configs[(rep + k) % configs.len()];
-            let r = one(ctx, &ns, c)?;
+            let r = one(ctx, &ns, c, &floors)?;
             println!(
                 "  rep {} {:<24} {:>8.0} conn/s  load gen {:>5.1} µs/conn  tracer {:>5.1} µs/conn  other load {:.2}, foreign eBPF progs {}  {}",
                 rep + 1,
@@ -79,6 +88,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
 
     let t = table(&configs, &runs);
     println!("\n{}", t.text());
+    println!("\n{}", floor_summary(&runs, &floors));
     if let Ok(k) = &kernel {
         println!("\n{}", k.text());
     }
@@ -103,6 +113,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
         s.listeners, s.servers, s.clients, ctx.secs, ctx.reps
     );
     md.push_str(&t.markdown());
+    let _ = write!(md, "\n{}", floor_summary(&runs, &floors));
     if foreign_bpf > 0 {
         let _ = writeln!(
             md,
@@ -147,6 +158,28 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
     Ok(Section { name: "accept", markdown: md })
 }
 
+/// What the hooks alone cost (floor − untraced) and what socktrace's programs and agent add above
+/// them (socktrace − floor), µs per connection, medians; and the best CPU ratio each mode could reach.
+fn floor_summary(runs: &BTreeMap<Config, Vec<Run>>, floors: &FloorPoints) -> String {
+    let total = |c: Config| Summary::of(&runs[&c].iter().map(|x| (x.load.cpu_secs + x.tracer_cpu) / x.load.accepted.max(1) as f64 * 1e6).collect::<Vec<_>>()).median;
+    let base = total(Config::Untraced);
+    let line = |name: &str, tracer: Config, floor: Config| {
+        format!(
+            "- {name}: the hooks alone (empty programs) add {:+.2} µs per connection, **{:.3}× untraced** at best; socktrace adds {:+.2} µs above them ({:.3}×)\n",
+            total(floor) - base,
+            base / total(floor),
+            total(tracer) - total(floor),
+            base / total(tracer),
+        )
+    };
+    format!(
+        "Floors (empty programs attached by the bench with bpf(2) where the mode attaches socktrace's, `tp_btf` as `raw_tp`; {}):\n\n{}{}",
+        floors.describe(),
+        line("`serve`", Config::Serve, Config::Floor),
+        line("`serve --accept-hooks off`", Config::ServeOff, Config::FloorOff)
+    )
+}
+
 /// The comparison table: one row per configuration, median [min–max] over the repetitions.
 fn table(configs: &[Config], runs: &BTreeMap<Config, Vec<Run>>) -> Table {
     let rates = |c: Config| runs.get(&c).map(|v| v.iter().map(|r| r.load.rate).collect::<Vec<_>>()).unwrap_or_default();
@@ -170,6 +203,7 @@ fn table(configs: &[Config], runs: &BTreeMap<Config, Vec<Run>>) -> Table {
     for &c in configs {
         let v = &runs[&c];
         let r = rates(c);
+        let no_tracer = matches!(c, Config::Untraced | Config::Floor | Config::FloorOff);
         let paired: Vec<f64> = r.iter().zip(&base).map(|(a, b)| a / b).collect();
         let per = |f: &dyn Fn(&Run) -> f64| Summary::of(&v.iter().map(f).collect::<Vec<_>>());
         let gen_us = per(&|x| x.load.cpu_secs / x.load.accepted.max(1) as f64 * 1e6);
@@ -181,25 +215,31 @@ fn table(configs: &[Config], runs: &BTreeMap<Config, Vec<Run>>) -> Table {
             if c == Config::Untraced { "1".into() } else { format!("{:.3}", Summary::of(&r).median / base_med) },
             if c == Config::Untraced { "1".into() } else { Summary::of(&paired).show(3) },
             gen_us.show(1),
-            if c == Config::Untraced { "-".into() } else { tr_us.show(1) },
+            if no_tracer { "-".into() } else { tr_us.show(1) },
             tot_us.show(1),
             if c == Config::Untraced { "1".into() } else { format!("{:.3}", base_us / tot_us.median) },
             per(&|x| x.load.cpu_secs / x.load.secs).show(2),
             per(&|x| x.load.noise).show(2),
-            if c == Config::Untraced { "-".into() } else { format!("{}/{}", v.iter().filter(|x| x.exact).count(), v.len()) },
+            if no_tracer { "-".into() } else { format!("{}/{}", v.iter().filter(|x| x.exact).count(), v.len()) },
         ]);
     }
     t
 }
 
-fn one(ctx: &Ctx, ns: &NetNs, c: Config) -> anyhow::Result<Run> {
+fn one(ctx: &Ctx, ns: &NetNs, c: Config, floors: &FloorPoints) -> anyhow::Result<Run> {
     let foreign_bpf = foreign_bpf_programs();
-    one_run(ctx, ns, c).map(|r| Run { foreign_bpf, ..r })
+    one_run(ctx, ns, c, floors).map(|r| Run { foreign_bpf, ..r })
 }
 
-fn one_run(ctx: &Ctx, ns: &NetNs, c: Config) -> anyhow::Result<Run> {
+fn one_run(ctx: &Ctx, ns: &NetNs, c: Config, floors: &FloorPoints) -> anyhow::Result<Run> {
     let s = Storm::max(ctx.secs);
     match c {
+        Config::Floor | Config::FloorOff => {
+            let floor = Floor::attach(floors.get(c == Config::FloorOff), &socktrace_tests::cgroup2_root()?)?;
+            let load = storm(ctx, ns, &s, || {})?;
+            drop(floor);
+            Ok(Run { load, tracer_cpu: 0.0, check: String::new(), exact: true, foreign_bpf: 0 })
+        }
         Config::Untraced => {
             let load = storm(ctx, ns, &s, || {})?;
             Ok(Run { load, tracer_cpu: 0.0, check: String::new(), exact: true, foreign_bpf: 0 })
@@ -283,7 +323,7 @@ fn stats_run(ctx: &Ctx, ns: &NetNs, c: Config) -> anyhow::Result<StatsRun> {
     let t = match c {
         Config::Serve => Tracer::serve(ctx, ns, &[])?,
         Config::ServeOff => Tracer::serve(ctx, ns, &["--accept-hooks", "off"])?,
-        Config::Untraced | Config::Watch => Tracer::watch(ctx, ns, &[], &Stdout::Null)?,
+        Config::Untraced | Config::Watch | Config::Floor | Config::FloorOff => Tracer::watch(ctx, ns, &[], &Stdout::Null)?,
     };
     let before = prog_stats(t.pid);
     let load = storm(ctx, ns, &Storm::max(ctx.secs.min(3.0)), || {

@@ -28,6 +28,7 @@
 
 mod accept;
 mod agent;
+mod floor;
 mod harness;
 mod nginx;
 mod pipeline;
@@ -43,6 +44,7 @@ use std::{
 
 use anyhow::bail;
 
+pub use floor::FloorPoints;
 pub use harness::*;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -19,7 +19,9 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 
-use super::{Ctx, NetNs, Section, Stdout, Summary, Table, Tracer, clk_tck, exit_summary, loadavg, metric_sum, netns_inode, proc_stat, provenance};
+use super::floor::Floor;
+
+use super::{Ctx, FloorPoints, NetNs, Section, Stdout, Summary, Table, Tracer, clk_tck, exit_summary, loadavg, metric_sum, netns_inode, proc_stat, provenance};
 
 const PORT: u16 = 20080;
 const WRK_CONNECTIONS: u32 = 32;
@@ -32,6 +34,10 @@ enum Config {
     ServeOff,
     Watch,
     Bpftrace,
+    /// Empty programs on `serve`'s attach points (see `floor`).
+    Floor,
+    /// Empty programs on `serve --accept-hooks off`'s attach points.
+    FloorOff,
 }
 
 impl Config {
@@ -42,6 +48,8 @@ impl Config {
             Config::ServeOff => "serve --accept-hooks off",
             Config::Watch => "watch --json >/dev/null",
             Config::Bpftrace => "bpftrace bench/accept-wait.bt",
+            Config::Floor => "floor: empty programs on serve's hooks",
+            Config::FloorOff => "floor: empty programs on --accept-hooks off's hooks",
         }
     }
 }
@@ -78,11 +86,12 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
     let mark = ctx.noise.mark();
     // Warm-up (page cache, nginx's first allocations), not counted.
     wrk(ctx, &ns, 1.0, || {})?;
-    let configs = [Config::Untraced, Config::Serve, Config::ServeOff, Config::Watch, Config::Bpftrace];
+    let configs = [Config::Untraced, Config::Serve, Config::ServeOff, Config::Watch, Config::Bpftrace, Config::Floor, Config::FloorOff];
+    let floors = FloorPoints::of(ctx)?;
     let mut runs: BTreeMap<Config, Vec<Run>> = BTreeMap::new();
     for rep in 0..ctx.reps {
         for &c in &configs {
-            let r = one(ctx, &ns, &nginx, &script, c)?;
+            let r = one(ctx, &ns, &nginx, &script, c, &floors)?;
             println!(
                 "  rep {} {:<30} {:>7.0} req/s  wrk {:>5.1} nginx {:>5.1} tracer {:>5.1} µs/req  other load {:.2}  {}",
                 rep + 1,
@@ -113,6 +122,23 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
     let off = added(Config::ServeOff);
     let ratio_off = if peer > 0.0 { format!("{:.2}", off / peer) } else { "-".into() };
     println!("serve --accept-hooks off adds {off:.2} µs/request: ratio {ratio_off}");
+    let base = Summary::of(&runs[&Config::Untraced].iter().map(Run::total_us).collect::<Vec<_>>()).median;
+    let floor_line = |name: &str, tracer: Config, floor: Config| {
+        format!(
+            "- {name}: the hooks alone (empty programs) add {:+.2} µs per request, **{:.3}× untraced** at best; socktrace adds {:+.2} µs above them ({:.3}×)\n",
+            added(floor),
+            base / (base + added(floor)),
+            added(tracer) - added(floor),
+            base / (base + added(tracer)),
+        )
+    };
+    let floors_md = format!(
+        "Floors (empty programs attached by the bench with bpf(2) where the mode attaches socktrace's, `tp_btf` as `raw_tp`; {}):\n\n{}{}",
+        floors.describe(),
+        floor_line("`serve`", Config::Serve, Config::Floor),
+        floor_line("`serve --accept-hooks off`", Config::ServeOff, Config::FloorOff)
+    );
+    println!("{floors_md}");
 
     let mut md = String::from("## Real server: nginx under wrk\n\n");
     md.push_str(&provenance(ctx, &load_before, mark));
@@ -130,6 +156,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
         ctx.secs, ctx.reps
     );
     md.push_str(&t.markdown());
+    let _ = write!(md, "\n{floors_md}");
     let _ = writeln!(
         md,
         "\nCPU µs/req: user+system time of wrk (wait4 rusage), of nginx (master and worker, /proc/PID/stat) and of \
@@ -165,13 +192,14 @@ fn table(configs: &[Config], runs: &BTreeMap<Config, Vec<Run>>) -> Table {
         let tot = per(&Run::total_us);
         let rate = per(&|r| r.rate);
         let untraced = c == Config::Untraced;
+        let no_tracer = matches!(c, Config::Untraced | Config::Floor | Config::FloorOff);
         t.row(vec![
             c.name().to_owned(),
             rate.show(0),
             if untraced { "1".into() } else { format!("{:.3}", rate.median / base_rate) },
             per(&|r| r.us_per_req(r.wrk_cpu)).show(1),
             per(&|r| r.us_per_req(r.nginx_cpu)).show(1),
-            if untraced { "-".into() } else { per(&|r| r.us_per_req(r.tracer_cpu)).show(2) },
+            if no_tracer { "-".into() } else { per(&|r| r.us_per_req(r.tracer_cpu)).show(2) },
             tot.show(1),
             if untraced { "-".into() } else { format!("{:+.2}", tot.median - base) },
             if untraced { "-".into() } else { paired_added(runs, c).show(2) },
@@ -191,10 +219,16 @@ fn paired_added(runs: &BTreeMap<Config, Vec<Run>>, c: Config) -> Summary {
     Summary::of(&diffs)
 }
 
-fn one(ctx: &Ctx, ns: &NetNs, nginx: &Nginx, script: &Path, c: Config) -> anyhow::Result<Run> {
+fn one(ctx: &Ctx, ns: &NetNs, nginx: &Nginx, script: &Path, c: Config, floors: &FloorPoints) -> anyhow::Result<Run> {
     let n0 = nginx.cpu_secs();
     let mark = ctx.noise.mark();
     let (w, tracer_cpu, check) = match c {
+        Config::Floor | Config::FloorOff => {
+            let floor = Floor::attach(floors.get(c == Config::FloorOff), &socktrace_tests::cgroup2_root()?)?;
+            let w = wrk(ctx, ns, ctx.secs, || {})?;
+            drop(floor);
+            (w, 0.0, String::new())
+        }
         Config::Untraced => (wrk(ctx, ns, ctx.secs, || {})?, 0.0, String::new()),
         Config::Serve | Config::ServeOff => {
             let t = Tracer::serve(ctx, ns, if c == Config::ServeOff { &["--accept-hooks", "off"] } else { &[] })?;
