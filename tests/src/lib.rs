@@ -338,12 +338,20 @@ pub fn of_kind<'a>(records: &'a [Value], kind: &str) -> Vec<&'a Value> {
 
 /// `socktrace probes --json`: signal name → hook in use (None: unavailable).
 pub fn probes(extra: &[&str]) -> anyhow::Result<HashMap<String, Option<String>>> {
+    Ok(probes_attached(extra)?.into_iter().map(|(signal, (hook, _))| (signal, hook)).collect())
+}
+
+/// `socktrace probes --json`: per signal, the hook in use and its attach points.
+pub fn probes_attached(extra: &[&str]) -> anyhow::Result<HashMap<String, (Option<String>, Vec<String>)>> {
     let out = run(Command::new(socktrace_bin()).arg("probes").arg("--json").args(suite_hooks(extra)))?;
     let v: Value = serde_json::from_str(&out)?;
     Ok(v.as_array()
         .context("probes --json is not an array")?
         .iter()
-        .map(|s| (s["signal"].as_str().unwrap_or("").to_owned(), s["hook"].as_str().map(str::to_owned)))
+        .map(|s| {
+            let attached = s["attached"].as_array().into_iter().flatten().filter_map(|a| a.as_str().map(str::to_owned)).collect();
+            (s["signal"].as_str().unwrap_or("").to_owned(), (s["hook"].as_str().map(str::to_owned), attached))
+        })
         .collect())
 }
 

@@ -142,6 +142,12 @@ fn prometheus_scrape_matches_kernel_overflow_counter() {
     } else {
         assert_eq!(exported, None, "a kernel without recursion_misses: no series, never 0");
     }
+    // SYN-drop checks settled late: a series only where SYN drops are confirmed at the SYN's free
+    // (the counted cgroup_skb hook); with an exact hook there is no such check, so no series.
+    let late = metrics.lines().find_map(|l| l.strip_prefix("socktrace_syn_drop_checks_late_total ")).and_then(|v| v.trim().parse::<f64>().ok());
+    let settled = socktrace_tests::probes_attached(&["--cgroup", &cg_path]).unwrap()["syn_drop"].1.iter().any(|a| a == "raw_tp/consume_skb");
+    eprintln!("SYN-drop checks settled late: {late:?} (settled at the free: {settled})");
+    assert_eq!(late.is_some(), settled, "socktrace_syn_drop_checks_late_total {late:?}");
 
     // Every query of the shipped Grafana dashboard is valid PromQL against these series.
     let dash: serde_json::Value =

@@ -777,6 +777,9 @@ struct FloodRun {
     rss_kib: u64,
     /// (name, socktrace delta or None, kernel delta or None)
     counts: Vec<(&'static str, Option<i64>, Option<i64>)>,
+    /// Counter series that went down between scrapes, and scrapes without the listener's series.
+    violations: Vec<String>,
+    absent: usize,
 }
 
 fn flood(ctx: &Ctx, bins: &Bins, secs: u64) -> anyhow::Result<Report> {
@@ -823,6 +826,12 @@ fn flood(ctx: &Ctx, bins: &Bins, secs: u64) -> anyhow::Result<Report> {
             let (ok, bound) = within_fallback_bound(*ours, *kernel);
             c.add(&format!("{}: overflows vs TcpExtListenOverflows", r.name), format!("{ours} vs {kernel} ({:+})", ours - kernel), &format!("± {bound} (8 %, ≥ 3)"), ok);
         }
+        c.add(
+            &format!("{}: serve's counters monotonic, the listener in every scrape", r.name),
+            format!("{} went down ({}), absent from {} scrapes", r.violations.len(), r.violations.join("; "), r.absent),
+            "none, 0",
+            r.violations.is_empty() && r.absent == 0,
+        );
         if let Some((_, Some(ours), Some(kernel))) = r.counts.iter().find(|x| x.0 == "SYN-ACK retransmits (TCPSynRetrans)") {
             c.add(&format!("{}: SYN-ACK retransmits vs TCPSynRetrans", r.name), format!("{ours} vs {kernel}"), "equal", ours == kernel);
         }
@@ -874,6 +883,7 @@ fn flood_one(bins: &Bins, secs: u64, name: &'static str, cookies: u8, what: &'st
     let ours_before = serve_counts(&body);
     let lost_before = metric(&body, "socktrace_events_lost_total", &[]);
     let late_before = metric(&body, "socktrace_syn_drop_checks_late_total", &[]);
+    let missed_before = metric(&body, "socktrace_program_runs_missed_total", &[]);
     let kernel_before = counters(&b)?;
     let rx_before = rx_packets(&b);
     let cpu_before = cpu_secs(serve.pid());
@@ -891,12 +901,22 @@ fn flood_one(bins: &Bins, secs: u64, name: &'static str, cookies: u8, what: &'st
     let mut lat = Vec::new();
     let mut failed = 0usize;
     let mut rss = 0;
+    // Every counter series of every scrape: none may go down (a reset would lose counts), and the
+    // flooded listener's series must be in every scrape.
+    let mut mono = Monotonic::default();
+    let mut absent = 0usize;
     let result = (|| -> anyhow::Result<()> {
         while started.elapsed() < Duration::from_secs(secs) {
             interrupted()?;
             let tick = Instant::now();
             match scrape(&addr) {
-                Ok((_, ms)) => lat.push(ms),
+                Ok((body, ms)) => {
+                    lat.push(ms);
+                    mono.observe(lat.len(), &body);
+                    if !body.lines().any(|l| l.starts_with("socktrace_synack_retransmits_total{") && labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))) {
+                        absent += 1;
+                    }
+                }
                 Err(_) => failed += 1,
             }
             rss = rss.max(bench::proc_mem(serve.pid()).map_or(0, |m| m.0));
@@ -927,9 +947,11 @@ fn flood_one(bins: &Bins, secs: u64, name: &'static str, cookies: u8, what: &'st
         }
         nap(Duration::from_millis(200), &AtomicBool::new(false))?;
     };
+    mono.observe(lat.len() + 1, &body);
     let ours_after = serve_counts(&body);
     let lost = metric(&body, "socktrace_events_lost_total", &[]) - lost_before;
     let late = (metric(&body, "socktrace_syn_drop_checks_late_total", &[]) - late_before) as i64;
+    let missed = (metric(&body, "socktrace_program_runs_missed_total", &[]) - missed_before) as i64;
     drop(server);
     stop_agent(serve, "serve")?;
     let hping_tail = String::from_utf8_lossy(&hping_out.stdout).lines().chain(String::from_utf8_lossy(&hping_out.stderr).lines()).filter(|l| l.contains("packets")).collect::<Vec<_>>().join(" ");
@@ -940,6 +962,7 @@ fn flood_one(bins: &Bins, secs: u64, name: &'static str, cookies: u8, what: &'st
         ("overflows (ListenOverflows)", ours(0), k("TcpExtListenOverflows")),
         ("SYN drops (part of the above)", ours(1), None),
         ("SYN-drop checks settled late (all namespaces)", Some(late), None),
+        ("program runs the kernel skipped (recursion, all programs)", Some(missed), None),
         ("ListenDrops", None, k("TcpExtListenDrops")),
         ("SyncookiesSent", None, k("TcpExtSyncookiesSent")),
         ("TCPReqQFullDoCookies", None, k("TcpExtTCPReqQFullDoCookies")),
@@ -961,6 +984,8 @@ fn flood_one(bins: &Bins, secs: u64, name: &'static str, cookies: u8, what: &'st
         lost,
         rss_kib: rss,
         counts,
+        violations: mono.violations.clone(),
+        absent,
     };
     for (n, o, kk) in &run.counts {
         println!("  {n}: socktrace {o:?}, kernel {kk:?}");

@@ -193,11 +193,25 @@ pub fn proc_mem(pid: u32) -> Option<(u64, u64)> {
 /// kprobes, cgroup skb filters) loaded right now. Called while none of the bench's own tracers
 /// runs, these belong to someone else — and they run on the benchmark's traffic too, invisible
 /// to the CPU noise monitor (their cost is charged to the load).
+///
+/// The programs of a tracer (or floor) that just stopped stay listed until the kernel frees them
+/// (deferred work after the last fd closes), so a non-zero count is read again for up to a second.
 pub fn foreign_bpf_programs() -> usize {
     const KINDS: &[&str] = &["tracepoint", "tracing", "raw_tracepoint", "kprobe", "cgroup_skb", "perf_event"];
-    let Ok(out) = Command::new("bpftool").args(["prog", "show", "--json"]).output() else { return 0 };
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    v.as_array().map_or(0, |a| a.iter().filter(|p| p["type"].as_str().is_some_and(|t| KINDS.contains(&t))).count())
+    let count = || {
+        let Ok(out) = Command::new("bpftool").args(["prog", "show", "--json"]).output() else { return 0 };
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        v.as_array().map_or(0, |a| a.iter().filter(|p| p["type"].as_str().is_some_and(|t| KINDS.contains(&t))).count())
+    };
+    let mut n = count();
+    for _ in 0..10 {
+        if n == 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        n = count();
+    }
+    n
 }
 
 /// Machine facts for the report header.

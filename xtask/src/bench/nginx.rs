@@ -90,7 +90,9 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
     let floors = FloorPoints::of(ctx)?;
     let mut runs: BTreeMap<Config, Vec<Run>> = BTreeMap::new();
     for rep in 0..ctx.reps {
-        for &c in &configs {
+        for k in 0..configs.len() {
+            // Rotate the order so no configuration always runs first (or after the same one).
+            let c = configs[(rep + k) % configs.len()];
             let r = one(ctx, &ns, &nginx, &script, c, &floors)?;
             println!(
                 "  rep {} {:<30} {:>7.0} req/s  wrk {:>5.1} nginx {:>5.1} tracer {:>5.1} µs/req  other load {:.2}  {}",
@@ -152,7 +154,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
          --json --netns <ns> > /dev/null`, and `bpftrace bench/accept-wait.bt` (tracepoints `sock:inet_sock_set_state` \
          and `syscalls:sys_exit_accept{{,4}}`, the accepted socket found through curtask's fd table, an in-kernel \
          log2 histogram; machine-wide, as a user would run it). {} repetitions, configurations alternating \
-         (A B C D E A B C D E …), after a 1 s untimed warm-up.\n\n",
+         the order rotated by one each repetition (A B C … G, B C … G A, …), after a 1 s untimed warm-up.\n\n",
         ctx.secs, ctx.reps
     );
     md.push_str(&t.markdown());
