@@ -139,6 +139,8 @@ struct Metrics {
     wait_unknown: Option<Counter>,
     /// SYN-drop checks settled late (the counted cgroup_skb hook only).
     syn_late: Option<Counter>,
+    /// Kernel reads that failed in a program: its event and counts were skipped.
+    read_errors: Counter,
 }
 
 impl Metrics {
@@ -178,6 +180,7 @@ impl Metrics {
             rows_lost: Counter::default(),
             wait_unknown: (agent.tracer.has(Signal::Accept) && agent.tracer.has(Signal::Enqueue)).then(Counter::default),
             syn_late: agent.tracer.syn_drops_settled().then(Counter::default),
+            read_errors: Counter::default(),
         };
         registry.register("accept_queue_length", "Connections in the accept queue now (sock_diag; the port's fullest socket)", m.queue_len.clone());
         registry.register("accept_queue_max", "Accept queue limit (listen backlog) of the port's fullest socket", m.queue_max.clone());
@@ -224,6 +227,11 @@ impl Metrics {
         if let Some(c) = &m.wait_unknown {
             registry.register("accepts_wait_unknown", "Accepts whose queue wait is unknown: queued before tracing started, or the ENQUEUED entry was evicted", c.clone());
         }
+        registry.register(
+            "kernel_read_errors",
+            "Kernel reads in socktrace's eBPF programs that failed (a pointer chain broke): that event and its counts were skipped",
+            m.read_errors.clone(),
+        );
         if let Some(c) = &m.syn_late {
             registry.register(
                 "syn_drop_checks_late",
@@ -290,6 +298,7 @@ impl Metrics {
         if let Some(c) = &self.syn_late {
             raise(c, agent.stats.get(stat::SYN_SETTLED_LATE));
         }
+        raise(&self.read_errors, agent.stats.get(stat::READ_ERRORS));
         let mut current = BTreeMap::new();
         let mut current_sockets = HashSet::new();
         let mut skipped = 0i64;

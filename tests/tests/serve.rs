@@ -148,6 +148,10 @@ fn prometheus_scrape_matches_kernel_overflow_counter() {
     let settled = socktrace_tests::probes_attached(&["--cgroup", &cg_path]).unwrap()["syn_drop"].1.iter().any(|a| a == "raw_tp/consume_skb");
     eprintln!("SYN-drop checks settled late: {late:?} (settled at the free: {settled})");
     assert_eq!(late.is_some(), settled, "socktrace_syn_drop_checks_late_total {late:?}");
+    // Failed kernel reads skip events: always exported, so a short count can say why.
+    let read_errors = metrics.lines().find_map(|l| l.strip_prefix("socktrace_kernel_read_errors_total ")).and_then(|v| v.trim().parse::<f64>().ok());
+    eprintln!("kernel read errors: {read_errors:?}");
+    assert!(read_errors.is_some(), "socktrace_kernel_read_errors_total missing");
 
     // Every query of the shipped Grafana dashboard is valid PromQL against these series.
     let dash: serde_json::Value =

@@ -884,6 +884,7 @@ fn flood_one(bins: &Bins, secs: u64, name: &'static str, cookies: u8, what: &'st
     let lost_before = metric(&body, "socktrace_events_lost_total", &[]);
     let late_before = metric(&body, "socktrace_syn_drop_checks_late_total", &[]);
     let missed_before = metric(&body, "socktrace_program_runs_missed_total", &[]);
+    let read_errors_before = metric(&body, "socktrace_kernel_read_errors_total", &[]);
     let kernel_before = counters(&b)?;
     let rx_before = rx_packets(&b);
     let cpu_before = cpu_secs(serve.pid());
@@ -952,6 +953,7 @@ fn flood_one(bins: &Bins, secs: u64, name: &'static str, cookies: u8, what: &'st
     let lost = metric(&body, "socktrace_events_lost_total", &[]) - lost_before;
     let late = (metric(&body, "socktrace_syn_drop_checks_late_total", &[]) - late_before) as i64;
     let missed = (metric(&body, "socktrace_program_runs_missed_total", &[]) - missed_before) as i64;
+    let read_errors = (metric(&body, "socktrace_kernel_read_errors_total", &[]) - read_errors_before) as i64;
     drop(server);
     stop_agent(serve, "serve")?;
     let hping_tail = String::from_utf8_lossy(&hping_out.stdout).lines().chain(String::from_utf8_lossy(&hping_out.stderr).lines()).filter(|l| l.contains("packets")).collect::<Vec<_>>().join(" ");
@@ -963,6 +965,7 @@ fn flood_one(bins: &Bins, secs: u64, name: &'static str, cookies: u8, what: &'st
         ("SYN drops (part of the above)", ours(1), None),
         ("SYN-drop checks settled late (all namespaces)", Some(late), None),
         ("program runs the kernel skipped (recursion, all programs)", Some(missed), None),
+        ("kernel reads that failed (events skipped, all programs)", Some(read_errors), None),
         ("ListenDrops", None, k("TcpExtListenDrops")),
         ("SyncookiesSent", None, k("TcpExtSyncookiesSent")),
         ("TCPReqQFullDoCookies", None, k("TcpExtTCPReqQFullDoCookies")),
