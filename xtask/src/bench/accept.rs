@@ -162,22 +162,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
 /// them (socktrace − floor), µs per connection, medians; and the best CPU ratio each mode could reach.
 fn floor_summary(runs: &BTreeMap<Config, Vec<Run>>, floors: &FloorPoints) -> String {
     let total = |c: Config| Summary::of(&runs[&c].iter().map(|x| (x.load.cpu_secs + x.tracer_cpu) / x.load.accepted.max(1) as f64 * 1e6).collect::<Vec<_>>()).median;
-    let base = total(Config::Untraced);
-    let line = |name: &str, tracer: Config, floor: Config| {
-        format!(
-            "- {name}: the hooks alone (empty programs) add {:+.2} µs per connection, **{:.3}× untraced** at best; socktrace adds {:+.2} µs above them ({:.3}×)\n",
-            total(floor) - base,
-            base / total(floor),
-            total(tracer) - total(floor),
-            base / total(tracer),
-        )
-    };
-    format!(
-        "Floors (empty programs attached by the bench with bpf(2) where the mode attaches socktrace's, `tp_btf` as `raw_tp`; {}):\n\n{}{}",
-        floors.describe(),
-        line("`serve`", Config::Serve, Config::Floor),
-        line("`serve --accept-hooks off`", Config::ServeOff, Config::FloorOff)
-    )
+    floors.summary("connection", total(Config::Untraced), [(total(Config::Serve), total(Config::Floor)), (total(Config::ServeOff), total(Config::FloorOff))])
 }
 
 /// The comparison table: one row per configuration, median [min–max] over the repetitions.

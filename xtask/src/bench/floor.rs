@@ -70,9 +70,25 @@ impl FloorPoints {
         if off { &self.off } else { &self.serve }
     }
 
-    /// One line per mode for the reports.
-    pub fn describe(&self) -> String {
-        format!("`serve`: {}; `--accept-hooks off`: {}", self.serve.join(", "), self.off.join(", "))
+    /// The report's floor lines, from median CPU µs per `unit` (connection, request): untraced,
+    /// then (socktrace, its floor) for `serve` and for `serve --accept-hooks off`.
+    pub fn summary(&self, unit: &str, untraced: f64, modes: [(f64, f64); 2]) -> String {
+        let line = |name: &str, (tracer, floor): (f64, f64)| {
+            format!(
+                "- {name}: the hooks alone (empty programs) add {:+.2} µs per {unit}, **{:.3}× untraced** at best; socktrace adds {:+.2} µs above them ({:.3}×)\n",
+                floor - untraced,
+                untraced / floor,
+                tracer - floor,
+                untraced / tracer,
+            )
+        };
+        format!(
+            "Floors (empty programs attached by the bench with bpf(2) where the mode attaches socktrace's, `tp_btf` as `raw_tp`; `serve`: {}; `--accept-hooks off`: {}):\n\n{}{}",
+            self.serve.join(", "),
+            self.off.join(", "),
+            line("`serve`", modes[0]),
+            line("`serve --accept-hooks off`", modes[1])
+        )
     }
 }
 

@@ -124,22 +124,8 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Section> {
     let off = added(Config::ServeOff);
     let ratio_off = if peer > 0.0 { format!("{:.2}", off / peer) } else { "-".into() };
     println!("serve --accept-hooks off adds {off:.2} µs/request: ratio {ratio_off}");
-    let base = Summary::of(&runs[&Config::Untraced].iter().map(Run::total_us).collect::<Vec<_>>()).median;
-    let floor_line = |name: &str, tracer: Config, floor: Config| {
-        format!(
-            "- {name}: the hooks alone (empty programs) add {:+.2} µs per request, **{:.3}× untraced** at best; socktrace adds {:+.2} µs above them ({:.3}×)\n",
-            added(floor),
-            base / (base + added(floor)),
-            added(tracer) - added(floor),
-            base / (base + added(tracer)),
-        )
-    };
-    let floors_md = format!(
-        "Floors (empty programs attached by the bench with bpf(2) where the mode attaches socktrace's, `tp_btf` as `raw_tp`; {}):\n\n{}{}",
-        floors.describe(),
-        floor_line("`serve`", Config::Serve, Config::Floor),
-        floor_line("`serve --accept-hooks off`", Config::ServeOff, Config::FloorOff)
-    );
+    let total = |c: Config| Summary::of(&runs[&c].iter().map(Run::total_us).collect::<Vec<_>>()).median;
+    let floors_md = floors.summary("request", total(Config::Untraced), [(total(Config::Serve), total(Config::Floor)), (total(Config::ServeOff), total(Config::FloorOff))]);
     println!("{floors_md}");
 
     let mut md = String::from("## Real server: nginx under wrk\n\n");
