@@ -241,7 +241,9 @@ impl Agent {
                 sockets.push((u32::try_from(k & u64::from(u32::MAX)).unwrap_or(0), s, peak));
             }
         }
-        let listeners_walk = Walk { inserts, live: present.len() as u64, deleted: self.rows_deleted };
+        // The rows seeded so far count as inserts; those seeded below (after the walk) are neither
+        // live nor inserted until the next walk: counting them now would report them evicted.
+        let listeners_walk = Walk { inserts: inserts + self.seeded, live: present.len() as u64, deleted: self.rows_deleted };
         // Rows read before and missing now were evicted (the agent forgets the rows it deletes).
         self.model.kernel_rows_present(&present);
         let diag = (self.diag)().map(|mut sample| {
@@ -281,7 +283,7 @@ impl Agent {
             (BoundedMap::Waits, Walk { inserts: waits_inserts, live: all_waits.len() as u64, deleted: self.waits_deleted }),
             (BoundedMap::Acceptors, Walk { inserts: acceptors_inserts, live: all_acceptors.len() as u64, deleted: self.acceptors_deleted }),
         ];
-        self.pressure.measure(&self.tracer.ebpf, &self.stats, &self.tracer.maps, &walked, self.seeded);
+        self.pressure.measure(&self.tracer.ebpf, &self.stats, &self.tracer.maps, &walked);
         Ok(())
     }
 

@@ -196,8 +196,9 @@ const WALK_SHARE: u32 = 50;
 impl Pressure {
     /// Measures every map. `walked`: maps the caller just walked itself (the agent does, reading
     /// them), each with its inserts read before that walk, the rows found and the rows the caller
-    /// deleted; the others are walked here. `seeded`: `LISTENERS` rows the agent created itself.
-    pub fn measure(&mut self, ebpf: &Ebpf, stats: &Stats, sizes: &MapSizes, walked: &[(BoundedMap, Walk)], seeded: u64) {
+    /// deleted; the others are walked here. A walked `LISTENERS` counts among its inserts the rows
+    /// the agent created itself before that walk (rows seeded after it are in neither number).
+    pub fn measure(&mut self, ebpf: &Ebpf, stats: &Stats, sizes: &MapSizes, walked: &[(BoundedMap, Walk)]) {
         let mut maps = Vec::with_capacity(BoundedMap::ALL.len());
         for m in BoundedMap::ALL {
             let capacity = m.capacity(sizes);
@@ -234,7 +235,6 @@ impl Pressure {
                 self.next_walk.insert(m.name(), Instant::now() + started.elapsed() * WALK_SHARE);
                 (inserts, live, None)
             };
-            let inserts = inserts + if m == BoundedMap::Listeners { seeded } else { 0 };
             // LISTENERS, WAITS and ACCEPTORS rows are deleted only by the agent, which counts them.
             let deletes = agent_deletes.unwrap_or_else(|| del.map_or(0, |d| stats.get(d)));
             let before = last.map_or(0, |u| u.evicted);

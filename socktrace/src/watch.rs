@@ -91,7 +91,7 @@ pub async fn run(mut tracer: Tracer, filter: Filter, json: bool, duration: Optio
     );
     // Bounded maps: what each held at the end and what it lost to eviction (pressure.rs).
     let mut pressure = Pressure::default();
-    pressure.measure(&tracer.ebpf, &stats, &tracer.maps, &[], 0);
+    pressure.measure(&tracer.ebpf, &stats, &tracer.maps, &[]);
     eprintln!(
         "socktrace: maps (entries/capacity): {}; {} accepts without a known queue wait (queued before tracing started, or evicted){}",
         pressure.summary(),

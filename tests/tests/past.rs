@@ -26,7 +26,11 @@ fn diagnose<'a>(ns: &'a NetNs, cg: &Cgroup, port: u16, secs: u32) -> Diagnose<'a
 /// short of the kernel's then says whether runs of our programs were missed).
 fn report(d: Diagnose, ns: &NetNs, port: u16) -> Value {
     let o = d.finish().unwrap();
-    eprintln!("diagnose: {} events lost, {} program runs missed", o.json["events_lost"], o.json["program_runs_missed"]);
+    eprintln!(
+        "diagnose: {} events lost, {} program runs missed, {} kernel reads failed, map evictions {}",
+        o.json["events_lost"], o.json["program_runs_missed"], o.json["kernel_read_errors"], o.json["map_evictions"]
+    );
+    o.assert_no_map_pressure();
     o.listener(ns.inode(), port)
 }
 

@@ -25,7 +25,7 @@ use crate::{
     system,
 };
 use rules::{Episode, Evidence, Finding, Point, SocketFacts, THRESHOLDS, Target};
-use socktrace_common::kind;
+use socktrace_common::{kind, stat};
 
 /// sock_diag / interval sampling period.
 pub const SAMPLE: Duration = Duration::from_millis(200);
@@ -305,6 +305,7 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
     let resets_before: BTreeMap<ListenerKey, u64> = agent.model.listeners.iter().map(|(k, l)| (*k, l.kernel_resets)).collect();
     let rows_lost_before = agent.model.rows_lost;
     let missed_before = agent.tracer.runs_missed();
+    let read_errors_before = agent.stats.get(stat::READ_ERRORS);
     let t0 = system::monotonic_ns();
     let t0_unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok().and_then(|d| u64::try_from(d.as_millis()).ok());
     // Only once the baseline counters are read: scripts start traffic on this line.
@@ -492,6 +493,8 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
     let rows_lost = agent.model.rows_lost - rows_lost_before.min(agent.model.rows_lost);
     // Program runs the kernel skipped during the window (None: it does not count them).
     let missed = agent.tracer.runs_missed().map(|n| n.saturating_sub(missed_before.unwrap_or(0)));
+    // Kernel reads that failed in our programs during the window (each skipped its event or count).
+    let read_errors = agent.stats.get(stat::READ_ERRORS).saturating_sub(read_errors_before);
     let pressure = (!evicted.is_empty() || rows_lost > 0).then(|| {
         let maps: Vec<String> = evicted.iter().map(|(m, n)| format!("{m} {n}")).collect();
         format!(
@@ -503,7 +506,7 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
         Format::Json => {
             serde_json::to_writer(
                 &mut out,
-                &serde_json::json!({ "window_s": window, "sock_diag": agent.diag_ok, "events_lost": agent.lost(), "program_runs_missed": missed, "untraced": untraced,
+                &serde_json::json!({ "window_s": window, "sock_diag": agent.diag_ok, "events_lost": agent.lost(), "program_runs_missed": missed, "kernel_read_errors": read_errors, "untraced": untraced,
                     "accept_hooks": agent.tracer.accept_hooks, "map_evictions": evicted, "listener_rows_lost": rows_lost, "listeners": reports }),
             )?;
             writeln!(out)?;
@@ -512,6 +515,11 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
             let missed_note = missed.filter(|n| *n > 0).map(|n| {
                 format!("the kernel skipped {n} runs of socktrace's programs during the window (another BPF program was running on that CPU): counts may be short by as many")
             });
+            let read_note = (read_errors > 0).then(|| format!("{read_errors} kernel reads failed in socktrace's programs during the window (each skipped its event or count): counts may be short by as many"));
+            let missed_note = match (missed_note, read_note) {
+                (Some(m), Some(r)) => Some(format!("{m}; {r}")),
+                (m, r) => m.or(r),
+            };
             let notes = HeaderNotes { why_untraced: agent.tracer.why_untraced(), pressure: pressure.as_deref(), missed: missed_note.as_deref() };
             print_reports(&mut out, &reports, format == Format::Markdown, window, agent.diag_ok, agent.lost(), &untraced, &notes)?;
         }

@@ -81,11 +81,15 @@ impl<'a> Attach<'a> {
 
     /// Stops `traffic` (drops it) [`QUIET`] before the window's end, then waits for the report.
     pub fn stop_and_finish<T>(self, traffic: T) -> Outcome {
-        self.diag.expect("traffic_running() attaches diagnose").stop_and_finish(traffic).unwrap()
+        let o = self.diag.expect("traffic_running() attaches diagnose").stop_and_finish(traffic).unwrap();
+        o.assert_no_map_pressure();
+        o
     }
 
     pub fn finish(self) -> Outcome {
-        self.diag.expect("traffic_running() attaches diagnose").finish().unwrap()
+        let o = self.diag.expect("traffic_running() attaches diagnose").finish().unwrap();
+        o.assert_no_map_pressure();
+        o
     }
 }
 
