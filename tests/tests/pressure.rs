@@ -354,6 +354,42 @@ fn more_listeners_than_the_default_map_holds() {
     drop(ls);
 }
 
+/// Listeners that appear while the tracer runs, idle long enough for the agent to seed their
+/// rows before any traffic, are no eviction: `diagnose` and `serve` report none (until
+/// 2026-12-05 each such listener read as 2 `LISTENERS` evictions, its seeded rows counted as
+/// inserts by the walk that could not yet find them).
+#[test]
+fn listeners_opened_while_tracing_are_not_evictions() {
+    if !privileged() {
+        return;
+    }
+    let n = 2 + u16::try_from(vary(5)).unwrap();
+    let base = 24500 + u16::try_from(vary(50)).unwrap() * 8;
+    let ns = NetNs::new("pnew").unwrap();
+    let nsi = ns.inode().to_string();
+    let serve = Serve::start(19480 + u16::try_from(vary(20)).unwrap(), &["--netns", &nsi]).unwrap();
+    let d = Socktrace::start(&["diagnose", "--json", "--netns", &nsi, "--duration", "5s"], "observing for").unwrap();
+    let ls = listeners(&ns, base, n);
+    // Two agent intervals with the listeners idle: both tracers seed their rows from sock_diag.
+    std::thread::sleep(Duration::from_millis(2500));
+    let clients: Vec<TcpStream> = (0..n).map(|i| connect(&ns, base + i)).collect();
+    for l in &ls {
+        l.set_nonblocking(true).unwrap();
+        while l.accept().is_ok() {}
+    }
+    let out = d.wait(Duration::from_secs(60)).unwrap();
+    let v: serde_json::Value = serde_json::from_str(out.last().unwrap()).unwrap();
+    let m = scrape(&serve);
+    drop(clients);
+    println!("{n} listeners opened in the window: diagnose map_evictions {}; serve LISTENERS evictions {}", v["map_evictions"], map_metric(&m, "socktrace_map_evictions_total", "LISTENERS"));
+    let seen = v["listeners"].as_array().unwrap().iter().filter(|l| l["netns"].to_string() == nsi).count();
+    assert_eq!(seen, usize::from(n), "diagnose reports each new listener: {v}");
+    assert_eq!(v["map_evictions"], serde_json::json!({}), "diagnose: {v}");
+    for map in ["LISTENERS", "WAITS", "ACCEPTORS"] {
+        assert_eq!(map_metric(&m, "socktrace_map_evictions_total", map), 0.0, "serve {map}");
+    }
+}
+
 /// `diagnose` says when the maps evicted during its window: children queued beyond
 /// `--map-pending` while it observes show up in `map_evictions`, and the text names them.
 #[test]

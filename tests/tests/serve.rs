@@ -152,6 +152,10 @@ fn prometheus_scrape_matches_kernel_overflow_counter() {
     let read_errors = metrics.lines().find_map(|l| l.strip_prefix("socktrace_kernel_read_errors_total ")).and_then(|v| v.trim().parse::<f64>().ok());
     eprintln!("kernel read errors: {read_errors:?}");
     assert!(read_errors.is_some(), "socktrace_kernel_read_errors_total missing");
+    // A listener that appeared after serve started is no eviction: the maps hold a few rows here.
+    let evictions: Vec<&str> = metrics.lines().filter(|l| l.starts_with("socktrace_map_evictions_total{")).collect();
+    assert!(!evictions.is_empty(), "socktrace_map_evictions_total missing");
+    assert!(evictions.iter().all(|l| l.ends_with(" 0")), "no map evicted anything: {evictions:?}");
 
     // Every query of the shipped Grafana dashboard is valid PromQL against these series.
     let dash: serde_json::Value =
