@@ -449,7 +449,14 @@ pub mod stat {
     pub const WAITS_INSERTS: u32 = 11;
     /// `ACCEPTORS` rows created (a thread's first accept from a socket); deleted only by the agent.
     pub const ACCEPTORS_INSERTS: u32 = 12;
-    pub const COUNT: u32 = 13;
+    /// `PAST` counts lost: the row was neither found nor created (its update failed), so one
+    /// segment or retransmit went uncounted. Shown as a loss, never a silent shortfall.
+    pub const PAST_LOST: u32 = 13;
+    /// Retransmits of a local client's SYN (socket in SYN_SENT) seen by the retransmit program,
+    /// before its `PAST` update: the program's own tally, to tell a count the map lost from a
+    /// retransmit the program never saw.
+    pub const CLIENT_SYN_SEEN: u32 = 14;
+    pub const COUNT: u32 = 15;
 }
 
 #[cfg(feature = "user")]

@@ -74,10 +74,10 @@ pub fn bump(key: &PastKey) {
     // BPF_NOEXIST: another CPU may have created it meanwhile; then add to that one.
     if PAST.insert(key, &1, 1).is_ok() {
         count(stat::PAST_INSERTS);
+    } else if let Some(v) = PAST.get_ptr_mut(key) {
+        // SAFETY: as above.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(v, 1) };
     } else {
-        if let Some(v) = PAST.get_ptr_mut(key) {
-            // SAFETY: as above.
-            unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(v, 1) };
-        }
+        count(stat::PAST_LOST);
     }
 }

@@ -62,6 +62,7 @@ fn count_client_syn(sk: u64) -> Result<(), i64> {
     if state != TCP_SYN_SENT {
         return Ok(());
     }
+    count(stat::CLIENT_SYN_SEEN);
     let mut key = PastKey::ZERO;
     key.netns = netns_of(sk)?;
     let dport: u16 = read(sk, off!(skc_dport))?;

@@ -27,10 +27,11 @@ fn diagnose<'a>(ns: &'a NetNs, cg: &Cgroup, port: u16, secs: u32) -> Diagnose<'a
 fn report(d: Diagnose, ns: &NetNs, port: u16) -> Value {
     let o = d.finish().unwrap();
     eprintln!(
-        "diagnose: {} events lost, {} program runs missed, {} kernel reads failed, map evictions {}",
-        o.json["events_lost"], o.json["program_runs_missed"], o.json["kernel_read_errors"], o.json["map_evictions"]
+        "diagnose: {} events lost, {} program runs missed, {} kernel reads failed, {} PAST updates failed, map evictions {}; {} client SYN retransmits seen (every namespace)",
+        o.json["events_lost"], o.json["program_runs_missed"], o.json["kernel_read_errors"], o.json["past_counts_lost"], o.json["map_evictions"], o.json["client_syn_retransmits_seen"]
     );
     o.assert_no_map_pressure();
+    assert_eq!(o.json["past_counts_lost"], 0, "every PAST update found or created its row");
     o.listener(ns.inode(), port)
 }
 

@@ -306,6 +306,8 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
     let rows_lost_before = agent.model.rows_lost;
     let missed_before = agent.tracer.runs_missed();
     let read_errors_before = agent.stats.get(stat::READ_ERRORS);
+    let past_lost_before = agent.stats.get(stat::PAST_LOST);
+    let syn_seen_before = agent.stats.get(stat::CLIENT_SYN_SEEN);
     let t0 = system::monotonic_ns();
     let t0_unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok().and_then(|d| u64::try_from(d.as_millis()).ok());
     // Only once the baseline counters are read: scripts start traffic on this line.
@@ -495,6 +497,11 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
     let missed = agent.tracer.runs_missed().map(|n| n.saturating_sub(missed_before.unwrap_or(0)));
     // Kernel reads that failed in our programs during the window (each skipped its event or count).
     let read_errors = agent.stats.get(stat::READ_ERRORS).saturating_sub(read_errors_before);
+    // PAST updates that failed (a netfilter drop, unbound SYN or client SYN retransmit uncounted),
+    // and the client SYN retransmits the program saw in every namespace (a cross-check of the
+    // per-port counts against the kernel's TcpExtTCPSynRetrans, which also counts SYN-ACKs).
+    let past_lost = agent.stats.get(stat::PAST_LOST).saturating_sub(past_lost_before);
+    let syn_seen = agent.stats.get(stat::CLIENT_SYN_SEEN).saturating_sub(syn_seen_before);
     let pressure = (!evicted.is_empty() || rows_lost > 0).then(|| {
         let maps: Vec<String> = evicted.iter().map(|(m, n)| format!("{m} {n}")).collect();
         format!(
@@ -506,7 +513,7 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
         Format::Json => {
             serde_json::to_writer(
                 &mut out,
-                &serde_json::json!({ "window_s": window, "sock_diag": agent.diag_ok, "events_lost": agent.lost(), "program_runs_missed": missed, "kernel_read_errors": read_errors, "untraced": untraced,
+                &serde_json::json!({ "window_s": window, "sock_diag": agent.diag_ok, "events_lost": agent.lost(), "program_runs_missed": missed, "kernel_read_errors": read_errors, "past_counts_lost": past_lost, "client_syn_retransmits_seen": syn_seen, "untraced": untraced,
                     "accept_hooks": agent.tracer.accept_hooks, "map_evictions": evicted, "listener_rows_lost": rows_lost, "listeners": reports }),
             )?;
             writeln!(out)?;
@@ -515,7 +522,9 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
             let missed_note = missed.filter(|n| *n > 0).map(|n| {
                 format!("the kernel skipped {n} runs of socktrace's programs during the window (another BPF program was running on that CPU): counts may be short by as many")
             });
-            let read_note = (read_errors > 0).then(|| format!("{read_errors} kernel reads failed in socktrace's programs during the window (each skipped its event or count): counts may be short by as many"));
+            let read_note = (read_errors > 0 || past_lost > 0).then(|| {
+                format!("{read_errors} kernel reads and {past_lost} map updates failed in socktrace's programs during the window (each skipped its event or count): counts may be short by as many")
+            });
             let missed_note = match (missed_note, read_note) {
                 (Some(m), Some(r)) => Some(format!("{m}; {r}")),
                 (m, r) => m.or(r),
