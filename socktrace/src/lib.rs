@@ -13,6 +13,7 @@ pub mod diagnose;
 pub mod event;
 pub mod filter;
 pub mod generate;
+pub mod kprobe_missed;
 pub mod listeners;
 pub mod model;
 pub mod offsets;

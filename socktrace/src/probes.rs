@@ -756,9 +756,15 @@ impl Tracer {
     /// Runs of this tracer's programs the kernel skipped because another BPF program was already
     /// running on that CPU (e.g. a softirq interrupting one): `recursion_misses` in each loaded
     /// program's fdinfo (Linux 5.12+; kprobe and tracepoint programs count theirs since 6.7).
-    /// Their events and counts are missing. `None` where the kernel does not report it.
+    /// Their events and counts are missing. `None` where the kernel does not report it. Kprobe
+    /// hooks add the runs the kprobe layer skipped before any program was called (a kprobe hit
+    /// inside another's handler; [`crate::kprobe_missed`], Linux 6.7+).
     pub fn runs_missed(&self) -> Option<u64> {
         let mut total = None;
+        if self.report.iter().any(|r| r.hook == Some("kprobe")) {
+            let ids: Vec<u32> = self.ebpf.programs().filter_map(|(_, p)| p.info().ok()).map(|i| i.id()).collect();
+            total = crate::kprobe_missed::kprobe_missed(&ids);
+        }
         for (_, prog) in self.ebpf.programs() {
             let Ok(fd) = prog.fd() else { continue };
             let Ok(text) = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd())) else { continue };
