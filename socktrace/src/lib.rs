@@ -12,6 +12,7 @@ pub mod cli;
 pub mod diagnose;
 pub mod event;
 pub mod filter;
+pub mod foreign;
 pub mod generate;
 pub mod kprobe_missed;
 pub mod listeners;

@@ -762,7 +762,7 @@ impl Tracer {
     pub fn runs_missed(&self) -> Option<u64> {
         let mut total = None;
         if self.report.iter().any(|r| r.hook == Some("kprobe")) {
-            let ids: Vec<u32> = self.ebpf.programs().filter_map(|(_, p)| p.info().ok()).map(|i| i.id()).collect();
+            let ids: Vec<u32> = self.program_ids().into_iter().collect();
             total = crate::kprobe_missed::kprobe_missed(&ids);
         }
         for (_, prog) in self.ebpf.programs() {
@@ -773,6 +773,11 @@ impl Tracer {
             }
         }
         total
+    }
+
+    /// The kernel's ids of this tracer's loaded programs.
+    pub fn program_ids(&self) -> BTreeSet<u32> {
+        self.ebpf.programs().filter_map(|(_, p)| p.info().ok()).map(|i| i.id()).collect()
     }
 
     /// Whether SYN drops are confirmed at the SYN's free (the counted cgroup_skb hook), the one

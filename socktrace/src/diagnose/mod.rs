@@ -308,6 +308,9 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
     let read_errors_before = agent.stats.get(stat::READ_ERRORS);
     let past_lost_before = agent.stats.get(stat::PAST_LOST);
     let syn_seen_before = agent.stats.get(stat::CLIENT_SYN_SEEN);
+    let past_inserts_before = agent.stats.get(stat::PAST_INSERTS);
+    // Other BPF programs coming and going during the window (see `foreign`).
+    let mut census = crate::foreign::Census::new(agent.tracer.program_ids());
     let t0 = system::monotonic_ns();
     let t0_unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok().and_then(|d| u64::try_from(d.as_millis()).ok());
     // Only once the baseline counters are read: scripts start traffic on this line.
@@ -321,13 +324,17 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
     loop {
         tokio::select! {
             r = agent.pump() => r?,
-            _ = ticker.tick() => take_interval(&mut agent, &mut accs, &mut before, &mut paths)?,
+            _ = ticker.tick() => {
+                census.sample();
+                take_interval(&mut agent, &mut accs, &mut before, &mut paths)?;
+            }
             () = &mut deadline => break,
             _ = sigint.recv() => break,
         }
     }
     // The part of the window since the last sample counts too (the counters' "after" includes it).
     take_interval(&mut agent, &mut accs, &mut before, &mut paths)?;
+    census.sample();
     let past_after = agent.past_counts()?;
     let window = (system::monotonic_ns() - t0) as f64 / 1e9;
     let now = system::monotonic_ns();
@@ -502,6 +509,10 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
     // per-port counts against the kernel's TcpExtTCPSynRetrans, which also counts SYN-ACKs).
     let past_lost = agent.stats.get(stat::PAST_LOST).saturating_sub(past_lost_before);
     let syn_seen = agent.stats.get(stat::CLIENT_SYN_SEEN).saturating_sub(syn_seen_before);
+    // PAST rows created in the window against the rows that are new at its end: more created
+    // than there are new rows means rows were evicted (LRU) and created again, their counts lost.
+    let past_created = agent.stats.get(stat::PAST_INSERTS).saturating_sub(past_inserts_before);
+    let past_new = past_after.counts.keys().filter(|k| !past_before.counts.contains_key(k)).count() as u64;
     let pressure = (!evicted.is_empty() || rows_lost > 0).then(|| {
         let maps: Vec<String> = evicted.iter().map(|(m, n)| format!("{m} {n}")).collect();
         format!(
@@ -513,7 +524,7 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
         Format::Json => {
             serde_json::to_writer(
                 &mut out,
-                &serde_json::json!({ "window_s": window, "sock_diag": agent.diag_ok, "events_lost": agent.lost(), "program_runs_missed": missed, "kernel_read_errors": read_errors, "past_counts_lost": past_lost, "client_syn_retransmits_seen": syn_seen, "untraced": untraced,
+                &serde_json::json!({ "window_s": window, "sock_diag": agent.diag_ok, "events_lost": agent.lost(), "program_runs_missed": missed, "kernel_read_errors": read_errors, "past_counts_lost": past_lost, "past_rows_created": past_created, "past_rows_new": past_new, "other_bpf_programs_changed": census.changes, "client_syn_retransmits_seen": syn_seen, "untraced": untraced,
                     "accept_hooks": agent.tracer.accept_hooks, "map_evictions": evicted, "listener_rows_lost": rows_lost, "listeners": reports }),
             )?;
             writeln!(out)?;
@@ -525,10 +536,14 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
             let read_note = (read_errors > 0 || past_lost > 0).then(|| {
                 format!("{read_errors} kernel reads and {past_lost} map updates failed in socktrace's programs during the window (each skipped its event or count): counts may be short by as many")
             });
-            let missed_note = match (missed_note, read_note) {
-                (Some(m), Some(r)) => Some(format!("{m}; {r}")),
-                (m, r) => m.or(r),
-            };
+            let foreign_note = (census.changes > 0).then(|| {
+                format!(
+                    "{} other BPF programs were loaded or unloaded during the window: while another tracer attaches to or detaches from the same tracepoints, this kernel can skip runs of socktrace's programs without counting them — counts may be short; diagnose again when it is quiet",
+                    census.changes
+                )
+            });
+            let notes: Vec<String> = [missed_note, read_note, foreign_note].into_iter().flatten().collect();
+            let missed_note = (!notes.is_empty()).then(|| notes.join("; "));
             let notes = HeaderNotes { why_untraced: agent.tracer.why_untraced(), pressure: pressure.as_deref(), missed: missed_note.as_deref() };
             print_reports(&mut out, &reports, format == Format::Markdown, window, agent.diag_ok, agent.lost(), &untraced, &notes)?;
         }
