@@ -4,8 +4,10 @@
 //! tracepoint programs miss runs for a moment, with no recursion miss counted: 3 of 12 diagnose
 //! windows lost 17–74 netfilter drops or SYN retransmits that way, none of about 100 windows
 //! without that churn (docs/BENCHMARKS.md, "Runs lost while other tracers attach"). The kernel
-//! reports no such loss, so `diagnose` watches for its cause instead: the set of loaded program
-//! ids, taken every sample (`BPF_PROG_GET_NEXT_ID`, one syscall per program, no fd opened).
+//! reports no such loss, so `diagnose` (every 200 ms sample) and `serve` (every second and at
+//! each scrape) watch for its cause instead: the set of loaded program ids
+//! (`BPF_PROG_GET_NEXT_ID`, one syscall per program, no fd opened). A program loaded and
+//! unloaded between two samples is not seen.
 
 use std::collections::BTreeSet;
 

@@ -141,6 +141,8 @@ struct Metrics {
     syn_late: Option<Counter>,
     /// Kernel reads that failed in a program: its event and counts were skipped.
     read_errors: Counter,
+    /// Other BPF programs seen loaded or unloaded (`foreign`): counts may be short meanwhile.
+    foreign: Counter,
 }
 
 impl Metrics {
@@ -181,6 +183,7 @@ impl Metrics {
             wait_unknown: (agent.tracer.has(Signal::Accept) && agent.tracer.has(Signal::Enqueue)).then(Counter::default),
             syn_late: agent.tracer.syn_drops_settled().then(Counter::default),
             read_errors: Counter::default(),
+            foreign: Counter::default(),
         };
         registry.register("accept_queue_length", "Connections in the accept queue now (sock_diag; the port's fullest socket)", m.queue_len.clone());
         registry.register("accept_queue_max", "Accept queue limit (listen backlog) of the port's fullest socket", m.queue_max.clone());
@@ -227,6 +230,11 @@ impl Metrics {
         if let Some(c) = &m.wait_unknown {
             registry.register("accepts_wait_unknown", "Accepts whose queue wait is unknown: queued before tracing started, or the ENQUEUED entry was evicted", c.clone());
         }
+        registry.register(
+            "other_bpf_programs_changed",
+            "Other BPF programs seen loaded or unloaded (sampled every second): while another tracer attaches to or detaches from the same tracepoints this kernel can skip runs of socktrace's programs uncounted, so counts may be short then",
+            m.foreign.clone(),
+        );
         registry.register(
             "kernel_read_errors",
             "Kernel reads in socktrace's eBPF programs that failed (a pointer chain broke): that event and its counts were skipped",
@@ -463,10 +471,16 @@ pub async fn run(mut agent: Agent, opts: ServeOptions) -> anyhow::Result<()> {
     eprintln!("socktrace: serving http://{}/metrics", opts.listen);
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
+    // Other BPF programs coming and going (see `foreign`), sampled every second.
+    let mut census = crate::foreign::Census::new(agent.tracer.program_ids());
+    let mut census_tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             r = agent.pump() => r?,
+            _ = census_tick.tick() => census.sample(),
             Some(reply) = rx.recv() => {
+                census.sample();
+                raise(&metrics.foreign, census.changes);
                 let body = metrics.update(&mut agent, opts.max_listeners).and_then(|()| metrics.encode());
                 let _ = reply.send(body.map_err(|e| format!("{e:#}")));
             }

@@ -833,7 +833,11 @@ fn flood(ctx: &Ctx, bins: &Bins, secs: u64) -> anyhow::Result<Report> {
             r.violations.is_empty() && r.absent == 0,
         );
         if let Some((_, Some(ours), Some(kernel))) = r.counts.iter().find(|x| x.0 == "SYN-ACK retransmits (TCPSynRetrans)") {
-            c.add(&format!("{}: SYN-ACK retransmits vs TCPSynRetrans", r.name), format!("{ours} vs {kernel}"), "equal", ours == kernel);
+            // Another tracer attaching meanwhile can make the kernel skip runs of ours, uncounted
+            // (docs/BENCHMARKS.md, "Runs lost while other tracers attach"): then never more.
+            let churn = r.counts.iter().find(|x| x.0.starts_with("other BPF programs")).and_then(|x| x.1).unwrap_or(0);
+            let (bound, ok) = if churn > 0 { ("≤ (other BPF programs came and went)", ours <= kernel) } else { ("equal", ours == kernel) };
+            c.add(&format!("{}: SYN-ACK retransmits vs TCPSynRetrans", r.name), format!("{ours} vs {kernel}"), bound, ok);
         }
     }
     let checks = c.table();
@@ -885,6 +889,7 @@ fn flood_one(bins: &Bins, secs: u64, name: &'static str, cookies: u8, what: &'st
     let late_before = metric(&body, "socktrace_syn_drop_checks_late_total", &[]);
     let missed_before = metric(&body, "socktrace_program_runs_missed_total", &[]);
     let read_errors_before = metric(&body, "socktrace_kernel_read_errors_total", &[]);
+    let foreign_before = metric(&body, "socktrace_other_bpf_programs_changed_total", &[]);
     let kernel_before = counters(&b)?;
     let rx_before = rx_packets(&b);
     let cpu_before = cpu_secs(serve.pid());
@@ -954,6 +959,7 @@ fn flood_one(bins: &Bins, secs: u64, name: &'static str, cookies: u8, what: &'st
     let late = (metric(&body, "socktrace_syn_drop_checks_late_total", &[]) - late_before) as i64;
     let missed = (metric(&body, "socktrace_program_runs_missed_total", &[]) - missed_before) as i64;
     let read_errors = (metric(&body, "socktrace_kernel_read_errors_total", &[]) - read_errors_before) as i64;
+    let foreign = (metric(&body, "socktrace_other_bpf_programs_changed_total", &[]) - foreign_before) as i64;
     drop(server);
     stop_agent(serve, "serve")?;
     let hping_tail = String::from_utf8_lossy(&hping_out.stdout).lines().chain(String::from_utf8_lossy(&hping_out.stderr).lines()).filter(|l| l.contains("packets")).collect::<Vec<_>>().join(" ");
@@ -966,6 +972,7 @@ fn flood_one(bins: &Bins, secs: u64, name: &'static str, cookies: u8, what: &'st
         ("SYN-drop checks settled late (all namespaces)", Some(late), None),
         ("program runs the kernel skipped (recursion, all programs)", Some(missed), None),
         ("kernel reads that failed (events skipped, all programs)", Some(read_errors), None),
+        ("other BPF programs loaded or unloaded (runs of ours may be skipped meanwhile)", Some(foreign), None),
         ("ListenDrops", None, k("TcpExtListenDrops")),
         ("SyncookiesSent", None, k("TcpExtSyncookiesSent")),
         ("TCPReqQFullDoCookies", None, k("TcpExtTCPReqQFullDoCookies")),
