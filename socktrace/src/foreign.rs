@@ -11,31 +11,9 @@
 
 use std::collections::BTreeSet;
 
-const BPF_PROG_GET_NEXT_ID: libc::c_long = 11;
-
-/// The `bpf_attr` of `BPF_PROG_GET_NEXT_ID`, zero-padded.
-#[repr(C)]
-#[derive(Default)]
-struct NextId {
-    start_id: u32,
-    next_id: u32,
-    open_flags: u32,
-    _pad: [u32; 13],
-}
-
 /// Ids of every loaded BPF program (empty when bpf(2) refuses the walk).
 pub fn program_ids() -> BTreeSet<u32> {
-    let mut ids = BTreeSet::new();
-    let mut attr = NextId::default();
-    let size = libc::c_uint::try_from(size_of::<NextId>()).unwrap_or(0);
-    loop {
-        // SAFETY: `attr` is a zero-padded `bpf_attr` prefix, valid for the call and `size` bytes long.
-        let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_GET_NEXT_ID, std::ptr::from_mut(&mut attr).cast::<libc::c_void>(), size) };
-        if r < 0 || !ids.insert(attr.next_id) {
-            return ids;
-        }
-        attr.start_id = attr.next_id;
-    }
+    crate::bpf_sys::ids(crate::bpf_sys::BPF_PROG_GET_NEXT_ID)
 }
 
 /// Counts the other programs that came or went between samples.
