@@ -5,11 +5,14 @@
 //! windows lost 17–74 netfilter drops or SYN retransmits that way, none of about 100 windows
 //! without that churn (docs/BENCHMARKS.md, "Runs lost while other tracers attach"). The kernel
 //! reports no such loss, so `diagnose` (every 200 ms sample) and `serve` (every second and at
-//! each scrape) watch for its cause instead: the set of loaded program ids
-//! (`BPF_PROG_GET_NEXT_ID`, one syscall per program, no fd opened). A program loaded and
-//! unloaded between two samples is not seen.
+//! each scrape) watch for its cause instead. They read the kernel's own record of every program
+//! load and unload (`bpf_events`), which misses none, however short-lived. Where that stream
+//! cannot be opened they compare the set of loaded program ids between samples
+//! (`BPF_PROG_GET_NEXT_ID`), which misses a program loaded and unloaded between two samples.
 
 use std::collections::BTreeSet;
+
+use crate::bpf_events::{BpfEvents, Record};
 
 /// Ids of every loaded BPF program (empty when bpf(2) refuses the walk).
 pub fn program_ids() -> BTreeSet<u32> {
@@ -17,26 +20,72 @@ pub fn program_ids() -> BTreeSet<u32> {
 }
 
 /// Counts the other programs that came or went between samples.
-#[derive(Debug, Default)]
 pub struct Census {
     own: BTreeSet<u32>,
-    last: BTreeSet<u32>,
-    /// Programs not ours that were loaded or unloaded since the first sample.
+    pid: u32,
+    source: Source,
+    /// Programs not ours that were loaded or unloaded since the census started.
     pub changes: u64,
 }
 
+enum Source {
+    /// Every load and unload, from the kernel.
+    Events(BpfEvents),
+    /// The loaded ids at the last sample.
+    Ids(BTreeSet<u32>),
+}
+
 impl Census {
-    /// Starts from the programs loaded now; `own`: this tracer's program ids.
+    /// Starts now; `own`: this tracer's program ids (programs this process loads later are
+    /// its own too).
     pub fn new(own: BTreeSet<u32>) -> Census {
-        Census { own, last: program_ids(), changes: 0 }
+        let source = match BpfEvents::open() {
+            Ok(events) => Source::Events(events),
+            Err(e) => {
+                eprintln!("socktrace: {e}; other BPF programs are counted from samples of the loaded ids, which miss one that comes and goes between two");
+                Source::Ids(program_ids())
+            }
+        };
+        Census { own, pid: std::process::id(), source, changes: 0 }
+    }
+
+    /// Whether every load and unload is seen (false: only those that outlive a sample).
+    pub fn exact(&self) -> bool {
+        matches!(self.source, Source::Events(_))
     }
 
     /// Takes a sample: adds the programs loaded or unloaded since the last one (ours excepted).
     pub fn sample(&mut self) {
-        let now = program_ids();
-        self.changes += changed(&self.last, &now, &self.own);
-        self.last = now;
+        match &mut self.source {
+            Source::Events(events) => self.changes += count(&events.drain(), self.pid, &mut self.own),
+            Source::Ids(last) => {
+                let now = program_ids();
+                self.changes += changed(last, &now, &self.own);
+                *last = now;
+            }
+        }
     }
+}
+
+/// Loads and unloads in `records` not by process `pid` nor of its programs `own` (which its
+/// loads join); a record loss counts as that many changes.
+fn count(records: &[Record], pid: u32, own: &mut BTreeSet<u32>) -> u64 {
+    // Loads first: the CPUs' rings are read one after the other, so a program's unload can be
+    // read before its load.
+    for r in records {
+        if let Record::Prog { load: true, id, pid: p } = *r
+            && p == pid
+        {
+            own.insert(id);
+        }
+    }
+    records
+        .iter()
+        .map(|r| match *r {
+            Record::Prog { id, .. } => u64::from(!own.contains(&id)),
+            Record::Lost(n) => n,
+        })
+        .sum()
 }
 
 /// Ids in one set and not the other, ours excepted.
@@ -48,11 +97,26 @@ fn changed(before: &BTreeSet<u32>, after: &BTreeSet<u32>, own: &BTreeSet<u32>) -
 mod tests {
     use super::*;
 
+    fn set(v: &[u32]) -> BTreeSet<u32> {
+        v.iter().copied().collect()
+    }
+
     #[test]
     fn counts_what_came_and_went_but_not_ours() {
-        let set = |v: &[u32]| v.iter().copied().collect::<BTreeSet<u32>>();
         assert_eq!(changed(&set(&[1, 2, 3]), &set(&[1, 2, 3]), &set(&[])), 0);
         // 3 unloaded, 7 and 8 loaded; 8 is ours.
         assert_eq!(changed(&set(&[1, 2, 3]), &set(&[1, 2, 7, 8]), &set(&[8])), 2);
+    }
+
+    #[test]
+    fn counts_every_load_and_unload_of_others() {
+        let prog = |load, id, pid| Record::Prog { load, id, pid };
+        let mut own = set(&[5]);
+        // Another process's program 9 came and went (2); ours (5) went; we loaded 10 and its
+        // unload was read first; 3 records were lost.
+        let records = [prog(true, 9, 200), prog(false, 5, 100), prog(false, 10, 100), prog(true, 10, 100), prog(false, 9, 0), Record::Lost(3)];
+        assert_eq!(count(&records, 100, &mut own), 2 + 3);
+        assert_eq!(own, set(&[5, 10]));
+        assert_eq!(count(&[], 100, &mut own), 0);
     }
 }

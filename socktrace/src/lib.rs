@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod batch;
+pub mod bpf_events;
 pub mod bpf_sys;
 pub mod cli;
 pub mod diagnose;

@@ -232,7 +232,7 @@ impl Metrics {
         }
         registry.register(
             "other_bpf_programs_changed",
-            "Other BPF programs seen loaded or unloaded (sampled every second): while another tracer attaches to or detaches from the same tracepoints this kernel can skip runs of socktrace's programs uncounted, so counts may be short then",
+            "Other BPF programs loaded or unloaded (every one the kernel reports; where it cannot report them, those seen in samples of the loaded ids every second): while another tracer attaches to or detaches from the same tracepoints this kernel can skip runs of socktrace's programs uncounted, so counts may be short then",
             m.foreign.clone(),
         );
         registry.register(
@@ -471,7 +471,7 @@ pub async fn run(mut agent: Agent, opts: ServeOptions) -> anyhow::Result<()> {
     eprintln!("socktrace: serving http://{}/metrics", opts.listen);
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
-    // Other BPF programs coming and going (see `foreign`), sampled every second.
+    // Other BPF programs coming and going (see `foreign`): read every second and at each scrape.
     let mut census = crate::foreign::Census::new(agent.tracer.program_ids());
     let mut census_tick = tokio::time::interval(Duration::from_secs(1));
     loop {

@@ -45,6 +45,8 @@ fn report_and_churn(d: Diagnose, ns: &NetNs, port: u16) -> (Value, u64) {
     o.assert_no_map_pressure();
     assert_eq!(o.json["past_counts_lost"], 0, "every PAST update found or created its row");
     let churn = o.json["other_bpf_programs_changed"].as_u64().expect("diagnose reports other programs' churn");
+    // Every kernel here (5.10+) reports each load and unload, so a retry is never missed.
+    assert_eq!(o.json["other_bpf_programs_exact"], true, "other programs counted from the kernel's BPF events");
     (o.listener(ns.inode(), port), churn)
 }
 

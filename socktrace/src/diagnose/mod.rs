@@ -524,7 +524,7 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
         Format::Json => {
             serde_json::to_writer(
                 &mut out,
-                &serde_json::json!({ "window_s": window, "sock_diag": agent.diag_ok, "events_lost": agent.lost(), "program_runs_missed": missed, "kernel_read_errors": read_errors, "past_counts_lost": past_lost, "past_rows_created": past_created, "past_rows_new": past_new, "other_bpf_programs_changed": census.changes, "client_syn_retransmits_seen": syn_seen, "untraced": untraced,
+                &serde_json::json!({ "window_s": window, "sock_diag": agent.diag_ok, "events_lost": agent.lost(), "program_runs_missed": missed, "kernel_read_errors": read_errors, "past_counts_lost": past_lost, "past_rows_created": past_created, "past_rows_new": past_new, "other_bpf_programs_changed": census.changes, "other_bpf_programs_exact": census.exact(), "client_syn_retransmits_seen": syn_seen, "untraced": untraced,
                     "accept_hooks": agent.tracer.accept_hooks, "map_evictions": evicted, "listener_rows_lost": rows_lost, "listeners": reports }),
             )?;
             writeln!(out)?;
