@@ -26,6 +26,7 @@ use crate::{
     batch,
     event::{self, Record},
     filter::Filter,
+    foreign::Census,
     model::{DiagSample, ListenerKey, Model},
     pressure::{BoundedMap, Pressure, Walk},
     probes::{Signal, Tracer},
@@ -72,6 +73,11 @@ pub struct Agent {
     acceptors_deleted: u64,
     /// Evictions from the bounded maps, measured at every interval.
     pub pressure: Pressure,
+    /// Other BPF programs loaded or unloaded since the agent started (`foreign`), read when an
+    /// interval closes (and whenever a view samples it in between).
+    pub census: Census,
+    /// How many of those came or went in the last interval.
+    pub foreign_in_interval: u64,
 }
 
 /// The `PAST` map at one instant, and which of its classes are counted on this kernel.
@@ -102,6 +108,7 @@ impl Agent {
         let mute = [kind::ACCEPT, kind::LISTEN_OVERFLOW, kind::SYN_DROP, kind::RETRANSMIT, kind::SYNACK_RETRANSMIT]
             .iter()
             .fold(0u32, |m, k| m | (1 << k));
+        let census = Census::new(tracer.program_ids());
         let mut agent = Agent {
             tracer,
             ring,
@@ -125,6 +132,8 @@ impl Agent {
             waits_deleted: 0,
             acceptors_deleted: 0,
             pressure: Pressure::default(),
+            census,
+            foreign_in_interval: 0,
         };
         agent.runs_missed = agent.tracer.runs_missed();
         agent.write_control()?;
@@ -228,6 +237,9 @@ impl Agent {
         let mut present = HashSet::new();
         self.kernel_read_ns = system::monotonic_ns();
         self.runs_missed = self.tracer.runs_missed();
+        let foreign_before = self.census.changes;
+        self.census.sample();
+        self.foreign_in_interval = self.census.changes - foreign_before;
         // Inserts before the walk, deletes after it: the eviction count stays a lower bound
         // (pressure.rs).
         let inserts = self.stats.get(stat::LISTENERS_INSERTS);
@@ -350,11 +362,17 @@ impl Agent {
 
     /// `; N PROGRAM RUNS MISSED …` for the views' header lines when the kernel skipped runs of
     /// our programs (empty otherwise, and where the kernel does not count them).
+    /// So is another tracer's coming and going in the last interval (see `foreign`).
     pub fn missed_note(&self) -> String {
-        match self.runs_missed {
+        let missed = match self.runs_missed {
             Some(n) if n > 0 => format!("; {n} PROGRAM RUNS MISSED (another BPF program was running on that CPU): counts may be short"),
             _ => String::new(),
-        }
+        };
+        let foreign = match self.foreign_in_interval {
+            0 => String::new(),
+            n => format!("; {n} OTHER BPF PROGRAMS LOADED OR UNLOADED this interval (the kernel can skip runs of ours meanwhile): counts may be short"),
+        };
+        missed + &foreign
     }
 }
 

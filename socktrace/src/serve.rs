@@ -286,6 +286,7 @@ impl Metrics {
     /// Closes an interval and brings every series up to date.
     fn update(&mut self, agent: &mut Agent, max_listeners: usize) -> anyhow::Result<()> {
         agent.close_interval()?;
+        raise(&self.foreign, agent.census.changes);
         let lost = agent.lost();
         self.lost.inc_by(lost.saturating_sub(self.lost_seen));
         self.lost_seen = lost;
@@ -472,15 +473,12 @@ pub async fn run(mut agent: Agent, opts: ServeOptions) -> anyhow::Result<()> {
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
     // Other BPF programs coming and going (see `foreign`): read every second and at each scrape.
-    let mut census = crate::foreign::Census::new(agent.tracer.program_ids());
     let mut census_tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             r = agent.pump() => r?,
-            _ = census_tick.tick() => census.sample(),
+            _ = census_tick.tick() => agent.census.sample(),
             Some(reply) = rx.recv() => {
-                census.sample();
-                raise(&metrics.foreign, census.changes);
                 let body = metrics.update(&mut agent, opts.max_listeners).and_then(|()| metrics.encode());
                 let _ = reply.send(body.map_err(|e| format!("{e:#}")));
             }

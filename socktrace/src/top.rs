@@ -306,6 +306,7 @@ fn print_interval(out: &mut impl Write, agent: &Agent, opts: &TopOptions) -> any
             "interval_ns": u64::try_from(opts.interval.as_nanos()).unwrap_or(u64::MAX),
             "lost": agent.lost(),
             "program_runs_missed": agent.runs_missed,
+            "other_bpf_programs_changed": agent.foreign_in_interval,
             "sock_diag": agent.diag_ok,
             "untraced": agent.tracer.traced().missing(),
             "accept_hooks": agent.tracer.accept_hooks,

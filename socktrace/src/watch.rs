@@ -16,6 +16,7 @@ use tokio::signal::unix::SignalKind;
 use crate::{
     event::{self, Record},
     filter::Filter,
+    foreign::Census,
     pressure::Pressure,
     probes::Tracer,
     ring::{Stats, ring},
@@ -48,6 +49,8 @@ pub async fn run(mut tracer: Tracer, filter: Filter, json: bool, duration: Optio
     eprintln!("{}", tracer.summary());
     let mut seen: u64 = 0;
     let mut reported_lost: u64 = 0;
+    // Other tracers coming and going (see `foreign`): said at the end, like the runs missed.
+    let mut census = Census::new(tracer.program_ids());
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {
@@ -65,6 +68,7 @@ pub async fn run(mut tracer: Tracer, filter: Filter, json: bool, duration: Optio
             }
             _ = tick.tick() => {
                 reported_lost = report_lost(&mut out, &stats, reported_lost, json, false)?;
+                census.sample();
             }
             () = &mut stop => break,
             _ = sigint.recv() => break,
@@ -82,6 +86,11 @@ pub async fn run(mut tracer: Tracer, filter: Filter, json: bool, duration: Optio
     let missed = match tracer.runs_missed() {
         Some(n) => format!(", {n} program runs missed (another BPF program was running on that CPU)"),
         None => ", program runs missed: unknown (the kernel does not count them)".to_owned(),
+    };
+    census.sample();
+    let missed = match census.changes {
+        0 => missed,
+        n => format!("{missed}, {n} other BPF programs loaded or unloaded meanwhile (the kernel can skip runs of ours then: events may be missing)"),
     };
     eprintln!(
         "socktrace: {seen} events shown, {} lost in the ring buffer, {} kernel read errors, {} retransmits not sent (err, skipped){late}{missed}",

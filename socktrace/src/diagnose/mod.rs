@@ -310,7 +310,7 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
     let syn_seen_before = agent.stats.get(stat::CLIENT_SYN_SEEN);
     let past_inserts_before = agent.stats.get(stat::PAST_INSERTS);
     // Other BPF programs coming and going during the window (see `foreign`).
-    let mut census = crate::foreign::Census::new(agent.tracer.program_ids());
+    let foreign_before = agent.census.changes;
     let t0 = system::monotonic_ns();
     let t0_unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok().and_then(|d| u64::try_from(d.as_millis()).ok());
     // Only once the baseline counters are read: scripts start traffic on this line.
@@ -325,7 +325,6 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
         tokio::select! {
             r = agent.pump() => r?,
             _ = ticker.tick() => {
-                census.sample();
                 take_interval(&mut agent, &mut accs, &mut before, &mut paths)?;
             }
             () = &mut deadline => break,
@@ -334,7 +333,7 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
     }
     // The part of the window since the last sample counts too (the counters' "after" includes it).
     take_interval(&mut agent, &mut accs, &mut before, &mut paths)?;
-    census.sample();
+    let foreign = agent.census.changes - foreign_before;
     let past_after = agent.past_counts()?;
     let window = (system::monotonic_ns() - t0) as f64 / 1e9;
     let now = system::monotonic_ns();
@@ -524,7 +523,7 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
         Format::Json => {
             serde_json::to_writer(
                 &mut out,
-                &serde_json::json!({ "window_s": window, "sock_diag": agent.diag_ok, "events_lost": agent.lost(), "program_runs_missed": missed, "kernel_read_errors": read_errors, "past_counts_lost": past_lost, "past_rows_created": past_created, "past_rows_new": past_new, "other_bpf_programs_changed": census.changes, "other_bpf_programs_exact": census.exact(), "client_syn_retransmits_seen": syn_seen, "untraced": untraced,
+                &serde_json::json!({ "window_s": window, "sock_diag": agent.diag_ok, "events_lost": agent.lost(), "program_runs_missed": missed, "kernel_read_errors": read_errors, "past_counts_lost": past_lost, "past_rows_created": past_created, "past_rows_new": past_new, "other_bpf_programs_changed": foreign, "other_bpf_programs_exact": agent.census.exact(), "client_syn_retransmits_seen": syn_seen, "untraced": untraced,
                     "accept_hooks": agent.tracer.accept_hooks, "map_evictions": evicted, "listener_rows_lost": rows_lost, "listeners": reports }),
             )?;
             writeln!(out)?;
@@ -536,10 +535,10 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
             let read_note = (read_errors > 0 || past_lost > 0).then(|| {
                 format!("{read_errors} kernel reads and {past_lost} map updates failed in socktrace's programs during the window (each skipped its event or count): counts may be short by as many")
             });
-            let foreign_note = (census.changes > 0).then(|| {
+            let foreign_note = (foreign > 0).then(|| {
                 format!(
                     "{} other BPF programs were loaded or unloaded during the window: while another tracer attaches to or detaches from the same tracepoints, this kernel can skip runs of socktrace's programs without counting them — counts may be short; diagnose again when it is quiet",
-                    census.changes
+                    foreign
                 )
             });
             let notes: Vec<String> = [missed_note, read_note, foreign_note].into_iter().flatten().collect();
