@@ -456,7 +456,11 @@ pub mod stat {
     /// before its `PAST` update: the program's own tally, to tell a count the map lost from a
     /// retransmit the program never saw.
     pub const CLIENT_SYN_SEEN: u32 = 14;
-    pub const COUNT: u32 = 15;
+    /// kfree_skb runs with reason NETFILTER_DROP (any packet, every namespace), counted before the
+    /// program reads the packet: the program's own tally, to tell a drop it skipped or a count the
+    /// map lost from a drop it was never called for.
+    pub const NETFILTER_SEEN: u32 = 15;
+    pub const COUNT: u32 = 16;
 }
 
 #[cfg(feature = "user")]

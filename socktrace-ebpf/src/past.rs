@@ -44,6 +44,9 @@ fn try_kfree_skb<C: Args>(ctx: &C) -> Result<u32, i64> {
     } else {
         return Ok(0);
     };
+    if class == past::NETFILTER {
+        count(stat::NETFILTER_SEEN);
+    }
     let skb = ctx.arg_u64(0);
     let Some(p) = tcp_packet(skb)? else { return Ok(0) };
     let syn = p.flags & (SYN | ACK) == SYN;

@@ -362,17 +362,11 @@ impl Agent {
 
     /// `; N PROGRAM RUNS MISSED …` for the views' header lines when the kernel skipped runs of
     /// our programs (empty otherwise, and where the kernel does not count them).
-    /// So is another tracer's coming and going in the last interval (see `foreign`).
     pub fn missed_note(&self) -> String {
-        let missed = match self.runs_missed {
+        match self.runs_missed {
             Some(n) if n > 0 => format!("; {n} PROGRAM RUNS MISSED (another BPF program was running on that CPU): counts may be short"),
             _ => String::new(),
-        };
-        let foreign = match self.foreign_in_interval {
-            0 => String::new(),
-            n => format!("; {n} OTHER BPF PROGRAMS LOADED OR UNLOADED this interval (the kernel can skip runs of ours meanwhile): counts may be short"),
-        };
-        missed + &foreign
+        }
     }
 }
 

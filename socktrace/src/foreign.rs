@@ -1,13 +1,11 @@
-//! Other BPF programs loaded or unloaded while socktrace traces. On this project's reference
-//! kernel (6.18) another process attaching and detaching programs on the tracepoints socktrace
-//! uses (a second `socktrace probes` or `serve` starting and stopping) made socktrace's own
-//! tracepoint programs miss runs for a moment, with no recursion miss counted: 3 of 12 diagnose
-//! windows lost 17–74 netfilter drops or SYN retransmits that way, none of about 100 windows
-//! without that churn (docs/BENCHMARKS.md, "Runs lost while other tracers attach"). The kernel
-//! reports no such loss, so `diagnose` (every 200 ms sample) and `serve` (every second and at
-//! each scrape) watch for its cause instead. They read the kernel's own record of every program
-//! load and unload (`bpf_events`), which misses none, however short-lived. Where that stream
-//! cannot be opened they compare the set of loaded program ids between samples
+//! Other BPF programs loaded or unloaded while socktrace traces: another tracer starting or
+//! stopping beside it, reported by `diagnose` (JSON), `serve` (a counter), `top` (JSON, per
+//! interval) and `watch` (its closing line) as context for what else ran on the machine. It was
+//! built on the belief that another tracer attaching made this kernel skip socktrace's runs;
+//! that came from a flawed repro and does not hold (docs/BENCHMARKS.md, "What the skip was").
+//! The count comes from the kernel's own record of every program load and unload
+//! (`bpf_events`), which misses none, however short-lived. Where that stream cannot be opened
+//! the views compare the set of loaded program ids between samples
 //! (`BPF_PROG_GET_NEXT_ID`), which misses a program loaded and unloaded between two samples.
 
 use std::collections::BTreeSet;

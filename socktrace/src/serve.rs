@@ -232,7 +232,7 @@ impl Metrics {
         }
         registry.register(
             "other_bpf_programs_changed",
-            "Other BPF programs loaded or unloaded (every one the kernel reports; where it cannot report them, those seen in samples of the loaded ids every second): while another tracer attaches to or detaches from the same tracepoints this kernel can skip runs of socktrace's programs uncounted, so counts may be short then",
+            "Other BPF programs loaded or unloaded while serve ran: another tracer starting or stopping (every one the kernel reports; where it cannot report them, those seen in samples of the loaded ids every second)",
             m.foreign.clone(),
         );
         registry.register(

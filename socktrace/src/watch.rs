@@ -49,7 +49,7 @@ pub async fn run(mut tracer: Tracer, filter: Filter, json: bool, duration: Optio
     eprintln!("{}", tracer.summary());
     let mut seen: u64 = 0;
     let mut reported_lost: u64 = 0;
-    // Other tracers coming and going (see `foreign`): said at the end, like the runs missed.
+    // Other tracers coming and going (see `foreign`): said at the end.
     let mut census = Census::new(tracer.program_ids());
     loop {
         tokio::select! {
@@ -90,7 +90,7 @@ pub async fn run(mut tracer: Tracer, filter: Filter, json: bool, duration: Optio
     census.sample();
     let missed = match census.changes {
         0 => missed,
-        n => format!("{missed}, {n} other BPF programs loaded or unloaded meanwhile (the kernel can skip runs of ours then: events may be missing)"),
+        n => format!("{missed}, {n} other BPF programs loaded or unloaded meanwhile"),
     };
     eprintln!(
         "socktrace: {seen} events shown, {} lost in the ring buffer, {} kernel read errors, {} retransmits not sent (err, skipped){late}{missed}",

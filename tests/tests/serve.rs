@@ -145,8 +145,8 @@ fn prometheus_scrape_matches_kernel_overflow_counter() {
     // SYN-drop checks settled late: a series only where SYN drops are confirmed at the SYN's free
     // (the counted cgroup_skb hook); with an exact hook there is no such check, so no series.
     let late = metrics.lines().find_map(|l| l.strip_prefix("socktrace_syn_drop_checks_late_total ")).and_then(|v| v.trim().parse::<f64>().ok());
-    // Other BPF programs coming and going are counted (this kernel can skip runs of ours
-    // meanwhile): none so far, then `socktrace probes` below loads and unloads its own.
+    // Other BPF programs coming and going are counted: none so far, then `socktrace probes`
+    // below loads and unloads its own.
     let foreign = |m: &str| m.lines().find_map(|l| l.strip_prefix("socktrace_other_bpf_programs_changed_total ")).and_then(|v| v.trim().parse::<f64>().ok());
     assert_eq!(foreign(&metrics), Some(0.0), "no other BPF program came or went yet");
     let settled = socktrace_tests::probes_attached(&["--cgroup", &cg_path]).unwrap()["syn_drop"].1.iter().any(|a| a == "raw_tp/consume_skb");

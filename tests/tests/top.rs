@@ -157,10 +157,10 @@ fn acceptor_renamed_mid_run_shows_its_new_name() {
     assert_eq!(names.last().map(String::as_str), Some("st-renamed"), "{names:?}");
 }
 
-/// Another tracer that loads and unloads its programs between two of `top`'s samples (this
-/// kernel can skip runs of ours meanwhile) is said in the interval it happened: the count in the
-/// JSON, the note in the text header. `socktrace probes` loads its programs, lists them and
-/// unloads them in well under a second.
+/// Another tracer that loads and unloads its programs between two of `top`'s samples is counted
+/// in the interval it happened (JSON `other_bpf_programs_changed`): a second `top`, and
+/// `socktrace probes`, which loads its programs, lists them and unloads them in well under a
+/// second.
 #[test]
 fn another_tracer_coming_and_going_is_said_in_its_interval() {
     if !privileged() {
@@ -168,23 +168,16 @@ fn another_tracer_coming_and_going_is_said_in_its_interval() {
     }
     let json = Socktrace::start(&["top", "--json", "--interval", "1s", "--iterations", "4", "--port", "9"], "tracing started").unwrap();
     std::thread::sleep(Duration::from_millis(1500));
-    // A second top (text) starts after the first one's first interval: its programs come.
-    let text = Socktrace::start(&["top", "--interval", "1s", "--iterations", "3", "--port", "9"], "tracing started").unwrap();
+    // A second top starts after the first one's first interval: its programs come.
+    let second = Socktrace::start(&["top", "--interval", "1s", "--iterations", "3", "--port", "9"], "tracing started").unwrap();
     std::thread::sleep(Duration::from_millis(1200));
     probes(&[]).unwrap();
     let json = json.wait(Duration::from_secs(30)).unwrap();
-    let text = text.wait(Duration::from_secs(30)).unwrap();
+    second.wait(Duration::from_secs(30)).unwrap();
     let counts: Vec<u64> = json.iter().map(|l| serde_json::from_str::<Value>(l).unwrap()["other_bpf_programs_changed"].as_u64().expect("other_bpf_programs_changed")).collect();
-    let headers: Vec<&String> = text.iter().filter(|l| l.starts_with("socktrace top:")).collect();
     eprintln!("other BPF programs per interval: {counts:?}");
-    for h in &headers {
-        eprintln!("{h}");
-    }
     assert_eq!(counts.len(), 4);
     assert_eq!(counts[0], 0, "nothing came or went in the first interval");
-    // The text top's programs (and later its unloads) and probes' loads and unloads.
+    // The second top's loads, probes' loads and unloads (16 programs each on this machine).
     assert!(counts[1..].iter().sum::<u64>() >= 4, "the other tracers' programs are counted: {counts:?}");
-    let noted: Vec<bool> = headers.iter().map(|h| h.contains("OTHER BPF PROGRAMS LOADED OR UNLOADED this interval")).collect();
-    assert_eq!(headers.len(), 3, "{headers:?}");
-    assert!(noted.iter().any(|n| *n), "probes ran inside one of the text top's intervals: {headers:?}");
 }

@@ -308,6 +308,7 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
     let read_errors_before = agent.stats.get(stat::READ_ERRORS);
     let past_lost_before = agent.stats.get(stat::PAST_LOST);
     let syn_seen_before = agent.stats.get(stat::CLIENT_SYN_SEEN);
+    let nf_seen_before = agent.stats.get(stat::NETFILTER_SEEN);
     let past_inserts_before = agent.stats.get(stat::PAST_INSERTS);
     // Other BPF programs coming and going during the window (see `foreign`).
     let foreign_before = agent.census.changes;
@@ -508,6 +509,7 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
     // per-port counts against the kernel's TcpExtTCPSynRetrans, which also counts SYN-ACKs).
     let past_lost = agent.stats.get(stat::PAST_LOST).saturating_sub(past_lost_before);
     let syn_seen = agent.stats.get(stat::CLIENT_SYN_SEEN).saturating_sub(syn_seen_before);
+    let nf_seen = agent.stats.get(stat::NETFILTER_SEEN).saturating_sub(nf_seen_before);
     // PAST rows created in the window against the rows that are new at its end: more created
     // than there are new rows means rows were evicted (LRU) and created again, their counts lost.
     let past_created = agent.stats.get(stat::PAST_INSERTS).saturating_sub(past_inserts_before);
@@ -523,7 +525,7 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
         Format::Json => {
             serde_json::to_writer(
                 &mut out,
-                &serde_json::json!({ "window_s": window, "sock_diag": agent.diag_ok, "events_lost": agent.lost(), "program_runs_missed": missed, "kernel_read_errors": read_errors, "past_counts_lost": past_lost, "past_rows_created": past_created, "past_rows_new": past_new, "other_bpf_programs_changed": foreign, "other_bpf_programs_exact": agent.census.exact(), "client_syn_retransmits_seen": syn_seen, "untraced": untraced,
+                &serde_json::json!({ "window_s": window, "sock_diag": agent.diag_ok, "events_lost": agent.lost(), "program_runs_missed": missed, "kernel_read_errors": read_errors, "past_counts_lost": past_lost, "past_rows_created": past_created, "past_rows_new": past_new, "other_bpf_programs_changed": foreign, "other_bpf_programs_exact": agent.census.exact(), "client_syn_retransmits_seen": syn_seen, "netfilter_drops_seen": nf_seen, "untraced": untraced,
                     "accept_hooks": agent.tracer.accept_hooks, "map_evictions": evicted, "listener_rows_lost": rows_lost, "listeners": reports }),
             )?;
             writeln!(out)?;
@@ -535,13 +537,7 @@ pub async fn run(mut agent: Agent, duration: Duration, format: Format) -> anyhow
             let read_note = (read_errors > 0 || past_lost > 0).then(|| {
                 format!("{read_errors} kernel reads and {past_lost} map updates failed in socktrace's programs during the window (each skipped its event or count): counts may be short by as many")
             });
-            let foreign_note = (foreign > 0).then(|| {
-                format!(
-                    "{} other BPF programs were loaded or unloaded during the window: while another tracer attaches to or detaches from the same tracepoints, this kernel can skip runs of socktrace's programs without counting them — counts may be short; diagnose again when it is quiet",
-                    foreign
-                )
-            });
-            let notes: Vec<String> = [missed_note, read_note, foreign_note].into_iter().flatten().collect();
+            let notes: Vec<String> = [missed_note, read_note].into_iter().flatten().collect();
             let missed_note = (!notes.is_empty()).then(|| notes.join("; "));
             let notes = HeaderNotes { why_untraced: agent.tracer.why_untraced(), pressure: pressure.as_deref(), missed: missed_note.as_deref() };
             print_reports(&mut out, &reports, format == Format::Markdown, window, agent.diag_ok, agent.lost(), &untraced, &notes)?;
